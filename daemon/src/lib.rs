@@ -1,0 +1,14 @@
+//! kvtierd: the node-local KV-cache tiering daemon.
+//!
+//! Policy (what to keep, where) is pure logic in [`block`], [`index`], [`policy`], [`alloc`] and
+//! [`cache`]; mechanism (memory, sockets) lives in [`pool`] and [`server`]. [`sim`] replays traces
+//! through the same policy code.
+
+#![warn(missing_docs)]
+
+pub mod alloc;
+pub mod block;
+pub mod cache;
+pub mod index;
+pub mod namespace;
+pub mod policy;
