@@ -12,3 +12,4 @@ pub mod cache;
 pub mod index;
 pub mod namespace;
 pub mod policy;
+pub mod sim;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 const ALL: [PolicyKind; 3] = [PolicyKind::Lru, PolicyKind::PrefixLfu, PolicyKind::Belady];
 
 fn acc(next: u64) -> Access {
-    Access { parent: None, next_use: Some(next) }
+    Access { next_use: Some(next), ..Default::default() }
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn prefix_lfu_keeps_popular_prefix_over_recent_tails() {
     }
     // One-off tails hanging off it.
     for i in 1..4 {
-        p.insert(Handle(i), &Access { parent: Some(Handle(0)), next_use: None });
+        p.insert(Handle(i), &Access { parent: Some(Handle(0)), ..Default::default() });
     }
     let first_three: Vec<_> = (0..3).map(|_| p.evict(&mut |_| true).unwrap().0).collect();
     assert!(!first_three.contains(&0), "{first_three:?}");

@@ -1,0 +1,3 @@
+//! Subcommands of the `kvtier` CLI, one module each.
+
+pub mod sim;

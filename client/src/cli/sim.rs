@@ -1,0 +1,58 @@
+//! `kvtier sim`: replays a trace through the real index and policy code.
+
+use kvtier_daemon::policy::PolicyKind;
+use kvtier_daemon::sim::{sweep, Trace, DEFAULT_CAPACITY_PCTS};
+use std::path::PathBuf;
+
+/// Arguments of `kvtier sim`.
+#[derive(clap::Args, Debug)]
+pub struct SimArgs {
+    /// Trace file: one JSON object a line with `hash_ids` (Mooncake format).
+    pub trace: PathBuf,
+    /// Print one JSON object a line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Capacities in percent of the trace's unique blocks (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_CAPACITY_PCTS)]
+    pub capacity_pct: Vec<f64>,
+    /// Policies to compare (Belady's optimum is always added).
+    #[arg(long, value_delimiter = ',', default_values = ["lru", "prefix-lfu"])]
+    pub policy: Vec<PolicyKind>,
+}
+
+/// Runs the simulation and prints the table or JSON lines.
+pub fn run(args: SimArgs) -> anyhow::Result<()> {
+    let trace = Trace::load(&args.trace)?;
+    let mut policies = args.policy.clone();
+    policies.retain(|p| *p != PolicyKind::Belady);
+    policies.push(PolicyKind::Belady);
+    let results = sweep(&trace, &args.capacity_pct, &policies);
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "trace: {} requests, {} blocks, {} unique; prefix hit rate by host capacity",
+        trace.requests.len(),
+        trace.total_blocks(),
+        trace.unique_blocks()
+    );
+    let names: Vec<&str> = results.iter().take(policies.len()).map(|r| r.policy.as_str()).collect();
+    print!("{:>10}", "capacity");
+    for n in &names {
+        print!(" {n:>11}");
+    }
+    println!(" {:>16}", "best/belady");
+    for row in results.chunks(policies.len()) {
+        print!("{:>9}%", row[0].capacity_pct);
+        for r in row {
+            print!(" {:>11.4}", r.hit_rate);
+        }
+        let belady = row.last().map_or(0.0, |r| r.hit_rate);
+        let best = row[..row.len() - 1].iter().map(|r| r.hit_rate).fold(0.0, f64::max);
+        println!(" {:>16.3}", if belady > 0.0 { best / belady } else { 1.0 });
+    }
+    Ok(())
+}
