@@ -9,7 +9,12 @@
 pub mod alloc;
 pub mod block;
 pub mod cache;
+pub mod config;
 pub mod index;
+pub mod metrics;
 pub mod namespace;
+pub mod node;
 pub mod policy;
+pub mod pool;
+pub mod server;
 pub mod sim;

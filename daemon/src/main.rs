@@ -1,1 +1,142 @@
-fn main() {}
+//! `kvtierd`: runs the node-local KV-cache tiering daemon.
+
+use bytesize::ByteSize;
+use clap::Parser;
+use kvtier_daemon::config::Config;
+use kvtier_daemon::node::Node;
+use kvtier_daemon::policy::PolicyKind;
+use kvtier_daemon::server::{connector, http};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+/// kvtierd: node-local KV-cache tiering daemon. Settings come from embedded defaults, then the
+/// TOML file, then environment variables, then flags.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "KVTIER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Connector unix socket path [default: $XDG_RUNTIME_DIR/kvtier/kvtierd.sock or /tmp/kvtier-$UID/kvtierd.sock].
+    #[arg(long, env = "KVTIER_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Host pool budget, e.g. "4 GiB".
+    #[arg(long, env = "KVTIER_POOL_BYTES")]
+    pool_bytes: Option<ByteSize>,
+    /// Slab size (largest block), e.g. "16 MiB".
+    #[arg(long, env = "KVTIER_SLAB_BYTES")]
+    slab_bytes: Option<ByteSize>,
+    /// Back the pool with huge pages.
+    #[arg(long, env = "KVTIER_HUGETLB")]
+    hugetlb: bool,
+    /// Run with an unlocked pool if mlock is refused (development only).
+    #[arg(long, env = "KVTIER_ALLOW_UNLOCKED")]
+    allow_unlocked: bool,
+    /// Host-tier eviction policy.
+    #[arg(long, env = "KVTIER_EVICTION")]
+    eviction: Option<PolicyKind>,
+    /// Address for /metrics ("" disables).
+    #[arg(long, env = "KVTIER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Unix uid allowed to connect (repeatable; default: own uid and root).
+    #[arg(long = "allowed-uid", env = "KVTIER_ALLOWED_UIDS", value_delimiter = ',')]
+    allowed_uids: Vec<u32>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl Args {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(s) = &self.socket {
+            c.server.socket = s.clone();
+        }
+        if let Some(b) = self.pool_bytes {
+            c.pool.bytes = b;
+        }
+        if let Some(b) = self.slab_bytes {
+            c.pool.slab_bytes = b;
+        }
+        c.pool.hugetlb |= self.hugetlb;
+        c.pool.allow_unlocked |= self.allow_unlocked;
+        if let Some(e) = self.eviction {
+            c.policy.eviction = e;
+        }
+        if let Some(m) = &self.metrics_listen {
+            c.metrics.listen = m.clone();
+        }
+        if !self.allowed_uids.is_empty() {
+            c.server.allowed_uids = self.allowed_uids.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let result = args.config().and_then(|config| {
+        if args.print_config {
+            print!("{}", config.to_toml());
+            return Ok(());
+        }
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(config))
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let node = Arc::new(Node::new(config)?);
+    let cfg = &node.config;
+    let listener = connector::bind(&cfg.server.socket)?;
+    let socket = cfg.server.socket.clone();
+    let geometry = node.pool().geometry();
+    info!(
+        socket = %socket.display(),
+        pool = %ByteSize(geometry.total_bytes()),
+        segments = geometry.segments,
+        locked = node.pool().is_locked(),
+        eviction = node.policy_name(),
+        "kvtierd {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+    tokio::spawn(connector::serve(Arc::clone(&node), listener));
+    if !cfg.metrics.listen.is_empty() {
+        let tcp = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics listen {}: {e}", cfg.metrics.listen))?;
+        info!("metrics on http://{}/metrics", tcp.local_addr()?);
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(node, tcp).await {
+                error!("metrics server: {e}");
+            }
+        });
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

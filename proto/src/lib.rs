@@ -19,3 +19,5 @@ pub const FRAME_HEADER_BYTES: usize = 4;
 
 /// Longest block hash accepted, in bytes.
 pub const MAX_HASH_BYTES: usize = 32;
+
+pub mod frame;

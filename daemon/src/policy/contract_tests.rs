@@ -1,6 +1,6 @@
 //! Contract tests every policy must pass (the `Eviction` trait's promises).
 
-use super::{Access, Eviction, PolicyKind};
+use super::{Access, PolicyKind};
 use crate::block::Handle;
 use std::collections::BTreeSet;
 

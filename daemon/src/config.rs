@@ -1,0 +1,196 @@
+//! Configuration: embedded defaults, then a TOML file, then environment variables and flags.
+//!
+//! Every setting has a default that works on a laptop: the socket under a per-user runtime
+//! directory, a 256 MiB pool, metrics on localhost. `kvtierd --print-config` shows the result.
+
+use crate::policy::PolicyKind;
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The whole daemon configuration (the TOML file's shape).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Connector socket and limits.
+    pub server: ServerConfig,
+    /// Host pool.
+    pub pool: PoolConfig,
+    /// Eviction and admission.
+    pub policy: PolicyConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// The connector (unix socket) server.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Path of the unix socket engines connect to.
+    pub socket: PathBuf,
+    /// Largest accepted frame body.
+    pub max_frame_bytes: ByteSize,
+    /// Most requests of one connection read before their answers are written.
+    pub max_inflight: u32,
+    /// Most hashes in one request.
+    pub max_hashes_per_request: u32,
+    /// Most reserved plus pinned blocks one connection may hold.
+    pub max_held_blocks_per_client: u64,
+    /// Unix uids allowed to connect (checked with SO_PEERCRED). Empty: the daemon's own uid and root.
+    pub allowed_uids: Vec<u32>,
+}
+
+/// The pinned host-memory pool.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Budget of the pool; it never uses more.
+    pub bytes: ByteSize,
+    /// Largest single memfd segment.
+    pub segment_bytes: ByteSize,
+    /// Slab size: the unit handed to a namespace, and the largest block the pool can hold.
+    pub slab_bytes: ByteSize,
+    /// Back the pool with huge pages (needs /proc/sys/vm/nr_hugepages reserved).
+    pub hugetlb: bool,
+    /// Run with an unlocked pool when mlock is refused (development only; logs a warning).
+    pub allow_unlocked: bool,
+}
+
+/// Placement policy.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Host-tier eviction policy: "lru" or "prefix-lfu".
+    pub eviction: PolicyKind,
+}
+
+/// Metrics endpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP server serving /metrics; empty disables it.
+    pub listen: String,
+}
+
+/// Per-user runtime directory: `$XDG_RUNTIME_DIR/kvtier`, else `/tmp/kvtier-$UID`.
+pub fn runtime_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => Path::new(&d).join("kvtier"),
+        _ => PathBuf::from(format!("/tmp/kvtier-{}", nix::unistd::getuid())),
+    }
+}
+
+/// The default socket path (also what clients try when given none).
+pub fn default_socket() -> PathBuf {
+    runtime_dir().join("kvtierd.sock")
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+            max_frame_bytes: ByteSize::mib(1),
+            max_inflight: 64,
+            max_hashes_per_request: 8192,
+            max_held_blocks_per_client: 1 << 20,
+            allowed_uids: Vec::new(),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            bytes: ByteSize::mib(256),
+            segment_bytes: ByteSize::gib(1),
+            slab_bytes: ByteSize::mib(16),
+            hugetlb: false,
+            allow_unlocked: false,
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self { eviction: PolicyKind::PrefixLfu }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9464".into() }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            pool: PoolConfig::default(),
+            policy: PolicyConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document over the defaults (missing keys keep their default).
+    ///
+    /// ```
+    /// use kvtier_daemon::config::Config;
+    /// let c = Config::from_toml("[pool]\nbytes = \"64 MiB\"\n").unwrap();
+    /// assert_eq!(c.pool.bytes.as_u64(), 64 << 20);
+    /// assert!(Config::from_toml("[pool]\nbyte = 1\n").is_err());
+    /// ```
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Reads a TOML file over the defaults.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.server.max_inflight > 0, "server.max_inflight must be > 0");
+        anyhow::ensure!(self.server.max_frame_bytes.as_u64() >= 1024, "server.max_frame_bytes must be >= 1 KiB");
+        anyhow::ensure!(self.policy.eviction != PolicyKind::Belady, "belady needs the future: simulation only");
+        crate::pool::PoolGeometry::plan(
+            self.pool.bytes.as_u64(),
+            self.pool.segment_bytes.as_u64(),
+            self.pool.slab_bytes.as_u64(),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let c = Config::default();
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn belady_is_refused_for_the_daemon() {
+        let c = Config::from_toml("[policy]\neviction = \"belady\"\n").unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn pool_smaller_than_a_slab_is_refused() {
+        let c = Config::from_toml("[pool]\nbytes = \"1 MiB\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("smaller than one slab"));
+    }
+}

@@ -1,0 +1,181 @@
+//! Daemon metrics: counters kept with atomics on the hot path, rendered as Prometheus text.
+
+use crate::cache::CacheStats;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Connector operations, for per-op counters and latency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Hello.
+    Hello,
+    /// Register.
+    Register,
+    /// Lookup.
+    Lookup,
+    /// Reserve.
+    Reserve,
+    /// Commit.
+    Commit,
+    /// Abort.
+    Abort,
+    /// Acquire.
+    Acquire,
+    /// Release.
+    Release,
+    /// Stats.
+    Stats,
+}
+
+impl Op {
+    /// Every op, in metric order.
+    pub const ALL: [Op; 9] =
+        [Op::Hello, Op::Register, Op::Lookup, Op::Reserve, Op::Commit, Op::Abort, Op::Acquire, Op::Release, Op::Stats];
+
+    /// Label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Hello => "hello",
+            Op::Register => "register",
+            Op::Lookup => "lookup",
+            Op::Reserve => "reserve",
+            Op::Commit => "commit",
+            Op::Abort => "abort",
+            Op::Acquire => "acquire",
+            Op::Release => "release",
+            Op::Stats => "stats",
+        }
+    }
+}
+
+/// Upper bounds of the latency histogram buckets, in microseconds.
+const LATENCY_BUCKETS_US: [u64; 10] = [5, 10, 25, 50, 100, 250, 1000, 5000, 25_000, 100_000];
+
+/// A fixed-bucket latency histogram.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        if let Some(i) = LATENCY_BUCKETS_US.iter().position(|&b| us <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (b, le) in self.buckets.iter().zip(LATENCY_BUCKETS_US) {
+            cumulative += b.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", le as f64 / 1e6);
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Counters of the servers (the cache keeps its own; both are rendered together).
+#[derive(Default)]
+pub struct Metrics {
+    /// Clients connected now.
+    pub connected_clients: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Connections refused by the uid allowlist.
+    pub connections_refused: AtomicU64,
+    /// Requests answered with an error, by error code number.
+    pub errors: [AtomicU64; 16],
+    /// Latency per op.
+    pub latency: [Histogram; Op::ALL.len()],
+}
+
+impl Metrics {
+    /// Records the time one op took.
+    pub fn observe(&self, op: Op, d: Duration) {
+        self.latency[op as usize].observe(d);
+    }
+
+    /// Counts an error reply with wire code `code`.
+    pub fn error(&self, code: i32) {
+        self.errors[(code.max(0) as usize).min(15)].fetch_add(1, Relaxed);
+    }
+
+    /// Prometheus text exposition of these counters and `cache`.
+    pub fn render(&self, cache: &CacheStats, pool_locked: bool) -> String {
+        let mut o = String::with_capacity(8192);
+        let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        gauge("kvtier_host_capacity_bytes", "Host pool budget in bytes.", "gauge", cache.capacity_bytes);
+        gauge("kvtier_host_used_bytes", "Bytes of host pool slots in use.", "gauge", cache.used_bytes);
+        gauge("kvtier_host_blocks", "Committed blocks in the host tier.", "gauge", cache.blocks);
+        gauge("kvtier_host_reserved_blocks", "Blocks reserved and not yet committed.", "gauge", cache.reserved_blocks);
+        gauge("kvtier_host_pool_locked", "1 if the pool is mlock'd.", "gauge", pool_locked as u64);
+        gauge("kvtier_namespaces", "Registered namespaces.", "gauge", cache.namespaces);
+        gauge("kvtier_hit_blocks_total", "Blocks found by lookups.", "counter", cache.hit_blocks);
+        gauge("kvtier_miss_blocks_total", "Blocks asked by lookups and not found.", "counter", cache.miss_blocks);
+        gauge("kvtier_evicted_blocks_total", "Blocks evicted from the host tier.", "counter", cache.evicted_blocks);
+        gauge("kvtier_saved_bytes_total", "Bytes committed into the host tier.", "counter", cache.saved_bytes);
+        gauge("kvtier_loaded_bytes_total", "Bytes handed out for loading.", "counter", cache.loaded_bytes);
+        gauge("kvtier_connected_clients", "Connector clients connected now.", "gauge", self.connected_clients.load(Relaxed));
+        gauge("kvtier_connections_total", "Connector connections accepted.", "counter", self.connections_total.load(Relaxed));
+        gauge(
+            "kvtier_connections_refused_total",
+            "Connections refused by the uid allowlist.",
+            "counter",
+            self.connections_refused.load(Relaxed),
+        );
+        let _ = writeln!(o, "# HELP kvtier_errors_total Error replies by code.\n# TYPE kvtier_errors_total counter");
+        for (code, n) in self.errors.iter().enumerate() {
+            let n = n.load(Relaxed);
+            if n > 0 {
+                let name = kvtier_proto::v1::ErrorCode::try_from(code as i32).map_or("UNKNOWN", |c| c.as_str_name());
+                let _ = writeln!(o, "kvtier_errors_total{{code=\"{name}\"}} {n}");
+            }
+        }
+        let name = "kvtier_request_duration_seconds";
+        let _ = writeln!(o, "# HELP {name} Connector request latency by op.\n# TYPE {name} histogram");
+        for op in Op::ALL {
+            self.latency[op as usize].render(&mut o, name, &format!("op=\"{}\"", op.name()));
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(3));
+        h.observe(Duration::from_micros(40));
+        h.observe(Duration::from_secs(1));
+        let mut s = String::new();
+        h.render(&mut s, "x", "op=\"a\"");
+        assert!(s.contains("x_bucket{op=\"a\",le=\"0.000005\"} 1\n"), "{s}");
+        assert!(s.contains("x_bucket{op=\"a\",le=\"0.00005\"} 2\n"), "{s}");
+        assert!(s.contains("x_bucket{op=\"a\",le=\"+Inf\"} 3\n"), "{s}");
+        assert!(s.contains("x_count{op=\"a\"} 3\n"));
+    }
+
+    #[test]
+    fn renders_cache_and_error_counters() {
+        let m = Metrics::default();
+        m.error(kvtier_proto::v1::ErrorCode::Malformed as i32);
+        let text = m.render(&CacheStats { capacity_bytes: 7, ..Default::default() }, true);
+        assert!(text.contains("kvtier_host_capacity_bytes 7\n"));
+        assert!(text.contains("kvtier_errors_total{code=\"MALFORMED\"} 1\n"));
+    }
+}

@@ -1,0 +1,150 @@
+//! The daemon's core as the servers see it: the host tier's state behind one lock, the pool,
+//! and the metrics. Servers translate wire messages into calls on [`Node`] and nothing more.
+
+use crate::alloc::SlabAllocator;
+use crate::cache::{CacheError, CacheLimits, CacheStats, ClientId, HostCache, Reserved};
+use crate::block::{BlockHash, NsIdx};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::namespace::NamespaceId;
+use crate::pool::{HostPool, LockMode, PoolGeometry};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// A slot as clients address it: (segment, byte offset).
+pub type SlotLocation = (u32, u64);
+
+/// Outcome of reserving one block, with its location.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReservedAt {
+    /// Write the block here, then commit.
+    Slot(SlotLocation),
+    /// Held already.
+    Present,
+    /// No room.
+    NoSpace,
+}
+
+/// Shared state of a running daemon.
+pub struct Node {
+    cache: Mutex<HostCache>,
+    pool: HostPool,
+    /// Server-side counters.
+    pub metrics: Metrics,
+    /// The configuration the daemon runs with.
+    pub config: Config,
+    next_client: AtomicU64,
+}
+
+impl Node {
+    /// Creates the pool and the host tier from `config`.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        let p = &config.pool;
+        let geometry = PoolGeometry::plan(p.bytes.as_u64(), p.segment_bytes.as_u64(), p.slab_bytes.as_u64())?;
+        let lock = if p.allow_unlocked { LockMode::BestEffort } else { LockMode::Required };
+        let pool = HostPool::create(geometry.clone(), p.hugetlb, lock)?;
+        let alloc = SlabAllocator::new(geometry.slab_count(), geometry.slab_bytes, geometry.slabs_per_segment());
+        let limits = CacheLimits {
+            max_held_per_client: config.server.max_held_blocks_per_client as usize,
+            ..CacheLimits::default()
+        };
+        let cache = HostCache::new(alloc, config.policy.eviction, limits);
+        Ok(Self { cache: Mutex::new(cache), pool, metrics: Metrics::default(), config, next_client: AtomicU64::new(1) })
+    }
+
+    fn cache(&self) -> MutexGuard<'_, HostCache> {
+        // The cache's invariants hold between calls; a panic mid-call is a bug we still survive.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pool (for passing segment fds).
+    pub fn pool(&self) -> &HostPool {
+        &self.pool
+    }
+
+    /// A fresh client id for a new connection.
+    pub fn new_client(&self) -> ClientId {
+        ClientId(self.next_client.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Registers a namespace; returns its index, id and block size.
+    pub fn register(&self, id: NamespaceId, block_bytes: u64) -> Result<(NsIdx, u64), CacheError> {
+        let mut c = self.cache();
+        let ns = c.register(id, block_bytes)?;
+        Ok((ns, c.namespace(ns).stride))
+    }
+
+    /// Longest held prefix.
+    pub fn lookup(&self, ns: NsIdx, hashes: &[BlockHash]) -> usize {
+        self.cache().lookup(ns, hashes)
+    }
+
+    /// Reserves slots for a run of blocks.
+    pub fn reserve(
+        &self,
+        client: ClientId,
+        ns: NsIdx,
+        hashes: &[BlockHash],
+        parent: Option<BlockHash>,
+    ) -> Result<(u64, Vec<ReservedAt>), CacheError> {
+        let mut c = self.cache();
+        let (id, outcomes) = c.reserve(client, ns, hashes, parent)?;
+        let at = outcomes
+            .into_iter()
+            .map(|o| match o {
+                Reserved::Slot(s) => ReservedAt::Slot(c.slot_location(s)),
+                Reserved::Present => ReservedAt::Present,
+                Reserved::NoSpace => ReservedAt::NoSpace,
+            })
+            .collect();
+        Ok((id, at))
+    }
+
+    /// Commits a reservation.
+    pub fn commit(&self, client: ClientId, reservation: u64) -> Result<usize, CacheError> {
+        self.cache().commit(client, reservation)
+    }
+
+    /// Aborts a reservation.
+    pub fn abort(&self, client: ClientId, reservation: u64) -> Result<(), CacheError> {
+        self.cache().abort(client, reservation)
+    }
+
+    /// Pins the longest held prefix; returns the lease and the slot locations.
+    pub fn acquire(
+        &self,
+        client: ClientId,
+        ns: NsIdx,
+        hashes: &[BlockHash],
+    ) -> Result<(u64, Vec<SlotLocation>), CacheError> {
+        let mut c = self.cache();
+        let (lease, slots) = c.acquire(client, ns, hashes)?;
+        Ok((lease, slots.into_iter().map(|s| c.slot_location(s)).collect()))
+    }
+
+    /// Releases a lease.
+    pub fn release(&self, client: ClientId, lease: u64) -> Result<(), CacheError> {
+        self.cache().release(client, lease)
+    }
+
+    /// Drops everything a client held.
+    pub fn disconnect(&self, client: ClientId) {
+        self.cache().disconnect(client)
+    }
+
+    /// Host-tier statistics.
+    pub fn stats(&self) -> CacheStats {
+        self.cache().stats()
+    }
+
+    /// Name of the host-tier eviction policy.
+    pub fn policy_name(&self) -> &'static str {
+        self.cache().policy_name()
+    }
+
+    /// Prometheus text of everything.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.stats(), self.pool.is_locked())
+    }
+}

@@ -1,0 +1,215 @@
+//! The host pool's memory: memfd segments, sealed against resizing, mapped shared and mlock'd
+//! (optionally hugetlb). Clients map the same segments (passed with SCM_RIGHTS), so a block
+//! moves with one copy, never through a temporary buffer.
+
+use anyhow::{bail, Context};
+use memmap2::{MmapOptions, MmapRaw};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use tracing::warn;
+
+/// How the pool is backed.
+#[derive(Clone, Debug)]
+pub struct PoolGeometry {
+    /// Number of segments.
+    pub segments: u32,
+    /// Bytes per segment (a multiple of the slab size).
+    pub segment_bytes: u64,
+    /// Bytes per slab.
+    pub slab_bytes: u64,
+}
+
+impl PoolGeometry {
+    /// Splits a budget into segments of at most `max_segment_bytes`, whole slabs only.
+    /// The pool never exceeds `budget`; it may be smaller by less than one slab.
+    ///
+    /// ```
+    /// use kvtier_daemon::pool::PoolGeometry;
+    /// let g = PoolGeometry::plan(10 << 20, 4 << 20, 2 << 20).unwrap();
+    /// assert_eq!((g.segments, g.segment_bytes), (3, 4 << 20));
+    /// assert!(g.total_bytes() <= 10 << 20);
+    /// ```
+    pub fn plan(budget: u64, max_segment_bytes: u64, slab_bytes: u64) -> anyhow::Result<Self> {
+        if slab_bytes == 0 || slab_bytes % crate::alloc::SLOT_ALIGN != 0 {
+            bail!("pool.slab_bytes must be a positive multiple of 4096, got {slab_bytes}");
+        }
+        let slabs = budget / slab_bytes;
+        if slabs == 0 {
+            bail!("pool.bytes ({budget}) is smaller than one slab (pool.slab_bytes = {slab_bytes})");
+        }
+        let per_segment = (max_segment_bytes / slab_bytes).clamp(1, slabs);
+        // Equal segments; the last slabs that do not fill a segment are dropped only if needed.
+        let segments = slabs.div_ceil(per_segment);
+        let per_segment = slabs / segments;
+        Ok(Self { segments: segments as u32, segment_bytes: per_segment * slab_bytes, slab_bytes })
+    }
+
+    /// Slabs in each segment.
+    pub fn slabs_per_segment(&self) -> u32 {
+        (self.segment_bytes / self.slab_bytes) as u32
+    }
+
+    /// Slabs in the whole pool.
+    pub fn slab_count(&self) -> u32 {
+        self.slabs_per_segment() * self.segments
+    }
+
+    /// Bytes of the whole pool.
+    pub fn total_bytes(&self) -> u64 {
+        self.segment_bytes * self.segments as u64
+    }
+}
+
+/// Whether the pool's pages must be locked in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// mlock every segment; refuse to start if that fails.
+    Required,
+    /// Try to mlock; on failure run unlocked with a warning (development only).
+    BestEffort,
+}
+
+/// One memfd segment of the pool, mapped into the daemon.
+pub struct Segment {
+    file: File,
+    map: MmapRaw,
+    locked: bool,
+}
+
+impl Segment {
+    fn create(index: u32, bytes: u64, hugetlb: bool, lock: LockMode) -> anyhow::Result<Self> {
+        let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+        if hugetlb {
+            flags |= MFdFlags::MFD_HUGETLB;
+        }
+        let name = format!("kvtier-pool-{index}");
+        let fd = memfd_create(name.as_str(), flags).with_context(|| {
+            if hugetlb {
+                "memfd_create(MFD_HUGETLB) failed: are huge pages reserved (/proc/sys/vm/nr_hugepages)?".to_string()
+            } else {
+                "memfd_create failed".to_string()
+            }
+        })?;
+        let file = File::from(fd);
+        file.set_len(bytes).with_context(|| {
+            format!("sizing pool segment to {bytes} bytes{}", if hugetlb { " (huge pages exhausted?)" } else { "" })
+        })?;
+        // Clients get this fd: they must not shrink it (that would SIGBUS the daemon) or grow it.
+        fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL))
+            .context("sealing pool segment")?;
+        let map = MmapOptions::new().len(bytes as usize).map_raw(&file).context("mapping pool segment")?;
+        let locked = match unsafe { nix::libc::mlock(map.as_ptr() as *const _, bytes as usize) } {
+            0 => true,
+            _ => {
+                let err = Errno::last();
+                let why = format!(
+                    "mlock of {bytes} bytes of pool failed ({err}): give kvtierd CAP_IPC_LOCK (or raise \
+                     `ulimit -l`), or run with --allow-unlocked for development"
+                );
+                match lock {
+                    LockMode::Required => bail!(why),
+                    LockMode::BestEffort => {
+                        warn!("{why}; running UNLOCKED: pool pages may be swapped out");
+                        false
+                    }
+                }
+            }
+        };
+        Ok(Self { file, map, locked })
+    }
+
+    /// The segment's fd, to pass to clients.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Bytes in the segment.
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// True for an empty segment (never, for a planned pool).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// Base address of the daemon's mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// Whether the pages are mlock'd.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+}
+
+/// All segments of the host pool.
+pub struct HostPool {
+    geometry: PoolGeometry,
+    segments: Vec<Segment>,
+}
+
+impl HostPool {
+    /// Creates and maps the segments of `geometry`.
+    pub fn create(geometry: PoolGeometry, hugetlb: bool, lock: LockMode) -> anyhow::Result<Self> {
+        let segments = (0..geometry.segments)
+            .map(|i| Segment::create(i, geometry.segment_bytes, hugetlb, lock))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { geometry, segments })
+    }
+
+    /// The pool's geometry.
+    pub fn geometry(&self) -> &PoolGeometry {
+        &self.geometry
+    }
+
+    /// The segments, in the order clients index them.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// Whether every segment is mlock'd.
+    pub fn is_locked(&self) -> bool {
+        self.segments.iter().all(Segment::is_locked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_never_exceeds_budget() {
+        for (budget, seg, slab) in [(1u64 << 30, 256 << 20, 16 << 20), (100 << 20, 1 << 30, 16 << 20), (33 << 20, 8 << 20, 4 << 20)] {
+            let g = PoolGeometry::plan(budget, seg, slab).unwrap();
+            assert!(g.total_bytes() <= budget, "{g:?}");
+            assert!(g.segment_bytes <= seg.max(slab));
+            assert!(g.total_bytes() + g.slab_bytes * g.segments as u64 > budget - slab, "{g:?} wastes too much");
+        }
+    }
+
+    #[test]
+    fn plan_refuses_bad_sizes() {
+        assert!(PoolGeometry::plan(1 << 20, 1 << 30, 16 << 20).is_err());
+        assert!(PoolGeometry::plan(1 << 30, 1 << 30, 1000).is_err());
+    }
+
+    #[test]
+    fn segments_are_shared_sealed_memory() {
+        let g = PoolGeometry::plan(2 << 20, 1 << 20, 1 << 20).unwrap();
+        let pool = HostPool::create(g, false, LockMode::BestEffort).unwrap();
+        assert_eq!(pool.segments().len(), 2);
+        let seg = &pool.segments()[0];
+        unsafe { seg.as_ptr().write(42) };
+        // A second mapping of the same fd (as a client makes) sees the byte.
+        let file = File::from(seg.fd().try_clone_to_owned().unwrap());
+        let other = MmapOptions::new().len(seg.len() as usize).map_raw(&file).unwrap();
+        assert_eq!(unsafe { other.as_ptr().read() }, 42);
+        // Sealed: a client cannot shrink it.
+        assert!(file.set_len(4096).is_err());
+    }
+}

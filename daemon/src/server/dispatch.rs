@@ -1,0 +1,214 @@
+//! Connector requests to `Node` calls: validation, translation, typed errors.
+
+use crate::block::{BlockHash, NsIdx};
+use crate::cache::{CacheError, ClientId};
+use crate::metrics::Op;
+use crate::namespace::NamespaceId;
+use crate::node::{Node, ReservedAt};
+use kvtier_proto::v1::{self as pb, request, response, reserved_slot, ErrorCode};
+use kvtier_proto::PROTOCOL_VERSION;
+
+/// A protocol error: answered with a typed reply, then the connection is closed.
+#[derive(Debug, Clone)]
+pub struct Fatal {
+    /// Wire error code.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl Fatal {
+    /// A fatal error with `code` and `reason`.
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self { code, reason: reason.into() }
+    }
+
+    /// The error as a response to request `id`.
+    pub fn into_response(self, id: u64) -> pb::Response {
+        pb::Response {
+            id,
+            result: Some(response::Result::Error(pb::Error { code: self.code as i32, reason: self.reason })),
+        }
+    }
+}
+
+impl From<CacheError> for Fatal {
+    fn from(e: CacheError) -> Self {
+        let code = match e {
+            CacheError::WrongBlockSize(_) => ErrorCode::WrongBlockSize,
+            CacheError::TooManyNamespaces(_) => ErrorCode::BadArgument,
+            CacheError::UnknownId(_) => ErrorCode::UnknownId,
+            CacheError::TooManyHeld { .. } => ErrorCode::TooManyHeld,
+        };
+        Fatal::new(code, e.to_string())
+    }
+}
+
+/// What one connection has established so far.
+pub struct Session {
+    /// Owner id of the connection's reservations and pins.
+    pub client: ClientId,
+    /// Whether Hello was received.
+    pub greeted: bool,
+    /// Namespaces registered on this connection, by handle.
+    pub handles: Vec<NsIdx>,
+}
+
+impl Session {
+    /// A session for a new connection.
+    pub fn new(client: ClientId) -> Self {
+        Self { client, greeted: false, handles: Vec::new() }
+    }
+
+    fn ns(&self, handle: u32) -> Result<NsIdx, Fatal> {
+        self.handles.get(handle as usize).copied().ok_or_else(|| {
+            Fatal::new(ErrorCode::UnregisteredNamespace, format!("namespace handle {handle} was not registered on this connection"))
+        })
+    }
+}
+
+/// Which op a request is (for metrics).
+pub fn op_of(op: &request::Op) -> Op {
+    match op {
+        request::Op::Hello(_) => Op::Hello,
+        request::Op::Register(_) => Op::Register,
+        request::Op::Lookup(_) => Op::Lookup,
+        request::Op::Reserve(_) => Op::Reserve,
+        request::Op::Commit(_) => Op::Commit,
+        request::Op::Abort(_) => Op::Abort,
+        request::Op::Acquire(_) => Op::Acquire,
+        request::Op::Release(_) => Op::Release,
+        request::Op::Stats(_) => Op::Stats,
+    }
+}
+
+fn hashes(node: &Node, raw: &[Vec<u8>]) -> Result<Vec<BlockHash>, Fatal> {
+    let max = node.config.server.max_hashes_per_request as usize;
+    if raw.len() > max {
+        return Err(Fatal::new(ErrorCode::BadArgument, format!("{} hashes in one request, limit {max}", raw.len())));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            BlockHash::new(h).ok_or_else(|| {
+                Fatal::new(ErrorCode::BadArgument, format!("hash {i} has {} bytes; must be 1 to 32", h.len()))
+            })
+        })
+        .collect()
+}
+
+fn slot_ref((segment, offset): (u32, u64)) -> pb::SlotRef {
+    pb::SlotRef { segment, offset }
+}
+
+/// Executes one request. `Ok` carries the result to send; `Err` is fatal for the connection.
+pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<response::Result, Fatal> {
+    use request::Op as R;
+    use response::Result as A;
+    match op {
+        R::Hello(h) => {
+            if s.greeted {
+                return Err(Fatal::new(ErrorCode::NotHello, "Hello sent twice"));
+            }
+            if h.protocol_version < 1 {
+                return Err(Fatal::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!("client speaks up to protocol {}, daemon needs >= 1", h.protocol_version),
+                ));
+            }
+            s.greeted = true;
+            let segments =
+                node.pool().segments().iter().map(|seg| pb::SegmentInfo { bytes: seg.len() }).collect();
+            Ok(A::Hello(pb::HelloReply {
+                protocol_version: h.protocol_version.min(PROTOCOL_VERSION),
+                daemon_version: env!("CARGO_PKG_VERSION").into(),
+                segments,
+                max_frame_bytes: node.config.server.max_frame_bytes.as_u64(),
+                max_inflight: node.config.server.max_inflight,
+            }))
+        }
+        _ if !s.greeted => Err(Fatal::new(ErrorCode::NotHello, "the first request must be Hello")),
+        R::Register(r) => {
+            let desc = r.namespace.ok_or_else(|| Fatal::new(ErrorCode::BadArgument, "Register without a namespace"))?;
+            let id = NamespaceId::of(&desc);
+            let (ns, stride) = node.register(id, desc.block_bytes)?;
+            let handle = match s.handles.iter().position(|&h| h == ns) {
+                Some(i) => i,
+                None => {
+                    s.handles.push(ns);
+                    s.handles.len() - 1
+                }
+            };
+            Ok(A::Register(pb::RegisterReply {
+                handle: handle as u32,
+                namespace_id: id.0.to_vec(),
+                block_bytes: desc.block_bytes,
+                slot_stride: stride,
+            }))
+        }
+        R::Lookup(l) => {
+            let ns = s.ns(l.handle)?;
+            let hs = hashes(node, &l.hashes)?;
+            let matched = node.lookup(ns, &hs);
+            Ok(A::Lookup(pb::LookupReply { matched: matched as u32, tiers: vec![pb::Tier::Host as i32; matched] }))
+        }
+        R::Reserve(r) => {
+            let ns = s.ns(r.handle)?;
+            let hs = hashes(node, &r.hashes)?;
+            let parent = match r.parent.is_empty() {
+                true => None,
+                false => Some(hashes(node, std::slice::from_ref(&r.parent))?[0]),
+            };
+            let (reservation, outcomes) = node.reserve(s.client, ns, &hs, parent)?;
+            let slots = outcomes
+                .into_iter()
+                .map(|o| match o {
+                    ReservedAt::Slot(at) => {
+                        pb::ReservedSlot { status: reserved_slot::Status::Reserved as i32, slot: Some(slot_ref(at)) }
+                    }
+                    ReservedAt::Present => pb::ReservedSlot { status: reserved_slot::Status::Present as i32, slot: None },
+                    ReservedAt::NoSpace => pb::ReservedSlot { status: reserved_slot::Status::NoSpace as i32, slot: None },
+                })
+                .collect();
+            Ok(A::Reserve(pb::ReserveReply { reservation, slots }))
+        }
+        R::Commit(c) => Ok(A::Commit(pb::CommitReply { committed: node.commit(s.client, c.reservation)? as u32 })),
+        R::Abort(a) => {
+            node.abort(s.client, a.reservation)?;
+            Ok(A::Abort(pb::AbortReply {}))
+        }
+        R::Acquire(a) => {
+            let ns = s.ns(a.handle)?;
+            let hs = hashes(node, &a.hashes)?;
+            let (lease, slots) = node.acquire(s.client, ns, &hs)?;
+            Ok(A::Acquire(pb::AcquireReply { lease, slots: slots.into_iter().map(slot_ref).collect() }))
+        }
+        R::Release(r) => {
+            node.release(s.client, r.lease)?;
+            Ok(A::Release(pb::ReleaseReply {}))
+        }
+        R::Stats(_) => Ok(A::Stats(stats_reply(node))),
+    }
+}
+
+fn stats_reply(node: &Node) -> pb::StatsReply {
+    use std::sync::atomic::Ordering::Relaxed;
+    let st = node.stats();
+    pb::StatsReply {
+        tiers: vec![pb::TierStats {
+            tier: pb::Tier::Host as i32,
+            capacity_bytes: st.capacity_bytes,
+            used_bytes: st.used_bytes,
+            blocks: st.blocks,
+        }],
+        namespaces: st.namespaces as u32,
+        clients: node.metrics.connected_clients.load(Relaxed) as u32,
+        hit_blocks: st.hit_blocks,
+        miss_blocks: st.miss_blocks,
+        evicted_blocks: st.evicted_blocks,
+        saved_bytes: st.saved_bytes,
+        loaded_bytes: st.loaded_bytes,
+        eviction_policy: node.policy_name().into(),
+        daemon_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}

@@ -1,0 +1,5 @@
+//! Servers: each translates its wire format into calls on [`crate::node::Node`].
+
+pub mod connector;
+mod dispatch;
+pub mod http;
