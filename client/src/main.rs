@@ -14,13 +14,38 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Show the daemon's tiers, clients and counters.
+    Status(cli::status::StatusArgs),
+    /// How many leading blocks of a prompt the daemon holds.
+    Lookup(cli::blocks::LookupArgs),
+    /// Save a prompt of deterministic test blocks.
+    Put(cli::blocks::PutGetArgs),
+    /// Load a prompt of test blocks and verify every byte.
+    Get(cli::blocks::PutGetArgs),
+    /// Host-tier save/load bandwidth against memcpy of the same bytes.
+    Bench(cli::bench::BenchArgs),
     /// Replay a request trace through the real index and eviction policies.
     Sim(cli::sim::SimArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Sim(args) => cli::sim::run(args),
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Status(a) => cli::status::run(a).await,
+            Command::Lookup(a) => cli::blocks::lookup(a).await,
+            Command::Put(a) => cli::blocks::put(a).await,
+            Command::Get(a) => cli::blocks::get(a).await,
+            Command::Bench(a) => cli::bench::run(a).await,
+            Command::Sim(a) => cli::sim::run(a),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvtier: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -127,7 +127,7 @@ async fn run(node: &Node, stream: &mut UnixStream, mut session: Session) -> Resu
                     return fail(node, stream, &mut out, 0, f).await;
                 }
             };
-            let req = match Request::decode(&body[..]) {
+            let req = match Request::decode(bytes::Bytes::from(body)) {
                 Ok(r) => r,
                 Err(e) => return fail(node, stream, &mut out, 0, Fatal::new(ErrorCode::Malformed, format!("undecodable request: {e}"))).await,
             };

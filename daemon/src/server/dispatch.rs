@@ -5,7 +5,8 @@ use crate::cache::{CacheError, ClientId};
 use crate::metrics::Op;
 use crate::namespace::NamespaceId;
 use crate::node::{Node, ReservedAt};
-use kvtier_proto::v1::{self as pb, request, response, reserved_slot, ErrorCode};
+use bytes::Bytes;
+use kvtier_proto::v1::{self as pb, request, response, ErrorCode, ReserveStatus};
 use kvtier_proto::PROTOCOL_VERSION;
 
 /// A protocol error: answered with a typed reply, then the connection is closed.
@@ -82,7 +83,7 @@ pub fn op_of(op: &request::Op) -> Op {
     }
 }
 
-fn hashes(node: &Node, raw: &[Vec<u8>]) -> Result<Vec<BlockHash>, Fatal> {
+fn hashes(node: &Node, raw: &[Bytes]) -> Result<Vec<BlockHash>, Fatal> {
     let max = node.config.server.max_hashes_per_request as usize;
     if raw.len() > max {
         return Err(Fatal::new(ErrorCode::BadArgument, format!("{} hashes in one request, limit {max}", raw.len())));
@@ -95,10 +96,6 @@ fn hashes(node: &Node, raw: &[Vec<u8>]) -> Result<Vec<BlockHash>, Fatal> {
             })
         })
         .collect()
-}
-
-fn slot_ref((segment, offset): (u32, u64)) -> pb::SlotRef {
-    pb::SlotRef { segment, offset }
 }
 
 /// Executes one request. `Ok` carries the result to send; `Err` is fatal for the connection.
@@ -141,7 +138,7 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
             };
             Ok(A::Register(pb::RegisterReply {
                 handle: handle as u32,
-                namespace_id: id.0.to_vec(),
+                namespace_id: Bytes::copy_from_slice(&id.0),
                 block_bytes: desc.block_bytes,
                 slot_stride: stride,
             }))
@@ -160,17 +157,20 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
                 false => Some(hashes(node, std::slice::from_ref(&r.parent))?[0]),
             };
             let (reservation, outcomes) = node.reserve(s.client, ns, &hs, parent)?;
-            let slots = outcomes
-                .into_iter()
-                .map(|o| match o {
-                    ReservedAt::Slot(at) => {
-                        pb::ReservedSlot { status: reserved_slot::Status::Reserved as i32, slot: Some(slot_ref(at)) }
+            let mut reply = pb::ReserveReply { reservation, ..Default::default() };
+            for o in outcomes {
+                let status = match o {
+                    ReservedAt::Slot((segment, offset)) => {
+                        reply.segments.push(segment);
+                        reply.offsets.push(offset);
+                        ReserveStatus::Reserved
                     }
-                    ReservedAt::Present => pb::ReservedSlot { status: reserved_slot::Status::Present as i32, slot: None },
-                    ReservedAt::NoSpace => pb::ReservedSlot { status: reserved_slot::Status::NoSpace as i32, slot: None },
-                })
-                .collect();
-            Ok(A::Reserve(pb::ReserveReply { reservation, slots }))
+                    ReservedAt::Present => ReserveStatus::Present,
+                    ReservedAt::NoSpace => ReserveStatus::NoSpace,
+                };
+                reply.status.push(status as i32);
+            }
+            Ok(A::Reserve(reply))
         }
         R::Commit(c) => Ok(A::Commit(pb::CommitReply { committed: node.commit(s.client, c.reservation)? as u32 })),
         R::Abort(a) => {
@@ -181,7 +181,8 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
             let ns = s.ns(a.handle)?;
             let hs = hashes(node, &a.hashes)?;
             let (lease, slots) = node.acquire(s.client, ns, &hs)?;
-            Ok(A::Acquire(pb::AcquireReply { lease, slots: slots.into_iter().map(slot_ref).collect() }))
+            let (segments, offsets) = slots.into_iter().unzip();
+            Ok(A::Acquire(pb::AcquireReply { lease, segments, offsets }))
         }
         R::Release(r) => {
             node.release(s.client, r.lease)?;

@@ -1,0 +1,81 @@
+//! `kvtier lookup`, `kvtier put` and `kvtier get`: test blocks through the shared pool.
+
+use super::common::{BlocksArgs, ConnectArgs, NamespaceArgs};
+use kvtier_client::testdata;
+
+/// Arguments of `kvtier lookup`.
+#[derive(clap::Args, Debug)]
+pub struct LookupArgs {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    #[command(flatten)]
+    ns: NamespaceArgs,
+    /// Block hashes in hex, in prefix order; without any, the hashes of the test prompt.
+    hashes: Vec<String>,
+    #[command(flatten)]
+    blocks: BlocksArgs,
+}
+
+/// Arguments of `kvtier put` and `kvtier get`.
+#[derive(clap::Args, Debug)]
+pub struct PutGetArgs {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    #[command(flatten)]
+    ns: NamespaceArgs,
+    #[command(flatten)]
+    blocks: BlocksArgs,
+}
+
+fn parse_hex(s: &str) -> anyhow::Result<kvtier_client::Bytes> {
+    anyhow::ensure!(s.len() % 2 == 0, "hash {s:?} has an odd number of hex digits");
+    let v: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16)).collect::<Result<_, _>>()?;
+    Ok(v.into())
+}
+
+/// Prints how many leading hashes the daemon holds.
+pub async fn lookup(args: LookupArgs) -> anyhow::Result<()> {
+    let hashes = if args.hashes.is_empty() {
+        testdata::chained_hashes(args.blocks.seed, args.blocks.count)
+    } else {
+        args.hashes.iter().map(|h| parse_hex(h)).collect::<anyhow::Result<_>>()?
+    };
+    let mut c = args.conn.connect("lookup").await?;
+    let ns = args.ns.register(&mut c).await?;
+    let matched = c.lookup(&ns, &hashes).await?;
+    println!("matched {matched} of {} blocks", hashes.len());
+    Ok(())
+}
+
+/// Saves the test prompt's blocks.
+pub async fn put(args: PutGetArgs) -> anyhow::Result<()> {
+    let hashes = testdata::chained_hashes(args.blocks.seed, args.blocks.count);
+    let blocks: Vec<Vec<u8>> = hashes.iter().map(|h| testdata::block(h, args.ns.block_bytes as usize)).collect();
+    let mut c = args.conn.connect("put").await?;
+    let ns = args.ns.register(&mut c).await?;
+    let refs: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
+    let r = c.save(&ns, &hashes, &refs).await?;
+    println!("stored {} present {} no_space {}", r.stored, r.present, r.no_space);
+    Ok(())
+}
+
+/// Loads the test prompt's held prefix and checks every byte; fails on any mismatch.
+pub async fn get(args: PutGetArgs) -> anyhow::Result<()> {
+    let hashes = testdata::chained_hashes(args.blocks.seed, args.blocks.count);
+    let mut c = args.conn.connect("get").await?;
+    let ns = args.ns.register(&mut c).await?;
+    let len = args.ns.block_bytes as usize;
+    let (mut buf, mut want) = (vec![0u8; len], vec![0u8; len]);
+    let mut bad = Vec::new();
+    let loaded = c
+        .load(&ns, &hashes, &mut buf, |i, got| {
+            testdata::fill_block(&hashes[i], &mut want);
+            if got != want {
+                bad.push(i);
+            }
+        })
+        .await?;
+    println!("loaded {loaded} of {} blocks, {} verified", hashes.len(), loaded - bad.len());
+    anyhow::ensure!(bad.is_empty(), "blocks {bad:?} differ from what was saved");
+    Ok(())
+}

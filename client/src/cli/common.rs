@@ -1,0 +1,64 @@
+//! Options shared by the subcommands that talk to a daemon.
+
+use kvtier_client::{Client, Namespace, NamespaceDescriptor};
+use std::path::PathBuf;
+
+/// Where the daemon is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// Connector socket of kvtierd.
+    #[arg(long, env = "KVTIER_SOCKET", default_value_os_t = kvtier_client::default_socket())]
+    pub socket: PathBuf,
+}
+
+impl ConnectArgs {
+    /// Connects as `kvtier-<what>`.
+    pub async fn connect(&self, what: &str) -> anyhow::Result<Client> {
+        Ok(Client::connect(&self.socket, &format!("kvtier-{what}")).await?)
+    }
+}
+
+/// The namespace test blocks go to.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NamespaceArgs {
+    /// Model name of the namespace.
+    #[arg(long, default_value = "kvtier-cli-test")]
+    pub model: String,
+    /// Bytes per block.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub block_bytes: u64,
+    /// Tenant cache salt.
+    #[arg(long, default_value = "")]
+    pub cache_salt: String,
+}
+
+impl NamespaceArgs {
+    /// Registers the namespace on `client`.
+    pub async fn register(&self, client: &mut Client) -> anyhow::Result<Namespace> {
+        let desc = NamespaceDescriptor {
+            model: self.model.clone(),
+            cache_salt: self.cache_salt.clone(),
+            // Test blocks of different sizes are different namespaces.
+            layout: format!("opaque-{}", self.block_bytes),
+            block_bytes: self.block_bytes,
+            ..Default::default()
+        };
+        Ok(client.register(desc).await?)
+    }
+}
+
+/// A prompt of deterministic test blocks.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BlocksArgs {
+    /// Number of blocks in the prompt.
+    #[arg(long, default_value_t = 16)]
+    pub count: usize,
+    /// Seed naming the prompt (same seed, same hashes and bytes).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Formats bytes per second.
+pub fn rate(bytes: u64, secs: f64) -> String {
+    format!("{:.2} GB/s", bytes as f64 / secs.max(1e-12) / 1e9)
+}

@@ -1,0 +1,61 @@
+//! `kvtier status`: the daemon's tiers, clients and counters.
+
+use super::common::ConnectArgs;
+use bytesize::ByteSize;
+
+/// Arguments of `kvtier status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints the daemon's statistics.
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let mut c = args.conn.connect("status").await?;
+    let s = c.stats().await?;
+    if args.json {
+        let tiers: Vec<_> = s
+            .tiers
+            .iter()
+            .map(|t| {
+                serde_json::json!({"tier": t.tier().as_str_name(), "capacity_bytes": t.capacity_bytes,
+                    "used_bytes": t.used_bytes, "blocks": t.blocks})
+            })
+            .collect();
+        let v = serde_json::json!({
+            "daemon_version": s.daemon_version, "eviction_policy": s.eviction_policy, "tiers": tiers,
+            "namespaces": s.namespaces, "clients": s.clients, "hit_blocks": s.hit_blocks,
+            "miss_blocks": s.miss_blocks, "evicted_blocks": s.evicted_blocks,
+            "saved_bytes": s.saved_bytes, "loaded_bytes": s.loaded_bytes,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("kvtierd {} at {} (eviction: {})", s.daemon_version, args.conn.socket.display(), s.eviction_policy);
+    for t in &s.tiers {
+        let pct = 100.0 * t.used_bytes as f64 / t.capacity_bytes.max(1) as f64;
+        println!(
+            "  {:<5} {:>10} / {:>10} used ({pct:.1}%), {} blocks",
+            t.tier().as_str_name().trim_start_matches("TIER_").to_lowercase(),
+            ByteSize(t.used_bytes).to_string(),
+            ByteSize(t.capacity_bytes).to_string(),
+            t.blocks
+        );
+    }
+    let lookups = s.hit_blocks + s.miss_blocks;
+    println!(
+        "  namespaces {}, clients {}, hit rate {:.3} ({} of {} blocks), evicted {}",
+        s.namespaces,
+        s.clients,
+        s.hit_blocks as f64 / lookups.max(1) as f64,
+        s.hit_blocks,
+        lookups,
+        s.evicted_blocks
+    );
+    println!("  saved {}, loaded {}", ByteSize(s.saved_bytes), ByteSize(s.loaded_bytes));
+    Ok(())
+}

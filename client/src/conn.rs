@@ -1,0 +1,334 @@
+//! An async connection to kvtierd's connector socket.
+
+use crate::pool::{OutOfBounds, PoolMapping, Slot};
+use kvtier_proto::frame::{encode_into, FrameDecoder, FrameError};
+use bytes::Bytes;
+use kvtier_proto::v1::{self as pb, request, response, ErrorCode, NamespaceDescriptor, ReserveStatus};
+use kvtier_proto::PROTOCOL_VERSION;
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use prost::Message;
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The daemon answered with an error (and closed the connection).
+    #[error("daemon error {code:?}: {reason}")]
+    Daemon {
+        /// Error code.
+        code: ErrorCode,
+        /// The daemon's reason.
+        reason: String,
+    },
+    /// The daemon's reply did not make sense.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// A slot location outside the mapping.
+    #[error(transparent)]
+    OutOfBounds(#[from] OutOfBounds),
+}
+
+/// Result of client calls.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// What the daemon did with one hash of a reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// Write the block into this slot, then commit.
+    Slot(Slot),
+    /// Already held; nothing to write.
+    Present,
+    /// No room; this and every later block of the request are not saved.
+    NoSpace,
+}
+
+/// A namespace registered on this connection.
+#[derive(Clone, Debug)]
+pub struct Namespace {
+    /// Connection-local handle.
+    pub handle: u32,
+    /// Stable 16-byte id.
+    pub id: Bytes,
+    /// Bytes per block.
+    pub block_bytes: u64,
+}
+
+/// What a save did with each block.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SaveReport {
+    /// Blocks written and committed.
+    pub stored: usize,
+    /// Blocks already held.
+    pub present: usize,
+    /// Blocks refused for lack of room.
+    pub no_space: usize,
+}
+
+/// A connection to kvtierd with the pool mapped.
+pub struct Client {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    next_id: u64,
+    pool: PoolMapping,
+    hello: pb::HelloReply,
+    out: Vec<u8>,
+}
+
+impl Client {
+    /// Connects, says Hello and maps the pool segments the daemon passes.
+    pub async fn connect(path: &Path, client_name: &str) -> Result<Self> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display())))?;
+        let mut decoder = FrameDecoder::new(64 << 20);
+        let hello = request::Op::Hello(pb::Hello { client_name: client_name.into(), protocol_version: PROTOCOL_VERSION });
+        let mut out = Vec::new();
+        encode_into(&pb::Request { id: 0, op: Some(hello) }, &mut out);
+        let mut stream = stream;
+        stream.write_all(&out).await?;
+        let (frame, fds) = recv_frame_with_fds(&stream, &mut decoder).await?;
+        let reply = pb::Response::decode(&frame[..]).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let hello = match into_result(reply)? {
+            response::Result::Hello(h) => h,
+            other => return Err(ClientError::Protocol(format!("expected HelloReply, got {other:?}"))),
+        };
+        let sizes: Vec<u64> = hello.segments.iter().map(|s| s.bytes).collect();
+        let pool = PoolMapping::map(fds, &sizes)?;
+        Ok(Self { stream, decoder, next_id: 1, pool, hello, out })
+    }
+
+    /// The daemon's Hello reply (version, segments, limits).
+    pub fn hello(&self) -> &pb::HelloReply {
+        &self.hello
+    }
+
+    /// The mapped pool.
+    pub fn pool(&self) -> &PoolMapping {
+        &self.pool
+    }
+
+    /// Sends `ops` back to back, then reads all replies (in order).
+    pub async fn pipeline(&mut self, ops: Vec<request::Op>) -> Result<Vec<response::Result>> {
+        self.out.clear();
+        let first = self.next_id;
+        for op in ops {
+            encode_into(&pb::Request { id: self.next_id, op: Some(op) }, &mut self.out);
+            self.next_id += 1;
+        }
+        self.stream.write_all(&self.out).await?;
+        let mut results = Vec::with_capacity((self.next_id - first) as usize);
+        for id in first..self.next_id {
+            let resp = self.read_response().await?;
+            if resp.id != id && !matches!(resp.result, Some(response::Result::Error(_))) {
+                return Err(ClientError::Protocol(format!("reply id {} where {id} was expected", resp.id)));
+            }
+            results.push(into_result(resp)?);
+        }
+        Ok(results)
+    }
+
+    /// Sends one request and waits for its reply.
+    pub async fn call(&mut self, op: request::Op) -> Result<response::Result> {
+        Ok(self.pipeline(vec![op]).await?.pop().expect("one reply"))
+    }
+
+    async fn read_response(&mut self) -> Result<pb::Response> {
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(body)) => return pb::Response::decode(&body[..]).map_err(|e| ClientError::Protocol(e.to_string())),
+                Ok(None) => {}
+                Err(FrameError::TooLarge { len, .. }) => return Err(ClientError::Protocol(format!("reply of {len} bytes"))),
+            }
+            const READ: usize = 64 * 1024;
+            let n = self.stream.read(self.decoder.spare(READ)).await;
+            let n = n.inspect_err(|_| self.decoder.commit(0, READ))?;
+            self.decoder.commit(n, READ);
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "daemon closed the connection").into());
+            }
+        }
+    }
+
+    /// Registers a namespace.
+    pub async fn register(&mut self, desc: NamespaceDescriptor) -> Result<Namespace> {
+        match self.call(request::Op::Register(pb::Register { namespace: Some(desc) })).await? {
+            response::Result::Register(r) => Ok(Namespace { handle: r.handle, id: r.namespace_id, block_bytes: r.block_bytes }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Number of leading `hashes` held.
+    pub async fn lookup(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<usize> {
+        match self.call(request::Op::Lookup(pb::Lookup { handle: ns.handle, hashes: hashes.to_vec() })).await? {
+            response::Result::Lookup(r) => Ok(r.matched as usize),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reserves slots for `hashes` (`parent`: the hash before `hashes[0]`, if any); returns the
+    /// reservation id (0 if nothing was reserved) and one outcome per hash.
+    pub async fn reserve(
+        &mut self,
+        ns: &Namespace,
+        hashes: &[Bytes],
+        parent: Option<Bytes>,
+    ) -> Result<(u64, Vec<Reservation>)> {
+        let op = pb::Reserve { handle: ns.handle, hashes: hashes.to_vec(), parent: parent.unwrap_or_default() };
+        let r = match self.call(request::Op::Reserve(op)).await? {
+            response::Result::Reserve(r) => r,
+            other => return Err(unexpected(other)),
+        };
+        if r.status.len() != hashes.len() || r.segments.len() != r.offsets.len() {
+            return Err(ClientError::Protocol("reserve reply does not match the request".into()));
+        }
+        let mut slots = r.segments.iter().zip(&r.offsets).map(|(&segment, &offset)| Slot { segment, offset });
+        let out = r
+            .status
+            .iter()
+            .map(|&st| match ReserveStatus::try_from(st) {
+                Ok(ReserveStatus::Reserved) => slots
+                    .next()
+                    .map(Reservation::Slot)
+                    .ok_or_else(|| ClientError::Protocol("fewer slots than RESERVED statuses".into())),
+                Ok(ReserveStatus::Present) => Ok(Reservation::Present),
+                _ => Ok(Reservation::NoSpace),
+            })
+            .collect::<Result<_>>()?;
+        Ok((r.reservation, out))
+    }
+
+    /// Commits a reservation.
+    pub async fn commit(&mut self, reservation: u64) -> Result<u32> {
+        match self.call(request::Op::Commit(pb::Commit { reservation })).await? {
+            response::Result::Commit(r) => Ok(r.committed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Pins the longest held prefix of `hashes`; returns the lease and slots.
+    pub async fn acquire(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<(u64, Vec<Slot>)> {
+        match self.call(request::Op::Acquire(pb::Acquire { handle: ns.handle, hashes: hashes.to_vec() })).await? {
+            response::Result::Acquire(r) if r.segments.len() == r.offsets.len() => Ok((
+                r.lease,
+                r.segments.iter().zip(&r.offsets).map(|(&segment, &offset)| Slot { segment, offset }).collect(),
+            )),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Releases a lease.
+    pub async fn release(&mut self, lease: u64) -> Result<()> {
+        match self.call(request::Op::Release(pb::Release { lease })).await? {
+            response::Result::Release(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Daemon statistics.
+    pub async fn stats(&mut self) -> Result<pb::StatsReply> {
+        match self.call(request::Op::Stats(pb::Stats {})).await? {
+            response::Result::Stats(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Saves blocks: reserve, copy each into its slot, commit. `blocks[i]` is the content of
+    /// `hashes[i]` and must be `block_bytes` long.
+    pub async fn save(&mut self, ns: &Namespace, hashes: &[Bytes], blocks: &[&[u8]]) -> Result<SaveReport> {
+        assert_eq!(hashes.len(), blocks.len(), "one block per hash");
+        let (reservation, slots) = self.reserve(ns, hashes, None).await?;
+        let mut report = SaveReport::default();
+        for (slot, data) in slots.iter().zip(blocks) {
+            match slot {
+                Reservation::Slot(s) => {
+                    self.pool.write(*s, data)?;
+                    report.stored += 1;
+                }
+                Reservation::Present => report.present += 1,
+                Reservation::NoSpace => report.no_space += 1,
+            }
+        }
+        if reservation != 0 {
+            self.commit(reservation).await?;
+        }
+        Ok(report)
+    }
+
+    /// Loads the longest held prefix of `hashes`: acquire, copy out, release. Calls `sink(i, bytes)`
+    /// for each loaded block in order; returns how many were loaded.
+    pub async fn load(
+        &mut self,
+        ns: &Namespace,
+        hashes: &[Bytes],
+        buf: &mut [u8],
+        mut sink: impl FnMut(usize, &[u8]),
+    ) -> Result<usize> {
+        let (lease, slots) = self.acquire(ns, hashes).await?;
+        for (i, slot) in slots.iter().enumerate() {
+            self.pool.read(*slot, buf)?;
+            sink(i, buf);
+        }
+        if lease != 0 {
+            self.release(lease).await?;
+        }
+        Ok(slots.len())
+    }
+}
+
+fn unexpected(r: response::Result) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {r:?}"))
+}
+
+fn into_result(resp: pb::Response) -> Result<response::Result> {
+    match resp.result {
+        Some(response::Result::Error(e)) => {
+            Err(ClientError::Daemon { code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified), reason: e.reason })
+        }
+        Some(r) => Ok(r),
+        None => Err(ClientError::Protocol("empty response".into())),
+    }
+}
+
+/// Reads until one frame is complete, collecting fds passed with SCM_RIGHTS on the way.
+async fn recv_frame_with_fds(stream: &UnixStream, decoder: &mut FrameDecoder) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut fds = Vec::new();
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(body)) => return Ok((body, fds)),
+            Ok(None) => {}
+            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+        }
+        const READ: usize = 64 * 1024;
+        let raw = stream.as_raw_fd();
+        let spare = decoder.spare(READ);
+        let got = stream
+            .async_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(spare)];
+                let mut cmsg = nix::cmsg_space!([RawFd; 64]);
+                let msg = recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                    .map_err(io::Error::from)?;
+                let mut got_fds = Vec::new();
+                for c in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(list) = c {
+                        got_fds.extend(list);
+                    }
+                }
+                Ok((msg.bytes, got_fds))
+            })
+            .await;
+        let (n, new_fds) = got.inspect_err(|_| decoder.commit(0, READ))?;
+        decoder.commit(n, READ);
+        // Each received fd is a fresh descriptor this process now owns.
+        fds.extend(new_fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "daemon closed the connection during Hello").into());
+        }
+    }
+}
