@@ -112,7 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     info!(
         socket = %socket.display(),
         pool = %ByteSize(geometry.total_bytes()),
-        segments = geometry.segments,
+        segments = geometry.segments(),
         locked = node.pool().is_locked(),
         eviction = node.policy_name(),
         "kvtierd {} ready",

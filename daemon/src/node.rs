@@ -44,7 +44,7 @@ impl Node {
         let geometry = PoolGeometry::plan(p.bytes.as_u64(), p.segment_bytes.as_u64(), p.slab_bytes.as_u64())?;
         let lock = if p.allow_unlocked { LockMode::BestEffort } else { LockMode::Required };
         let pool = HostPool::create(geometry.clone(), p.hugetlb, lock)?;
-        let alloc = SlabAllocator::new(geometry.slab_count(), geometry.slab_bytes, geometry.slabs_per_segment());
+        let alloc = SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
             ..CacheLimits::default()

@@ -11,26 +11,27 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use tracing::warn;
 
-/// How the pool is backed.
+/// How the pool is cut: equal slabs, grouped into memfd segments of `slabs_per_segment` slabs
+/// (the last segment may hold fewer).
 #[derive(Clone, Debug)]
 pub struct PoolGeometry {
-    /// Number of segments.
-    pub segments: u32,
-    /// Bytes per segment (a multiple of the slab size).
-    pub segment_bytes: u64,
     /// Bytes per slab.
     pub slab_bytes: u64,
+    /// Slabs in every segment but possibly the last.
+    pub slabs_per_segment: u32,
+    /// Slabs in the whole pool.
+    pub slab_count: u32,
 }
 
 impl PoolGeometry {
-    /// Splits a budget into segments of at most `max_segment_bytes`, whole slabs only.
-    /// The pool never exceeds `budget`; it may be smaller by less than one slab.
+    /// Cuts a budget into whole slabs, in segments of at most `max_segment_bytes`.
+    /// The pool never exceeds `budget`; it is smaller by less than one slab.
     ///
     /// ```
     /// use kvtier_daemon::pool::PoolGeometry;
     /// let g = PoolGeometry::plan(10 << 20, 4 << 20, 2 << 20).unwrap();
-    /// assert_eq!((g.segments, g.segment_bytes), (3, 4 << 20));
-    /// assert!(g.total_bytes() <= 10 << 20);
+    /// assert_eq!((g.segments(), g.segment_bytes(0), g.segment_bytes(2)), (3, 4 << 20, 2 << 20));
+    /// assert_eq!(g.total_bytes(), 10 << 20);
     /// ```
     pub fn plan(budget: u64, max_segment_bytes: u64, slab_bytes: u64) -> anyhow::Result<Self> {
         if slab_bytes == 0 || slab_bytes % crate::alloc::SLOT_ALIGN != 0 {
@@ -40,26 +41,27 @@ impl PoolGeometry {
         if slabs == 0 {
             bail!("pool.bytes ({budget}) is smaller than one slab (pool.slab_bytes = {slab_bytes})");
         }
+        if slabs > u32::MAX as u64 {
+            bail!("pool.bytes / pool.slab_bytes = {slabs} slabs; raise pool.slab_bytes");
+        }
         let per_segment = (max_segment_bytes / slab_bytes).clamp(1, slabs);
-        // Equal segments; the last slabs that do not fill a segment are dropped only if needed.
-        let segments = slabs.div_ceil(per_segment);
-        let per_segment = slabs / segments;
-        Ok(Self { segments: segments as u32, segment_bytes: per_segment * slab_bytes, slab_bytes })
+        Ok(Self { slab_bytes, slabs_per_segment: per_segment as u32, slab_count: slabs as u32 })
     }
 
-    /// Slabs in each segment.
-    pub fn slabs_per_segment(&self) -> u32 {
-        (self.segment_bytes / self.slab_bytes) as u32
+    /// Number of segments.
+    pub fn segments(&self) -> u32 {
+        self.slab_count.div_ceil(self.slabs_per_segment)
     }
 
-    /// Slabs in the whole pool.
-    pub fn slab_count(&self) -> u32 {
-        self.slabs_per_segment() * self.segments
+    /// Bytes of segment `i`.
+    pub fn segment_bytes(&self, i: u32) -> u64 {
+        let slabs = self.slabs_per_segment.min(self.slab_count - i * self.slabs_per_segment);
+        slabs as u64 * self.slab_bytes
     }
 
     /// Bytes of the whole pool.
     pub fn total_bytes(&self) -> u64 {
-        self.segment_bytes * self.segments as u64
+        self.slab_count as u64 * self.slab_bytes
     }
 }
 
@@ -156,8 +158,8 @@ pub struct HostPool {
 impl HostPool {
     /// Creates and maps the segments of `geometry`.
     pub fn create(geometry: PoolGeometry, hugetlb: bool, lock: LockMode) -> anyhow::Result<Self> {
-        let segments = (0..geometry.segments)
-            .map(|i| Segment::create(i, geometry.segment_bytes, hugetlb, lock))
+        let segments = (0..geometry.segments())
+            .map(|i| Segment::create(i, geometry.segment_bytes(i), hugetlb, lock))
             .collect::<anyhow::Result<_>>()?;
         Ok(Self { geometry, segments })
     }
@@ -187,8 +189,10 @@ mod tests {
         for (budget, seg, slab) in [(1u64 << 30, 256 << 20, 16 << 20), (100 << 20, 1 << 30, 16 << 20), (33 << 20, 8 << 20, 4 << 20)] {
             let g = PoolGeometry::plan(budget, seg, slab).unwrap();
             assert!(g.total_bytes() <= budget, "{g:?}");
-            assert!(g.segment_bytes <= seg.max(slab));
-            assert!(g.total_bytes() + g.slab_bytes * g.segments as u64 > budget - slab, "{g:?} wastes too much");
+            assert!(g.total_bytes() + slab > budget, "{g:?} wastes a slab or more");
+            let sum: u64 = (0..g.segments()).map(|i| g.segment_bytes(i)).sum();
+            assert_eq!(sum, g.total_bytes());
+            assert!((0..g.segments()).all(|i| g.segment_bytes(i) <= seg.max(slab)));
         }
     }
 
