@@ -19,9 +19,9 @@ enum Command {
     /// How many leading blocks of a prompt the daemon holds.
     Lookup(cli::blocks::LookupArgs),
     /// Save a prompt of deterministic test blocks.
-    Put(cli::blocks::PutGetArgs),
+    Put(cli::blocks::PutArgs),
     /// Load a prompt of test blocks and verify every byte.
-    Get(cli::blocks::PutGetArgs),
+    Get(cli::blocks::GetArgs),
     /// Host-tier save/load bandwidth against memcpy of the same bytes.
     Bench(cli::bench::BenchArgs),
     /// Replay a request trace through the real index and eviction policies.
@@ -30,7 +30,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
             Command::Status(a) => cli::status::run(a).await,

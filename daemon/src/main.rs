@@ -41,7 +41,11 @@ struct Args {
     #[arg(long, env = "KVTIER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
     /// Unix uid allowed to connect (repeatable; default: own uid and root).
-    #[arg(long = "allowed-uid", env = "KVTIER_ALLOWED_UIDS", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-uid",
+        env = "KVTIER_ALLOWED_UIDS",
+        value_delimiter = ','
+    )]
     allowed_uids: Vec<u32>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
@@ -92,7 +96,10 @@ fn main() -> std::process::ExitCode {
             print!("{}", config.to_toml());
             return Ok(());
         }
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(config))
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(config))
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

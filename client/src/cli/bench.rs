@@ -47,7 +47,13 @@ fn memcpy_round(src: &[u8], dst: &mut [u8], block: usize) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-async fn save_round(c: &mut Client, ns: &Namespace, hashes: &[kvtier_client::Bytes], src: &[u8], block: usize) -> anyhow::Result<f64> {
+async fn save_round(
+    c: &mut Client,
+    ns: &Namespace,
+    hashes: &[kvtier_client::Bytes],
+    src: &[u8],
+    block: usize,
+) -> anyhow::Result<f64> {
     let t = Instant::now();
     let max = 4096;
     for (hs, data) in hashes.chunks(max).zip(src.chunks(max * block)) {
@@ -58,7 +64,13 @@ async fn save_round(c: &mut Client, ns: &Namespace, hashes: &[kvtier_client::Byt
     Ok(t.elapsed().as_secs_f64())
 }
 
-async fn load_round(c: &mut Client, ns: &Namespace, hashes: &[kvtier_client::Bytes], dst: &mut [u8], block: usize) -> anyhow::Result<f64> {
+async fn load_round(
+    c: &mut Client,
+    ns: &Namespace,
+    hashes: &[kvtier_client::Bytes],
+    dst: &mut [u8],
+    block: usize,
+) -> anyhow::Result<f64> {
     let t = Instant::now();
     let max = 4096;
     let mut loaded = 0;
@@ -72,12 +84,22 @@ async fn load_round(c: &mut Client, ns: &Namespace, hashes: &[kvtier_client::Byt
             c.release(lease).await?;
         }
     }
-    anyhow::ensure!(loaded == hashes.len(), "only {loaded} of {} blocks were held", hashes.len());
+    anyhow::ensure!(
+        loaded == hashes.len(),
+        "only {loaded} of {} blocks were held",
+        hashes.len()
+    );
     Ok(t.elapsed().as_secs_f64())
 }
 
 /// Runs the benchmark against a live daemon.
-pub async fn measure(c: &mut Client, ns: &Namespace, bytes: u64, rounds: u32, progress: bool) -> anyhow::Result<BenchResult> {
+pub async fn measure(
+    c: &mut Client,
+    ns: &Namespace,
+    bytes: u64,
+    rounds: u32,
+    progress: bool,
+) -> anyhow::Result<BenchResult> {
     let block = ns.block_bytes as usize;
     let n = (bytes as usize / block).max(1);
     let total = (n * block) as u64;
@@ -87,7 +109,10 @@ pub async fn measure(c: &mut Client, ns: &Namespace, bytes: u64, rounds: u32, pr
     if !progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len}")
+            .expect("valid template"),
+    );
     let (mut best_memcpy, mut best_save, mut best_load) = (f64::MAX, f64::MAX, f64::MAX);
     for round in 0..rounds {
         // Fresh hashes each round, so every save really writes (older rounds get evicted).
@@ -125,9 +150,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let g = |bps: f64| rate((bps * 1e3) as u64, 1e3);
-    println!("host tier, {} blocks of {} bytes, best of {} rounds", r.bytes / r.block_bytes, r.block_bytes, args.rounds);
+    println!(
+        "host tier, {} blocks of {} bytes, best of {} rounds",
+        r.bytes / r.block_bytes,
+        r.block_bytes,
+        args.rounds
+    );
     println!("  {:<28} {:>12}", "memcpy (reference)", g(r.memcpy_bps));
-    println!("  {:<28} {:>12}   {:.2}x memcpy", "save (reserve+copy+commit)", g(r.save_bps), r.save_bps / r.memcpy_bps);
-    println!("  {:<28} {:>12}   {:.2}x memcpy", "load (acquire+copy+release)", g(r.load_bps), r.load_bps / r.memcpy_bps);
+    println!(
+        "  {:<28} {:>12}   {:.2}x memcpy",
+        "save (reserve+copy+commit)",
+        g(r.save_bps),
+        r.save_bps / r.memcpy_bps
+    );
+    println!(
+        "  {:<28} {:>12}   {:.2}x memcpy",
+        "load (acquire+copy+release)",
+        g(r.load_bps),
+        r.load_bps / r.memcpy_bps
+    );
     Ok(())
 }

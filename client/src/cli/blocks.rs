@@ -1,7 +1,7 @@
 //! `kvtier lookup`, `kvtier put` and `kvtier get`: test blocks through the shared pool.
 
 use super::common::{BlocksArgs, ConnectArgs, NamespaceArgs};
-use kvtier_client::testdata;
+use kvtier_client::{testdata, Reservation};
 
 /// Arguments of `kvtier lookup`.
 #[derive(clap::Args, Debug)]
@@ -16,9 +16,9 @@ pub struct LookupArgs {
     blocks: BlocksArgs,
 }
 
-/// Arguments of `kvtier put` and `kvtier get`.
+/// Arguments of `kvtier get`.
 #[derive(clap::Args, Debug)]
-pub struct PutGetArgs {
+pub struct GetArgs {
     #[command(flatten)]
     conn: ConnectArgs,
     #[command(flatten)]
@@ -27,9 +27,30 @@ pub struct PutGetArgs {
     blocks: BlocksArgs,
 }
 
+/// Arguments of `kvtier put`.
+#[derive(clap::Args, Debug)]
+pub struct PutArgs {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    #[command(flatten)]
+    ns: NamespaceArgs,
+    #[command(flatten)]
+    blocks: BlocksArgs,
+    /// Fault injection: after reserving and writing, wait this many seconds before committing
+    /// (prints `reserved N` first), e.g. to kill the client mid-save.
+    #[arg(long)]
+    pause_before_commit: Option<u64>,
+}
+
 fn parse_hex(s: &str) -> anyhow::Result<kvtier_client::Bytes> {
-    anyhow::ensure!(s.len() % 2 == 0, "hash {s:?} has an odd number of hex digits");
-    let v: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16)).collect::<Result<_, _>>()?;
+    anyhow::ensure!(
+        s.len() % 2 == 0,
+        "hash {s:?} has an odd number of hex digits"
+    );
+    let v: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
+        .collect::<Result<_, _>>()?;
     Ok(v.into())
 }
 
@@ -38,7 +59,10 @@ pub async fn lookup(args: LookupArgs) -> anyhow::Result<()> {
     let hashes = if args.hashes.is_empty() {
         testdata::chained_hashes(args.blocks.seed, args.blocks.count)
     } else {
-        args.hashes.iter().map(|h| parse_hex(h)).collect::<anyhow::Result<_>>()?
+        args.hashes
+            .iter()
+            .map(|h| parse_hex(h))
+            .collect::<anyhow::Result<_>>()?
     };
     let mut c = args.conn.connect("lookup").await?;
     let ns = args.ns.register(&mut c).await?;
@@ -48,19 +72,41 @@ pub async fn lookup(args: LookupArgs) -> anyhow::Result<()> {
 }
 
 /// Saves the test prompt's blocks.
-pub async fn put(args: PutGetArgs) -> anyhow::Result<()> {
+pub async fn put(args: PutArgs) -> anyhow::Result<()> {
     let hashes = testdata::chained_hashes(args.blocks.seed, args.blocks.count);
-    let blocks: Vec<Vec<u8>> = hashes.iter().map(|h| testdata::block(h, args.ns.block_bytes as usize)).collect();
+    let blocks: Vec<Vec<u8>> = hashes
+        .iter()
+        .map(|h| testdata::block(h, args.ns.block_bytes as usize))
+        .collect();
     let mut c = args.conn.connect("put").await?;
     let ns = args.ns.register(&mut c).await?;
+    if let Some(secs) = args.pause_before_commit {
+        let (reservation, slots) = c.reserve(&ns, &hashes, None).await?;
+        let mut reserved = 0;
+        for (slot, data) in slots.iter().zip(&blocks) {
+            if let Reservation::Slot(s) = slot {
+                c.pool().write(*s, data)?;
+                reserved += 1;
+            }
+        }
+        println!("reserved {reserved}");
+        std::io::Write::flush(&mut std::io::stdout())?;
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+        c.commit(reservation).await?;
+        println!("committed {reserved}");
+        return Ok(());
+    }
     let refs: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
     let r = c.save(&ns, &hashes, &refs).await?;
-    println!("stored {} present {} no_space {}", r.stored, r.present, r.no_space);
+    println!(
+        "stored {} present {} no_space {}",
+        r.stored, r.present, r.no_space
+    );
     Ok(())
 }
 
 /// Loads the test prompt's held prefix and checks every byte; fails on any mismatch.
-pub async fn get(args: PutGetArgs) -> anyhow::Result<()> {
+pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     let hashes = testdata::chained_hashes(args.blocks.seed, args.blocks.count);
     let mut c = args.conn.connect("get").await?;
     let ns = args.ns.register(&mut c).await?;
@@ -75,7 +121,11 @@ pub async fn get(args: PutGetArgs) -> anyhow::Result<()> {
             }
         })
         .await?;
-    println!("loaded {loaded} of {} blocks, {} verified", hashes.len(), loaded - bad.len());
+    println!(
+        "loaded {loaded} of {} blocks, {} verified",
+        hashes.len(),
+        loaded - bad.len()
+    );
     anyhow::ensure!(bad.is_empty(), "blocks {bad:?} differ from what was saved");
     Ok(())
 }

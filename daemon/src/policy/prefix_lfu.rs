@@ -42,8 +42,15 @@ impl Meta {
     }
 }
 
-const EMPTY: Meta =
-    Meta { parent: NONE, parent_gen: 0, children: 0, uses: 0, last_use: 0, gen: 0, tracked: false };
+const EMPTY: Meta = Meta {
+    parent: NONE,
+    parent_gen: 0,
+    children: 0,
+    uses: 0,
+    last_use: 0,
+    gen: 0,
+    tracked: false,
+};
 
 /// Frequency- and prefix-aware eviction (leaf-first, hyperbolic over frequency classes).
 ///
@@ -138,8 +145,17 @@ impl Eviction for PrefixLfu {
         ensure_len(&mut self.meta, h, EMPTY);
         self.clock += 1;
         let gen = self.meta[h.idx()].gen;
-        self.meta[h.idx()] = Meta { uses: 1, last_use: self.clock, gen, tracked: true, ..EMPTY };
-        if let Some(p) = access.parent.filter(|p| self.meta.get(p.idx()).is_some_and(|m| m.tracked)) {
+        self.meta[h.idx()] = Meta {
+            uses: 1,
+            last_use: self.clock,
+            gen,
+            tracked: true,
+            ..EMPTY
+        };
+        if let Some(p) = access
+            .parent
+            .filter(|p| self.meta.get(p.idx()).is_some_and(|m| m.tracked))
+        {
             self.meta[h.idx()].parent = p.0;
             self.meta[h.idx()].parent_gen = self.meta[p.idx()].gen;
             if self.meta[p.idx()].children == 0 {
@@ -192,6 +208,7 @@ impl Eviction for PrefixLfu {
     }
 
     fn heap_bytes(&self) -> usize {
-        self.leaves.iter().map(|l| l.heap_bytes()).sum::<usize>() + self.meta.capacity() * std::mem::size_of::<Meta>()
+        self.leaves.iter().map(|l| l.heap_bytes()).sum::<usize>()
+            + self.meta.capacity() * std::mem::size_of::<Meta>()
     }
 }

@@ -5,7 +5,10 @@ use axum::{extract::State, http::header, response::IntoResponse, routing::get, R
 use std::sync::Arc;
 
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.render_metrics())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.render_metrics(),
+    )
 }
 
 async fn healthz() -> &'static str {
@@ -14,6 +17,9 @@ async fn healthz() -> &'static str {
 
 /// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
 pub async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(node);
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(node);
     axum::serve(listener, app).await
 }

@@ -1,0 +1,161 @@
+//! Operating the daemon: configuration layering, metrics, status, and the trace simulator CLI.
+
+use kvtier_tests::{bin, ok_stdout, Daemon};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn kvtierd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(bin("kvtierd"));
+    cmd.args(args).env_remove("KVTIER_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn config_layers_defaults_file_env_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kvtierd.toml");
+    std::fs::write(
+        &file,
+        "[pool]\nbytes = \"64 MiB\"\nslab_bytes = \"2 MiB\"\n[policy]\neviction = \"lru\"\n",
+    )
+    .unwrap();
+    let out = kvtierd(&["--print-config"], &[]);
+    let defaults = ok_stdout(&out);
+    assert!(defaults.contains("eviction = \"prefix-lfu\""), "{defaults}");
+    assert!(defaults.contains("kvtierd.sock"), "{defaults}");
+
+    let f = file.to_str().unwrap();
+    let from_file = ok_stdout(&kvtierd(&["--print-config", "--config", f], &[]));
+    assert!(
+        from_file.contains("bytes = \"64.0 MiB\"") && from_file.contains("eviction = \"lru\""),
+        "{from_file}"
+    );
+
+    // Environment over the file, flags over the environment.
+    let layered = ok_stdout(&kvtierd(
+        &["--print-config", "--socket", "/tmp/flag.sock"],
+        &[
+            ("KVTIER_CONFIG", f),
+            ("KVTIER_POOL_BYTES", "128 MiB"),
+            ("KVTIER_SOCKET", "/tmp/env.sock"),
+        ],
+    ));
+    assert!(layered.contains("bytes = \"128.0 MiB\""), "{layered}");
+    assert!(layered.contains("socket = \"/tmp/flag.sock\""), "{layered}");
+    assert!(layered.contains("slab_bytes = \"2.0 MiB\""), "{layered}");
+}
+
+#[test]
+fn bad_configuration_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[pool]\nbites = 3\n").unwrap();
+    let out = kvtierd(&["--config", file.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bites"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kvtierd(&["--pool-bytes", "1 MiB", "--slab-bytes", "16 MiB"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("smaller than one slab"));
+}
+
+#[test]
+fn metrics_and_status_show_the_host_tier() {
+    let d = Daemon::start_with_metrics(&[], true);
+    ok_stdout(&d.kvtier(&["put", "--count", "10", "--block-bytes", "8192"]));
+    ok_stdout(&d.kvtier(&["get", "--count", "12", "--block-bytes", "8192"]));
+    let status = ok_stdout(&d.kvtier(&["status"]));
+    assert!(status.contains("10 blocks"), "{status}");
+    assert!(status.contains("32.0 MiB"), "{status}");
+    let m = d.http_get("/metrics");
+    for line in [
+        "kvtier_host_capacity_bytes 33554432",
+        "kvtier_host_used_bytes 81920",
+        "kvtier_host_blocks 10",
+        "kvtier_saved_bytes_total 81920",
+        "kvtier_loaded_bytes_total 81920",
+        "kvtier_connected_clients 0",
+        "kvtier_request_duration_seconds_count{op=\"reserve\"} 1",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
+    }
+    assert_eq!(d.http_get("/healthz").trim(), "ok");
+}
+
+#[test]
+fn second_daemon_on_the_same_socket_is_refused() {
+    let d = Daemon::start(&[]);
+    let out = kvtierd(
+        &[
+            "--socket",
+            d.socket.to_str().unwrap(),
+            "--allow-unlocked",
+            "--pool-bytes",
+            "16 MiB",
+            "--metrics-listen",
+            "",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another daemon"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn shared_trace() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVTIER_TRACE") {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/traces/synthetic_trace.jsonl");
+    assert!(p.exists(), "{} not found (set KVTIER_TRACE)", p.display());
+    p
+}
+
+#[test]
+fn sim_prints_json_lines_for_every_capacity_and_policy() {
+    let out = Command::new(bin("kvtier"))
+        .args(["sim", "--json"])
+        .arg(shared_trace())
+        .output()
+        .unwrap();
+    let text = ok_stdout(&out);
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6 * 3, "{text}");
+    let rate = |pct: f64, policy: &str| {
+        rows.iter()
+            .find(|r| r["capacity_pct"] == pct && r["policy"] == policy)
+            .and_then(|r| r["hit_rate"].as_f64())
+            .unwrap_or_else(|| panic!("no row for {pct} {policy}"))
+    };
+    // The reference figures of the issue for the shared trace at 10 %.
+    assert!(
+        (rate(10.0, "lru") - 0.26).abs() < 0.01,
+        "lru {}",
+        rate(10.0, "lru")
+    );
+    assert!(
+        (rate(10.0, "belady") - 0.50).abs() < 0.01,
+        "belady {}",
+        rate(10.0, "belady")
+    );
+    for pct in [1.0, 2.0, 5.0, 10.0, 20.0, 50.0] {
+        let opt = rate(pct, "belady");
+        assert!(
+            rate(pct, "lru") <= opt + 1e-9 && rate(pct, "prefix-lfu") <= opt + 1e-9,
+            "belady is the bound at {pct}%"
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Test support: start real `kvtierd` processes on private sockets and run the real `kvtier` CLI.
+//!
+//! Binaries are found next to the test executable (`target/<profile>/`); build them first with
+//! `cargo build --workspace --bins` (the project's test script does), or point `KVTIERD_BIN` /
+//! `KVTIER_BIN` at them.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_uppercase());
+    if let Some(p) = std::env::var_os(&var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` first (or set {var})",
+        path.display()
+    );
+    path
+}
+
+/// A running kvtierd in its own temporary directory; SIGKILLed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Temporary directory holding the socket and the log.
+    pub dir: tempfile::TempDir,
+    /// Connector socket.
+    pub socket: PathBuf,
+    /// Metrics address, when enabled.
+    pub metrics: Option<String>,
+}
+
+/// Defaults for test daemons: a small unlocked-if-needed pool of 1 MiB slabs, no metrics.
+pub const SMALL_POOL: &[&str] = &["--pool-bytes", "32 MiB", "--slab-bytes", "1 MiB"];
+
+impl Daemon {
+    /// Starts kvtierd with `extra` flags after the test defaults; waits until it accepts.
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_metrics(extra, false)
+    }
+
+    /// Like [`start`](Self::start), with metrics on a free local port if `metrics`.
+    pub fn start_with_metrics(extra: &[&str], metrics: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("kvtierd.sock");
+        let metrics = metrics.then(free_local_addr);
+        let log = std::fs::File::create(dir.path().join("kvtierd.log")).expect("log file");
+        let mut cmd = Command::new(bin("kvtierd"));
+        cmd.arg("--socket").arg(&socket).arg("--allow-unlocked");
+        cmd.arg("--metrics-listen")
+            .arg(metrics.clone().unwrap_or_default());
+        cmd.args(SMALL_POOL).args(extra);
+        cmd.env("RUST_LOG", "debug")
+            .env_remove("KVTIER_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn kvtierd");
+        let mut d = Self {
+            child: Some(child),
+            dir,
+            socket,
+            metrics,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("kvtierd exited with {status}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("kvtierd did not accept within 30 s:\n{}", self.log());
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kvtierd.log")).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// SIGKILLs the daemon and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs the `kvtier` CLI against this daemon.
+    pub fn kvtier(&self, args: &[&str]) -> Output {
+        Command::new(bin("kvtier"))
+            .args(args)
+            .env("KVTIER_SOCKET", &self.socket)
+            .output()
+            .expect("run kvtier")
+    }
+
+    /// GET `path` from the metrics endpoint; returns the body.
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::Write;
+        let addr = self.metrics.as_ref().expect("metrics enabled");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or(out)
+    }
+
+    /// Connects the Rust client.
+    pub async fn client(&self, name: &str) -> kvtier_client::Client {
+        kvtier_client::Client::connect(&self.socket, name)
+            .await
+            .expect("connect client")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_local_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// A namespace descriptor for tests.
+pub fn namespace(model: &str, block_bytes: u64) -> kvtier_client::NamespaceDescriptor {
+    kvtier_client::NamespaceDescriptor {
+        model: model.into(),
+        kv_dtype: "float32".into(),
+        tokens_per_block: 16,
+        layout: "test".into(),
+        block_bytes,
+        ..Default::default()
+    }
+}
+
+/// The test content of each hash.
+pub fn blocks_for(hashes: &[bytes::Bytes], len: usize) -> Vec<Vec<u8>> {
+    hashes
+        .iter()
+        .map(|h| kvtier_client::testdata::block(h, len))
+        .collect()
+}
+
+/// Borrows each block as a slice.
+pub fn refs(blocks: &[Vec<u8>]) -> Vec<&[u8]> {
+    blocks.iter().map(|b| &b[..]).collect()
+}
+
+/// Polls `f` until it returns true or 10 s pass.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Text of a CLI run's stdout, asserting success.
+pub fn ok_stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "kvtier failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
