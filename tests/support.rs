@@ -40,7 +40,7 @@ pub struct Daemon {
     pub metrics: Option<String>,
 }
 
-/// Defaults for test daemons: a small unlocked-if-needed pool of 1 MiB slabs, no metrics.
+/// Pool of test daemons unless the caller passes `--pool-bytes`: 32 MiB of 1 MiB slabs.
 pub const SMALL_POOL: &[&str] = &["--pool-bytes", "32 MiB", "--slab-bytes", "1 MiB"];
 
 impl Daemon {
@@ -59,11 +59,17 @@ impl Daemon {
         cmd.arg("--socket").arg(&socket).arg("--allow-unlocked");
         cmd.arg("--metrics-listen")
             .arg(metrics.clone().unwrap_or_default());
-        cmd.args(SMALL_POOL).args(extra);
-        cmd.env("RUST_LOG", "debug")
-            .env_remove("KVTIER_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(log);
+        if !extra.contains(&"--pool-bytes") {
+            cmd.args(SMALL_POOL);
+        }
+        cmd.args(extra);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("KVTIERD_LOG").unwrap_or_else(|_| "debug".into()),
+        )
+        .env_remove("KVTIER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(log);
         let child = cmd.spawn().expect("spawn kvtierd");
         let mut d = Self {
             child: Some(child),

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 mod conn;
 mod pool;
 pub mod testdata;

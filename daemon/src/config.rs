@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 /// The whole daemon configuration (the TOML file's shape).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct Config {
     /// Connector socket and limits.
     pub server: ServerConfig,
@@ -126,16 +127,6 @@ impl Default for MetricsConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            pool: PoolConfig::default(),
-            policy: PolicyConfig::default(),
-            metrics: MetricsConfig::default(),
-        }
-    }
-}
 
 impl Config {
     /// Parses a TOML document over the defaults (missing keys keep their default).

@@ -16,7 +16,7 @@ pub struct LookupArgs {
     blocks: BlocksArgs,
 }
 
-/// Arguments of `kvtier get`.
+/// Arguments of `kvtier get`: which daemon, namespace and test prompt.
 #[derive(clap::Args, Debug)]
 pub struct GetArgs {
     #[command(flatten)]
@@ -31,11 +31,7 @@ pub struct GetArgs {
 #[derive(clap::Args, Debug)]
 pub struct PutArgs {
     #[command(flatten)]
-    conn: ConnectArgs,
-    #[command(flatten)]
-    ns: NamespaceArgs,
-    #[command(flatten)]
-    blocks: BlocksArgs,
+    target: GetArgs,
     /// Fault injection: after reserving and writing, wait this many seconds before committing
     /// (prints `reserved N` first), e.g. to kill the client mid-save.
     #[arg(long)]
@@ -44,7 +40,7 @@ pub struct PutArgs {
 
 fn parse_hex(s: &str) -> anyhow::Result<kvtier_client::Bytes> {
     anyhow::ensure!(
-        s.len() % 2 == 0,
+        s.len().is_multiple_of(2),
         "hash {s:?} has an odd number of hex digits"
     );
     let v: Vec<u8> = (0..s.len())

@@ -1,0 +1,44 @@
+//! Host-tier save and load through a real kvtierd and the shared pool, against memcpy of the
+//! same bytes with the same block size in the same run. Goal: >= 0.9x memcpy.
+//!
+//! `cargo build --release --bins && cargo bench -p kvtier-benches --bench host_tier`
+
+use kvtier_tests::{namespace, Daemon};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let hugetlb = std::env::var_os("KVTIER_BENCH_HUGETLB").is_some();
+    let mut args = vec!["--pool-bytes", "1 GiB", "--slab-bytes", "16 MiB"];
+    if hugetlb {
+        args.push("--hugetlb");
+    }
+    let d = Daemon::start(&args);
+    let mut c = d.client("bench-host-tier").await;
+    println!(
+        "host tier: save/load through kvtierd vs memcpy, 256 MiB per round, best of 10 rounds{}",
+        if hugetlb { ", hugetlb pool" } else { "" }
+    );
+    println!(
+        "{:>10} {:>12} {:>12} {:>8} {:>12} {:>8}",
+        "block", "memcpy", "save", "ratio", "load", "ratio"
+    );
+    for block in [16u64 << 10, 256 << 10, 2 << 20] {
+        let ns = c
+            .register(namespace(&format!("bench-{block}"), block))
+            .await
+            .unwrap();
+        let r = kvtier_client::bench::measure(&mut c, &ns, 256 << 20, 10, false)
+            .await
+            .unwrap();
+        let g = |bps: f64| format!("{:.2} GB/s", bps / 1e9);
+        println!(
+            "{:>10} {:>12} {:>12} {:>7.2}x {:>12} {:>7.2}x",
+            format!("{} KiB", block >> 10),
+            g(r.memcpy_bps),
+            g(r.save_bps),
+            r.save_bps / r.memcpy_bps,
+            g(r.load_bps),
+            r.load_bps / r.memcpy_bps
+        );
+    }
+}
