@@ -8,21 +8,12 @@ use kvtier_daemon::sim::{sweep, Trace, DEFAULT_CAPACITY_PCTS};
 
 fn main() {
     let path = std::env::var("KVTIER_TRACE").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/traces/synthetic_trace.jsonl"
-        )
-        .into()
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/traces/synthetic_trace.jsonl").into()
     });
     let trace = Trace::load(std::path::Path::new(&path)).expect("trace");
     let policies = [PolicyKind::Lru, PolicyKind::PrefixLfu, PolicyKind::Belady];
     let rows = sweep(&trace, &DEFAULT_CAPACITY_PCTS, &policies);
-    println!(
-        "prefix hit rate, {} ({} requests, {} unique blocks)",
-        path,
-        trace.requests.len(),
-        trace.unique_blocks()
-    );
+    println!("prefix hit rate, {} ({} requests, {} unique blocks)", path, trace.requests.len(), trace.unique_blocks());
     println!(
         "{:>9} {:>8} {:>11} {:>8} {:>12} {:>13}",
         "capacity", "lru", "prefix-lfu", "belady", "lru/belady", "plfu/belady"

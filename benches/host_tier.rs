@@ -18,18 +18,10 @@ async fn main() {
         "host tier: save/load through kvtierd vs memcpy, 256 MiB per round, best of 10 rounds{}",
         if hugetlb { ", hugetlb pool" } else { "" }
     );
-    println!(
-        "{:>10} {:>12} {:>12} {:>8} {:>12} {:>8}",
-        "block", "memcpy", "save", "ratio", "load", "ratio"
-    );
+    println!("{:>10} {:>12} {:>12} {:>8} {:>12} {:>8}", "block", "memcpy", "save", "ratio", "load", "ratio");
     for block in [16u64 << 10, 256 << 10, 2 << 20] {
-        let ns = c
-            .register(namespace(&format!("bench-{block}"), block))
-            .await
-            .unwrap();
-        let r = kvtier_client::bench::measure(&mut c, &ns, 256 << 20, 10, false)
-            .await
-            .unwrap();
+        let ns = c.register(namespace(&format!("bench-{block}"), block)).await.unwrap();
+        let r = kvtier_client::bench::measure(&mut c, &ns, 256 << 20, 10, false).await.unwrap();
         let g = |bps: f64| format!("{:.2} GB/s", bps / 1e9);
         println!(
             "{:>10} {:>12} {:>12} {:>7.2}x {:>12} {:>7.2}x",

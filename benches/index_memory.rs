@@ -39,11 +39,7 @@ const PROMPT: usize = 40;
 fn bytes_per_block(policy: PolicyKind) -> f64 {
     let before = LIVE.load(Relaxed);
     // One slab of exactly BLOCKS 4 KiB slots: the allocator's slot table is counted too.
-    let mut cache = HostCache::new(
-        SlabAllocator::new(1, BLOCKS as u64 * 4096, 1),
-        policy,
-        CacheLimits::default(),
-    );
+    let mut cache = HostCache::new(SlabAllocator::new(1, BLOCKS as u64 * 4096, 1), policy, CacheLimits::default());
     let ns = cache.register(NamespaceId([7; 16]), 4096).unwrap();
     let client = ClientId(1);
     let mut id = 0u64;
@@ -69,18 +65,9 @@ fn bytes_per_block(policy: PolicyKind) -> f64 {
 
 fn main() {
     println!("host-tier metadata at {BLOCKS} blocks (32-byte hashes), live heap bytes per block");
-    println!(
-        "{:<12} {:>10} {:>16} {:>14}",
-        "policy", "B/block", "vs 32 B of hash", "vs 128 B goal"
-    );
+    println!("{:<12} {:>10} {:>16} {:>14}", "policy", "B/block", "vs 32 B of hash", "vs 128 B goal");
     for policy in [PolicyKind::Lru, PolicyKind::PrefixLfu] {
         let b = bytes_per_block(policy);
-        println!(
-            "{:<12} {:>10.1} {:>15.2}x {:>13.2}x",
-            format!("{policy:?}"),
-            b,
-            b / 32.0,
-            b / 128.0
-        );
+        println!("{:<12} {:>10.1} {:>15.2}x {:>13.2}x", format!("{policy:?}"), b, b / 32.0, b / 128.0);
     }
 }

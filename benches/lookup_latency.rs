@@ -40,37 +40,15 @@ async fn main() {
         .map(|h| kvtier_client::Bytes::from([&h[..], &h[..]].concat()))
         .collect();
     let blocks: Vec<Vec<u8>> = hashes.iter().map(|h| testdata::block(h, 4096)).collect();
-    c.save(
-        &ns,
-        &hashes,
-        &blocks.iter().map(|b| &b[..]).collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
+    c.save(&ns, &hashes, &blocks.iter().map(|b| &b[..]).collect::<Vec<_>>()).await.unwrap();
     assert_eq!(c.lookup(&ns, &hashes).await.unwrap(), 256);
     let rtt = percentiles(time(&mut c, N, || Op::Stats(Stats {})).await);
-    let lookup = percentiles(
-        time(&mut c, N, || {
-            Op::Lookup(Lookup {
-                handle: ns.handle,
-                hashes: hashes.clone(),
-            })
-        })
-        .await,
-    );
+    let lookup =
+        percentiles(time(&mut c, N, || Op::Lookup(Lookup { handle: ns.handle, hashes: hashes.clone() })).await);
     println!("connector socket, {N} sequential requests each, one client");
-    println!(
-        "{:<34} {:>9} {:>9} {:>9}",
-        "", "p50 us", "p99 us", "p99.9 us"
-    );
-    println!(
-        "{:<34} {:>9.1} {:>9.1} {:>9.1}",
-        "empty round trip (Stats, reference)", rtt[0], rtt[1], rtt[2]
-    );
-    println!(
-        "{:<34} {:>9.1} {:>9.1} {:>9.1}",
-        "lookup of 256 x 32-byte hashes", lookup[0], lookup[1], lookup[2]
-    );
+    println!("{:<34} {:>9} {:>9} {:>9}", "", "p50 us", "p99 us", "p99.9 us");
+    println!("{:<34} {:>9.1} {:>9.1} {:>9.1}", "empty round trip (Stats, reference)", rtt[0], rtt[1], rtt[2]);
+    println!("{:<34} {:>9.1} {:>9.1} {:>9.1}", "lookup of 256 x 32-byte hashes", lookup[0], lookup[1], lookup[2]);
     println!(
         "lookup p99 / round-trip p99 = {:.2}x; goal p99 <= 50 us: {}",
         lookup[1] / rtt[1],

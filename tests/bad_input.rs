@@ -31,29 +31,13 @@ fn request(id: u64, op: Op) -> Vec<u8> {
 /// A connection that has said Hello (the pool fds it was sent are dropped by plain reads).
 fn greeted(d: &Daemon) -> UnixStream {
     let mut s = connect(d);
-    s.write_all(&request(
-        1,
-        Op::Hello(pb::Hello {
-            client_name: "raw".into(),
-            protocol_version: 1,
-        }),
-    ))
-    .unwrap();
-    assert!(matches!(
-        read_response(&mut s).result,
-        Some(response::Result::Hello(_))
-    ));
+    s.write_all(&request(1, Op::Hello(pb::Hello { client_name: "raw".into(), protocol_version: 1 }))).unwrap();
+    assert!(matches!(read_response(&mut s).result, Some(response::Result::Hello(_))));
     s
 }
 
 fn register(s: &mut UnixStream, block_bytes: u64) -> pb::Response {
-    s.write_all(&request(
-        2,
-        Op::Register(pb::Register {
-            namespace: Some(namespace("m", block_bytes)),
-        }),
-    ))
-    .unwrap();
+    s.write_all(&request(2, Op::Register(pb::Register { namespace: Some(namespace("m", block_bytes)) }))).unwrap();
     read_response(s)
 }
 
@@ -61,47 +45,23 @@ fn register(s: &mut UnixStream, block_bytes: u64) -> pb::Response {
 fn expect_error_and_close(mut s: UnixStream, bytes: &[u8], code: ErrorCode) -> String {
     s.write_all(bytes).unwrap();
     let resp = read_response(&mut s);
-    let Some(response::Result::Error(e)) = resp.result else {
-        panic!("expected {code:?}, got {resp:?}")
-    };
+    let Some(response::Result::Error(e)) = resp.result else { panic!("expected {code:?}, got {resp:?}") };
     assert_eq!(e.code(), code, "reason: {}", e.reason);
     assert!(!e.reason.is_empty(), "every error carries a reason");
     let mut rest = Vec::new();
-    assert_eq!(
-        s.read_to_end(&mut rest).unwrap(),
-        0,
-        "connection closed after the error"
-    );
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "connection closed after the error");
     e.reason
 }
 
-async fn healthy(
-    d: &Daemon,
-    client: &mut kvtier_client::Client,
-    ns: &kvtier_client::Namespace,
-    seed: u64,
-) {
+async fn healthy(d: &Daemon, client: &mut kvtier_client::Client, ns: &kvtier_client::Namespace, seed: u64) {
     let hashes = testdata::chained_hashes(seed, 3);
     let blocks = blocks_for(&hashes, 4096);
-    assert_eq!(
-        client
-            .save(ns, &hashes, &refs(&blocks))
-            .await
-            .unwrap()
-            .stored,
-        3
-    );
+    assert_eq!(client.save(ns, &hashes, &refs(&blocks)).await.unwrap().stored, 3);
     let mut got = Vec::new();
     let mut buf = vec![0u8; 4096];
-    client
-        .load(ns, &hashes, &mut buf, |_, b| got.push(b.to_vec()))
-        .await
-        .unwrap();
+    client.load(ns, &hashes, &mut buf, |_, b| got.push(b.to_vec())).await.unwrap();
     assert_eq!(got, blocks);
-    assert!(
-        UnixStream::connect(&d.socket).is_ok(),
-        "daemon still accepts"
-    );
+    assert!(UnixStream::connect(&d.socket).is_ok(), "daemon still accepts");
 }
 
 #[tokio::test]
@@ -125,20 +85,12 @@ async fn each_bad_message_closes_only_its_connection() {
     expect_error_and_close(connect(&d), &garbage, ErrorCode::Malformed);
 
     // A length prefix far beyond the limit: refused before any body is buffered.
-    let reason = expect_error_and_close(
-        greeted(&d),
-        &u32::MAX.to_le_bytes(),
-        ErrorCode::FrameTooLarge,
-    );
+    let reason = expect_error_and_close(greeted(&d), &u32::MAX.to_le_bytes(), ErrorCode::FrameTooLarge);
     assert!(reason.contains("4294967295"), "{reason}");
     healthy(&d, &mut good, &ns, next_seed()).await;
 
     // A request with no op, and one with only a field this daemon does not know.
-    expect_error_and_close(
-        greeted(&d),
-        &encode(&pb::Request { id: 3, op: None }),
-        ErrorCode::UnknownOp,
-    );
+    expect_error_and_close(greeted(&d), &encode(&pb::Request { id: 3, op: None }), ErrorCode::UnknownOp);
     let unknown_field: &[u8] = &[0x08, 0x03, 0x98, 0x06, 0x01]; // id = 3, field 99 = 1
     let mut framed = (unknown_field.len() as u32).to_le_bytes().to_vec();
     framed.extend(unknown_field);
@@ -147,96 +99,41 @@ async fn each_bad_message_closes_only_its_connection() {
 
     // The same namespace with another block size, and a block size of zero.
     let mut s = greeted(&d);
-    s.write_all(&request(
-        2,
-        Op::Register(pb::Register {
-            namespace: Some(namespace("m", 8192)),
-        }),
-    ))
-    .unwrap();
+    s.write_all(&request(2, Op::Register(pb::Register { namespace: Some(namespace("m", 8192)) }))).unwrap();
     let resp = read_response(&mut s);
     assert!(
         matches!(resp.result, Some(response::Result::Error(ref e)) if e.code() == ErrorCode::WrongBlockSize),
         "{resp:?}"
     );
-    let zero = request(
-        2,
-        Op::Register(pb::Register {
-            namespace: Some(namespace("z", 0)),
-        }),
-    );
+    let zero = request(2, Op::Register(pb::Register { namespace: Some(namespace("z", 0)) }));
     expect_error_and_close(greeted(&d), &zero, ErrorCode::WrongBlockSize);
-    let huge = request(
-        2,
-        Op::Register(pb::Register {
-            namespace: Some(namespace("h", 1 << 30)),
-        }),
-    );
+    let huge = request(2, Op::Register(pb::Register { namespace: Some(namespace("h", 1 << 30)) }));
     expect_error_and_close(greeted(&d), &huge, ErrorCode::WrongBlockSize);
     healthy(&d, &mut good, &ns, next_seed()).await;
 
     // A namespace handle never registered on this connection (another client's handle 0 exists).
-    let lookup = request(
-        5,
-        Op::Lookup(pb::Lookup {
-            handle: 0,
-            hashes: vec![vec![1u8; 16].into()],
-        }),
-    );
+    let lookup = request(5, Op::Lookup(pb::Lookup { handle: 0, hashes: vec![vec![1u8; 16].into()] }));
     expect_error_and_close(greeted(&d), &lookup, ErrorCode::UnregisteredNamespace);
     healthy(&d, &mut good, &ns, next_seed()).await;
 
     // Ops before Hello, Hello twice.
-    expect_error_and_close(
-        connect(&d),
-        &request(1, Op::Stats(pb::Stats {})),
-        ErrorCode::NotHello,
-    );
-    let hello = request(
-        9,
-        Op::Hello(pb::Hello {
-            client_name: "x".into(),
-            protocol_version: 1,
-        }),
-    );
+    expect_error_and_close(connect(&d), &request(1, Op::Stats(pb::Stats {})), ErrorCode::NotHello);
+    let hello = request(9, Op::Hello(pb::Hello { client_name: "x".into(), protocol_version: 1 }));
     expect_error_and_close(greeted(&d), &hello, ErrorCode::NotHello);
-    let old = request(
-        1,
-        Op::Hello(pb::Hello {
-            client_name: "x".into(),
-            protocol_version: 0,
-        }),
-    );
+    let old = request(1, Op::Hello(pb::Hello { client_name: "x".into(), protocol_version: 0 }));
     expect_error_and_close(connect(&d), &old, ErrorCode::UnsupportedVersion);
 
     // Bad hashes: empty and too long.
     for bad in [vec![], vec![7u8; 33]] {
         let mut s = greeted(&d);
-        assert!(matches!(
-            register(&mut s, 4096).result,
-            Some(response::Result::Register(_))
-        ));
-        let lookup = request(
-            5,
-            Op::Lookup(pb::Lookup {
-                handle: 0,
-                hashes: vec![vec![1u8; 8].into(), bad.into()],
-            }),
-        );
+        assert!(matches!(register(&mut s, 4096).result, Some(response::Result::Register(_))));
+        let lookup = request(5, Op::Lookup(pb::Lookup { handle: 0, hashes: vec![vec![1u8; 8].into(), bad.into()] }));
         expect_error_and_close(s, &lookup, ErrorCode::BadArgument);
     }
 
     // Someone else's (or a made-up) reservation and lease.
-    expect_error_and_close(
-        greeted(&d),
-        &request(4, Op::Commit(pb::Commit { reservation: 1 })),
-        ErrorCode::UnknownId,
-    );
-    expect_error_and_close(
-        greeted(&d),
-        &request(4, Op::Release(pb::Release { lease: 77 })),
-        ErrorCode::UnknownId,
-    );
+    expect_error_and_close(greeted(&d), &request(4, Op::Commit(pb::Commit { reservation: 1 })), ErrorCode::UnknownId);
+    expect_error_and_close(greeted(&d), &request(4, Op::Release(pb::Release { lease: 77 })), ErrorCode::UnknownId);
 
     // EOF in the middle of a frame.
     let mut s = greeted(&d);
@@ -256,10 +153,7 @@ async fn each_bad_message_closes_only_its_connection() {
         "BAD_ARGUMENT",
         "UNKNOWN_ID",
     ] {
-        assert!(
-            metrics.contains(&format!("kvtier_errors_total{{code=\"{code}\"}}")),
-            "{code} not counted:\n{metrics}"
-        );
+        assert!(metrics.contains(&format!("kvtier_errors_total{{code=\"{code}\"}}")), "{code} not counted:\n{metrics}");
     }
     d.kill();
 }
@@ -269,9 +163,7 @@ fn uid_outside_the_allowlist_is_refused() {
     let d = Daemon::start(&["--allowed-uid", "4242"]);
     let mut s = connect(&d);
     let resp = read_response(&mut s);
-    let Some(response::Result::Error(e)) = resp.result else {
-        panic!("{resp:?}")
-    };
+    let Some(response::Result::Error(e)) = resp.result else { panic!("{resp:?}") };
     assert_eq!(e.code(), ErrorCode::PermissionDenied);
     assert!(e.reason.contains("uid"), "{}", e.reason);
 }

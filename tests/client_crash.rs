@@ -28,9 +28,7 @@ async fn killed_writer_leaves_nothing_behind() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(writer.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(writer.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "reserved 300");
 
     let mut c = d.client("observer").await;
@@ -43,11 +41,7 @@ async fn killed_writer_leaves_nothing_behind() {
     };
     let ns = c.register(cli_ns).await.unwrap();
     let hashes = testdata::chained_hashes(5, 300);
-    assert_eq!(
-        c.lookup(&ns, &hashes).await.unwrap(),
-        0,
-        "reserved blocks are invisible"
-    );
+    assert_eq!(c.lookup(&ns, &hashes).await.unwrap(), 0, "reserved blocks are invisible");
     let stats = c.stats().await.unwrap();
     assert_eq!(stats.tiers[0].used_bytes, 300 * block as u64);
 
@@ -56,29 +50,16 @@ async fn killed_writer_leaves_nothing_behind() {
 
     let rt = tokio::runtime::Handle::current();
     eventually("the killed client's slots are freed", || {
-        let used = tokio::task::block_in_place(|| rt.block_on(c.stats()))
-            .unwrap()
-            .tiers[0]
-            .used_bytes;
+        let used = tokio::task::block_in_place(|| rt.block_on(c.stats())).unwrap().tiers[0].used_bytes;
         used == 0
     });
-    assert_eq!(
-        c.lookup(&ns, &hashes).await.unwrap(),
-        0,
-        "nothing of the killed save is visible"
-    );
+    assert_eq!(c.lookup(&ns, &hashes).await.unwrap(), 0, "nothing of the killed save is visible");
     let stats = c.stats().await.unwrap();
     assert_eq!(stats.tiers[0].blocks, 0);
 
     // Every slot is usable again: the whole pool takes a full save of fresh blocks.
-    let other = c
-        .register(namespace("after-crash", block as u64))
-        .await
-        .unwrap();
+    let other = c.register(namespace("after-crash", block as u64)).await.unwrap();
     let fresh = testdata::chained_hashes(6, capacity);
-    let report = c
-        .save(&other, &fresh, &refs(&blocks_for(&fresh, block)))
-        .await
-        .unwrap();
+    let report = c.save(&other, &fresh, &refs(&blocks_for(&fresh, block))).await.unwrap();
     assert_eq!(report.stored, capacity, "{report:?}");
 }

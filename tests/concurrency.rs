@@ -25,10 +25,7 @@ async fn writer(mut c: Client, w: u64) -> usize {
                 // would see a torn block.
                 c.pool().write(*s, &data[..BLOCK / 2]).unwrap();
                 tokio::task::yield_now().await;
-                let second = kvtier_client::Slot {
-                    segment: s.segment,
-                    offset: s.offset + (BLOCK / 2) as u64,
-                };
+                let second = kvtier_client::Slot { segment: s.segment, offset: s.offset + (BLOCK / 2) as u64 };
                 c.pool().write(second, &data[BLOCK / 2..]).unwrap();
                 stored += 1;
             }
@@ -51,10 +48,7 @@ async fn reader(mut c: Client, stop: Arc<AtomicBool>, verified: Arc<AtomicUsize>
         let n = c
             .load(&ns, &hashes, &mut buf, |k, got| {
                 testdata::fill_block(&hashes[k], &mut want);
-                assert!(
-                    got == &want[..],
-                    "served block {k} of writer {w} prompt {p} differs from what was saved"
-                );
+                assert!(got == &want[..], "served block {k} of writer {w} prompt {p} differs from what was saved");
             })
             .await
             .unwrap();
@@ -74,22 +68,13 @@ async fn eight_writers_twice_the_budget() {
         .map(|_| {
             let (stop, verified) = (stop.clone(), verified.clone());
             let socket = d.socket.clone();
-            tokio::spawn(async move {
-                reader(
-                    Client::connect(&socket, "reader").await.unwrap(),
-                    stop,
-                    verified,
-                )
-                .await
-            })
+            tokio::spawn(async move { reader(Client::connect(&socket, "reader").await.unwrap(), stop, verified).await })
         })
         .collect();
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let socket = d.socket.clone();
-            tokio::spawn(async move {
-                writer(Client::connect(&socket, "writer").await.unwrap(), w).await
-            })
+            tokio::spawn(async move { writer(Client::connect(&socket, "writer").await.unwrap(), w).await })
         })
         .collect();
     let capacity = monitor.stats().await.unwrap().tiers[0].capacity_bytes;
@@ -97,11 +82,7 @@ async fn eight_writers_twice_the_budget() {
     let mut samples = 0;
     while !writers.iter().all(|h| h.is_finished()) {
         let s = monitor.stats().await.unwrap();
-        assert!(
-            s.tiers[0].used_bytes <= capacity,
-            "used {} > budget {capacity}",
-            s.tiers[0].used_bytes
-        );
+        assert!(s.tiers[0].used_bytes <= capacity, "used {} > budget {capacity}", s.tiers[0].used_bytes);
         samples += 1;
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
@@ -115,10 +96,7 @@ async fn eight_writers_twice_the_budget() {
     }
     let s = monitor.stats().await.unwrap();
     assert!(s.tiers[0].used_bytes <= capacity);
-    assert!(
-        stored >= 2 * POOL_BLOCKS - PROMPT * WRITERS as usize,
-        "only {stored} blocks stored"
-    );
+    assert!(stored >= 2 * POOL_BLOCKS - PROMPT * WRITERS as usize, "only {stored} blocks stored");
     assert!(s.evicted_blocks > 0, "twice the budget must evict");
     assert!(s.tiers[0].blocks as usize <= POOL_BLOCKS);
     println!(

@@ -17,11 +17,8 @@ fn kvtierd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 fn config_layers_defaults_file_env_flags() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("kvtierd.toml");
-    std::fs::write(
-        &file,
-        "[pool]\nbytes = \"64 MiB\"\nslab_bytes = \"2 MiB\"\n[policy]\neviction = \"lru\"\n",
-    )
-    .unwrap();
+    std::fs::write(&file, "[pool]\nbytes = \"64 MiB\"\nslab_bytes = \"2 MiB\"\n[policy]\neviction = \"lru\"\n")
+        .unwrap();
     let out = kvtierd(&["--print-config"], &[]);
     let defaults = ok_stdout(&out);
     assert!(defaults.contains("eviction = \"prefix-lfu\""), "{defaults}");
@@ -29,19 +26,12 @@ fn config_layers_defaults_file_env_flags() {
 
     let f = file.to_str().unwrap();
     let from_file = ok_stdout(&kvtierd(&["--print-config", "--config", f], &[]));
-    assert!(
-        from_file.contains("bytes = \"64.0 MiB\"") && from_file.contains("eviction = \"lru\""),
-        "{from_file}"
-    );
+    assert!(from_file.contains("bytes = \"64.0 MiB\"") && from_file.contains("eviction = \"lru\""), "{from_file}");
 
     // Environment over the file, flags over the environment.
     let layered = ok_stdout(&kvtierd(
         &["--print-config", "--socket", "/tmp/flag.sock"],
-        &[
-            ("KVTIER_CONFIG", f),
-            ("KVTIER_POOL_BYTES", "128 MiB"),
-            ("KVTIER_SOCKET", "/tmp/env.sock"),
-        ],
+        &[("KVTIER_CONFIG", f), ("KVTIER_POOL_BYTES", "128 MiB"), ("KVTIER_SOCKET", "/tmp/env.sock")],
     ));
     assert!(layered.contains("bytes = \"128.0 MiB\""), "{layered}");
     assert!(layered.contains("socket = \"/tmp/flag.sock\""), "{layered}");
@@ -55,11 +45,7 @@ fn bad_configuration_is_refused_with_a_reason() {
     std::fs::write(&file, "[pool]\nbites = 3\n").unwrap();
     let out = kvtierd(&["--config", file.to_str().unwrap()], &[]);
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("bites"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bites"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = kvtierd(&["--pool-bytes", "1 MiB", "--slab-bytes", "16 MiB"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("smaller than one slab"));
@@ -92,15 +78,7 @@ fn metrics_and_status_show_the_host_tier() {
 fn second_daemon_on_the_same_socket_is_refused() {
     let d = Daemon::start(&[]);
     let out = kvtierd(
-        &[
-            "--socket",
-            d.socket.to_str().unwrap(),
-            "--allow-unlocked",
-            "--pool-bytes",
-            "16 MiB",
-            "--metrics-listen",
-            "",
-        ],
+        &["--socket", d.socket.to_str().unwrap(), "--allow-unlocked", "--pool-bytes", "16 MiB", "--metrics-listen", ""],
         &[],
     );
     assert!(!out.status.success());
@@ -115,24 +93,16 @@ fn shared_trace() -> PathBuf {
     if let Some(p) = std::env::var_os("KVTIER_TRACE") {
         return p.into();
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/traces/synthetic_trace.jsonl");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces/synthetic_trace.jsonl");
     assert!(p.exists(), "{} not found (set KVTIER_TRACE)", p.display());
     p
 }
 
 #[test]
 fn sim_prints_json_lines_for_every_capacity_and_policy() {
-    let out = Command::new(bin("kvtier"))
-        .args(["sim", "--json"])
-        .arg(shared_trace())
-        .output()
-        .unwrap();
+    let out = Command::new(bin("kvtier")).args(["sim", "--json"]).arg(shared_trace()).output().unwrap();
     let text = ok_stdout(&out);
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 6 * 3, "{text}");
     let rate = |pct: f64, policy: &str| {
         rows.iter()
@@ -141,16 +111,8 @@ fn sim_prints_json_lines_for_every_capacity_and_policy() {
             .unwrap_or_else(|| panic!("no row for {pct} {policy}"))
     };
     // The reference figures of the issue for the shared trace at 10 %.
-    assert!(
-        (rate(10.0, "lru") - 0.26).abs() < 0.01,
-        "lru {}",
-        rate(10.0, "lru")
-    );
-    assert!(
-        (rate(10.0, "belady") - 0.50).abs() < 0.01,
-        "belady {}",
-        rate(10.0, "belady")
-    );
+    assert!((rate(10.0, "lru") - 0.26).abs() < 0.01, "lru {}", rate(10.0, "lru"));
+    assert!((rate(10.0, "belady") - 0.50).abs() < 0.01, "belady {}", rate(10.0, "belady"));
     for pct in [1.0, 2.0, 5.0, 10.0, 20.0, 50.0] {
         let opt = rate(pct, "belady");
         assert!(

@@ -12,26 +12,10 @@ fn blocks_saved_by_one_process_load_byte_exact_in_another() {
     let get = ok_stdout(&d.kvtier(&[&["get"], &args[..]].concat()));
     assert!(get.contains("loaded 48 of 48 blocks, 48 verified"), "{get}");
     // A longer prompt with the same prefix loads the shared part only.
-    let get = ok_stdout(&d.kvtier(&[
-        "get",
-        "--count",
-        "60",
-        "--seed",
-        "7",
-        "--block-bytes",
-        "20000",
-    ]));
+    let get = ok_stdout(&d.kvtier(&["get", "--count", "60", "--seed", "7", "--block-bytes", "20000"]));
     assert!(get.contains("loaded 48 of 60 blocks, 48 verified"), "{get}");
     // Another prompt shares nothing.
-    let get = ok_stdout(&d.kvtier(&[
-        "get",
-        "--count",
-        "8",
-        "--seed",
-        "8",
-        "--block-bytes",
-        "20000",
-    ]));
+    let get = ok_stdout(&d.kvtier(&["get", "--count", "8", "--seed", "8", "--block-bytes", "20000"]));
     assert!(get.contains("loaded 0 of 8"), "{get}");
     let status = ok_stdout(&d.kvtier(&["status", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
@@ -49,9 +33,7 @@ async fn reservation_is_invisible_to_others_until_commit() {
     let blocks = blocks_for(&hashes, 8192);
     let (res, slots) = writer.reserve(&ns_w, &hashes, None).await.unwrap();
     for (s, b) in slots.iter().zip(&blocks) {
-        let Reservation::Slot(s) = s else {
-            panic!("{s:?}")
-        };
+        let Reservation::Slot(s) = s else { panic!("{s:?}") };
         writer.pool().write(*s, b).unwrap();
     }
     assert_eq!(reader.lookup(&ns_r, &hashes).await.unwrap(), 0);
@@ -65,10 +47,7 @@ async fn reservation_is_invisible_to_others_until_commit() {
     assert_eq!(reader.lookup(&ns_r, &hashes).await.unwrap(), 4);
     let mut buf = vec![0u8; 8192];
     let mut loaded = Vec::new();
-    reader
-        .load(&ns_r, &hashes, &mut buf, |_, b| loaded.push(b.to_vec()))
-        .await
-        .unwrap();
+    reader.load(&ns_r, &hashes, &mut buf, |_, b| loaded.push(b.to_vec())).await.unwrap();
     assert_eq!(loaded, blocks);
 }
 
@@ -78,34 +57,22 @@ async fn tenants_and_models_never_share_blocks() {
     let mut a = d.client("tenant-a").await;
     let mut b = d.client("tenant-b").await;
     let ns_a = a
-        .register(kvtier_client::NamespaceDescriptor {
-            cache_salt: "a".into(),
-            ..namespace("m", 4096)
-        })
+        .register(kvtier_client::NamespaceDescriptor { cache_salt: "a".into(), ..namespace("m", 4096) })
         .await
         .unwrap();
     let ns_b = b
-        .register(kvtier_client::NamespaceDescriptor {
-            cache_salt: "b".into(),
-            ..namespace("m", 4096)
-        })
+        .register(kvtier_client::NamespaceDescriptor { cache_salt: "b".into(), ..namespace("m", 4096) })
         .await
         .unwrap();
     let ns_other_model = b.register(namespace("other", 4096)).await.unwrap();
     let hashes = testdata::chained_hashes(3, 5);
     let blocks = blocks_for(&hashes, 4096);
-    assert_eq!(
-        a.save(&ns_a, &hashes, &refs(&blocks)).await.unwrap().stored,
-        5
-    );
+    assert_eq!(a.save(&ns_a, &hashes, &refs(&blocks)).await.unwrap().stored, 5);
     assert_eq!(a.lookup(&ns_a, &hashes).await.unwrap(), 5);
     assert_eq!(b.lookup(&ns_b, &hashes).await.unwrap(), 0);
     assert_eq!(b.lookup(&ns_other_model, &hashes).await.unwrap(), 0);
     // b cannot reach a's namespace through a handle it never registered.
-    let forged = kvtier_client::Namespace {
-        handle: ns_b.handle + 5,
-        ..ns_b.clone()
-    };
+    let forged = kvtier_client::Namespace { handle: ns_b.handle + 5, ..ns_b.clone() };
     assert!(b.lookup(&forged, &hashes).await.is_err());
 }
 
@@ -116,15 +83,10 @@ async fn pipelined_requests_are_answered_in_order() {
     let mut c = d.client("pipeline").await;
     let ns = c.register(namespace("m", 4096)).await.unwrap();
     let hashes = testdata::chained_hashes(9, 3);
-    c.save(&ns, &hashes, &refs(&blocks_for(&hashes, 4096)))
-        .await
-        .unwrap();
+    c.save(&ns, &hashes, &refs(&blocks_for(&hashes, 4096))).await.unwrap();
     let ops: Vec<Op> = (0..200)
         .map(|i| match i % 2 {
-            0 => Op::Lookup(Lookup {
-                handle: ns.handle,
-                hashes: hashes[..(i / 2) % 4].to_vec(),
-            }),
+            0 => Op::Lookup(Lookup { handle: ns.handle, hashes: hashes[..(i / 2) % 4].to_vec() }),
             _ => Op::Stats(Stats {}),
         })
         .collect();

@@ -16,16 +16,9 @@ pub fn bin(name: &str) -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: run `cargo build --workspace --bins` first (or set {var})",
-        path.display()
-    );
+    assert!(path.exists(), "{} not found: run `cargo build --workspace --bins` first (or set {var})", path.display());
     path
 }
 
@@ -57,26 +50,17 @@ impl Daemon {
         let log = std::fs::File::create(dir.path().join("kvtierd.log")).expect("log file");
         let mut cmd = Command::new(bin("kvtierd"));
         cmd.arg("--socket").arg(&socket).arg("--allow-unlocked");
-        cmd.arg("--metrics-listen")
-            .arg(metrics.clone().unwrap_or_default());
+        cmd.arg("--metrics-listen").arg(metrics.clone().unwrap_or_default());
         if !extra.contains(&"--pool-bytes") {
             cmd.args(SMALL_POOL);
         }
         cmd.args(extra);
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("KVTIERD_LOG").unwrap_or_else(|_| "debug".into()),
-        )
-        .env_remove("KVTIER_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(log);
+        cmd.env("RUST_LOG", std::env::var("KVTIERD_LOG").unwrap_or_else(|_| "debug".into()))
+            .env_remove("KVTIER_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log);
         let child = cmd.spawn().expect("spawn kvtierd");
-        let mut d = Self {
-            child: Some(child),
-            dir,
-            socket,
-            metrics,
-        };
+        let mut d = Self { child: Some(child), dir, socket, metrics };
         d.wait_ready();
         d
     }
@@ -87,11 +71,7 @@ impl Daemon {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
                 return;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("kvtierd exited with {status}:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -106,9 +86,7 @@ impl Daemon {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// SIGKILLs the daemon and reaps it.
@@ -121,11 +99,7 @@ impl Daemon {
 
     /// Runs the `kvtier` CLI against this daemon.
     pub fn kvtier(&self, args: &[&str]) -> Output {
-        Command::new(bin("kvtier"))
-            .args(args)
-            .env("KVTIER_SOCKET", &self.socket)
-            .output()
-            .expect("run kvtier")
+        Command::new(bin("kvtier")).args(args).env("KVTIER_SOCKET", &self.socket).output().expect("run kvtier")
     }
 
     /// GET `path` from the metrics endpoint; returns the body.
@@ -133,23 +107,15 @@ impl Daemon {
         use std::io::Write;
         let addr = self.metrics.as_ref().expect("metrics enabled");
         let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or(out)
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(out)
     }
 
     /// Connects the Rust client.
     pub async fn client(&self, name: &str) -> kvtier_client::Client {
-        kvtier_client::Client::connect(&self.socket, name)
-            .await
-            .expect("connect client")
+        kvtier_client::Client::connect(&self.socket, name).await.expect("connect client")
     }
 }
 
@@ -178,10 +144,7 @@ pub fn namespace(model: &str, block_bytes: u64) -> kvtier_client::NamespaceDescr
 
 /// The test content of each hash.
 pub fn blocks_for(hashes: &[bytes::Bytes], len: usize) -> Vec<Vec<u8>> {
-    hashes
-        .iter()
-        .map(|h| kvtier_client::testdata::block(h, len))
-        .collect()
+    hashes.iter().map(|h| kvtier_client::testdata::block(h, len)).collect()
 }
 
 /// Borrows each block as a slice.

@@ -66,11 +66,7 @@ async fn load_round(
             c.release(lease).await?;
         }
     }
-    anyhow::ensure!(
-        loaded == hashes.len(),
-        "only {loaded} of {} blocks were held",
-        hashes.len()
-    );
+    anyhow::ensure!(loaded == hashes.len(), "only {loaded} of {} blocks were held", hashes.len());
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -91,10 +87,7 @@ pub async fn measure(
     if !progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len}")
-            .expect("valid template"),
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len}").expect("valid template"));
     let (mut best_memcpy, mut best_save, mut best_load) = (f64::MAX, f64::MAX, f64::MAX);
     for round in 0..rounds {
         // Fresh hashes each round, so every save really writes (older rounds get evicted).

@@ -3,9 +3,7 @@
 use crate::pool::{OutOfBounds, PoolMapping, Slot};
 use bytes::Bytes;
 use kvtier_proto::frame::{encode_into, FrameDecoder, FrameError};
-use kvtier_proto::v1::{
-    self as pb, request, response, ErrorCode, NamespaceDescriptor, ReserveStatus,
-};
+use kvtier_proto::v1::{self as pb, request, response, ErrorCode, NamespaceDescriptor, ReserveStatus};
 use kvtier_proto::PROTOCOL_VERSION;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use prost::Message;
@@ -86,45 +84,25 @@ pub struct Client {
 impl Client {
     /// Connects, says Hello and maps the pool segments the daemon passes.
     pub async fn connect(path: &Path, client_name: &str) -> Result<Self> {
-        let stream = UnixStream::connect(path).await.map_err(|e| {
-            io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display()))
-        })?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display())))?;
         let mut decoder = FrameDecoder::new(64 << 20);
-        let hello = request::Op::Hello(pb::Hello {
-            client_name: client_name.into(),
-            protocol_version: PROTOCOL_VERSION,
-        });
+        let hello =
+            request::Op::Hello(pb::Hello { client_name: client_name.into(), protocol_version: PROTOCOL_VERSION });
         let mut out = Vec::new();
-        encode_into(
-            &pb::Request {
-                id: 0,
-                op: Some(hello),
-            },
-            &mut out,
-        );
+        encode_into(&pb::Request { id: 0, op: Some(hello) }, &mut out);
         let mut stream = stream;
         stream.write_all(&out).await?;
         let (frame, fds) = recv_frame_with_fds(&stream, &mut decoder).await?;
-        let reply =
-            pb::Response::decode(&frame[..]).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let reply = pb::Response::decode(&frame[..]).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let hello = match into_result(reply)? {
             response::Result::Hello(h) => h,
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected HelloReply, got {other:?}"
-                )))
-            }
+            other => return Err(ClientError::Protocol(format!("expected HelloReply, got {other:?}"))),
         };
         let sizes: Vec<u64> = hello.segments.iter().map(|s| s.bytes).collect();
         let pool = PoolMapping::map(fds, &sizes)?;
-        Ok(Self {
-            stream,
-            decoder,
-            next_id: 1,
-            pool,
-            hello,
-            out,
-        })
+        Ok(Self { stream, decoder, next_id: 1, pool, hello, out })
     }
 
     /// The daemon's Hello reply (version, segments, limits).
@@ -142,13 +120,7 @@ impl Client {
         self.out.clear();
         let first = self.next_id;
         for op in ops {
-            encode_into(
-                &pb::Request {
-                    id: self.next_id,
-                    op: Some(op),
-                },
-                &mut self.out,
-            );
+            encode_into(&pb::Request { id: self.next_id, op: Some(op) }, &mut self.out);
             self.next_id += 1;
         }
         self.stream.write_all(&self.out).await?;
@@ -156,10 +128,7 @@ impl Client {
         for id in first..self.next_id {
             let resp = self.read_response().await?;
             if resp.id != id && !matches!(resp.result, Some(response::Result::Error(_))) {
-                return Err(ClientError::Protocol(format!(
-                    "reply id {} where {id} was expected",
-                    resp.id
-                )));
+                return Err(ClientError::Protocol(format!("reply id {} where {id} was expected", resp.id)));
             }
             results.push(into_result(resp)?);
         }
@@ -175,8 +144,7 @@ impl Client {
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(body)) => {
-                    return pb::Response::decode(&body[..])
-                        .map_err(|e| ClientError::Protocol(e.to_string()))
+                    return pb::Response::decode(&body[..]).map_err(|e| ClientError::Protocol(e.to_string()))
                 }
                 Ok(None) => {}
                 Err(FrameError::TooLarge { len, .. }) => {
@@ -188,41 +156,24 @@ impl Client {
             let n = n.inspect_err(|_| self.decoder.commit(0, READ))?;
             self.decoder.commit(n, READ);
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "daemon closed the connection",
-                )
-                .into());
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "daemon closed the connection").into());
             }
         }
     }
 
     /// Registers a namespace.
     pub async fn register(&mut self, desc: NamespaceDescriptor) -> Result<Namespace> {
-        match self
-            .call(request::Op::Register(pb::Register {
-                namespace: Some(desc),
-            }))
-            .await?
-        {
-            response::Result::Register(r) => Ok(Namespace {
-                handle: r.handle,
-                id: r.namespace_id,
-                block_bytes: r.block_bytes,
-            }),
+        match self.call(request::Op::Register(pb::Register { namespace: Some(desc) })).await? {
+            response::Result::Register(r) => {
+                Ok(Namespace { handle: r.handle, id: r.namespace_id, block_bytes: r.block_bytes })
+            }
             other => Err(unexpected(other)),
         }
     }
 
     /// Number of leading `hashes` held.
     pub async fn lookup(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<usize> {
-        match self
-            .call(request::Op::Lookup(pb::Lookup {
-                handle: ns.handle,
-                hashes: hashes.to_vec(),
-            }))
-            .await?
-        {
+        match self.call(request::Op::Lookup(pb::Lookup { handle: ns.handle, hashes: hashes.to_vec() })).await? {
             response::Result::Lookup(r) => Ok(r.matched as usize),
             other => Err(unexpected(other)),
         }
@@ -236,34 +187,23 @@ impl Client {
         hashes: &[Bytes],
         parent: Option<Bytes>,
     ) -> Result<(u64, Vec<Reservation>)> {
-        let op = pb::Reserve {
-            handle: ns.handle,
-            hashes: hashes.to_vec(),
-            parent: parent.unwrap_or_default(),
-        };
+        let op = pb::Reserve { handle: ns.handle, hashes: hashes.to_vec(), parent: parent.unwrap_or_default() };
         let r = match self.call(request::Op::Reserve(op)).await? {
             response::Result::Reserve(r) => r,
             other => return Err(unexpected(other)),
         };
         if r.status.len() != hashes.len() || r.segments.len() != r.offsets.len() {
-            return Err(ClientError::Protocol(
-                "reserve reply does not match the request".into(),
-            ));
+            return Err(ClientError::Protocol("reserve reply does not match the request".into()));
         }
-        let mut slots = r
-            .segments
-            .iter()
-            .zip(&r.offsets)
-            .map(|(&segment, &offset)| Slot { segment, offset });
+        let mut slots = r.segments.iter().zip(&r.offsets).map(|(&segment, &offset)| Slot { segment, offset });
         let out = r
             .status
             .iter()
             .map(|&st| match ReserveStatus::try_from(st) {
-                Ok(ReserveStatus::Reserved) => {
-                    slots.next().map(Reservation::Slot).ok_or_else(|| {
-                        ClientError::Protocol("fewer slots than RESERVED statuses".into())
-                    })
-                }
+                Ok(ReserveStatus::Reserved) => slots
+                    .next()
+                    .map(Reservation::Slot)
+                    .ok_or_else(|| ClientError::Protocol("fewer slots than RESERVED statuses".into())),
                 Ok(ReserveStatus::Present) => Ok(Reservation::Present),
                 _ => Ok(Reservation::NoSpace),
             })
@@ -273,10 +213,7 @@ impl Client {
 
     /// Commits a reservation.
     pub async fn commit(&mut self, reservation: u64) -> Result<u32> {
-        match self
-            .call(request::Op::Commit(pb::Commit { reservation }))
-            .await?
-        {
+        match self.call(request::Op::Commit(pb::Commit { reservation })).await? {
             response::Result::Commit(r) => Ok(r.committed),
             other => Err(unexpected(other)),
         }
@@ -284,20 +221,10 @@ impl Client {
 
     /// Pins the longest held prefix of `hashes`; returns the lease and slots.
     pub async fn acquire(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<(u64, Vec<Slot>)> {
-        match self
-            .call(request::Op::Acquire(pb::Acquire {
-                handle: ns.handle,
-                hashes: hashes.to_vec(),
-            }))
-            .await?
-        {
+        match self.call(request::Op::Acquire(pb::Acquire { handle: ns.handle, hashes: hashes.to_vec() })).await? {
             response::Result::Acquire(r) if r.segments.len() == r.offsets.len() => Ok((
                 r.lease,
-                r.segments
-                    .iter()
-                    .zip(&r.offsets)
-                    .map(|(&segment, &offset)| Slot { segment, offset })
-                    .collect(),
+                r.segments.iter().zip(&r.offsets).map(|(&segment, &offset)| Slot { segment, offset }).collect(),
             )),
             other => Err(unexpected(other)),
         }
@@ -305,10 +232,7 @@ impl Client {
 
     /// Releases a lease.
     pub async fn release(&mut self, lease: u64) -> Result<()> {
-        match self
-            .call(request::Op::Release(pb::Release { lease }))
-            .await?
-        {
+        match self.call(request::Op::Release(pb::Release { lease })).await? {
             response::Result::Release(_) => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -324,12 +248,7 @@ impl Client {
 
     /// Saves blocks: reserve, copy each into its slot, commit. `blocks[i]` is the content of
     /// `hashes[i]` and must be `block_bytes` long.
-    pub async fn save(
-        &mut self,
-        ns: &Namespace,
-        hashes: &[Bytes],
-        blocks: &[&[u8]],
-    ) -> Result<SaveReport> {
+    pub async fn save(&mut self, ns: &Namespace, hashes: &[Bytes], blocks: &[&[u8]]) -> Result<SaveReport> {
         assert_eq!(hashes.len(), blocks.len(), "one block per hash");
         let (reservation, slots) = self.reserve(ns, hashes, None).await?;
         let mut report = SaveReport::default();
@@ -386,10 +305,7 @@ fn into_result(resp: pb::Response) -> Result<response::Result> {
 }
 
 /// Reads until one frame is complete, collecting fds passed with SCM_RIGHTS on the way.
-async fn recv_frame_with_fds(
-    stream: &UnixStream,
-    decoder: &mut FrameDecoder,
-) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+async fn recv_frame_with_fds(stream: &UnixStream, decoder: &mut FrameDecoder) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut fds = Vec::new();
     loop {
         match decoder.next_frame() {
@@ -418,17 +334,11 @@ async fn recv_frame_with_fds(
         let (n, new_fds) = got.inspect_err(|_| decoder.commit(0, READ))?;
         decoder.commit(n, READ);
         // Each received fd is a fresh descriptor this process now owns.
-        fds.extend(
-            new_fds
-                .into_iter()
-                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-        );
+        fds.extend(new_fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "daemon closed the connection during Hello",
-            )
-            .into());
+            return Err(
+                io::Error::new(io::ErrorKind::UnexpectedEof, "daemon closed the connection during Hello").into()
+            );
         }
     }
 }

@@ -33,21 +33,12 @@ impl PoolMapping {
     /// keeps the pages resident, so this costs no memory, and no copy takes a page fault later).
     pub fn map(fds: Vec<OwnedFd>, sizes: &[u64]) -> std::io::Result<Self> {
         if fds.len() != sizes.len() {
-            return Err(std::io::Error::other(format!(
-                "{} fds for {} segments",
-                fds.len(),
-                sizes.len()
-            )));
+            return Err(std::io::Error::other(format!("{} fds for {} segments", fds.len(), sizes.len())));
         }
         let maps = fds
             .into_iter()
             .zip(sizes)
-            .map(|(fd, &len)| {
-                MmapOptions::new()
-                    .len(len as usize)
-                    .populate()
-                    .map_raw(&File::from(fd))
-            })
+            .map(|(fd, &len)| MmapOptions::new().len(len as usize).populate().map_raw(&File::from(fd)))
             .collect::<std::io::Result<_>>()?;
         Ok(Self { maps })
     }
@@ -58,14 +49,8 @@ impl PoolMapping {
     }
 
     fn range(&self, slot: Slot, len: usize) -> Result<*mut u8, OutOfBounds> {
-        let map = self
-            .maps
-            .get(slot.segment as usize)
-            .ok_or(OutOfBounds { slot, len })?;
-        let end = slot
-            .offset
-            .checked_add(len as u64)
-            .ok_or(OutOfBounds { slot, len })?;
+        let map = self.maps.get(slot.segment as usize).ok_or(OutOfBounds { slot, len })?;
+        let end = slot.offset.checked_add(len as u64).ok_or(OutOfBounds { slot, len })?;
         if end > map.len() as u64 {
             return Err(OutOfBounds { slot, len });
         }

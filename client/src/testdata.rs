@@ -30,9 +30,7 @@ pub fn chained_hashes(seed: u64, n: usize) -> Vec<bytes::Bytes> {
 
 /// Fills `out` with the deterministic content of the block named `hash`.
 pub fn fill_block(hash: &[u8], out: &mut [u8]) {
-    let mut x = hash.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let mut x = hash.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     for chunk in out.chunks_mut(8) {
         x = splitmix64(x);
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);

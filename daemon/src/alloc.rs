@@ -113,10 +113,7 @@ impl SlabAllocator {
     /// Takes a slot of `stride` bytes for `ns`, tagged with `tag`; `None` when neither a slab of
     /// `ns` nor a free slab has room. The caller guarantees `ns` always asks with the same stride.
     pub fn alloc(&mut self, ns: NsIdx, stride: u64, tag: u32) -> Option<SlotId> {
-        assert!(
-            stride > 0 && stride <= self.slab_bytes,
-            "stride {stride} does not fit a slab"
-        );
+        assert!(stride > 0 && stride <= self.slab_bytes, "stride {stride} does not fit a slab");
         let i = ns.0 as usize;
         if self.partial.len() <= i {
             self.partial.resize_with(i + 1, Vec::new);
@@ -187,11 +184,7 @@ impl SlabAllocator {
 
     /// Tags of every used slot of `slab`.
     pub fn tags_in(&self, slab: u32) -> impl Iterator<Item = u32> + '_ {
-        self.slabs[slab as usize]
-            .tags
-            .iter()
-            .copied()
-            .filter(|&t| t != NO_TAG)
+        self.slabs[slab as usize].tags.iter().copied().filter(|&t| t != NO_TAG)
     }
 
     /// Slabs owned by `ns`.
@@ -210,12 +203,7 @@ impl SlabAllocator {
                 counts[o.0 as usize] += 1;
             }
         }
-        counts
-            .iter()
-            .enumerate()
-            .max_by_key(|&(_, c)| *c)
-            .filter(|&(_, c)| *c > 0)
-            .map(|(i, &c)| (NsIdx(i as u16), c))
+        counts.iter().enumerate().max_by_key(|&(_, c)| *c).filter(|&(_, c)| *c > 0).map(|(i, &c)| (NsIdx(i as u16), c))
     }
 
     /// (segment, byte offset) of a slot in the pool mapping.
@@ -223,10 +211,7 @@ impl SlabAllocator {
         let s = &self.slabs[id.slab as usize];
         let segment = id.slab / self.slabs_per_segment;
         let slab_in_segment = (id.slab % self.slabs_per_segment) as u64;
-        (
-            segment,
-            slab_in_segment * self.slab_bytes + id.slot as u64 * s.stride,
-        )
+        (segment, slab_in_segment * self.slab_bytes + id.slot as u64 * s.stride)
     }
 }
 
@@ -244,18 +229,14 @@ mod tests {
     #[test]
     fn fills_exactly_the_budget_then_refuses() {
         let mut a = SlabAllocator::new(4, 64 * 1024, 2);
-        let slots: Vec<_> = (0..64)
-            .map(|i| a.alloc(NsIdx(0), 4096, i).unwrap())
-            .collect();
+        let slots: Vec<_> = (0..64).map(|i| a.alloc(NsIdx(0), 4096, i).unwrap()).collect();
         assert!(a.alloc(NsIdx(0), 4096, 99).is_none());
         assert_eq!(a.used_bytes(), a.capacity_bytes());
         let mut locs: Vec<_> = slots.iter().map(|s| a.location(*s)).collect();
         locs.sort();
         locs.dedup();
         assert_eq!(locs.len(), 64, "every slot at its own place");
-        assert!(locs
-            .iter()
-            .all(|&(seg, off)| seg < 2 && off + 4096 <= 2 * 64 * 1024));
+        assert!(locs.iter().all(|&(seg, off)| seg < 2 && off + 4096 <= 2 * 64 * 1024));
     }
 
     #[test]
@@ -282,9 +263,7 @@ mod tests {
     #[test]
     fn freed_slots_are_reused() {
         let mut a = SlabAllocator::new(1, 16 * 1024, 1);
-        let s: Vec<_> = (0..4)
-            .map(|i| a.alloc(NsIdx(0), 4096, i).unwrap())
-            .collect();
+        let s: Vec<_> = (0..4).map(|i| a.alloc(NsIdx(0), 4096, i).unwrap()).collect();
         a.free(s[1]);
         assert_eq!(a.alloc(NsIdx(0), 4096, 9), Some(s[1]));
         assert_eq!(a.tag(s[1]), Some(9));

@@ -27,10 +27,7 @@ impl BlockHash {
         }
         let mut b = [0u8; MAX_HASH_BYTES];
         b[..bytes.len()].copy_from_slice(bytes);
-        Some(Self {
-            len: bytes.len() as u8,
-            bytes: b,
-        })
+        Some(Self { len: bytes.len() as u8, bytes: b })
     }
 
     /// A hash made from an integer id (little-endian), as trace simulations use.

@@ -93,10 +93,7 @@ pub struct CacheLimits {
 
 impl Default for CacheLimits {
     fn default() -> Self {
-        Self {
-            max_namespaces: 256,
-            max_held_per_client: 1 << 20,
-        }
+        Self { max_namespaces: 256, max_held_per_client: 1 << 20 }
     }
 }
 
@@ -122,10 +119,7 @@ impl HostCache {
     pub fn new(alloc: SlabAllocator, policy: PolicyKind, limits: CacheLimits) -> Self {
         Self {
             index: BlockIndex::default(),
-            stats: CacheStats {
-                capacity_bytes: alloc.capacity_bytes(),
-                ..Default::default()
-            },
+            stats: CacheStats { capacity_bytes: alloc.capacity_bytes(), ..Default::default() },
             alloc,
             namespaces: NamespaceTable::default(),
             policy_kind: policy,
@@ -174,11 +168,7 @@ impl HostCache {
             return Err(CacheError::TooManyNamespaces(self.limits.max_namespaces));
         }
         self.policies.push(self.policy_kind.build());
-        let info = NamespaceInfo {
-            id,
-            block_bytes,
-            stride: slot_stride(block_bytes),
-        };
+        let info = NamespaceInfo { id, block_bytes, stride: slot_stride(block_bytes) };
         Ok(self.namespaces.add(info))
     }
 
@@ -193,9 +183,7 @@ impl HostCache {
     }
 
     fn committed(&self, key: &BlockKey) -> Option<Handle> {
-        self.index
-            .find(key)
-            .filter(|&h| self.index.get(h).state == EntryState::Committed)
+        self.index.find(key).filter(|&h| self.index.get(h).state == EntryState::Committed)
     }
 
     /// Length of the longest leading run of `hashes` held and committed in `ns`; counts hits and misses.
@@ -208,10 +196,7 @@ impl HostCache {
 
     /// Like [`lookup`](Self::lookup) without counting.
     pub fn peek_prefix(&self, ns: NsIdx, hashes: &[BlockHash]) -> usize {
-        hashes
-            .iter()
-            .take_while(|&&hash| self.committed(&BlockKey { ns, hash }).is_some())
-            .count()
+        hashes.iter().take_while(|&&hash| self.committed(&BlockKey { ns, hash }).is_some()).count()
     }
 
     fn access(&mut self, key: &BlockKey, parent: Option<Handle>) -> Access {
@@ -222,10 +207,7 @@ impl HostCache {
     fn charge(&mut self, client: ClientId, n: usize) -> Result<(), CacheError> {
         let held = self.held_by_client.get(&client).copied().unwrap_or(0) + n;
         if held > self.limits.max_held_per_client {
-            return Err(CacheError::TooManyHeld {
-                held,
-                limit: self.limits.max_held_per_client,
-            });
+            return Err(CacheError::TooManyHeld { held, limit: self.limits.max_held_per_client });
         }
         self.held_by_client.insert(client, held);
         Ok(())
@@ -297,14 +279,7 @@ impl HostCache {
         }
         self.stats.reserved_blocks += reserved.len() as u64;
         let id = self.new_id();
-        self.reservations.insert(
-            id,
-            Held {
-                client,
-                ns,
-                handles: reserved,
-            },
-        );
+        self.reservations.insert(id, Held { client, ns, handles: reserved });
         Ok((id, outcomes))
     }
 
@@ -322,10 +297,7 @@ impl HostCache {
     fn make_room_and_insert(&mut self, key: BlockKey, parent: Option<Handle>) -> Option<Handle> {
         let ns = key.ns;
         let stride = self.namespaces.get(ns).stride;
-        let placeholder = SlotId {
-            slab: u32::MAX,
-            slot: u32::MAX,
-        };
+        let placeholder = SlotId { slab: u32::MAX, slot: u32::MAX };
         let h = self.index.insert(key, placeholder, parent);
         let slot = loop {
             if let Some(slot) = self.alloc.alloc(ns, stride, h.0) {
@@ -399,10 +371,7 @@ impl HostCache {
             let e = index.get(Handle(t));
             e.state == EntryState::Committed && e.pins == 0
         };
-        let slab = self
-            .alloc
-            .slabs_owned_by(owner)
-            .find(|&s| self.alloc.tags_in(s).all(evictable));
+        let slab = self.alloc.slabs_owned_by(owner).find(|&s| self.alloc.tags_in(s).all(evictable));
         let Some(slab) = slab else { return false };
         let victims: Vec<u32> = self.alloc.tags_in(slab).collect();
         for t in victims {
@@ -443,17 +412,8 @@ impl HostCache {
         Ok(())
     }
 
-    fn take_held(
-        &mut self,
-        client: ClientId,
-        id: u64,
-        reservation: bool,
-    ) -> Result<Held, CacheError> {
-        let map = if reservation {
-            &mut self.reservations
-        } else {
-            &mut self.leases
-        };
+    fn take_held(&mut self, client: ClientId, id: u64, reservation: bool) -> Result<Held, CacheError> {
+        let map = if reservation { &mut self.reservations } else { &mut self.leases };
         match map.get(&id) {
             Some(h) if h.client == client => Ok(map.remove(&id).expect("present")),
             _ => Err(CacheError::UnknownId(id)),
@@ -487,14 +447,7 @@ impl HostCache {
         let slots = pinned.iter().map(|&h| self.index.get(h).slot).collect();
         self.stats.loaded_bytes += self.namespaces.get(ns).block_bytes * pinned.len() as u64;
         let id = self.new_id();
-        self.leases.insert(
-            id,
-            Held {
-                client,
-                ns,
-                handles: pinned,
-            },
-        );
+        self.leases.insert(id, Held { client, ns, handles: pinned });
         Ok((id, slots))
     }
 
@@ -511,10 +464,7 @@ impl HostCache {
     /// Releases everything a client held: aborts its reservations, drops its pins.
     pub fn disconnect(&mut self, client: ClientId) {
         let owned = |m: &HashMap<u64, Held>| -> Vec<u64> {
-            m.iter()
-                .filter(|(_, h)| h.client == client)
-                .map(|(&id, _)| id)
-                .collect()
+            m.iter().filter(|(_, h)| h.client == client).map(|(&id, _)| id).collect()
         };
         for id in owned(&self.reservations) {
             let _ = self.abort(client, id);

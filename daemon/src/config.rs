@@ -113,20 +113,15 @@ impl Default for PoolConfig {
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        Self {
-            eviction: PolicyKind::PrefixLfu,
-        }
+        Self { eviction: PolicyKind::PrefixLfu }
     }
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:9464".into(),
-        }
+        Self { listen: "127.0.0.1:9464".into() }
     }
 }
-
 
 impl Config {
     /// Parses a TOML document over the defaults (missing keys keep their default).
@@ -143,8 +138,7 @@ impl Config {
 
     /// Reads a TOML file over the defaults.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
         Self::from_toml(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
     }
 
@@ -155,18 +149,9 @@ impl Config {
 
     /// Checks values that serde cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.server.max_inflight > 0,
-            "server.max_inflight must be > 0"
-        );
-        anyhow::ensure!(
-            self.server.max_frame_bytes.as_u64() >= 1024,
-            "server.max_frame_bytes must be >= 1 KiB"
-        );
-        anyhow::ensure!(
-            self.policy.eviction != PolicyKind::Belady,
-            "belady needs the future: simulation only"
-        );
+        anyhow::ensure!(self.server.max_inflight > 0, "server.max_inflight must be > 0");
+        anyhow::ensure!(self.server.max_frame_bytes.as_u64() >= 1024, "server.max_frame_bytes must be >= 1 KiB");
+        anyhow::ensure!(self.policy.eviction != PolicyKind::Belady, "belady needs the future: simulation only");
         crate::pool::PoolGeometry::plan(
             self.pool.bytes.as_u64(),
             self.pool.segment_bytes.as_u64(),
@@ -196,10 +181,6 @@ mod tests {
     #[test]
     fn pool_smaller_than_a_slab_is_refused() {
         let c = Config::from_toml("[pool]\nbytes = \"1 MiB\"\n").unwrap();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("smaller than one slab"));
+        assert!(c.validate().unwrap_err().to_string().contains("smaller than one slab"));
     }
 }

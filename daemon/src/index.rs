@@ -82,22 +82,14 @@ impl BlockIndex {
     pub fn find(&self, key: &BlockKey) -> Option<Handle> {
         let entries = &self.entries;
         self.table
-            .find(self.hasher.hash_one(key), |&h| {
-                entries[h as usize].as_ref().is_some_and(|e| e.key == *key)
-            })
+            .find(self.hasher.hash_one(key), |&h| entries[h as usize].as_ref().is_some_and(|e| e.key == *key))
             .map(|&h| Handle(h))
     }
 
     /// Inserts a new reserved entry. The caller guarantees `key` is not already present.
     pub fn insert(&mut self, key: BlockKey, slot: SlotId, parent: Option<Handle>) -> Handle {
         debug_assert!(self.find(&key).is_none(), "duplicate key {key:?}");
-        let entry = Entry {
-            key,
-            state: EntryState::Reserved,
-            pins: 0,
-            slot,
-            parent,
-        };
+        let entry = Entry { key, state: EntryState::Reserved, pins: 0, slot, parent };
         let h = match self.free.pop() {
             Some(h) => {
                 self.entries[h as usize] = Some(entry);
@@ -135,20 +127,14 @@ impl BlockIndex {
     pub fn remove(&mut self, h: Handle) -> Entry {
         let entry = self.entries[h.idx()].take().expect("live handle");
         let hash = self.hasher.hash_one(entry.key);
-        self.table
-            .find_entry(hash, |&o| o == h.0)
-            .expect("indexed handle")
-            .remove();
+        self.table.find_entry(hash, |&o| o == h.0).expect("indexed handle").remove();
         self.free.push(h.0);
         entry
     }
 
     /// Iterates over all live entries.
     pub fn iter(&self) -> impl Iterator<Item = (Handle, &Entry)> {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.as_ref().map(|e| (Handle(i as u32), e)))
+        self.entries.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|e| (Handle(i as u32), e)))
     }
 
     /// Approximate heap bytes used by the index itself.
@@ -165,10 +151,7 @@ mod tests {
     use crate::block::{BlockHash, NsIdx};
 
     fn key(ns: u16, id: u64) -> BlockKey {
-        BlockKey {
-            ns: NsIdx(ns),
-            hash: BlockHash::from_u64(id),
-        }
+        BlockKey { ns: NsIdx(ns), hash: BlockHash::from_u64(id) }
     }
     const SLOT: SlotId = SlotId { slab: 0, slot: 0 };
 
@@ -199,9 +182,7 @@ mod tests {
     #[test]
     fn many_inserts_and_removes_stay_consistent() {
         let mut idx = BlockIndex::default();
-        let hs: Vec<_> = (0..10_000)
-            .map(|i| idx.insert(key(0, i), SLOT, None))
-            .collect();
+        let hs: Vec<_> = (0..10_000).map(|i| idx.insert(key(0, i), SLOT, None)).collect();
         for (i, h) in hs.iter().enumerate() {
             if i % 3 == 0 {
                 idx.remove(*h);
@@ -215,10 +196,6 @@ mod tests {
 
     #[test]
     fn entry_stays_small() {
-        assert!(
-            std::mem::size_of::<Option<Entry>>() <= 56,
-            "{}",
-            std::mem::size_of::<Option<Entry>>()
-        );
+        assert!(std::mem::size_of::<Option<Entry>>() <= 56, "{}", std::mem::size_of::<Option<Entry>>());
     }
 }

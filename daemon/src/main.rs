@@ -41,11 +41,7 @@ struct Args {
     #[arg(long, env = "KVTIER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
     /// Unix uid allowed to connect (repeatable; default: own uid and root).
-    #[arg(
-        long = "allowed-uid",
-        env = "KVTIER_ALLOWED_UIDS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "allowed-uid", env = "KVTIER_ALLOWED_UIDS", value_delimiter = ',')]
     allowed_uids: Vec<u32>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
@@ -85,9 +81,7 @@ impl Args {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -96,10 +90,7 @@ fn main() -> std::process::ExitCode {
             print!("{}", config.to_toml());
             return Ok(());
         }
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(run(config))
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(config))
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

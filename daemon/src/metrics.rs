@@ -30,17 +30,8 @@ pub enum Op {
 
 impl Op {
     /// Every op, in metric order.
-    pub const ALL: [Op; 9] = [
-        Op::Hello,
-        Op::Register,
-        Op::Lookup,
-        Op::Reserve,
-        Op::Commit,
-        Op::Abort,
-        Op::Acquire,
-        Op::Release,
-        Op::Stats,
-    ];
+    pub const ALL: [Op; 9] =
+        [Op::Hello, Op::Register, Op::Lookup, Op::Reserve, Op::Commit, Op::Abort, Op::Acquire, Op::Release, Op::Stats];
 
     /// Label value.
     pub fn name(self) -> &'static str {
@@ -84,19 +75,11 @@ impl Histogram {
         let mut cumulative = 0;
         for (b, le) in self.buckets.iter().zip(LATENCY_BUCKETS_US) {
             cumulative += b.load(Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
-                le as f64 / 1e6
-            );
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", le as f64 / 1e6);
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_ns.load(Relaxed) as f64 / 1e9
-        );
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
         let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
@@ -131,77 +114,19 @@ impl Metrics {
     pub fn render(&self, cache: &CacheStats, pool_locked: bool) -> String {
         let mut o = String::with_capacity(8192);
         let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
-        gauge(
-            "kvtier_host_capacity_bytes",
-            "Host pool budget in bytes.",
-            "gauge",
-            cache.capacity_bytes,
-        );
-        gauge(
-            "kvtier_host_used_bytes",
-            "Bytes of host pool slots in use.",
-            "gauge",
-            cache.used_bytes,
-        );
-        gauge(
-            "kvtier_host_blocks",
-            "Committed blocks in the host tier.",
-            "gauge",
-            cache.blocks,
-        );
-        gauge(
-            "kvtier_host_reserved_blocks",
-            "Blocks reserved and not yet committed.",
-            "gauge",
-            cache.reserved_blocks,
-        );
-        gauge(
-            "kvtier_host_pool_locked",
-            "1 if the pool is mlock'd.",
-            "gauge",
-            pool_locked as u64,
-        );
-        gauge(
-            "kvtier_namespaces",
-            "Registered namespaces.",
-            "gauge",
-            cache.namespaces,
-        );
-        gauge(
-            "kvtier_hit_blocks_total",
-            "Blocks found by lookups.",
-            "counter",
-            cache.hit_blocks,
-        );
-        gauge(
-            "kvtier_miss_blocks_total",
-            "Blocks asked by lookups and not found.",
-            "counter",
-            cache.miss_blocks,
-        );
-        gauge(
-            "kvtier_evicted_blocks_total",
-            "Blocks evicted from the host tier.",
-            "counter",
-            cache.evicted_blocks,
-        );
-        gauge(
-            "kvtier_saved_bytes_total",
-            "Bytes committed into the host tier.",
-            "counter",
-            cache.saved_bytes,
-        );
-        gauge(
-            "kvtier_loaded_bytes_total",
-            "Bytes handed out for loading.",
-            "counter",
-            cache.loaded_bytes,
-        );
+        gauge("kvtier_host_capacity_bytes", "Host pool budget in bytes.", "gauge", cache.capacity_bytes);
+        gauge("kvtier_host_used_bytes", "Bytes of host pool slots in use.", "gauge", cache.used_bytes);
+        gauge("kvtier_host_blocks", "Committed blocks in the host tier.", "gauge", cache.blocks);
+        gauge("kvtier_host_reserved_blocks", "Blocks reserved and not yet committed.", "gauge", cache.reserved_blocks);
+        gauge("kvtier_host_pool_locked", "1 if the pool is mlock'd.", "gauge", pool_locked as u64);
+        gauge("kvtier_namespaces", "Registered namespaces.", "gauge", cache.namespaces);
+        gauge("kvtier_hit_blocks_total", "Blocks found by lookups.", "counter", cache.hit_blocks);
+        gauge("kvtier_miss_blocks_total", "Blocks asked by lookups and not found.", "counter", cache.miss_blocks);
+        gauge("kvtier_evicted_blocks_total", "Blocks evicted from the host tier.", "counter", cache.evicted_blocks);
+        gauge("kvtier_saved_bytes_total", "Bytes committed into the host tier.", "counter", cache.saved_bytes);
+        gauge("kvtier_loaded_bytes_total", "Bytes handed out for loading.", "counter", cache.loaded_bytes);
         gauge(
             "kvtier_connected_clients",
             "Connector clients connected now.",
@@ -220,23 +145,16 @@ impl Metrics {
             "counter",
             self.connections_refused.load(Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "# HELP kvtier_errors_total Error replies by code.\n# TYPE kvtier_errors_total counter"
-        );
+        let _ = writeln!(o, "# HELP kvtier_errors_total Error replies by code.\n# TYPE kvtier_errors_total counter");
         for (code, n) in self.errors.iter().enumerate() {
             let n = n.load(Relaxed);
             if n > 0 {
-                let name = kvtier_proto::v1::ErrorCode::try_from(code as i32)
-                    .map_or("UNKNOWN", |c| c.as_str_name());
+                let name = kvtier_proto::v1::ErrorCode::try_from(code as i32).map_or("UNKNOWN", |c| c.as_str_name());
                 let _ = writeln!(o, "kvtier_errors_total{{code=\"{name}\"}} {n}");
             }
         }
         let name = "kvtier_request_duration_seconds";
-        let _ = writeln!(
-            o,
-            "# HELP {name} Connector request latency by op.\n# TYPE {name} histogram"
-        );
+        let _ = writeln!(o, "# HELP {name} Connector request latency by op.\n# TYPE {name} histogram");
         for op in Op::ALL {
             self.latency[op as usize].render(&mut o, name, &format!("op=\"{}\"", op.name()));
         }
@@ -266,13 +184,7 @@ mod tests {
     fn renders_cache_and_error_counters() {
         let m = Metrics::default();
         m.error(kvtier_proto::v1::ErrorCode::Malformed as i32);
-        let text = m.render(
-            &CacheStats {
-                capacity_bytes: 7,
-                ..Default::default()
-            },
-            true,
-        );
+        let text = m.render(&CacheStats { capacity_bytes: 7, ..Default::default() }, true);
         assert!(text.contains("kvtier_host_capacity_bytes 7\n"));
         assert!(text.contains("kvtier_errors_total{code=\"MALFORMED\"} 1\n"));
     }

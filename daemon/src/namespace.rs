@@ -22,14 +22,8 @@ impl NamespaceId {
     /// assert_ne!(NamespaceId::of(&a), NamespaceId::of(&b));
     /// ```
     pub fn of(desc: &NamespaceDescriptor) -> Self {
-        let canonical = NamespaceDescriptor {
-            block_bytes: 0,
-            ..desc.clone()
-        }
-        .encode_to_vec();
-        let digest = Sha256::new_with_prefix(b"kvtier.namespace.v1\0")
-            .chain_update(&canonical)
-            .finalize();
+        let canonical = NamespaceDescriptor { block_bytes: 0, ..desc.clone() }.encode_to_vec();
+        let digest = Sha256::new_with_prefix(b"kvtier.namespace.v1\0").chain_update(&canonical).finalize();
         let mut id = [0u8; 16];
         id.copy_from_slice(&digest[..16]);
         Self(id)

@@ -41,34 +41,16 @@ impl Node {
     pub fn new(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let p = &config.pool;
-        let geometry = PoolGeometry::plan(
-            p.bytes.as_u64(),
-            p.segment_bytes.as_u64(),
-            p.slab_bytes.as_u64(),
-        )?;
-        let lock = if p.allow_unlocked {
-            LockMode::BestEffort
-        } else {
-            LockMode::Required
-        };
+        let geometry = PoolGeometry::plan(p.bytes.as_u64(), p.segment_bytes.as_u64(), p.slab_bytes.as_u64())?;
+        let lock = if p.allow_unlocked { LockMode::BestEffort } else { LockMode::Required };
         let pool = HostPool::create(geometry.clone(), p.hugetlb, lock)?;
-        let alloc = SlabAllocator::new(
-            geometry.slab_count,
-            geometry.slab_bytes,
-            geometry.slabs_per_segment,
-        );
+        let alloc = SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
             ..CacheLimits::default()
         };
         let cache = HostCache::new(alloc, config.policy.eviction, limits);
-        Ok(Self {
-            cache: Mutex::new(cache),
-            pool,
-            metrics: Metrics::default(),
-            config,
-            next_client: AtomicU64::new(1),
-        })
+        Ok(Self { cache: Mutex::new(cache), pool, metrics: Metrics::default(), config, next_client: AtomicU64::new(1) })
     }
 
     fn cache(&self) -> MutexGuard<'_, HostCache> {
@@ -138,10 +120,7 @@ impl Node {
     ) -> Result<(u64, Vec<SlotLocation>), CacheError> {
         let mut c = self.cache();
         let (lease, slots) = c.acquire(client, ns, hashes)?;
-        Ok((
-            lease,
-            slots.into_iter().map(|s| c.slot_location(s)).collect(),
-        ))
+        Ok((lease, slots.into_iter().map(|s| c.slot_location(s)).collect()))
     }
 
     /// Releases a lease.

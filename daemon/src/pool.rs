@@ -39,19 +39,13 @@ impl PoolGeometry {
         }
         let slabs = budget / slab_bytes;
         if slabs == 0 {
-            bail!(
-                "pool.bytes ({budget}) is smaller than one slab (pool.slab_bytes = {slab_bytes})"
-            );
+            bail!("pool.bytes ({budget}) is smaller than one slab (pool.slab_bytes = {slab_bytes})");
         }
         if slabs > u32::MAX as u64 {
             bail!("pool.bytes / pool.slab_bytes = {slabs} slabs; raise pool.slab_bytes");
         }
         let per_segment = (max_segment_bytes / slab_bytes).clamp(1, slabs);
-        Ok(Self {
-            slab_bytes,
-            slabs_per_segment: per_segment as u32,
-            slab_count: slabs as u32,
-        })
+        Ok(Self { slab_bytes, slabs_per_segment: per_segment as u32, slab_count: slabs as u32 })
     }
 
     /// Number of segments.
@@ -61,9 +55,7 @@ impl PoolGeometry {
 
     /// Bytes of segment `i`.
     pub fn segment_bytes(&self, i: u32) -> u64 {
-        let slabs = self
-            .slabs_per_segment
-            .min(self.slab_count - i * self.slabs_per_segment);
+        let slabs = self.slabs_per_segment.min(self.slab_count - i * self.slabs_per_segment);
         slabs as u64 * self.slab_bytes
     }
 
@@ -105,27 +97,12 @@ impl Segment {
         })?;
         let file = File::from(fd);
         file.set_len(bytes).with_context(|| {
-            format!(
-                "sizing pool segment to {bytes} bytes{}",
-                if hugetlb {
-                    " (huge pages exhausted?)"
-                } else {
-                    ""
-                }
-            )
+            format!("sizing pool segment to {bytes} bytes{}", if hugetlb { " (huge pages exhausted?)" } else { "" })
         })?;
         // Clients get this fd: they must not shrink it (that would SIGBUS the daemon) or grow it.
-        fcntl(
-            &file,
-            FcntlArg::F_ADD_SEALS(
-                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
-            ),
-        )
-        .context("sealing pool segment")?;
-        let map = MmapOptions::new()
-            .len(bytes as usize)
-            .map_raw(&file)
-            .context("mapping pool segment")?;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL))
+            .context("sealing pool segment")?;
+        let map = MmapOptions::new().len(bytes as usize).map_raw(&file).context("mapping pool segment")?;
         let locked = match unsafe { nix::libc::mlock(map.as_ptr() as *const _, bytes as usize) } {
             0 => true,
             _ => {
@@ -209,17 +186,12 @@ mod tests {
 
     #[test]
     fn plan_never_exceeds_budget() {
-        for (budget, seg, slab) in [
-            (1u64 << 30, 256 << 20, 16 << 20),
-            (100 << 20, 1 << 30, 16 << 20),
-            (33 << 20, 8 << 20, 4 << 20),
-        ] {
+        for (budget, seg, slab) in
+            [(1u64 << 30, 256 << 20, 16 << 20), (100 << 20, 1 << 30, 16 << 20), (33 << 20, 8 << 20, 4 << 20)]
+        {
             let g = PoolGeometry::plan(budget, seg, slab).unwrap();
             assert!(g.total_bytes() <= budget, "{g:?}");
-            assert!(
-                g.total_bytes() + slab > budget,
-                "{g:?} wastes a slab or more"
-            );
+            assert!(g.total_bytes() + slab > budget, "{g:?} wastes a slab or more");
             let sum: u64 = (0..g.segments()).map(|i| g.segment_bytes(i)).sum();
             assert_eq!(sum, g.total_bytes());
             assert!((0..g.segments()).all(|i| g.segment_bytes(i) <= seg.max(slab)));
@@ -241,10 +213,7 @@ mod tests {
         unsafe { seg.as_ptr().write(42) };
         // A second mapping of the same fd (as a client makes) sees the byte.
         let file = File::from(seg.fd().try_clone_to_owned().unwrap());
-        let other = MmapOptions::new()
-            .len(seg.len() as usize)
-            .map_raw(&file)
-            .unwrap();
+        let other = MmapOptions::new().len(seg.len() as usize).map_raw(&file).unwrap();
         assert_eq!(unsafe { other.as_ptr().read() }, 42);
         // Sealed: a client cannot shrink it.
         assert!(file.set_len(4096).is_err());

@@ -39,27 +39,20 @@ impl Trace {
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(n, l)| {
-                serde_json::from_str(l).map_err(|e| anyhow::anyhow!("line {}: {e}", n + 1))
-            })
+            .map(|(n, l)| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("line {}: {e}", n + 1)))
             .collect::<anyhow::Result<_>>()?;
         Ok(Self { requests })
     }
 
     /// Reads and parses a trace file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Self::parse(&text)
     }
 
     /// Number of distinct block ids.
     pub fn unique_blocks(&self) -> usize {
-        self.requests
-            .iter()
-            .flat_map(|r| &r.hash_ids)
-            .collect::<HashSet<_>>()
-            .len()
+        self.requests.iter().flat_map(|r| &r.hash_ids).collect::<HashSet<_>>().len()
     }
 
     /// Total blocks over all requests.
@@ -96,10 +89,7 @@ impl Future {
                 }
             }
         }
-        Self {
-            uses,
-            now: AtomicU64::new(0),
-        }
+        Self { uses, now: AtomicU64::new(0) }
     }
 
     fn next_use(&self, id: u64) -> Option<u64> {
@@ -125,9 +115,7 @@ pub fn simulate(trace: &Trace, capacity_blocks: usize, policy: PolicyKind) -> (u
     let cap = capacity_blocks.max(1) as u64;
     let alloc = SlabAllocator::new(1, cap * SIM_BLOCK_BYTES, 1);
     let mut cache = HostCache::new(alloc, policy, CacheLimits::default());
-    let ns = cache
-        .register(NamespaceId([0; 16]), SIM_BLOCK_BYTES)
-        .expect("block fits");
+    let ns = cache.register(NamespaceId([0; 16]), SIM_BLOCK_BYTES).expect("block fits");
     let future = policy.is_offline().then(|| Arc::new(Future::new(trace)));
     if let Some(f) = &future {
         let f = Arc::clone(f);
@@ -139,23 +127,15 @@ pub fn simulate(trace: &Trace, capacity_blocks: usize, policy: PolicyKind) -> (u
         if let Some(f) = &future {
             f.now.store(i as u64, Ordering::Relaxed);
         }
-        let hashes: Vec<BlockHash> = req
-            .hash_ids
-            .iter()
-            .map(|&id| BlockHash::from_u64(id))
-            .collect();
+        let hashes: Vec<BlockHash> = req.hash_ids.iter().map(|&id| BlockHash::from_u64(id)).collect();
         let matched = cache.lookup(ns, &hashes);
         hits += matched as u64;
         total += hashes.len() as u64;
-        let (lease, _) = cache
-            .acquire(client, ns, &hashes[..matched])
-            .expect("within limits");
+        let (lease, _) = cache.acquire(client, ns, &hashes[..matched]).expect("within limits");
         if lease != 0 {
             cache.release(client, lease).expect("own lease");
         }
-        let (res, _) = cache
-            .reserve(client, ns, &hashes, None)
-            .expect("within limits");
+        let (res, _) = cache.reserve(client, ns, &hashes, None).expect("within limits");
         if res != 0 {
             cache.commit(client, res).expect("own reservation");
         }
@@ -169,17 +149,11 @@ pub const DEFAULT_CAPACITY_PCTS: [f64; 6] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0];
 /// Runs every (capacity, policy) pair, in parallel over the machine's cores.
 pub fn sweep(trace: &Trace, pcts: &[f64], policies: &[PolicyKind]) -> Vec<SimResult> {
     let unique = trace.unique_blocks();
-    let jobs: Vec<(f64, PolicyKind)> = pcts
-        .iter()
-        .flat_map(|&p| policies.iter().map(move |&k| (p, k)))
-        .collect();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(jobs.len().max(1));
+    let jobs: Vec<(f64, PolicyKind)> = pcts.iter().flat_map(|&p| policies.iter().map(move |&k| (p, k))).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().max(1));
     let next = AtomicU64::new(0);
     let mut results: Vec<Option<SimResult>> = vec![None; jobs.len()];
-    let slots: Vec<std::sync::Mutex<&mut Option<SimResult>>> =
-        results.iter_mut().map(std::sync::Mutex::new).collect();
+    let slots: Vec<std::sync::Mutex<&mut Option<SimResult>>> = results.iter_mut().map(std::sync::Mutex::new).collect();
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
@@ -198,10 +172,7 @@ pub fn sweep(trace: &Trace, pcts: &[f64], policies: &[PolicyKind]) -> Vec<SimRes
         }
     });
     drop(slots);
-    results
-        .into_iter()
-        .map(|r| r.expect("every job ran"))
-        .collect()
+    results.into_iter().map(|r| r.expect("every job ran")).collect()
 }
 
 #[cfg(test)]
@@ -209,20 +180,14 @@ mod tests {
     use super::*;
 
     fn trace(reqs: &[&[u64]]) -> Trace {
-        Trace {
-            requests: reqs
-                .iter()
-                .map(|h| TraceRequest {
-                    timestamp: 0,
-                    hash_ids: h.to_vec(),
-                })
-                .collect(),
-        }
+        Trace { requests: reqs.iter().map(|h| TraceRequest { timestamp: 0, hash_ids: h.to_vec() }).collect() }
     }
 
     #[test]
     fn parses_the_trace_format() {
-        let t = Trace::parse("{\"timestamp\": 5, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [1, 2]}\n\n").unwrap();
+        let t =
+            Trace::parse("{\"timestamp\": 5, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [1, 2]}\n\n")
+                .unwrap();
         assert_eq!(t.requests.len(), 1);
         assert_eq!(t.requests[0].hash_ids, vec![1, 2]);
         assert!(Trace::parse("{\"hash_ids\": [1,").is_err());
@@ -241,15 +206,7 @@ mod tests {
     fn belady_is_at_least_as_good_as_online_policies() {
         // Cyclic access over 5 blocks with room for 3: LRU gets nothing, Belady gets something.
         let reqs: Vec<Vec<u64>> = (0..30).map(|i| vec![i % 5]).collect();
-        let t = Trace {
-            requests: reqs
-                .into_iter()
-                .map(|h| TraceRequest {
-                    timestamp: 0,
-                    hash_ids: h,
-                })
-                .collect(),
-        };
+        let t = Trace { requests: reqs.into_iter().map(|h| TraceRequest { timestamp: 0, hash_ids: h }).collect() };
         let lru = simulate(&t, 3, PolicyKind::Lru).0;
         let opt = simulate(&t, 3, PolicyKind::Belady).0;
         assert_eq!(lru, 0);

@@ -64,11 +64,7 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder accepting bodies of at most `max_frame_bytes`.
     pub fn new(max_frame_bytes: usize) -> Self {
-        Self {
-            buf: Vec::with_capacity(64 * 1024),
-            start: 0,
-            max: max_frame_bytes,
-        }
+        Self { buf: Vec::with_capacity(64 * 1024), start: 0, max: max_frame_bytes }
     }
 
     /// Adds bytes read from the stream.
@@ -131,13 +127,7 @@ mod tests {
     fn splits_pipelined_frames_fed_byte_by_byte() {
         let mut bytes = Vec::new();
         for id in 0..3 {
-            encode_into(
-                &Request {
-                    id,
-                    op: Some(request::Op::Stats(Stats {})),
-                },
-                &mut bytes,
-            );
+            encode_into(&Request { id, op: Some(request::Op::Stats(Stats {})) }, &mut bytes);
         }
         let mut dec = FrameDecoder::new(1024);
         let mut ids = Vec::new();
@@ -155,10 +145,7 @@ mod tests {
     fn refuses_oversized_length_before_the_body_arrives() {
         let mut dec = FrameDecoder::new(16);
         dec.extend(&1000u32.to_le_bytes());
-        assert_eq!(
-            dec.next_frame(),
-            Err(FrameError::TooLarge { len: 1000, max: 16 })
-        );
+        assert_eq!(dec.next_frame(), Err(FrameError::TooLarge { len: 1000, max: 16 }));
     }
 
     #[test]

@@ -39,12 +39,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.rounds
     );
     println!("  {:<28} {:>12}", "memcpy (reference)", g(r.memcpy_bps));
-    println!(
-        "  {:<28} {:>12}   {:.2}x memcpy",
-        "save (reserve+copy+commit)",
-        g(r.save_bps),
-        r.save_bps / r.memcpy_bps
-    );
+    println!("  {:<28} {:>12}   {:.2}x memcpy", "save (reserve+copy+commit)", g(r.save_bps), r.save_bps / r.memcpy_bps);
     println!(
         "  {:<28} {:>12}   {:.2}x memcpy",
         "load (acquire+copy+release)",

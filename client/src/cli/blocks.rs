@@ -39,14 +39,8 @@ pub struct PutArgs {
 }
 
 fn parse_hex(s: &str) -> anyhow::Result<kvtier_client::Bytes> {
-    anyhow::ensure!(
-        s.len().is_multiple_of(2),
-        "hash {s:?} has an odd number of hex digits"
-    );
-    let v: Vec<u8> = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
-        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(s.len().is_multiple_of(2), "hash {s:?} has an odd number of hex digits");
+    let v: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16)).collect::<Result<_, _>>()?;
     Ok(v.into())
 }
 
@@ -55,10 +49,7 @@ pub async fn lookup(args: LookupArgs) -> anyhow::Result<()> {
     let hashes = if args.hashes.is_empty() {
         testdata::chained_hashes(args.blocks.seed, args.blocks.count)
     } else {
-        args.hashes
-            .iter()
-            .map(|h| parse_hex(h))
-            .collect::<anyhow::Result<_>>()?
+        args.hashes.iter().map(|h| parse_hex(h)).collect::<anyhow::Result<_>>()?
     };
     let mut c = args.conn.connect("lookup").await?;
     let ns = args.ns.register(&mut c).await?;
@@ -69,13 +60,11 @@ pub async fn lookup(args: LookupArgs) -> anyhow::Result<()> {
 
 /// Saves the test prompt's blocks.
 pub async fn put(args: PutArgs) -> anyhow::Result<()> {
-    let hashes = testdata::chained_hashes(args.blocks.seed, args.blocks.count);
-    let blocks: Vec<Vec<u8>> = hashes
-        .iter()
-        .map(|h| testdata::block(h, args.ns.block_bytes as usize))
-        .collect();
-    let mut c = args.conn.connect("put").await?;
-    let ns = args.ns.register(&mut c).await?;
+    let t = &args.target;
+    let hashes = testdata::chained_hashes(t.blocks.seed, t.blocks.count);
+    let blocks: Vec<Vec<u8>> = hashes.iter().map(|h| testdata::block(h, t.ns.block_bytes as usize)).collect();
+    let mut c = t.conn.connect("put").await?;
+    let ns = t.ns.register(&mut c).await?;
     if let Some(secs) = args.pause_before_commit {
         let (reservation, slots) = c.reserve(&ns, &hashes, None).await?;
         let mut reserved = 0;
@@ -94,10 +83,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
     }
     let refs: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
     let r = c.save(&ns, &hashes, &refs).await?;
-    println!(
-        "stored {} present {} no_space {}",
-        r.stored, r.present, r.no_space
-    );
+    println!("stored {} present {} no_space {}", r.stored, r.present, r.no_space);
     Ok(())
 }
 
@@ -117,11 +103,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
             }
         })
         .await?;
-    println!(
-        "loaded {loaded} of {} blocks, {} verified",
-        hashes.len(),
-        loaded - bad.len()
-    );
+    println!("loaded {loaded} of {} blocks, {} verified", hashes.len(), loaded - bad.len());
     anyhow::ensure!(bad.is_empty(), "blocks {bad:?} differ from what was saved");
     Ok(())
 }

@@ -39,11 +39,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         trace.total_blocks(),
         trace.unique_blocks()
     );
-    let names: Vec<&str> = results
-        .iter()
-        .take(policies.len())
-        .map(|r| r.policy.as_str())
-        .collect();
+    let names: Vec<&str> = results.iter().take(policies.len()).map(|r| r.policy.as_str()).collect();
     print!("{:>10}", "capacity");
     for n in &names {
         print!(" {n:>11}");
@@ -55,10 +51,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             print!(" {:>11.4}", r.hit_rate);
         }
         let belady = row.last().map_or(0.0, |r| r.hit_rate);
-        let best = row[..row.len() - 1]
-            .iter()
-            .map(|r| r.hit_rate)
-            .fold(0.0, f64::max);
+        let best = row[..row.len() - 1].iter().map(|r| r.hit_rate).fold(0.0, f64::max);
         println!(" {:>16.3}", if belady > 0.0 { best / belady } else { 1.0 });
     }
     Ok(())

@@ -35,20 +35,12 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         println!("{v}");
         return Ok(());
     }
-    println!(
-        "kvtierd {} at {} (eviction: {})",
-        s.daemon_version,
-        args.conn.socket.display(),
-        s.eviction_policy
-    );
+    println!("kvtierd {} at {} (eviction: {})", s.daemon_version, args.conn.socket.display(), s.eviction_policy);
     for t in &s.tiers {
         let pct = 100.0 * t.used_bytes as f64 / t.capacity_bytes.max(1) as f64;
         println!(
             "  {:<5} {:>10} / {:>10} used ({pct:.1}%), {} blocks",
-            t.tier()
-                .as_str_name()
-                .trim_start_matches("TIER_")
-                .to_lowercase(),
+            t.tier().as_str_name().trim_start_matches("TIER_").to_lowercase(),
             ByteSize(t.used_bytes).to_string(),
             ByteSize(t.capacity_bytes).to_string(),
             t.blocks
@@ -64,10 +56,6 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         lookups,
         s.evicted_blocks
     );
-    println!(
-        "  saved {}, loaded {}",
-        ByteSize(s.saved_bytes),
-        ByteSize(s.loaded_bytes)
-    );
+    println!("  saved {}, loaded {}", ByteSize(s.saved_bytes), ByteSize(s.loaded_bytes));
     Ok(())
 }

@@ -13,11 +13,7 @@ fn hs(r: std::ops::Range<u64>) -> Vec<BlockHash> {
 
 /// A cache of `slabs` slabs of four 4 KiB slots, one namespace of 4 KiB blocks.
 fn cache(slabs: u32, policy: PolicyKind) -> (HostCache, NsIdx) {
-    let mut c = HostCache::new(
-        SlabAllocator::new(slabs, 4 * 4096, 2),
-        policy,
-        CacheLimits::default(),
-    );
+    let mut c = HostCache::new(SlabAllocator::new(slabs, 4 * 4096, 2), policy, CacheLimits::default());
     let ns = c.register(NamespaceId([1; 16]), 4096).unwrap();
     (c, ns)
 }
@@ -38,10 +34,7 @@ fn reservation_is_invisible_until_commit() {
     assert_eq!(c.lookup(ns, &hs(0..2)), 0);
     assert_eq!(c.acquire(B, ns, &hs(0..2)).unwrap().0, 0);
     // A second writer of the same block is told it is present and does nothing.
-    assert_eq!(
-        c.reserve(B, ns, &hs(0..1), None).unwrap(),
-        (0, vec![Reserved::Present])
-    );
+    assert_eq!(c.reserve(B, ns, &hs(0..1), None).unwrap(), (0, vec![Reserved::Present]));
     assert_eq!(c.commit(A, id).unwrap(), 2);
     assert_eq!(c.lookup(ns, &hs(0..3)), 2);
 }
@@ -93,10 +86,7 @@ fn pinned_blocks_are_never_evicted() {
         assert_eq!(save(&mut c, ns, &hs(10..12)), vec![Reserved::NoSpace; 2]);
         assert_eq!(c.lookup(ns, &hs(0..4)), 4);
         c.release(B, lease).unwrap();
-        assert!(matches!(
-            save(&mut c, ns, &hs(10..11))[0],
-            Reserved::Slot(_)
-        ));
+        assert!(matches!(save(&mut c, ns, &hs(10..11))[0], Reserved::Slot(_)));
     }
 }
 
@@ -104,22 +94,14 @@ fn pinned_blocks_are_never_evicted() {
 fn reserved_blocks_are_never_evicted() {
     let (mut c, ns) = cache(1, PolicyKind::Lru);
     let (_id, _) = c.reserve(A, ns, &hs(0..4), None).unwrap();
-    assert_eq!(
-        c.reserve(B, ns, &hs(10..11), None).unwrap().1,
-        vec![Reserved::NoSpace]
-    );
+    assert_eq!(c.reserve(B, ns, &hs(10..11), None).unwrap().1, vec![Reserved::NoSpace]);
 }
 
 #[test]
 fn no_space_stops_the_rest_of_the_prefix() {
     let (mut c, ns) = cache(1, PolicyKind::Lru);
     let (_id, out) = c.reserve(A, ns, &hs(0..6), None).unwrap();
-    assert_eq!(
-        out.iter()
-            .filter(|o| matches!(o, Reserved::Slot(_)))
-            .count(),
-        4
-    );
+    assert_eq!(out.iter().filter(|o| matches!(o, Reserved::Slot(_))).count(), 4);
     assert_eq!(&out[4..], &[Reserved::NoSpace, Reserved::NoSpace]);
 }
 
@@ -142,10 +124,7 @@ fn disconnect_releases_everything() {
     let (_res, _) = c.reserve(A, ns, &hs(5..7), None).unwrap();
     c.disconnect(A);
     let s = c.stats();
-    assert_eq!(
-        (s.blocks, s.reserved_blocks, s.used_bytes),
-        (2, 0, 2 * 4096)
-    );
+    assert_eq!((s.blocks, s.reserved_blocks, s.used_bytes), (2, 0, 2 * 4096));
     // Nothing is pinned any more: a full overwrite evicts both.
     save(&mut c, ns, &hs(100..108));
     assert_eq!(c.lookup(ns, &hs(0..1)), 0);
@@ -154,18 +133,9 @@ fn disconnect_releases_everything() {
 #[test]
 fn block_size_is_checked() {
     let (mut c, _) = cache(1, PolicyKind::Lru);
-    assert!(matches!(
-        c.register(NamespaceId([1; 16]), 100),
-        Err(CacheError::WrongBlockSize(_))
-    ));
-    assert!(matches!(
-        c.register(NamespaceId([2; 16]), 0),
-        Err(CacheError::WrongBlockSize(_))
-    ));
-    assert!(matches!(
-        c.register(NamespaceId([3; 16]), 4 * 4096 + 1),
-        Err(CacheError::WrongBlockSize(_))
-    ));
+    assert!(matches!(c.register(NamespaceId([1; 16]), 100), Err(CacheError::WrongBlockSize(_))));
+    assert!(matches!(c.register(NamespaceId([2; 16]), 0), Err(CacheError::WrongBlockSize(_))));
+    assert!(matches!(c.register(NamespaceId([3; 16]), 4 * 4096 + 1), Err(CacheError::WrongBlockSize(_))));
     assert!(c.register(NamespaceId([4; 16]), 4 * 4096).is_ok());
 }
 
@@ -188,27 +158,16 @@ fn newcomer_namespace_gets_its_fair_share() {
     }
     // Two slabs each (8 KiB blocks: 2 per slab, so 4 held).
     assert_eq!(c.peek_prefix(ns, &hs(8..16)), 8);
-    assert_eq!(
-        (100..108)
-            .filter(|&i| c.peek_prefix(other, &hs(i..i + 1)) == 1)
-            .count(),
-        4
-    );
+    assert_eq!((100..108).filter(|&i| c.peek_prefix(other, &hs(i..i + 1)) == 1).count(), 4);
     assert!(c.stats().used_bytes <= c.stats().capacity_bytes);
 }
 
 #[test]
 fn held_blocks_per_client_are_limited() {
-    let limits = CacheLimits {
-        max_held_per_client: 3,
-        ..Default::default()
-    };
+    let limits = CacheLimits { max_held_per_client: 3, ..Default::default() };
     let mut c = HostCache::new(SlabAllocator::new(2, 4 * 4096, 2), PolicyKind::Lru, limits);
     let ns = c.register(NamespaceId([1; 16]), 4096).unwrap();
-    assert!(matches!(
-        c.reserve(A, ns, &hs(0..4), None),
-        Err(CacheError::TooManyHeld { .. })
-    ));
+    assert!(matches!(c.reserve(A, ns, &hs(0..4), None), Err(CacheError::TooManyHeld { .. })));
     let (id, _) = c.reserve(A, ns, &hs(0..3), None).unwrap();
     assert!(c.reserve(A, ns, &hs(5..6), None).is_err());
     c.commit(A, id).unwrap();

@@ -7,10 +7,7 @@ use std::collections::BTreeSet;
 const ALL: [PolicyKind; 3] = [PolicyKind::Lru, PolicyKind::PrefixLfu, PolicyKind::Belady];
 
 fn acc(next: u64) -> Access {
-    Access {
-        next_use: Some(next),
-        ..Default::default()
-    }
+    Access { next_use: Some(next), ..Default::default() }
 }
 
 #[test]
@@ -38,11 +35,7 @@ fn evict_returns_only_tracked_evictable_handles_and_untracks_them() {
                         assert!(tracked.remove(&v), "{}: evicted untracked {v:?}", p.name());
                         assert_eq!(v.0 % 2, 0, "{}: evicted a pinned block", p.name());
                     } else {
-                        assert!(
-                            tracked.iter().all(|h| h.0 % 2 == 1),
-                            "{}: refused with victims left",
-                            p.name()
-                        );
+                        assert!(tracked.iter().all(|h| h.0 % 2 == 1), "{}: refused with victims left", p.name());
                     }
                 }
             }
@@ -71,9 +64,7 @@ fn lru_evicts_in_recency_order() {
     }
     p.touch(Handle(0), &Access::default());
     p.touch(Handle(2), &Access::default());
-    let order: Vec<_> = std::iter::from_fn(|| p.evict(&mut |_| true))
-        .map(|h| h.0)
-        .collect();
+    let order: Vec<_> = std::iter::from_fn(|| p.evict(&mut |_| true)).map(|h| h.0).collect();
     assert_eq!(order, vec![1, 3, 4, 0, 2]);
 }
 
@@ -84,9 +75,7 @@ fn belady_evicts_farthest_next_use() {
     p.insert(Handle(1), &acc(30));
     p.insert(Handle(2), &Access::default()); // never used again
     p.insert(Handle(3), &acc(20));
-    let order: Vec<_> = std::iter::from_fn(|| p.evict(&mut |_| true))
-        .map(|h| h.0)
-        .collect();
+    let order: Vec<_> = std::iter::from_fn(|| p.evict(&mut |_| true)).map(|h| h.0).collect();
     assert_eq!(order, vec![2, 1, 3, 0]);
 }
 
@@ -100,13 +89,7 @@ fn prefix_lfu_keeps_popular_prefix_over_recent_tails() {
     }
     // One-off tails hanging off it.
     for i in 1..4 {
-        p.insert(
-            Handle(i),
-            &Access {
-                parent: Some(Handle(0)),
-                ..Default::default()
-            },
-        );
+        p.insert(Handle(i), &Access { parent: Some(Handle(0)), ..Default::default() });
     }
     let first_three: Vec<_> = (0..3).map(|_| p.evict(&mut |_| true).unwrap().0).collect();
     assert!(!first_three.contains(&0), "{first_three:?}");

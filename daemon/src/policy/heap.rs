@@ -23,10 +23,7 @@ pub struct IndexedHeap<K> {
 
 impl<K> Default for IndexedHeap<K> {
     fn default() -> Self {
-        Self {
-            items: Vec::new(),
-            pos: Vec::new(),
-        }
+        Self { items: Vec::new(), pos: Vec::new() }
     }
 }
 
@@ -48,8 +45,7 @@ impl<K: Ord + Copy> IndexedHeap<K> {
 
     /// The key of `h`, if present.
     pub fn key(&self, h: Handle) -> Option<K> {
-        self.contains(h)
-            .then(|| self.items[self.pos[h.idx()] as usize].0)
+        self.contains(h).then(|| self.items[self.pos[h.idx()] as usize].0)
     }
 
     /// Adds `h`, which must not be present.
@@ -175,9 +171,7 @@ mod tests {
         let mut x = 12345u64;
         let mut expect = std::collections::BTreeMap::new();
         for h in 0..500u32 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let k = x >> 40;
             heap.push(Handle(h), (k, h));
             expect.insert(h, (k, h));

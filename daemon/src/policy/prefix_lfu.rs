@@ -42,15 +42,7 @@ impl Meta {
     }
 }
 
-const EMPTY: Meta = Meta {
-    parent: NONE,
-    parent_gen: 0,
-    children: 0,
-    uses: 0,
-    last_use: 0,
-    gen: 0,
-    tracked: false,
-};
+const EMPTY: Meta = Meta { parent: NONE, parent_gen: 0, children: 0, uses: 0, last_use: 0, gen: 0, tracked: false };
 
 /// Frequency- and prefix-aware eviction (leaf-first, hyperbolic over frequency classes).
 ///
@@ -145,17 +137,8 @@ impl Eviction for PrefixLfu {
         ensure_len(&mut self.meta, h, EMPTY);
         self.clock += 1;
         let gen = self.meta[h.idx()].gen;
-        self.meta[h.idx()] = Meta {
-            uses: 1,
-            last_use: self.clock,
-            gen,
-            tracked: true,
-            ..EMPTY
-        };
-        if let Some(p) = access
-            .parent
-            .filter(|p| self.meta.get(p.idx()).is_some_and(|m| m.tracked))
-        {
+        self.meta[h.idx()] = Meta { uses: 1, last_use: self.clock, gen, tracked: true, ..EMPTY };
+        if let Some(p) = access.parent.filter(|p| self.meta.get(p.idx()).is_some_and(|m| m.tracked)) {
             self.meta[h.idx()].parent = p.0;
             self.meta[h.idx()].parent_gen = self.meta[p.idx()].gen;
             if self.meta[p.idx()].children == 0 {
@@ -187,13 +170,9 @@ impl Eviction for PrefixLfu {
 
     fn evict(&mut self, evictable: &mut dyn FnMut(Handle) -> bool) -> Option<Handle> {
         // The oldest evictable leaf of each class; the worst of them goes.
-        let heads: Vec<(usize, Handle, u64)> = (0..CLASSES)
-            .filter_map(|c| pop_accepted(&mut self.leaves[c], evictable).map(|(h, k)| (c, h, k)))
-            .collect();
-        let worst = heads
-            .iter()
-            .max_by(|a, b| self.badness(a.1).total_cmp(&self.badness(b.1)))
-            .map(|&(_, h, _)| h)?;
+        let heads: Vec<(usize, Handle, u64)> =
+            (0..CLASSES).filter_map(|c| pop_accepted(&mut self.leaves[c], evictable).map(|(h, k)| (c, h, k))).collect();
+        let worst = heads.iter().max_by(|a, b| self.badness(a.1).total_cmp(&self.badness(b.1))).map(|&(_, h, _)| h)?;
         for &(c, h, k) in &heads {
             if h != worst {
                 self.leaves[c].push(h, k);
@@ -208,7 +187,6 @@ impl Eviction for PrefixLfu {
     }
 
     fn heap_bytes(&self) -> usize {
-        self.leaves.iter().map(|l| l.heap_bytes()).sum::<usize>()
-            + self.meta.capacity() * std::mem::size_of::<Meta>()
+        self.leaves.iter().map(|l| l.heap_bytes()).sum::<usize>() + self.meta.capacity() * std::mem::size_of::<Meta>()
     }
 }

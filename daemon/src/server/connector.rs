@@ -25,15 +25,13 @@ use tracing::{debug, info, warn};
 /// Binds the connector socket, replacing a stale socket file but refusing to steal a live one.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("another daemon is listening on {}", path.display());
         }
-        std::fs::remove_file(path)
-            .map_err(|e| anyhow::anyhow!("removing stale {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(|e| anyhow::anyhow!("removing stale {}: {e}", path.display()))?;
     }
     UnixListener::bind(path).map_err(|e| anyhow::anyhow!("binding {}: {e}", path.display()))
 }
@@ -74,10 +72,7 @@ async fn connection(node: Arc<Node>, mut stream: UnixStream) {
     if !uid_allowed(&node, cred.uid()) {
         node.metrics.connections_refused.fetch_add(1, Relaxed);
         warn!(uid = cred.uid(), pid = ?cred.pid(), "connection refused: uid not in server.allowed_uids");
-        let reply = Fatal::new(
-            ErrorCode::PermissionDenied,
-            format!("uid {} is not allowed", cred.uid()),
-        );
+        let reply = Fatal::new(ErrorCode::PermissionDenied, format!("uid {} is not allowed", cred.uid()));
         let _ = stream.write_all(&frame_of(&reply.into_response(0))).await;
         return;
     }
@@ -108,10 +103,7 @@ async fn run(node: &Node, stream: &mut UnixStream, mut session: Session) -> Resu
     let mut out = Vec::with_capacity(64 * 1024);
     loop {
         const READ: usize = 64 * 1024;
-        let n = stream
-            .read(decoder.spare(READ))
-            .await
-            .map_err(|e| e.to_string());
+        let n = stream.read(decoder.spare(READ)).await.map_err(|e| e.to_string());
         let n = match n {
             Ok(n) => {
                 decoder.commit(n, READ);
@@ -123,11 +115,7 @@ async fn run(node: &Node, stream: &mut UnixStream, mut session: Session) -> Resu
             }
         };
         if n == 0 {
-            return if decoder.buffered() == 0 {
-                Ok(())
-            } else {
-                Err("EOF inside a frame".into())
-            };
+            return if decoder.buffered() == 0 { Ok(()) } else { Err("EOF inside a frame".into()) };
         }
         let mut answered = 0;
         loop {
@@ -166,17 +154,9 @@ async fn run(node: &Node, stream: &mut UnixStream, mut session: Session) -> Resu
             match result {
                 Ok(result) => {
                     let is_hello = matches!(result, response::Result::Hello(_));
-                    encode_into(
-                        &pb::Response {
-                            id: req.id,
-                            result: Some(result),
-                        },
-                        &mut out,
-                    );
+                    encode_into(&pb::Response { id: req.id, result: Some(result) }, &mut out);
                     if is_hello {
-                        send_with_fds(stream, &out, &segment_fds(node))
-                            .await
-                            .map_err(|e| e.to_string())?;
+                        send_with_fds(stream, &out, &segment_fds(node)).await.map_err(|e| e.to_string())?;
                         out.clear();
                     }
                 }
@@ -197,13 +177,7 @@ async fn run(node: &Node, stream: &mut UnixStream, mut session: Session) -> Resu
 }
 
 /// Sends the replies so far plus the error, and ends the connection.
-async fn fail(
-    node: &Node,
-    stream: &mut UnixStream,
-    out: &mut Vec<u8>,
-    id: u64,
-    f: Fatal,
-) -> Result<(), String> {
+async fn fail(node: &Node, stream: &mut UnixStream, out: &mut Vec<u8>, id: u64, f: Fatal) -> Result<(), String> {
     node.metrics.error(f.code as i32);
     let why = format!("{}: {}", f.code.as_str_name(), f.reason);
     encode_into(&f.into_response(id), out);
@@ -213,11 +187,7 @@ async fn fail(
 }
 
 fn segment_fds(node: &Node) -> Vec<RawFd> {
-    node.pool()
-        .segments()
-        .iter()
-        .map(|s| s.fd().as_raw_fd())
-        .collect()
+    node.pool().segments().iter().map(|s| s.fd().as_raw_fd()).collect()
 }
 
 /// Writes `bytes` with `fds` attached (SCM_RIGHTS) to the first chunk.

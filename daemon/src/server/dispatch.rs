@@ -21,20 +21,14 @@ pub struct Fatal {
 impl Fatal {
     /// A fatal error with `code` and `reason`.
     pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-        }
+        Self { code, reason: reason.into() }
     }
 
     /// The error as a response to request `id`.
     pub fn into_response(self, id: u64) -> pb::Response {
         pb::Response {
             id,
-            result: Some(response::Result::Error(pb::Error {
-                code: self.code as i32,
-                reason: self.reason,
-            })),
+            result: Some(response::Result::Error(pb::Error { code: self.code as i32, reason: self.reason })),
         }
     }
 }
@@ -64,11 +58,7 @@ pub struct Session {
 impl Session {
     /// A session for a new connection.
     pub fn new(client: ClientId) -> Self {
-        Self {
-            client,
-            greeted: false,
-            handles: Vec::new(),
-        }
+        Self { client, greeted: false, handles: Vec::new() }
     }
 
     fn ns(&self, handle: u32) -> Result<NsIdx, Fatal> {
@@ -99,19 +89,13 @@ pub fn op_of(op: &request::Op) -> Op {
 fn hashes(node: &Node, raw: &[Bytes]) -> Result<Vec<BlockHash>, Fatal> {
     let max = node.config.server.max_hashes_per_request as usize;
     if raw.len() > max {
-        return Err(Fatal::new(
-            ErrorCode::BadArgument,
-            format!("{} hashes in one request, limit {max}", raw.len()),
-        ));
+        return Err(Fatal::new(ErrorCode::BadArgument, format!("{} hashes in one request, limit {max}", raw.len())));
     }
     raw.iter()
         .enumerate()
         .map(|(i, h)| {
             BlockHash::new(h).ok_or_else(|| {
-                Fatal::new(
-                    ErrorCode::BadArgument,
-                    format!("hash {i} has {} bytes; must be 1 to 32", h.len()),
-                )
+                Fatal::new(ErrorCode::BadArgument, format!("hash {i} has {} bytes; must be 1 to 32", h.len()))
             })
         })
         .collect()
@@ -129,19 +113,11 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
             if h.protocol_version < 1 {
                 return Err(Fatal::new(
                     ErrorCode::UnsupportedVersion,
-                    format!(
-                        "client speaks up to protocol {}, daemon needs >= 1",
-                        h.protocol_version
-                    ),
+                    format!("client speaks up to protocol {}, daemon needs >= 1", h.protocol_version),
                 ));
             }
             s.greeted = true;
-            let segments = node
-                .pool()
-                .segments()
-                .iter()
-                .map(|seg| pb::SegmentInfo { bytes: seg.len() })
-                .collect();
+            let segments = node.pool().segments().iter().map(|seg| pb::SegmentInfo { bytes: seg.len() }).collect();
             Ok(A::Hello(pb::HelloReply {
                 protocol_version: h.protocol_version.min(PROTOCOL_VERSION),
                 daemon_version: env!("CARGO_PKG_VERSION").into(),
@@ -150,14 +126,9 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
                 max_inflight: node.config.server.max_inflight,
             }))
         }
-        _ if !s.greeted => Err(Fatal::new(
-            ErrorCode::NotHello,
-            "the first request must be Hello",
-        )),
+        _ if !s.greeted => Err(Fatal::new(ErrorCode::NotHello, "the first request must be Hello")),
         R::Register(r) => {
-            let desc = r.namespace.ok_or_else(|| {
-                Fatal::new(ErrorCode::BadArgument, "Register without a namespace")
-            })?;
+            let desc = r.namespace.ok_or_else(|| Fatal::new(ErrorCode::BadArgument, "Register without a namespace"))?;
             let id = NamespaceId::of(&desc);
             let (ns, stride) = node.register(id, desc.block_bytes)?;
             let handle = match s.handles.iter().position(|&h| h == ns) {
@@ -178,10 +149,7 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
             let ns = s.ns(l.handle)?;
             let hs = hashes(node, &l.hashes)?;
             let matched = node.lookup(ns, &hs);
-            Ok(A::Lookup(pb::LookupReply {
-                matched: matched as u32,
-                tiers: vec![pb::Tier::Host as i32; matched],
-            }))
+            Ok(A::Lookup(pb::LookupReply { matched: matched as u32, tiers: vec![pb::Tier::Host as i32; matched] }))
         }
         R::Reserve(r) => {
             let ns = s.ns(r.handle)?;
@@ -191,10 +159,7 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
                 false => Some(hashes(node, std::slice::from_ref(&r.parent))?[0]),
             };
             let (reservation, outcomes) = node.reserve(s.client, ns, &hs, parent)?;
-            let mut reply = pb::ReserveReply {
-                reservation,
-                ..Default::default()
-            };
+            let mut reply = pb::ReserveReply { reservation, ..Default::default() };
             for o in outcomes {
                 let status = match o {
                     ReservedAt::Slot((segment, offset)) => {
@@ -209,9 +174,7 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
             }
             Ok(A::Reserve(reply))
         }
-        R::Commit(c) => Ok(A::Commit(pb::CommitReply {
-            committed: node.commit(s.client, c.reservation)? as u32,
-        })),
+        R::Commit(c) => Ok(A::Commit(pb::CommitReply { committed: node.commit(s.client, c.reservation)? as u32 })),
         R::Abort(a) => {
             node.abort(s.client, a.reservation)?;
             Ok(A::Abort(pb::AbortReply {}))
@@ -221,11 +184,7 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
             let hs = hashes(node, &a.hashes)?;
             let (lease, slots) = node.acquire(s.client, ns, &hs)?;
             let (segments, offsets) = slots.into_iter().unzip();
-            Ok(A::Acquire(pb::AcquireReply {
-                lease,
-                segments,
-                offsets,
-            }))
+            Ok(A::Acquire(pb::AcquireReply { lease, segments, offsets }))
         }
         R::Release(r) => {
             node.release(s.client, r.lease)?;
