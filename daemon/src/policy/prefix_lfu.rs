@@ -1,5 +1,5 @@
 //! Prefix-aware, frequency-aware eviction: only leaves of the prefix tree are candidates, and the
-//! victim is the leaf with the lowest use rate `uses^ALPHA / age`.
+//! victim is the leaf with the lowest use rate `uses^FREQ_EXPONENT / age`.
 //!
 //! A block is useless once its parent is gone, so a block is never evicted while a block that
 //! extends it is held: the tail of a prompt goes first, and a shared system-prompt block, which
@@ -20,7 +20,7 @@ const CLASSES: usize = 5;
 /// Default weight of frequency against recency: a leaf used `2^k` times is treated as if it were
 /// `2^(k * FREQ_EXPONENT)` times younger. Chosen on the Mooncake trace (0 is leaf-first LRU; see
 /// docs/simulation.md for the sweep).
-pub const FREQ_EXPONENT: f64 = 0.25;
+pub const FREQ_EXPONENT: f64 = 0.15;
 
 #[derive(Clone, Copy)]
 struct Meta {
