@@ -54,6 +54,8 @@ pub struct SlabAllocator {
     free_slabs: Vec<u32>,
     /// Slabs per namespace that may have free slots (checked lazily).
     partial: Vec<Vec<u32>>,
+    /// Slabs owned per namespace.
+    owned: Vec<usize>,
 }
 
 impl SlabAllocator {
@@ -77,6 +79,7 @@ impl SlabAllocator {
             slabs,
             free_slabs: (0..slab_count).rev().collect(),
             partial: Vec::new(),
+            owned: Vec::new(),
         }
     }
 
@@ -97,7 +100,12 @@ impl SlabAllocator {
 
     /// Number of slabs owned by `ns`.
     pub fn slabs_of(&self, ns: NsIdx) -> usize {
-        self.slabs.iter().filter(|s| s.owner == Some(ns)).count()
+        self.owned.get(ns.0 as usize).copied().unwrap_or(0)
+    }
+
+    /// Number of namespaces owning at least one slab.
+    pub fn owners(&self) -> usize {
+        self.owned.iter().filter(|&&n| n > 0).count()
     }
 
     /// Number of unowned slabs.
@@ -117,6 +125,7 @@ impl SlabAllocator {
         let i = ns.0 as usize;
         if self.partial.len() <= i {
             self.partial.resize_with(i + 1, Vec::new);
+            self.owned.resize(i + 1, 0);
         }
         while let Some(&slab) = self.partial[i].last() {
             if self.slabs[slab as usize].has_free() {
@@ -126,6 +135,7 @@ impl SlabAllocator {
             self.partial[i].pop();
         }
         let slab = self.free_slabs.pop()?;
+        self.owned[i] += 1;
         let s = &mut self.slabs[slab as usize];
         s.owner = Some(ns);
         s.stride = stride;
@@ -162,6 +172,7 @@ impl SlabAllocator {
         s.used -= 1;
         let owner = s.owner.expect("owned slab");
         if s.used == 0 {
+            self.owned[owner.0 as usize] -= 1;
             s.owner = None;
             s.tags = Vec::new();
             s.free = Vec::new();
@@ -194,16 +205,12 @@ impl SlabAllocator {
 
     /// The namespace owning the most slabs other than `except`, with its slab count.
     pub fn largest_owner_except(&self, except: NsIdx) -> Option<(NsIdx, usize)> {
-        let mut counts: Vec<usize> = Vec::new();
-        for s in &self.slabs {
-            if let Some(o) = s.owner.filter(|&o| o != except) {
-                if counts.len() <= o.0 as usize {
-                    counts.resize(o.0 as usize + 1, 0);
-                }
-                counts[o.0 as usize] += 1;
-            }
-        }
-        counts.iter().enumerate().max_by_key(|&(_, c)| *c).filter(|&(_, c)| *c > 0).map(|(i, &c)| (NsIdx(i as u16), c))
+        self.owned
+            .iter()
+            .enumerate()
+            .filter(|&(i, &n)| i != except.0 as usize && n > 0)
+            .max_by_key(|&(_, &n)| n)
+            .map(|(i, &n)| (NsIdx(i as u16), n))
     }
 
     /// (segment, byte offset) of a slot in the pool mapping.

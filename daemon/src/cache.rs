@@ -329,11 +329,8 @@ impl HostCache {
 
     /// Slabs each namespace with data (plus `ns`) may claim before others must give way.
     fn fair_share(&self, ns: NsIdx) -> usize {
-        let active = (0..self.namespaces.len() as u16)
-            .filter(|&i| NsIdx(i) == ns || self.alloc.slabs_of(NsIdx(i)) > 0)
-            .count()
-            .max(1);
-        self.alloc.slab_count() / active
+        let active = self.alloc.owners() + usize::from(self.alloc.slabs_of(ns) == 0);
+        self.alloc.slab_count() / active.max(1)
     }
 
     fn evict_one(&mut self, ns: NsIdx) -> bool {

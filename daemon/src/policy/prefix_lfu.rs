@@ -9,7 +9,7 @@
 //! Leaves are kept in one recency-ordered heap per frequency class (uses 1, 2-3, 4-7, ...), so an
 //! eviction compares only the oldest leaf of each class.
 
-use super::heap::{pop_accepted, IndexedHeap};
+use super::heap::IndexedHeap;
 use super::{ensure_len, Access, Eviction};
 use crate::block::Handle;
 
@@ -169,17 +169,34 @@ impl Eviction for PrefixLfu {
     }
 
     fn evict(&mut self, evictable: &mut dyn FnMut(Handle) -> bool) -> Option<Handle> {
-        // The oldest evictable leaf of each class; the worst of them goes.
-        let heads: Vec<(usize, Handle, u64)> =
-            (0..CLASSES).filter_map(|c| pop_accepted(&mut self.leaves[c], evictable).map(|(h, k)| (c, h, k))).collect();
-        let worst = heads.iter().max_by(|a, b| self.badness(a.1).total_cmp(&self.badness(b.1))).map(|&(_, h, _)| h)?;
-        for &(c, h, k) in &heads {
-            if h != worst {
-                self.leaves[c].push(h, k);
+        // The oldest evictable leaf of each class; the worst of them goes. Heads are usually
+        // evictable, so they are only peeked; heads refused by `evictable` are skipped over.
+        let mut worst: Option<(f64, usize, Handle)> = None;
+        let mut skipped: Vec<(usize, Handle, u64)> = Vec::new();
+        for c in 0..CLASSES {
+            let head = loop {
+                match self.leaves[c].peek() {
+                    Some((h, _)) if evictable(h) => break Some(h),
+                    Some((h, k)) => {
+                        self.leaves[c].remove(h);
+                        skipped.push((c, h, k));
+                    }
+                    None => break None,
+                }
+            };
+            if let Some(h) = head {
+                let b = self.badness(h);
+                if worst.is_none_or(|(wb, _, _)| b > wb) {
+                    worst = Some((b, c, h));
+                }
             }
         }
-        self.untrack(worst);
-        Some(worst)
+        for (c, h, k) in skipped {
+            self.leaves[c].push(h, k);
+        }
+        let (_, _, victim) = worst?;
+        self.untrack(victim);
+        Some(victim)
     }
 
     fn len(&self) -> usize {
