@@ -58,8 +58,7 @@ async fn healthy(d: &Daemon, client: &mut kvtier_client::Client, ns: &kvtier_cli
     let blocks = blocks_for(&hashes, 4096);
     assert_eq!(client.save(ns, &hashes, &refs(&blocks)).await.unwrap().stored, 3);
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    client.load(ns, &hashes, &mut buf, |_, b| got.push(b.to_vec())).await.unwrap();
+    client.load(ns, &hashes, |_, b| got.push(b.to_vec())).await.unwrap();
     assert_eq!(got, blocks);
     assert!(UnixStream::connect(&d.socket).is_ok(), "daemon still accepts");
 }

@@ -39,14 +39,13 @@ async fn writer(mut c: Client, w: u64) -> usize {
 
 async fn reader(mut c: Client, stop: Arc<AtomicBool>, verified: Arc<AtomicUsize>) {
     let ns = c.register(namespace("m", BLOCK as u64)).await.unwrap();
-    let mut buf = vec![0u8; BLOCK];
     let mut want = vec![0u8; BLOCK];
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let (w, p) = (i % WRITERS, (i / WRITERS) % PROMPTS_PER_WRITER);
         let hashes = testdata::chained_hashes(w * 1000 + p, PROMPT);
         let n = c
-            .load(&ns, &hashes, &mut buf, |k, got| {
+            .load(&ns, &hashes, |k, got| {
                 testdata::fill_block(&hashes[k], &mut want);
                 assert!(got == &want[..], "served block {k} of writer {w} prompt {p} differs from what was saved");
             })

@@ -45,9 +45,8 @@ async fn reservation_is_invisible_to_others_until_commit() {
     assert!(slots2.iter().all(|s| *s == Reservation::Present));
     assert_eq!(writer.commit(res).await.unwrap(), 4);
     assert_eq!(reader.lookup(&ns_r, &hashes).await.unwrap(), 4);
-    let mut buf = vec![0u8; 8192];
     let mut loaded = Vec::new();
-    reader.load(&ns_r, &hashes, &mut buf, |_, b| loaded.push(b.to_vec())).await.unwrap();
+    reader.load(&ns_r, &hashes, |_, b| loaded.push(b.to_vec())).await.unwrap();
     assert_eq!(loaded, blocks);
 }
 
@@ -101,4 +100,36 @@ async fn pipelined_requests_are_answered_in_order() {
             other => panic!("reply {i}: {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn long_runs_move_in_pipelined_chunks() {
+    let d = Daemon::start(&[]);
+    let mut c = d.client("long").await;
+    let ns = c.register(namespace("long", 4096)).await.unwrap();
+    let n = 3 * kvtier_client::CHUNK_BLOCKS + 17;
+    let hashes = testdata::chained_hashes(11, n);
+    let blocks = blocks_for(&hashes, 4096);
+    let report = c.save(&ns, &hashes[..n - 5], &refs(&blocks[..n - 5])).await.unwrap();
+    assert_eq!((report.stored, report.present, report.no_space), (n - 5, 0, 0));
+    // Saving the whole run again stores only the 5 new tail blocks.
+    let report = c.save(&ns, &hashes, &refs(&blocks)).await.unwrap();
+    assert_eq!((report.stored, report.present), (5, n - 5));
+    let mut seen = Vec::new();
+    let loaded = c
+        .load(&ns, &hashes, |i, b| {
+            assert_eq!(b, &blocks[i][..], "block {i}");
+            seen.push(i);
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, n);
+    assert_eq!(seen, (0..n).collect::<Vec<_>>());
+    // A run whose held prefix ends inside the second chunk loads exactly that prefix.
+    let mut other = hashes[..kvtier_client::CHUNK_BLOCKS + 3].to_vec();
+    other.extend(testdata::chained_hashes(12, 900));
+    assert_eq!(c.load(&ns, &other, |_, _| {}).await.unwrap(), kvtier_client::CHUNK_BLOCKS + 3);
+    // Every saved block is held once, committed.
+    let s = c.stats().await.unwrap();
+    assert_eq!(s.tiers[0].blocks as usize, n);
 }

@@ -76,6 +76,8 @@ pub struct Client {
     stream: UnixStream,
     decoder: FrameDecoder,
     next_id: u64,
+    /// Id of the oldest request whose reply has not been read.
+    next_reply: u64,
     pool: PoolMapping,
     hello: pb::HelloReply,
     out: Vec<u8>,
@@ -102,7 +104,7 @@ impl Client {
         };
         let sizes: Vec<u64> = hello.segments.iter().map(|s| s.bytes).collect();
         let pool = PoolMapping::map(fds, &sizes)?;
-        Ok(Self { stream, decoder, next_id: 1, pool, hello, out })
+        Ok(Self { stream, decoder, next_id: 1, next_reply: 1, pool, hello, out })
     }
 
     /// The daemon's Hello reply (version, segments, limits).
@@ -117,22 +119,35 @@ impl Client {
 
     /// Sends `ops` back to back, then reads all replies (in order).
     pub async fn pipeline(&mut self, ops: Vec<request::Op>) -> Result<Vec<response::Result>> {
+        let n = ops.len();
+        self.send_all(ops).await?;
+        let mut results = Vec::with_capacity(n);
+        for _ in 0..n {
+            results.push(self.recv().await?);
+        }
+        Ok(results)
+    }
+
+    /// Sends requests without waiting; their replies come back in order through [`recv`](Self::recv).
+    pub async fn send_all(&mut self, ops: Vec<request::Op>) -> Result<()> {
         self.out.clear();
-        let first = self.next_id;
         for op in ops {
             encode_into(&pb::Request { id: self.next_id, op: Some(op) }, &mut self.out);
             self.next_id += 1;
         }
         self.stream.write_all(&self.out).await?;
-        let mut results = Vec::with_capacity((self.next_id - first) as usize);
-        for id in first..self.next_id {
-            let resp = self.read_response().await?;
-            if resp.id != id && !matches!(resp.result, Some(response::Result::Error(_))) {
-                return Err(ClientError::Protocol(format!("reply id {} where {id} was expected", resp.id)));
-            }
-            results.push(into_result(resp)?);
+        Ok(())
+    }
+
+    /// The reply to the oldest request not yet answered.
+    pub async fn recv(&mut self) -> Result<response::Result> {
+        let resp = self.read_response().await?;
+        let id = self.next_reply;
+        if resp.id != id && !matches!(resp.result, Some(response::Result::Error(_))) {
+            return Err(ClientError::Protocol(format!("reply id {} where {id} was expected", resp.id)));
         }
-        Ok(results)
+        self.next_reply += 1;
+        into_result(resp)
     }
 
     /// Sends one request and waits for its reply.
@@ -187,28 +202,10 @@ impl Client {
         hashes: &[Bytes],
         parent: Option<Bytes>,
     ) -> Result<(u64, Vec<Reservation>)> {
-        let op = pb::Reserve { handle: ns.handle, hashes: hashes.to_vec(), parent: parent.unwrap_or_default() };
-        let r = match self.call(request::Op::Reserve(op)).await? {
-            response::Result::Reserve(r) => r,
-            other => return Err(unexpected(other)),
-        };
-        if r.status.len() != hashes.len() || r.segments.len() != r.offsets.len() {
-            return Err(ClientError::Protocol("reserve reply does not match the request".into()));
+        match self.call(reserve_op(ns, hashes, parent)).await? {
+            response::Result::Reserve(r) => parse_reservation(r, hashes.len()),
+            other => Err(unexpected(other)),
         }
-        let mut slots = r.segments.iter().zip(&r.offsets).map(|(&segment, &offset)| Slot { segment, offset });
-        let out = r
-            .status
-            .iter()
-            .map(|&st| match ReserveStatus::try_from(st) {
-                Ok(ReserveStatus::Reserved) => slots
-                    .next()
-                    .map(Reservation::Slot)
-                    .ok_or_else(|| ClientError::Protocol("fewer slots than RESERVED statuses".into())),
-                Ok(ReserveStatus::Present) => Ok(Reservation::Present),
-                _ => Ok(Reservation::NoSpace),
-            })
-            .collect::<Result<_>>()?;
-        Ok((r.reservation, out))
     }
 
     /// Commits a reservation.
@@ -221,13 +218,8 @@ impl Client {
 
     /// Pins the longest held prefix of `hashes`; returns the lease and slots.
     pub async fn acquire(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<(u64, Vec<Slot>)> {
-        match self.call(request::Op::Acquire(pb::Acquire { handle: ns.handle, hashes: hashes.to_vec() })).await? {
-            response::Result::Acquire(r) if r.segments.len() == r.offsets.len() => Ok((
-                r.lease,
-                r.segments.iter().zip(&r.offsets).map(|(&segment, &offset)| Slot { segment, offset }).collect(),
-            )),
-            other => Err(unexpected(other)),
-        }
+        let reply = self.call(acquire_op(ns, hashes)).await?;
+        parse_lease(reply)
     }
 
     /// Releases a lease.
@@ -247,46 +239,160 @@ impl Client {
     }
 
     /// Saves blocks: reserve, copy each into its slot, commit. `blocks[i]` is the content of
-    /// `hashes[i]` and must be `block_bytes` long.
+    /// `hashes[i]` and must be `block_bytes` long. Long runs go in chunks of [`CHUNK_BLOCKS`],
+    /// the reservation of the next chunk in flight while this one is copied.
     pub async fn save(&mut self, ns: &Namespace, hashes: &[Bytes], blocks: &[&[u8]]) -> Result<SaveReport> {
         assert_eq!(hashes.len(), blocks.len(), "one block per hash");
-        let (reservation, slots) = self.reserve(ns, hashes, None).await?;
+        let chunks: Vec<(usize, usize)> =
+            (0..hashes.len()).step_by(CHUNK_BLOCKS).map(|i| (i, (i + CHUNK_BLOCKS).min(hashes.len()))).collect();
         let mut report = SaveReport::default();
-        for (slot, data) in slots.iter().zip(blocks) {
-            match slot {
-                Reservation::Slot(s) => {
-                    self.pool.write(*s, data)?;
-                    report.stored += 1;
+        let mut commits_in_flight = 0;
+        let mut next_reserved = None; // the chunk whose reservation is in flight
+        if let Some(&(a, b)) = chunks.first() {
+            self.send_all(vec![reserve_op(ns, &hashes[a..b], None)]).await?;
+            next_reserved = Some(0);
+        }
+        while let Some(k) = next_reserved.take() {
+            let (a, b) = chunks[k];
+            let (reservation, slots) = loop {
+                match self.recv().await? {
+                    response::Result::Commit(_) => commits_in_flight -= 1,
+                    response::Result::Reserve(r) => break parse_reservation(r, b - a)?,
+                    other => return Err(unexpected(other)),
                 }
-                Reservation::Present => report.present += 1,
-                Reservation::NoSpace => report.no_space += 1,
+            };
+            let complete = !slots.contains(&Reservation::NoSpace);
+            let mut ops = Vec::new();
+            if complete && k + 1 < chunks.len() {
+                let (c, d) = chunks[k + 1];
+                ops.push(reserve_op(ns, &hashes[c..d], Some(hashes[b - 1].clone())));
+                next_reserved = Some(k + 1);
+            }
+            if !ops.is_empty() {
+                self.send_all(ops).await?;
+            }
+            for (slot, data) in slots.iter().zip(&blocks[a..b]) {
+                match slot {
+                    Reservation::Slot(s) => {
+                        self.pool.write(*s, data)?;
+                        report.stored += 1;
+                    }
+                    Reservation::Present => report.present += 1,
+                    Reservation::NoSpace => report.no_space += 1,
+                }
+            }
+            if reservation != 0 {
+                self.send_all(vec![request::Op::Commit(pb::Commit { reservation })]).await?;
+                commits_in_flight += 1;
+            }
+            if !complete {
+                // A prefix with a hole is useless: the rest is not saved.
+                report.no_space += hashes.len() - b;
             }
         }
-        if reservation != 0 {
-            self.commit(reservation).await?;
+        for _ in 0..commits_in_flight {
+            match self.recv().await? {
+                response::Result::Commit(_) => {}
+                other => return Err(unexpected(other)),
+            }
         }
         Ok(report)
     }
 
-    /// Loads the longest held prefix of `hashes`: acquire, copy out, release. Calls `sink(i, bytes)`
-    /// for each loaded block in order; returns how many were loaded.
+    /// Loads the longest held prefix of `hashes`: acquire, visit, release. Calls `visit(i, block)`
+    /// for each held block in prefix order with the block's bytes in the pool, pinned for the
+    /// duration of the call: copy them where they belong. Returns how many blocks were visited.
+    /// Long runs go in chunks, the next chunk acquired while this one is visited.
     pub async fn load(
         &mut self,
         ns: &Namespace,
         hashes: &[Bytes],
-        buf: &mut [u8],
-        mut sink: impl FnMut(usize, &[u8]),
+        mut visit: impl FnMut(usize, &[u8]),
     ) -> Result<usize> {
-        let (lease, slots) = self.acquire(ns, hashes).await?;
-        for (i, slot) in slots.iter().enumerate() {
-            self.pool.read(*slot, buf)?;
-            sink(i, buf);
+        let chunks: Vec<(usize, usize)> =
+            (0..hashes.len()).step_by(CHUNK_BLOCKS).map(|i| (i, (i + CHUNK_BLOCKS).min(hashes.len()))).collect();
+        let Some(&(a, b)) = chunks.first() else { return Ok(0) };
+        self.send_all(vec![acquire_op(ns, &hashes[a..b])]).await?;
+        let mut loaded = 0;
+        let mut releases = 0;
+        for (k, &(a, b)) in chunks.iter().enumerate() {
+            let (lease, slots) = loop {
+                match self.recv().await? {
+                    response::Result::Release(_) => releases -= 1,
+                    reply @ response::Result::Acquire(_) => break parse_lease(reply)?,
+                    other => return Err(unexpected(other)),
+                }
+            };
+            let whole = slots.len() == b - a;
+            let mut ops = Vec::new();
+            if whole && k + 1 < chunks.len() {
+                let (c, d) = chunks[k + 1];
+                ops.push(acquire_op(ns, &hashes[c..d]));
+            }
+            if !ops.is_empty() {
+                self.send_all(ops).await?;
+            }
+            for (i, slot) in slots.iter().enumerate() {
+                visit(a + i, self.pool.slice(*slot, ns.block_bytes as usize)?);
+            }
+            loaded += slots.len();
+            if lease != 0 {
+                self.send_all(vec![request::Op::Release(pb::Release { lease })]).await?;
+                releases += 1;
+            }
+            if !whole {
+                break;
+            }
         }
-        if lease != 0 {
-            self.release(lease).await?;
+        for _ in 0..releases {
+            match self.recv().await? {
+                response::Result::Release(_) => {}
+                other => return Err(unexpected(other)),
+            }
         }
-        Ok(slots.len())
+        Ok(loaded)
     }
+}
+
+/// Blocks per request when [`Client::save`] and [`Client::load`] move long runs.
+pub const CHUNK_BLOCKS: usize = 512;
+
+fn acquire_op(ns: &Namespace, hashes: &[Bytes]) -> request::Op {
+    request::Op::Acquire(pb::Acquire { handle: ns.handle, hashes: hashes.to_vec() })
+}
+
+fn parse_lease(reply: response::Result) -> Result<(u64, Vec<Slot>)> {
+    match reply {
+        response::Result::Acquire(r) if r.segments.len() == r.offsets.len() => Ok((
+            r.lease,
+            r.segments.iter().zip(&r.offsets).map(|(&segment, &offset)| Slot { segment, offset }).collect(),
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn reserve_op(ns: &Namespace, hashes: &[Bytes], parent: Option<Bytes>) -> request::Op {
+    request::Op::Reserve(pb::Reserve { handle: ns.handle, hashes: hashes.to_vec(), parent: parent.unwrap_or_default() })
+}
+
+fn parse_reservation(r: pb::ReserveReply, asked: usize) -> Result<(u64, Vec<Reservation>)> {
+    if r.status.len() != asked || r.segments.len() != r.offsets.len() {
+        return Err(ClientError::Protocol("reserve reply does not match the request".into()));
+    }
+    let mut slots = r.segments.iter().zip(&r.offsets).map(|(&segment, &offset)| Slot { segment, offset });
+    let out = r
+        .status
+        .iter()
+        .map(|&st| match ReserveStatus::try_from(st) {
+            Ok(ReserveStatus::Reserved) => slots
+                .next()
+                .map(Reservation::Slot)
+                .ok_or_else(|| ClientError::Protocol("fewer slots than RESERVED statuses".into())),
+            Ok(ReserveStatus::Present) => Ok(Reservation::Present),
+            _ => Ok(Reservation::NoSpace),
+        })
+        .collect::<Result<_>>()?;
+    Ok((r.reservation, out))
 }
 
 fn unexpected(r: response::Result) -> ClientError {

@@ -66,6 +66,15 @@ impl PoolMapping {
         Ok(())
     }
 
+    /// The bytes of a slot pinned by this client's lease. The daemon neither rewrites nor reuses
+    /// a pinned slot, so the slice stays valid and unchanged until the lease is released; the
+    /// borrow of `self` must not outlive that.
+    pub fn slice(&self, slot: Slot, len: usize) -> Result<&[u8], OutOfBounds> {
+        let src = self.range(slot, len)?;
+        // In bounds of a live mapping; pinned, so nobody writes it meanwhile.
+        Ok(unsafe { std::slice::from_raw_parts(src, len) })
+    }
+
     /// Copies the slot's bytes into `out` (a slot pinned by this client's lease).
     pub fn read(&self, slot: Slot, out: &mut [u8]) -> Result<(), OutOfBounds> {
         let src = self.range(slot, out.len())?;

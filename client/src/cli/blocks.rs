@@ -93,10 +93,10 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect("get").await?;
     let ns = args.ns.register(&mut c).await?;
     let len = args.ns.block_bytes as usize;
-    let (mut buf, mut want) = (vec![0u8; len], vec![0u8; len]);
+    let mut want = vec![0u8; len];
     let mut bad = Vec::new();
     let loaded = c
-        .load(&ns, &hashes, &mut buf, |i, got| {
+        .load(&ns, &hashes, |i, got| {
             testdata::fill_block(&hashes[i], &mut want);
             if got != want {
                 bad.push(i);
