@@ -31,6 +31,7 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// Metrics address, when enabled.
     pub metrics: Option<String>,
+    extra: Vec<String>,
 }
 
 /// Pool of test daemons unless the caller passes `--pool-bytes`: 32 MiB of 1 MiB slabs.
@@ -47,22 +48,37 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("kvtierd.sock");
         let metrics = metrics.then(free_local_addr);
-        let log = std::fs::File::create(dir.path().join("kvtierd.log")).expect("log file");
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut d = Self { child: None, dir, socket, metrics, extra };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("kvtierd.log"))
+            .expect("log file");
         let mut cmd = Command::new(bin("kvtierd"));
-        cmd.arg("--socket").arg(&socket).arg("--allow-unlocked");
-        cmd.arg("--metrics-listen").arg(metrics.clone().unwrap_or_default());
-        if !extra.contains(&"--pool-bytes") {
+        cmd.arg("--socket").arg(&self.socket).arg("--allow-unlocked");
+        cmd.arg("--metrics-listen").arg(self.metrics.clone().unwrap_or_default());
+        if !self.extra.iter().any(|a| a == "--pool-bytes") {
             cmd.args(SMALL_POOL);
         }
-        cmd.args(extra);
+        cmd.args(&self.extra);
         cmd.env("RUST_LOG", std::env::var("KVTIERD_LOG").unwrap_or_else(|_| "debug".into()))
             .env_remove("KVTIER_CONFIG")
             .stdout(Stdio::null())
             .stderr(log);
-        let child = cmd.spawn().expect("spawn kvtierd");
-        let mut d = Self { child: Some(child), dir, socket, metrics };
-        d.wait_ready();
-        d
+        self.child = Some(cmd.spawn().expect("spawn kvtierd"));
+        self.wait_ready();
+    }
+
+    /// SIGKILLs the daemon and starts a new one on the same socket with the same flags.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
     }
 
     fn wait_ready(&mut self) {

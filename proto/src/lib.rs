@@ -21,3 +21,7 @@ pub const FRAME_HEADER_BYTES: usize = 4;
 pub const MAX_HASH_BYTES: usize = 32;
 
 pub mod frame;
+
+/// Serialized `FileDescriptorSet` of `kvtier/v1/connector.proto` (without source info): what the
+/// pure-Python client builds its message classes from.
+pub const CONNECTOR_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/connector_descriptor.bin"));

@@ -1,0 +1,95 @@
+//! Time to first token of a repeated long shared prefix on the real vLLM (CPU build): with kvtier,
+//! against recomputing it, and against vLLM's own prefix cache, in the same run. Goal: >= 5x lower
+//! than recompute. A random-weight Llama (8 layers, hidden 1024) makes prefill cost real time.
+//!
+//! `cargo build --release --bins && cargo bench -p kvtier-benches --bench vllm_ttft`
+//! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`)
+
+use kvtier_tests::Daemon;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PREFIX_TOKENS: usize = 4096;
+const RUNS: usize = 3;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVTIER_VLLM_PYTHON") {
+        return p.into();
+    }
+    let out = Command::new(repo().join("scripts/vllm-venv")).output().expect("scripts/vllm-venv");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("bin/python")
+}
+
+/// TTFT (seconds) of each prompt, served one after the other by one vLLM process.
+fn ttft(py: &Path, model: &Path, prompts: &Path, extra: &[&str]) -> Vec<f64> {
+    let out = Command::new(py)
+        .arg(repo().join("tests/e2e/run_vllm.py"))
+        .args([model.to_str().unwrap(), prompts.to_str().unwrap(), "--max-tokens", "1", "--pause", "1"])
+        .args(["--max-model-len", "8192", "--kv-cache-gib", "2"])
+        .args(extra)
+        .env("PYTHONPATH", repo().join("client/python"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| {
+        panic!(
+            "vLLM failed: {}",
+            String::from_utf8_lossy(&out.stderr).lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        )
+    });
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["ttft"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let py = python();
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    let made = Command::new(&py)
+        .arg(repo().join("tests/e2e/make_model.py"))
+        .arg(&model)
+        .args(["--layers", "8", "--hidden", "1024", "--heads", "16", "--kv-heads", "8"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // One long prompt, then RUNS prompts sharing its prefix with different tails.
+    let mut x = 7u64;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        3 + (x >> 33) as u32 % 1000
+    };
+    let prefix: Vec<u32> = (0..PREFIX_TOKENS).map(|_| next()).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..=RUNS).map(|_| prefix.iter().copied().chain((0..8).map(|_| next())).collect()).collect();
+    let file = work.path().join("prompts.json");
+    std::fs::write(&file, serde_json::to_string(&prompts).unwrap()).unwrap();
+
+    let d = Daemon::start(&["--pool-bytes", "2 GiB", "--slab-bytes", "64 MiB"]);
+    let with_kvtier = ttft(&py, &model, &file, &["--socket", d.socket.to_str().unwrap()]);
+    let recompute = ttft(&py, &model, &file, &[]);
+    let prefix_cache = ttft(&py, &model, &file, &["--prefix-caching"]);
+    let (k, r, p) =
+        (median(with_kvtier[1..].to_vec()), median(recompute[1..].to_vec()), median(prefix_cache[1..].to_vec()));
+    println!(
+        "vLLM CPU, random Llama 8x1024, {PREFIX_TOKENS}-token shared prefix + 8 new tokens, median of {RUNS} repeats"
+    );
+    println!("  {:<44} {:>9.3} s", "first request (prefix computed, kvtier run)", with_kvtier[0]);
+    println!("  {:<44} {:>9.3} s", "repeat, recompute (no cache, reference)", r);
+    println!("  {:<44} {:>9.3} s   {:>6.1}x faster than recompute", "repeat, kvtier (loaded from the pool)", k, r / k);
+    println!("  {:<44} {:>9.3} s   {:>6.1}x faster than recompute", "repeat, vLLM's own prefix cache", p, r / p);
+    println!(
+        "  kvtier / vLLM prefix cache: {:.2}x the time; goal >= 5x faster than recompute: {}",
+        k / p,
+        if r / k >= 5.0 { "met" } else { "NOT met" }
+    );
+}

@@ -1,0 +1,240 @@
+"""A synchronous client of kvtierd's connector socket, in pure Python.
+
+Frames are a 4-byte little-endian length and one protobuf message (see docs/protocol.md). The
+daemon's pool segments arrive with the Hello reply as SCM_RIGHTS fds and are mapped shared, so a
+block moves with one copy between the engine's memory and the pool.
+"""
+
+import mmap
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+from . import _proto as pb
+
+PROTOCOL_VERSION = 1
+_HEADER = struct.Struct("<I")
+
+
+class KvTierError(Exception):
+    """The daemon could not be reached or answered something unexpected."""
+
+
+class DaemonError(KvTierError):
+    """The daemon answered with a typed error (and closed the connection)."""
+
+    def __init__(self, code, reason):
+        super().__init__(f"{pb.error_name(code)}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A namespace registered on a connection."""
+
+    handle: int
+    id: bytes
+    block_bytes: int
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A block's place in the pool: segment index and byte offset."""
+
+    segment: int
+    offset: int
+
+
+def default_socket():
+    """Where kvtierd listens by default: $XDG_RUNTIME_DIR/kvtier or /tmp/kvtier-$UID."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = os.path.join(runtime, "kvtier") if runtime else f"/tmp/kvtier-{os.getuid()}"
+    return os.environ.get("KVTIER_SOCKET", os.path.join(base, "kvtierd.sock"))
+
+
+class Client:
+    """One connection to kvtierd with the pool mapped. Calls are serialized by a lock."""
+
+    def __init__(self, path=None, name="kvtier-python", timeout=10.0):
+        self.path = path or default_socket()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._next_id = 1
+        self._maps = []
+        try:
+            self._sock.connect(self.path)
+            self._hello(name)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- framing ---------------------------------------------------------------------------
+
+    def _send(self, requests):
+        out = bytearray()
+        for req in requests:
+            body = req.SerializeToString()
+            out += _HEADER.pack(len(body))
+            out += body
+        self._sock.sendall(out)
+
+    def _take_frame(self):
+        if len(self._buf) < 4:
+            return None
+        (n,) = _HEADER.unpack_from(self._buf)
+        if len(self._buf) < 4 + n:
+            return None
+        body = bytes(self._buf[4 : 4 + n])
+        del self._buf[: 4 + n]
+        return body
+
+    def _recv_response(self):
+        while True:
+            body = self._take_frame()
+            if body is not None:
+                resp = pb.Response.FromString(body)
+                if resp.WhichOneof("result") == "error":
+                    raise DaemonError(resp.error.code, resp.error.reason)
+                return resp
+            chunk = self._sock.recv(1 << 16)
+            if not chunk:
+                raise KvTierError("daemon closed the connection")
+            self._buf += chunk
+
+    def _hello(self, name):
+        hello = pb.Request(id=0)
+        hello.hello.client_name = name
+        hello.hello.protocol_version = PROTOCOL_VERSION
+        self._send([hello])
+        fds = []
+        try:
+            while (body := self._take_frame()) is None:
+                data, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 16, 64)
+                fds += got
+                if not data:
+                    raise KvTierError("daemon closed the connection during Hello")
+                self._buf += data
+            resp = pb.Response.FromString(body)
+            if resp.WhichOneof("result") == "error":
+                raise DaemonError(resp.error.code, resp.error.reason)
+            self.hello = resp.hello
+            if len(fds) != len(self.hello.segments):
+                raise KvTierError(f"{len(fds)} fds for {len(self.hello.segments)} pool segments")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            for fd, seg in zip(fds, self.hello.segments):
+                self._maps.append(mmap.mmap(fd, seg.bytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def call_many(self, ops):
+        """Sends `(op_name, fields)` requests back to back and returns their replies in order.
+
+        `fields` is a dict of the op message's fields, e.g. `("lookup", {"handle": 0, "hashes": [...]})`.
+        """
+        with self._lock:
+            reqs = []
+            for op, fields in ops:
+                req = pb.Request(id=self._next_id)
+                self._next_id += 1
+                msg = getattr(req, op)
+                msg.SetInParent()
+                for k, v in fields.items():
+                    field = getattr(msg, k)
+                    if isinstance(v, (list, tuple)):
+                        field.extend(v)
+                    elif hasattr(field, "CopyFrom"):
+                        field.CopyFrom(v)
+                    else:
+                        setattr(msg, k, v)
+                reqs.append(req)
+            self._send(reqs)
+            return [self._recv_response() for _ in reqs]
+
+    def call(self, op, **fields):
+        """Sends one request and returns its reply's result message."""
+        resp = self.call_many([(op, fields)])[0]
+        return getattr(resp, resp.WhichOneof("result"))
+
+    # -- operations ------------------------------------------------------------------------
+
+    def register(self, descriptor):
+        """Registers a namespace (a `NamespaceDescriptor` or a dict of its fields)."""
+        if isinstance(descriptor, dict):
+            descriptor = pb.NamespaceDescriptor(**descriptor)
+        r = self.call("register", namespace=descriptor)
+        return Namespace(r.handle, bytes(r.namespace_id), r.block_bytes)
+
+    def lookup(self, ns, hashes):
+        """How many leading `hashes` the daemon holds."""
+        return self.call("lookup", handle=ns.handle, hashes=list(hashes)).matched
+
+    def reserve(self, ns, hashes, parent=None):
+        """Reserves slots. Returns `(reservation, outcomes)`: one outcome per hash, a `Slot`
+        to write, `"present"` or `"no_space"`."""
+        fields = {"handle": ns.handle, "hashes": list(hashes)}
+        if parent:
+            fields["parent"] = parent
+        r = self.call("reserve", **fields)
+        slots = iter(zip(r.segments, r.offsets))
+        out = []
+        for status in r.status:
+            if status == pb.RESERVED:
+                seg, off = next(slots)
+                out.append(Slot(seg, off))
+            elif status == pb.PRESENT:
+                out.append("present")
+            else:
+                out.append("no_space")
+        return r.reservation, out
+
+    def commit(self, reservation):
+        """Makes a reservation's blocks visible."""
+        return self.call("commit", reservation=reservation).committed
+
+    def abort(self, reservation):
+        """Drops a reservation."""
+        self.call("abort", reservation=reservation)
+
+    def acquire(self, ns, hashes):
+        """Pins the longest held prefix; returns `(lease, [Slot, ...])`."""
+        r = self.call("acquire", handle=ns.handle, hashes=list(hashes))
+        return r.lease, [Slot(s, o) for s, o in zip(r.segments, r.offsets)]
+
+    def release(self, lease):
+        """Unpins a lease's blocks."""
+        self.call("release", lease=lease)
+
+    def stats(self):
+        """The daemon's StatsReply."""
+        return self.call("stats")
+
+    def view(self, slot, length):
+        """A writable memoryview of `length` bytes of the pool at `slot`."""
+        m = self._maps[slot.segment]
+        if slot.offset + length > len(m):
+            raise KvTierError(f"slot {slot} with {length} bytes lies outside the pool")
+        return memoryview(m)[slot.offset : slot.offset + length]
+
+    def close(self):
+        """Closes the connection; the daemon releases whatever it held."""
+        try:
+            self._sock.close()
+        finally:
+            maps, self._maps = self._maps, []
+            for m in maps:
+                try:
+                    m.close()
+                except BufferError:
+                    pass  # a view is still alive; the mapping goes with it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

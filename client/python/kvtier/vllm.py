@@ -1,0 +1,502 @@
+"""`KvTierConnector`: a vLLM v1 KV connector that saves prompt KV blocks to kvtierd and loads the
+longest held prefix back.
+
+Enable it in stock vLLM with:
+
+    --kv-transfer-config '{"kv_connector":"KvTierConnector","kv_connector_module_path":"kvtier.vllm",
+                           "kv_role":"kv_both","kv_connector_extra_config":{"socket":"/path/kvtierd.sock"}}'
+
+Scheduler side: asks the daemon how many leading blocks of a request it holds (`Lookup` on the
+request's own `block_hashes`), plans loads into the blocks vLLM allocates, and plans a save of the
+prompt's full blocks in the step that finishes its prefill. Worker side: loads synchronously before
+the forward pass (acquire, copy from the shared pool into the KV cache, release); saves run on a
+background thread after the forward pass (reserve, copy, commit), and the request's blocks are held
+until the save is reported finished. Copies go through the pool mapping received over the socket,
+so they work for CPU tensors (and GPU tensors through torch).
+
+Failure never costs correctness: a daemon that is absent, killed or restarted means zero matched
+tokens, or blocks reported through `get_block_ids_with_load_errors` (vLLM recomputes them). The
+connection is retried with backoff and an outage is logged once.
+"""
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from .client import Client, KvTierError, default_socket
+
+# Under vLLM's logger so its handlers and levels apply.
+logger = logging.getLogger("vllm.kvtier")
+
+_MAX_BACKOFF_S = 5.0
+
+
+# -- metadata passed from the scheduler to the workers ---------------------------------------
+
+
+@dataclass
+class _Transfer:
+    """Blocks of one request to move: vLLM block ids and the matching block hashes."""
+
+    req_id: str
+    cache_salt: str
+    block_ids: list
+    hashes: list
+    parent: Optional[bytes] = None
+
+
+@dataclass
+class KvTierMetadata(KVConnectorMetadata):
+    """What the workers do this step."""
+
+    loads: list = field(default_factory=list)
+    saves: list = field(default_factory=list)
+    preempted: set = field(default_factory=set)
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+@dataclass
+class KvTierStats(KVConnectorStats):
+    """Tokens matched, loaded and saved, and blocks that failed to load, per interval."""
+
+    def __post_init__(self):
+        for k in ("matched_tokens", "loaded_tokens", "saved_tokens", "load_errors"):
+            self.data.setdefault(k, 0)
+
+    def reset(self):
+        for k in self.data:
+            self.data[k] = 0
+
+    def aggregate(self, other):
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self):
+        return dict(self.data)
+
+    def is_empty(self):
+        return not any(self.data.values())
+
+
+# -- connection with reconnect and backoff ----------------------------------------------------
+
+
+class _Daemon:
+    """A lazily (re)connected client. `get()` returns None while the daemon is unavailable."""
+
+    def __init__(self, socket_path, name, descriptor):
+        self.socket_path = socket_path
+        self.name = name
+        self.descriptor = descriptor
+        self.client = None
+        self.namespaces = {}
+        self.retry_at = 0.0
+        self.backoff = 0.1
+        self.down_logged = False
+
+    def get(self):
+        if self.client is not None:
+            return self.client
+        if time.monotonic() < self.retry_at:
+            return None
+        try:
+            self.client = Client(self.socket_path, name=self.name, timeout=10.0)
+        except (OSError, KvTierError) as e:
+            self.fail(e)
+            return None
+        if self.down_logged:
+            logger.info("kvtier: reconnected to kvtierd at %s", self.socket_path)
+        self.down_logged = False
+        self.backoff = 0.1
+        return self.client
+
+    def namespace(self, salt):
+        client = self.get()
+        if client is None:
+            return None, None
+        if salt not in self.namespaces:
+            self.namespaces[salt] = client.register(dict(self.descriptor, cache_salt=salt or ""))
+        return client, self.namespaces[salt]
+
+    def fail(self, error):
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self.namespaces = {}
+        self.retry_at = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, _MAX_BACKOFF_S)
+        if not self.down_logged:
+            logger.warning(
+                "kvtier: kvtierd unavailable at %s (%s); running without it, retrying in the background",
+                self.socket_path,
+                error,
+            )
+            self.down_logged = True
+
+
+# -- the connector ----------------------------------------------------------------------------
+
+
+class KvTierConnector(KVConnectorBase_V1):
+    """vLLM v1 connector backed by kvtierd's host tier."""
+
+    def __init__(self, vllm_config, role, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self._block_size = vllm_config.cache_config.block_size
+        self._num_blocks = getattr(kv_cache_config, "num_blocks", None)
+        socket_path = extra.get("socket") or default_socket()
+        self._descriptor, block_bytes = _namespace_descriptor(vllm_config, kv_cache_config)
+        self._block_bytes = block_bytes
+        name = f"vllm-{role.name.lower()}-{os.getpid()}"
+        self._daemon = _Daemon(socket_path, name, self._descriptor)
+        self._stats = KvTierStats()
+        _warn_if_hashes_are_private(vllm_config)
+        if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
+            # A cache miss is never an error: blocks that fail to load are recomputed.
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        if role == KVConnectorRole.SCHEDULER:
+            self._requests = {}  # req_id -> Request (while scheduled)
+            self._local = {}  # req_id -> tokens computed locally (engine prefix cache)
+            self._block_ids = {}  # req_id -> block ids allocated so far
+            self._pending_loads = {}  # req_id -> _Transfer, planned in update_state_after_alloc
+            self._prefilled = set()  # req ids whose prompt save was planned
+            self._saving = set()  # req ids with a save not yet reported finished
+        else:
+            self._layers = []  # [(name, tensor, block_dim)]
+            self._load_errors = set()
+            self._saves = queue.Queue()
+            self._saves_done = set()
+            self._finished = set()
+            self._lock = threading.Lock()
+            self._inflight = 0
+            self._idle = threading.Condition(self._lock)
+            self._saver = threading.Thread(target=self._save_loop, name="kvtier-save", daemon=True)
+            self._saver.start()
+
+    @property
+    def requires_kv_delivery(self):
+        # A best-effort cache: a dropped save is just a future cache miss.
+        return False
+
+    # ---------------------------------------------------------------- scheduler side
+
+    def _loadable_blocks(self, request):
+        # At least one prompt token must be computed by the model to produce logits.
+        n_prompt = len(request.prompt_token_ids or [])
+        return min(len(request.block_hashes), max(n_prompt - 1, 0) // self._block_size)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        self._requests[request.request_id] = request
+        self._local[request.request_id] = num_computed_tokens
+        n = self._loadable_blocks(request)
+        first = num_computed_tokens // self._block_size
+        if n <= first:
+            return 0, False
+        try:
+            client, ns = self._daemon.namespace(request.cache_salt)
+            if client is None:
+                return 0, False
+            matched = client.lookup(ns, [bytes(h) for h in request.block_hashes[:n]])
+        except (OSError, KvTierError) as e:
+            self._daemon.fail(e)
+            return 0, False
+        tokens = max(0, matched * self._block_size - num_computed_tokens)
+        self._stats.data["matched_tokens"] += tokens
+        return tokens, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        self._requests[request.request_id] = request
+        if num_external_tokens <= 0:
+            return
+        block_ids = blocks.get_block_ids()[0]
+        first = self._local.get(request.request_id, 0) // self._block_size
+        last = first + num_external_tokens // self._block_size
+        hashes = [bytes(h) for h in request.block_hashes[first:last]]
+        self._pending_loads[request.request_id] = _Transfer(
+            request.request_id, request.cache_salt or "", list(block_ids[first:last]), hashes
+        )
+
+    def build_connector_meta(self, scheduler_output):
+        meta = KvTierMetadata(loads=list(self._pending_loads.values()))
+        self._pending_loads.clear()
+        meta.preempted = set(scheduler_output.preempted_req_ids or ())
+        for new in scheduler_output.scheduled_new_reqs:
+            self._block_ids[new.req_id] = list(new.block_ids[0])
+            self._plan_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                self._block_ids[req_id] = list(new_ids[0]) if new_ids else []
+                self._prefilled.discard(req_id)
+            elif new_ids:
+                self._block_ids.setdefault(req_id, []).extend(new_ids[0])
+            self._plan_save(meta, req_id, cached.num_computed_tokens[i], scheduler_output)
+        for req_id in scheduler_output.finished_req_ids:
+            self._forget(req_id)
+        return meta
+
+    def _plan_save(self, meta, req_id, num_computed, scheduler_output):
+        """Plans the save of a prompt's full blocks in the step that completes its prefill."""
+        request = self._requests.get(req_id)
+        if request is None or req_id in self._prefilled:
+            return
+        n_prompt = len(request.prompt_token_ids or [])
+        if num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) < n_prompt:
+            return
+        self._prefilled.add(req_id)
+        n = min(len(request.block_hashes), n_prompt // self._block_size, len(self._block_ids.get(req_id, [])))
+        if n == 0:
+            return
+        hashes = [bytes(h) for h in request.block_hashes[:n]]
+        meta.saves.append(_Transfer(req_id, request.cache_salt or "", self._block_ids[req_id][:n], hashes))
+        self._saving.add(req_id)
+
+    def _forget(self, req_id):
+        self._requests.pop(req_id, None)
+        self._local.pop(req_id, None)
+        self._block_ids.pop(req_id, None)
+        self._prefilled.discard(req_id)
+
+    def update_connector_output(self, connector_output):
+        for req_id in connector_output.finished_sending or ():
+            self._saving.discard(req_id)
+
+    def request_finished(self, request, block_ids):
+        # Hold the blocks while their save may still be reading them.
+        return request.request_id in self._saving, None
+
+    # ---------------------------------------------------------------- worker side
+
+    def register_kv_caches(self, kv_caches):
+        layers = []
+        for name in sorted(kv_caches):
+            t = kv_caches[name]
+            if isinstance(t, (list, tuple)):
+                raise NotImplementedError("kvtier: per-layer KV given as a list is not supported yet")
+            layers.append((name, t, _block_dim(t, self._num_blocks)))
+        per_block = sum(_block_slice(t, d, 0).numel() * t.element_size() for _, t, d in layers)
+        if per_block != self._block_bytes:
+            logger.warning("kvtier: KV tensors hold %d bytes per block, config says %d; using %d",
+                           per_block, self._block_bytes, per_block)
+            self._block_bytes = per_block
+            self._daemon.descriptor = dict(self._descriptor, block_bytes=per_block)
+        self._layers = layers
+        logger.info("kvtier: %d KV layers, %d bytes per block, daemon at %s",
+                    len(layers), per_block, self._daemon.socket_path)
+
+    def _copy_block(self, view, block_id, to_pool):
+        """Copies one block between the KV cache (all layers) and a pool slot's memoryview."""
+        pool = torch.frombuffer(view, dtype=torch.uint8)
+        off = 0
+        for _, t, dim in self._layers:
+            src = _block_slice(t, dim, block_id)
+            n = src.numel() * t.element_size()
+            slot = pool[off : off + n].view(t.dtype).view(src.shape)
+            if to_pool:
+                slot.copy_(src)
+            else:
+                src.copy_(slot)
+            off += n
+
+    def start_load_kv(self, forward_context, **kwargs):
+        meta = self._get_connector_metadata()
+        for job in meta.loads:
+            loaded = 0
+            try:
+                client, ns = self._daemon.namespace(job.cache_salt)
+                if client is not None:
+                    lease, slots = client.acquire(ns, job.hashes)
+                    try:
+                        for block_id, slot in zip(job.block_ids, slots):
+                            self._copy_block(client.view(slot, self._block_bytes), block_id, to_pool=False)
+                            loaded += 1
+                    finally:
+                        if lease:
+                            client.release(lease)
+            except (OSError, KvTierError) as e:
+                self._daemon.fail(e)
+            failed = job.block_ids[loaded:]
+            self._load_errors.update(failed)
+            self._stats.data["loaded_tokens"] += loaded * self._block_size
+            self._stats.data["load_errors"] += len(failed)
+            if failed:
+                logger.debug("kvtier: %d of %d blocks of %s not loaded; vLLM recomputes them",
+                             len(failed), len(job.block_ids), job.req_id)
+
+    def wait_for_layer_load(self, layer_name):
+        return
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
+        return
+
+    def wait_for_save(self):
+        # The forward pass of this step is done: hand this step's saves to the saver thread.
+        meta = self._get_connector_metadata()
+        for job in meta.saves:
+            with self._lock:
+                self._inflight += 1
+            self._saves.put(job)
+
+    def handle_preemptions(self, kv_connector_metadata):
+        # Preempted requests' blocks are about to be reused: let in-flight saves finish first.
+        if getattr(kv_connector_metadata, "preempted", None):
+            self._wait_idle()
+
+    def _wait_idle(self, timeout=None):
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    def _save_loop(self):
+        while True:
+            job = self._saves.get()
+            if job is None:
+                return
+            try:
+                self._save(job)
+            finally:
+                with self._idle:
+                    self._inflight -= 1
+                    self._saves_done.add(job.req_id)
+                    self._idle.notify_all()
+
+    def _save(self, job):
+        try:
+            client, ns = self._daemon.namespace(job.cache_salt)
+            if client is None:
+                return
+            reservation, outcomes = client.reserve(ns, job.hashes)
+            stored = 0
+            try:
+                for block_id, outcome in zip(job.block_ids, outcomes):
+                    if not isinstance(outcome, str):
+                        self._copy_block(client.view(outcome, self._block_bytes), block_id, to_pool=True)
+                        stored += 1
+            except BaseException:
+                if reservation:
+                    client.abort(reservation)
+                raise
+            if reservation:
+                client.commit(reservation)
+            self._stats.data["saved_tokens"] += stored * self._block_size
+        except (OSError, KvTierError) as e:
+            self._daemon.fail(e)
+
+    def get_finished(self, finished_req_ids):
+        with self._lock:
+            self._finished.update(finished_req_ids)
+            done = self._finished & self._saves_done
+            self._finished -= done
+            self._saves_done -= done
+        return (done or None), None
+
+    def get_block_ids_with_load_errors(self):
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def get_kv_connector_stats(self):
+        if self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, KvTierStats()
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return KvTierStats(data=data) if data is not None else KvTierStats()
+
+    def shutdown(self):
+        if self._role != KVConnectorRole.SCHEDULER:
+            # Let queued saves land (bounded), so a finished run's prompts are not lost.
+            self._wait_idle(timeout=30)
+            self._saves.put(None)
+        if self._daemon.client is not None:
+            self._daemon.client.close()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _block_dim(t, num_blocks):
+    """The dimension of a per-layer KV tensor that indexes blocks: the one of `num_blocks`."""
+    dims = [d for d in range(t.dim()) if t.shape[d] == num_blocks]
+    if len(dims) != 1:
+        raise ValueError(f"kvtier: cannot tell the block dimension of a KV tensor of shape {tuple(t.shape)}")
+    return dims[0]
+
+
+def _block_slice(t, dim, block_id):
+    return t.select(dim, block_id)
+
+
+def _namespace_descriptor(vllm_config, kv_cache_config):
+    """The namespace fields from vLLM's configuration, and the bytes of one block."""
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    spec, num_layers = None, 0
+    if kv_cache_config is not None and kv_cache_config.kv_cache_groups:
+        group = kv_cache_config.kv_cache_groups[0]
+        spec, num_layers = group.kv_cache_spec, len(group.layer_names)
+    kv_heads = getattr(spec, "num_kv_heads", None) or mc.get_num_kv_heads(pc)
+    head_size = getattr(spec, "head_size", None) or mc.get_head_size()
+    dtype = getattr(spec, "dtype", None) or mc.dtype
+    block_bytes = spec.page_size_bytes * num_layers if spec is not None else 0
+    try:
+        from vllm.v1.core.kv_cache_utils import get_none_hash_seed
+
+        seed = get_none_hash_seed()
+    except ImportError:
+        seed = ""
+    desc = {
+        "model": str(mc.model),
+        "revision": str(mc.revision or ""),
+        "kv_dtype": str(dtype).replace("torch.", ""),
+        "tokens_per_block": cc.block_size,
+        "num_layers": num_layers,
+        "kv_heads": kv_heads,
+        "head_size": head_size,
+        "layout": "vllm-v1-per-layer",
+        "tp_rank": _rank(pc, "tp"),
+        "tp_size": pc.tensor_parallel_size,
+        "pp_rank": _rank(pc, "pp"),
+        "pp_size": pc.pipeline_parallel_size,
+        "hash_algo": str(cc.prefix_caching_hash_algo),
+        "hash_seed": seed,
+        "block_bytes": block_bytes,
+    }
+    return desc, block_bytes
+
+
+def _rank(pc, kind):
+    try:
+        from vllm.distributed import parallel_state
+
+        group = parallel_state.get_tp_group() if kind == "tp" else parallel_state.get_pp_group()
+        return group.rank_in_group
+    except Exception:  # the scheduler process has no groups: rank 0 speaks for all
+        return 0
+
+
+def _warn_if_hashes_are_private(vllm_config):
+    algo = str(vllm_config.cache_config.prefix_caching_hash_algo)
+    if algo.startswith("xxhash") and os.environ.get("PYTHONHASHSEED") is None:
+        logger.warning(
+            "kvtier: prefix_caching_hash_algo=%s with no PYTHONHASHSEED: block hashes are random per "
+            "process, so blocks saved by this engine cannot be shared with any other process",
+            algo,
+        )

@@ -1,0 +1,76 @@
+"""Runs the real vLLM (CPU build) on prompts given as token ids, optionally with KvTierConnector.
+
+Batch mode prints one line `RESULT {"outputs": [[ids]...], "cached_tokens": [...], "ttft": [...]}`.
+With --interactive it prints `READY`, then for each prompt index read from stdin one line
+`RESULT {"output": [ids], "cached_tokens": n, "ttft": s}`, so a test can act between requests.
+
+usage: python run_vllm.py MODEL_DIR PROMPTS_JSON [--socket PATH] [--max-tokens N] [--interactive]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("prompts", help="JSON file: a list of prompts, each a list of token ids")
+    ap.add_argument("--socket", help="kvtierd socket; without it vLLM runs without kvtier")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--prefix-caching", action="store_true", help="enable vLLM's own prefix cache")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--interactive", action="store_true")
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds to wait between prompts")
+    ap.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE")
+    a = ap.parse_args()
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = a.kv_cache_gib
+
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kw = {}
+    if a.socket:
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KvTierConnector",
+            kv_connector_module_path="kvtier.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config={"socket": a.socket},
+        )
+    llm = LLM(model=a.model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True,
+              enable_prefix_caching=a.prefix_caching, seed=0, **kw)
+    prompts = json.load(open(a.prompts))
+    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True)
+
+    def run(p):
+        t = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+        return list(out.outputs[0].token_ids), out.num_cached_tokens or 0, time.perf_counter() - t
+
+    if a.interactive:
+        print("READY", flush=True)
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            output, cached, secs = run(prompts[int(line)])
+            print("RESULT " + json.dumps({"output": output, "cached_tokens": cached, "ttft": secs}), flush=True)
+        return
+    results = []
+    for i, p in enumerate(prompts):
+        if i and a.pause:
+            time.sleep(a.pause)  # lets asynchronous saves of the previous prompt land
+        results.append(run(p))
+    print("RESULT " + json.dumps({
+        "outputs": [r[0] for r in results],
+        "cached_tokens": [r[1] for r in results],
+        "ttft": [r[2] for r in results],
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

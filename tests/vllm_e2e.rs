@@ -1,0 +1,187 @@
+//! End to end with the real vLLM (CPU build) and a tiny random-weight model built by the test:
+//! a second vLLM process loads its shared prefix from kvtierd and generates exactly the tokens of
+//! a run without kvtier; a killed daemon costs nothing but the cache; a restarted one is found
+//! again. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
+//! `KVTIER_VLLM_PYTHON`.
+
+use kvtier_tests::Daemon;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+/// vLLM's CPU block size, in tokens.
+const BLOCK: usize = 128;
+/// Tokens every prompt shares: 7 full blocks plus a partial one.
+const SHARED: usize = 7 * BLOCK + 40;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVTIER_VLLM_PYTHON") {
+        return p.into();
+    }
+    let out = Command::new(repo().join("scripts/vllm-venv")).output().expect("run scripts/vllm-venv");
+    assert!(out.status.success(), "scripts/vllm-venv failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("bin/python")
+}
+
+fn vllm(py: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(py);
+    cmd.arg(repo().join("tests/e2e/run_vllm.py")).args(args);
+    cmd.env("PYTHONPATH", repo().join("client/python")).env("HF_HUB_OFFLINE", "1").env("VLLM_CPU_KVCACHE_SPACE", "1");
+    cmd
+}
+
+fn result_line(stdout: &str) -> Option<Value> {
+    stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).map(|j| serde_json::from_str(j).unwrap())
+}
+
+/// Runs vLLM over all prompts in one process; returns (outputs, cached tokens) per prompt.
+fn run_batch(py: &Path, model: &Path, prompts: &Path, socket: Option<&Path>) -> (Vec<Value>, Vec<u64>) {
+    let mut args = vec![model.to_str().unwrap(), prompts.to_str().unwrap()];
+    if let Some(s) = socket {
+        args.extend(["--socket", s.to_str().unwrap()]);
+    }
+    let out = vllm(py, &args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: String =
+        stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    assert!(out.status.success(), "vLLM failed:\n{tail}");
+    assert!(!stderr.contains("Traceback"), "vLLM printed a traceback:\n{tail}");
+    let r = result_line(&stdout).unwrap_or_else(|| panic!("no RESULT line:\n{stdout}\n{tail}"));
+    let outputs = r["outputs"].as_array().unwrap().clone();
+    let cached = r["cached_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    (outputs, cached)
+}
+
+/// A vLLM process that serves one prompt per request, so the test can act in between.
+struct Interactive {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Interactive {
+    fn start(py: &Path, model: &Path, prompts: &Path, socket: &Path) -> Self {
+        let mut child = vllm(
+            py,
+            &[
+                model.to_str().unwrap(),
+                prompts.to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+                "--interactive",
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "READY" {
+            line.clear();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "vLLM exited before READY");
+        }
+        Self { child, stdin, stdout }
+    }
+
+    /// Serves prompt `i`; returns (output, cached tokens).
+    fn ask(&mut self, i: usize) -> (Value, u64) {
+        writeln!(self.stdin, "{i}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(self.stdout.read_line(&mut line).unwrap() > 0, "vLLM exited");
+            if let Some(r) = result_line(&line) {
+                return (r["output"].clone(), r["cached_tokens"].as_u64().unwrap());
+            }
+        }
+    }
+}
+
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    let mut x = 12345u64;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        3 + (x >> 33) as u32 % 1000
+    };
+    let shared: Vec<u32> = (0..SHARED).map(|_| next()).collect();
+    (0..4).map(|i| shared.iter().copied().chain((0..3 + i).map(|_| next())).collect()).collect()
+}
+
+fn daemon_stats(d: &Daemon) -> Value {
+    serde_json::from_slice(&d.kvtier(&["status", "--json"]).stdout).unwrap()
+}
+
+#[test]
+fn vllm_loads_shared_prefixes_from_kvtier() {
+    let py = python();
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    let made = Command::new(&py).arg(repo().join("tests/e2e/make_model.py")).arg(&model).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let prompts_file = work.path().join("prompts.json");
+    std::fs::write(&prompts_file, serde_json::to_string(&prompts()).unwrap()).unwrap();
+    let held_tokens = (SHARED / BLOCK * BLOCK) as u64;
+
+    // The reference: vLLM without kvtier.
+    let (reference, cached) = run_batch(&py, &model, &prompts_file, None);
+    assert_eq!(cached, vec![0; 4]);
+
+    // Two vLLM processes one after the other: the second loads the shared prefix from kvtierd.
+    let mut d = Daemon::start(&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB"]);
+    let one = work.path().join("one.json");
+    std::fs::write(&one, serde_json::to_string(&prompts()[..1]).unwrap()).unwrap();
+    let (out, cached) = run_batch(&py, &model, &one, Some(&d.socket));
+    assert_eq!((out[0].clone(), cached[0]), (reference[0].clone(), 0), "first run, nothing to load");
+    let stats = daemon_stats(&d);
+    assert_eq!(stats["tiers"][0]["blocks"].as_u64(), Some(held_tokens / BLOCK as u64), "prompt blocks saved: {stats}");
+    let (out, cached) = run_batch(&py, &model, &prompts_file, Some(&d.socket));
+    assert_eq!(cached[1], held_tokens, "second process got its shared prefix from kvtier");
+    assert_eq!(out, reference, "greedy tokens equal those of a run without kvtier");
+    let stats = daemon_stats(&d);
+    let loaded_blocks = stats["loaded_bytes"].as_u64().unwrap()
+        / (stats["saved_bytes"].as_u64().unwrap() / stats["tiers"][0]["blocks"].as_u64().unwrap());
+    assert!(loaded_blocks >= 4 * held_tokens / BLOCK as u64, "each of 4 prompts loaded the prefix: {stats}");
+
+    // Daemon SIGKILLed: the same outputs, no error, nothing cached.
+    d.kill();
+    assert!(!d.socket.exists() || std::os::unix::net::UnixStream::connect(&d.socket).is_err());
+    let (out, cached) = run_batch(&py, &model, &prompts_file, Some(&d.socket));
+    assert_eq!(out, reference, "outputs with the daemon gone");
+    assert_eq!(cached, vec![0; 4]);
+
+    // Daemon restarted while vLLM runs: the connector reconnects and hits again.
+    d.restart();
+    let mut e = Interactive::start(&py, &model, &prompts_file, &d.socket);
+    assert_eq!(e.ask(0), (reference[0].clone(), 0));
+    assert_eq!(e.ask(1), (reference[1].clone(), held_tokens));
+    d.restart();
+    // The first requests after the restart find the old connection broken and miss; the
+    // connector reconnects with backoff (0.1 s, doubling), saves again, and hits again.
+    let mut hits_after_restart = 0;
+    for i in [2, 3, 1, 2, 3, 1] {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (out, cached) = e.ask(i);
+        assert_eq!(out, reference[i], "prompt {i} after the restart");
+        if cached == held_tokens {
+            hits_after_restart += 1;
+        }
+    }
+    assert!(hits_after_restart >= 2, "the connector found the restarted daemon again");
+    assert!(daemon_stats(&d)["loaded_bytes"].as_u64().unwrap() > 0);
+}
