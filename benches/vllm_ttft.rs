@@ -5,44 +5,21 @@
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench vllm_ttft`
 //! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`)
 
-use kvtier_tests::Daemon;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use kvtier_tests::{make_model, result_line, run_vllm, vllm_python, Daemon};
+use std::path::Path;
 
 const PREFIX_TOKENS: usize = 4096;
 const RUNS: usize = 3;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVTIER_VLLM_PYTHON") {
-        return p.into();
-    }
-    let out = Command::new(repo().join("scripts/vllm-venv")).output().expect("scripts/vllm-venv");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("bin/python")
-}
-
 /// TTFT (seconds) of each prompt, served one after the other by one vLLM process.
 fn ttft(py: &Path, model: &Path, prompts: &Path, extra: &[&str]) -> Vec<f64> {
-    let out = Command::new(py)
-        .arg(repo().join("tests/e2e/run_vllm.py"))
-        .args([model.to_str().unwrap(), prompts.to_str().unwrap(), "--max-tokens", "1", "--pause", "1"])
-        .args(["--max-model-len", "8192", "--kv-cache-gib", "2"])
-        .args(extra)
-        .env("PYTHONPATH", repo().join("client/python"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| {
-        panic!(
-            "vLLM failed: {}",
-            String::from_utf8_lossy(&out.stderr).lines().rev().take(30).collect::<Vec<_>>().join("\n")
-        )
+    let base = [model.to_str().unwrap(), prompts.to_str().unwrap(), "--max-tokens", "1", "--pause", "1"];
+    let out =
+        run_vllm(py, &base).args(["--max-model-len", "8192", "--kv-cache-gib", "2"]).args(extra).output().unwrap();
+    let v = result_line(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        panic!("vLLM failed: {}", stderr.lines().rev().take(30).collect::<Vec<_>>().join("\n"))
     });
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
     v["ttft"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
@@ -52,16 +29,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let py = python();
+    let py = vllm_python();
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model");
-    let made = Command::new(&py)
-        .arg(repo().join("tests/e2e/make_model.py"))
-        .arg(&model)
-        .args(["--layers", "8", "--hidden", "1024", "--heads", "16", "--kv-heads", "8"])
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    make_model(&py, &model, &["--layers", "8", "--hidden", "1024", "--heads", "16", "--kv-heads", "8"]);
     // One long prompt, then RUNS prompts sharing its prefix with different tails.
     let mut x = 7u64;
     let mut next = || {

@@ -190,3 +190,38 @@ pub fn ok_stdout(out: &Output) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The Python of the venv with the real vLLM: `KVTIER_VLLM_PYTHON`, or the one `scripts/vllm-venv`
+/// creates (once, cached under `~/.cache/kvtier`).
+pub fn vllm_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVTIER_VLLM_PYTHON") {
+        return p.into();
+    }
+    let out = Command::new(repo().join("scripts/vllm-venv")).output().expect("run scripts/vllm-venv");
+    assert!(out.status.success(), "scripts/vllm-venv failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim()).join("bin/python")
+}
+
+/// A command running `tests/e2e/run_vllm.py` with `args`, the connector on the Python path.
+pub fn run_vllm(python: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.arg(repo().join("tests/e2e/run_vllm.py")).args(args);
+    cmd.env("PYTHONPATH", repo().join("client/python")).env("HF_HUB_OFFLINE", "1");
+    cmd
+}
+
+/// Builds the tiny random-weight model of `tests/e2e/make_model.py` in `dir` (extra `args` size it).
+pub fn make_model(python: &Path, dir: &Path, args: &[&str]) {
+    let out = Command::new(python).arg(repo().join("tests/e2e/make_model.py")).arg(dir).args(args).output().unwrap();
+    assert!(out.status.success(), "make_model.py failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The JSON of the `RESULT ` line `run_vllm.py` prints, if any.
+pub fn result_line(stdout: &str) -> Option<serde_json::Value> {
+    stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).map(|j| serde_json::from_str(j).expect("RESULT json"))
+}

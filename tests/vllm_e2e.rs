@@ -4,48 +4,35 @@
 //! again. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
 
-use kvtier_tests::Daemon;
+use kvtier_tests::{make_model, result_line, run_vllm, vllm_python, Daemon};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 
 /// vLLM's CPU block size, in tokens.
 const BLOCK: usize = 128;
 /// Tokens every prompt shares: 7 full blocks plus a partial one.
 const SHARED: usize = 7 * BLOCK + 40;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVTIER_VLLM_PYTHON") {
-        return p.into();
-    }
-    let out = Command::new(repo().join("scripts/vllm-venv")).output().expect("run scripts/vllm-venv");
-    assert!(out.status.success(), "scripts/vllm-venv failed: {}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("bin/python")
-}
-
-fn vllm(py: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(py);
-    cmd.arg(repo().join("tests/e2e/run_vllm.py")).args(args);
-    cmd.env("PYTHONPATH", repo().join("client/python")).env("HF_HUB_OFFLINE", "1").env("VLLM_CPU_KVCACHE_SPACE", "1");
-    cmd
-}
-
-fn result_line(stdout: &str) -> Option<Value> {
-    stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).map(|j| serde_json::from_str(j).unwrap())
-}
-
 /// Runs vLLM over all prompts in one process; returns (outputs, cached tokens) per prompt.
 fn run_batch(py: &Path, model: &Path, prompts: &Path, socket: Option<&Path>) -> (Vec<Value>, Vec<u64>) {
+    run_batch_with(py, model, prompts, socket, &[])
+}
+
+fn run_batch_with(
+    py: &Path,
+    model: &Path,
+    prompts: &Path,
+    socket: Option<&Path>,
+    extra: &[&str],
+) -> (Vec<Value>, Vec<u64>) {
     let mut args = vec![model.to_str().unwrap(), prompts.to_str().unwrap()];
     if let Some(s) = socket {
         args.extend(["--socket", s.to_str().unwrap()]);
     }
-    let out = vllm(py, &args).output().unwrap();
+    args.extend(extra);
+    let out = run_vllm(py, &args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let tail: String =
@@ -67,7 +54,7 @@ struct Interactive {
 
 impl Interactive {
     fn start(py: &Path, model: &Path, prompts: &Path, socket: &Path) -> Self {
-        let mut child = vllm(
+        let mut child = run_vllm(
             py,
             &[
                 model.to_str().unwrap(),
@@ -129,11 +116,10 @@ fn daemon_stats(d: &Daemon) -> Value {
 
 #[test]
 fn vllm_loads_shared_prefixes_from_kvtier() {
-    let py = python();
+    let py = vllm_python();
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model");
-    let made = Command::new(&py).arg(repo().join("tests/e2e/make_model.py")).arg(&model).output().unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    make_model(&py, &model, &[]);
     let prompts_file = work.path().join("prompts.json");
     std::fs::write(&prompts_file, serde_json::to_string(&prompts()).unwrap()).unwrap();
     let held_tokens = (SHARED / BLOCK * BLOCK) as u64;
@@ -150,8 +136,18 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert_eq!((out[0].clone(), cached[0]), (reference[0].clone(), 0), "first run, nothing to load");
     let stats = daemon_stats(&d);
     assert_eq!(stats["tiers"][0]["blocks"].as_u64(), Some(held_tokens / BLOCK as u64), "prompt blocks saved: {stats}");
-    let (out, cached) = run_batch(&py, &model, &prompts_file, Some(&d.socket));
+    let stats_file = work.path().join("connector-stats");
+    let stats_arg = stats_file.to_str().unwrap();
+    let (out, cached) = run_batch_with(&py, &model, &prompts_file, Some(&d.socket), &["--stats-file", stats_arg]);
     assert_eq!(cached[1], held_tokens, "second process got its shared prefix from kvtier");
+    assert!(cached.iter().all(|&c| c == held_tokens), "vLLM reports the external hits: {cached:?}");
+    let connector = |role: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(format!("{stats_arg}.{role}")).unwrap()).unwrap()
+    };
+    let (worker, scheduler) = (connector("worker"), connector("scheduler"));
+    assert_eq!(worker["loaded_tokens"].as_u64(), Some(4 * held_tokens), "connector's loaded tokens: {worker}");
+    assert_eq!(worker["load_errors"].as_u64(), Some(0), "{worker}");
+    assert_eq!(scheduler["matched_tokens"].as_u64(), Some(4 * held_tokens), "{scheduler}");
     assert_eq!(out, reference, "greedy tokens equal those of a run without kvtier");
     let stats = daemon_stats(&d);
     let loaded_blocks = stats["loaded_bytes"].as_u64().unwrap()

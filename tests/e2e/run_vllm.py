@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--prefix-caching", action="store_true", help="enable vLLM's own prefix cache")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--interactive", action="store_true")
+    ap.add_argument("--stats-file", help="the connector writes its totals to STATS_FILE.{scheduler,worker}")
     ap.add_argument("--pause", type=float, default=0.0, help="seconds to wait between prompts")
     ap.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE")
     a = ap.parse_args()
@@ -40,7 +41,7 @@ def main():
             kv_connector="KvTierConnector",
             kv_connector_module_path="kvtier.vllm",
             kv_role="kv_both",
-            kv_connector_extra_config={"socket": a.socket},
+            kv_connector_extra_config={"socket": a.socket, **({"stats_file": a.stats_file} if a.stats_file else {})},
         )
     llm = LLM(model=a.model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True,
               enable_prefix_caching=a.prefix_caching, seed=0, **kw)

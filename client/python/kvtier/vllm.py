@@ -19,6 +19,7 @@ tokens, or blocks reported through `get_block_ids_with_load_errors` (vLLM recomp
 connection is retried with backoff and an outage is logged once.
 """
 
+import json
 import logging
 import os
 import queue
@@ -167,6 +168,10 @@ class KvTierConnector(KVConnectorBase_V1):
         name = f"vllm-{role.name.lower()}-{os.getpid()}"
         self._daemon = _Daemon(socket_path, name, self._descriptor)
         self._stats = KvTierStats()
+        # Totals since start, written to `stats_file` (if configured) as they change.
+        self._totals = KvTierStats()
+        self._stats_file = extra.get("stats_file")
+        self._stats_lock = threading.Lock()
         _warn_if_hashes_are_private(vllm_config)
         if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
             # A cache miss is never an error: blocks that fail to load are recomputed.
@@ -195,6 +200,19 @@ class KvTierConnector(KVConnectorBase_V1):
         # A best-effort cache: a dropped save is just a future cache miss.
         return False
 
+    def _count(self, key, n):
+        with self._stats_lock:
+            self._stats.data[key] += n
+            self._totals.data[key] += n
+            if self._stats_file and n:
+                self._write_totals()
+
+    def _write_totals(self):
+        path = f"{self._stats_file}.{self._role.name.lower()}"
+        with open(path + ".tmp", "w") as f:
+            json.dump(self._totals.data, f)
+        os.replace(path + ".tmp", path)
+
     # ---------------------------------------------------------------- scheduler side
 
     def _loadable_blocks(self, request):
@@ -218,7 +236,7 @@ class KvTierConnector(KVConnectorBase_V1):
             self._daemon.fail(e)
             return 0, False
         tokens = max(0, matched * self._block_size - num_computed_tokens)
-        self._stats.data["matched_tokens"] += tokens
+        self._count("matched_tokens", tokens)
         return tokens, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
@@ -335,8 +353,8 @@ class KvTierConnector(KVConnectorBase_V1):
                 self._daemon.fail(e)
             failed = job.block_ids[loaded:]
             self._load_errors.update(failed)
-            self._stats.data["loaded_tokens"] += loaded * self._block_size
-            self._stats.data["load_errors"] += len(failed)
+            self._count("loaded_tokens", loaded * self._block_size)
+            self._count("load_errors", len(failed))
             if failed:
                 logger.debug("kvtier: %d of %d blocks of %s not loaded; vLLM recomputes them",
                              len(failed), len(job.block_ids), job.req_id)
@@ -395,7 +413,7 @@ class KvTierConnector(KVConnectorBase_V1):
                 raise
             if reservation:
                 client.commit(reservation)
-            self._stats.data["saved_tokens"] += stored * self._block_size
+            self._count("saved_tokens", stored * self._block_size)
         except (OSError, KvTierError) as e:
             self._daemon.fail(e)
 
@@ -412,10 +430,11 @@ class KvTierConnector(KVConnectorBase_V1):
         return errors
 
     def get_kv_connector_stats(self):
-        if self._stats.is_empty():
-            return None
-        out, self._stats = self._stats, KvTierStats()
-        return out
+        with self._stats_lock:
+            if self._stats.is_empty():
+                return None
+            out, self._stats = self._stats, KvTierStats()
+            return out
 
     @classmethod
     def build_kv_connector_stats(cls, data=None):
