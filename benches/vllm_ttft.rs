@@ -5,7 +5,7 @@
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench vllm_ttft`
 //! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`)
 
-use kvtier_tests::{make_model, result_line, run_vllm, vllm_python, Daemon};
+use kvtier_tests::{make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon};
 use std::path::Path;
 
 const PREFIX_TOKENS: usize = 4096;
@@ -14,12 +14,11 @@ const RUNS: usize = 3;
 /// TTFT (seconds) of each prompt, served one after the other by one vLLM process.
 fn ttft(py: &Path, model: &Path, prompts: &Path, extra: &[&str]) -> Vec<f64> {
     let base = [model.to_str().unwrap(), prompts.to_str().unwrap(), "--max-tokens", "1", "--pause", "1"];
-    let out =
-        run_vllm(py, &base).args(["--max-model-len", "8192", "--kv-cache-gib", "2"]).args(extra).output().unwrap();
-    let v = result_line(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|| {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        panic!("vLLM failed: {}", stderr.lines().rev().take(30).collect::<Vec<_>>().join("\n"))
-    });
+    let mut cmd = run_vllm(py, &base);
+    cmd.args(["--max-model-len", "8192", "--kv-cache-gib", "2"]).args(extra);
+    let (_, stdout, stderr) = run_to_end(cmd, model.parent().unwrap());
+    let v = result_line(&stdout)
+        .unwrap_or_else(|| panic!("vLLM failed: {}", stderr.lines().rev().take(30).collect::<Vec<_>>().join("\n")));
     v["ttft"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 

@@ -207,12 +207,33 @@ pub fn vllm_python() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim()).join("bin/python")
 }
 
-/// A command running `tests/e2e/run_vllm.py` with `args`, the connector on the Python path.
+/// A command running `tests/e2e/run_vllm.py` with `args`, the connector on the Python path, in a
+/// process group of its own (see [`kill_group`]).
 pub fn run_vllm(python: &Path, args: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(python);
     cmd.arg(repo().join("tests/e2e/run_vllm.py")).args(args);
     cmd.env("PYTHONPATH", repo().join("client/python")).env("HF_HUB_OFFLINE", "1");
+    cmd.process_group(0);
     cmd
+}
+
+/// SIGKILLs the process group led by `child` (vLLM's engine and worker processes with it), so
+/// nothing outlives a test holding its output pipes.
+pub fn kill_group(child: &Child) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGKILL);
+}
+
+/// Runs `cmd` (made by [`run_vllm`]) to its end with stdout and stderr in files under `dir`, then
+/// kills whatever its process group left behind. Returns (success, stdout, stderr).
+pub fn run_to_end(mut cmd: Command, dir: &Path) -> (bool, String, String) {
+    let (out, err) = (dir.join("vllm.stdout"), dir.join("vllm.stderr"));
+    cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(std::fs::File::create(&err).unwrap());
+    let mut child = cmd.spawn().expect("spawn vLLM");
+    let status = child.wait().expect("wait for vLLM");
+    kill_group(&child);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    (status.success(), read(&out), read(&err))
 }
 
 /// Builds the tiny random-weight model of `tests/e2e/make_model.py` in `dir` (extra `args` size it).

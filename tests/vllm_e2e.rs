@@ -4,7 +4,7 @@
 //! again. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
 
-use kvtier_tests::{make_model, result_line, run_vllm, vllm_python, Daemon};
+use kvtier_tests::{kill_group, make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -32,12 +32,11 @@ fn run_batch_with(
         args.extend(["--socket", s.to_str().unwrap()]);
     }
     args.extend(extra);
-    let out = run_vllm(py, &args).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let logs = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = run_to_end(run_vllm(py, &args), logs.path());
     let tail: String =
         stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    assert!(out.status.success(), "vLLM failed:\n{tail}");
+    assert!(ok, "vLLM failed:\n{tail}");
     assert!(!stderr.contains("Traceback"), "vLLM printed a traceback:\n{tail}");
     let r = result_line(&stdout).unwrap_or_else(|| panic!("no RESULT line:\n{stdout}\n{tail}"));
     let outputs = r["outputs"].as_array().unwrap().clone();
@@ -48,7 +47,7 @@ fn run_batch_with(
 /// A vLLM process that serves one prompt per request, so the test can act in between.
 struct Interactive {
     child: Child,
-    stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
@@ -68,7 +67,7 @@ impl Interactive {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-        let stdin = child.stdin.take().unwrap();
+        let stdin = child.stdin.take();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         while line.trim() != "READY" {
@@ -80,8 +79,9 @@ impl Interactive {
 
     /// Serves prompt `i`; returns (output, cached tokens).
     fn ask(&mut self, i: usize) -> (Value, u64) {
-        writeln!(self.stdin, "{i}").unwrap();
-        self.stdin.flush().unwrap();
+        let stdin = self.stdin.as_mut().expect("open stdin");
+        writeln!(stdin, "{i}").unwrap();
+        stdin.flush().unwrap();
         let mut line = String::new();
         loop {
             line.clear();
@@ -95,7 +95,18 @@ impl Interactive {
 
 impl Drop for Interactive {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // Closing stdin ends run_vllm.py, which shuts vLLM down with its engine processes; if
+        // that does not happen in time, the whole process group goes (vLLM's engine and worker
+        // processes would otherwise outlive the test, holding its output pipes).
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        kill_group(&self.child);
         let _ = self.child.wait();
     }
 }
