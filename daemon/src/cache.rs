@@ -140,11 +140,7 @@ impl HostCache {
 
     /// Name of the eviction policy.
     pub fn policy_name(&self) -> &'static str {
-        match self.policy_kind {
-            PolicyKind::Lru => "lru",
-            PolicyKind::PrefixLfu => "prefix-lfu",
-            PolicyKind::Belady => "belady",
-        }
+        self.policy_kind.name()
     }
 
     /// Registers (or finds) a namespace with its block size.

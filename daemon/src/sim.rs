@@ -165,7 +165,7 @@ pub fn sweep(trace: &Trace, pcts: &[f64], policies: &[PolicyKind]) -> Vec<SimRes
                 let (hits, total) = simulate(trace, cap, kind);
                 **slots[j].lock().expect("unpoisoned") = Some(SimResult {
                     capacity_pct: pct,
-                    policy: kind.build().name().to_string(),
+                    policy: kind.name().to_string(),
                     hit_rate: hits as f64 / total.max(1) as f64,
                 });
             });

@@ -45,6 +45,13 @@ fn evict_returns_only_tracked_evictable_handles_and_untracks_them() {
 }
 
 #[test]
+fn kind_names_match_policy_names() {
+    for kind in ALL {
+        assert_eq!(kind.name(), kind.build().name());
+    }
+}
+
+#[test]
 fn pinned_blocks_are_never_evicted() {
     for kind in ALL {
         let mut p = kind.build();

@@ -74,6 +74,15 @@ impl PolicyKind {
         }
     }
 
+    /// The policy's name, as in config files and reports (e.g. `"prefix-lfu"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Lru => "lru",
+            PolicyKind::PrefixLfu => "prefix-lfu",
+            PolicyKind::Belady => "belady",
+        }
+    }
+
     /// Whether the policy needs knowledge of the future (simulation only).
     pub fn is_offline(self) -> bool {
         matches!(self, PolicyKind::Belady)
