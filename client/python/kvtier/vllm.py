@@ -235,14 +235,14 @@ class KvTierConnector(KVConnectorBase_V1):
         except (OSError, KvTierError) as e:
             self._daemon.fail(e)
             return 0, False
-        tokens = max(0, matched * self._block_size - num_computed_tokens)
-        self._count("matched_tokens", tokens)
-        return tokens, False
+        return max(0, matched * self._block_size - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
         self._requests[request.request_id] = request
         if num_external_tokens <= 0:
             return
+        # Counted here, once per request (the lookup may be asked more than once).
+        self._count("matched_tokens", num_external_tokens)
         block_ids = blocks.get_block_ids()[0]
         first = self._local.get(request.request_id, 0) // self._block_size
         last = first + num_external_tokens // self._block_size
