@@ -74,12 +74,4 @@ impl PoolMapping {
         // In bounds of a live mapping; pinned, so nobody writes it meanwhile.
         Ok(unsafe { std::slice::from_raw_parts(src, len) })
     }
-
-    /// Copies the slot's bytes into `out` (a slot pinned by this client's lease).
-    pub fn read(&self, slot: Slot, out: &mut [u8]) -> Result<(), OutOfBounds> {
-        let src = self.range(slot, out.len())?;
-        // Pinned slots are not rewritten until released.
-        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
-        Ok(())
-    }
 }
