@@ -243,8 +243,7 @@ impl Client {
     /// the reservation of the next chunk in flight while this one is copied.
     pub async fn save(&mut self, ns: &Namespace, hashes: &[Bytes], blocks: &[&[u8]]) -> Result<SaveReport> {
         assert_eq!(hashes.len(), blocks.len(), "one block per hash");
-        let chunks: Vec<(usize, usize)> =
-            (0..hashes.len()).step_by(CHUNK_BLOCKS).map(|i| (i, (i + CHUNK_BLOCKS).min(hashes.len()))).collect();
+        let chunks = chunk_ranges(hashes.len());
         let mut report = SaveReport::default();
         let mut commits_in_flight = 0;
         let mut next_reserved = None; // the chunk whose reservation is in flight
@@ -309,8 +308,7 @@ impl Client {
         hashes: &[Bytes],
         mut visit: impl FnMut(usize, &[u8]),
     ) -> Result<usize> {
-        let chunks: Vec<(usize, usize)> =
-            (0..hashes.len()).step_by(CHUNK_BLOCKS).map(|i| (i, (i + CHUNK_BLOCKS).min(hashes.len()))).collect();
+        let chunks = chunk_ranges(hashes.len());
         let Some(&(a, b)) = chunks.first() else { return Ok(0) };
         self.send_all(vec![acquire_op(ns, &hashes[a..b])]).await?;
         let mut loaded = 0;
@@ -356,6 +354,11 @@ impl Client {
 
 /// Blocks per request when [`Client::save`] and [`Client::load`] move long runs.
 pub const CHUNK_BLOCKS: usize = 512;
+
+/// `(start, end)` of each chunk of at most [`CHUNK_BLOCKS`] in a run of `n` blocks.
+fn chunk_ranges(n: usize) -> Vec<(usize, usize)> {
+    (0..n).step_by(CHUNK_BLOCKS).map(|i| (i, (i + CHUNK_BLOCKS).min(n))).collect()
+}
 
 fn acquire_op(ns: &Namespace, hashes: &[Bytes]) -> request::Op {
     request::Op::Acquire(pb::Acquire { handle: ns.handle, hashes: hashes.to_vec() })
