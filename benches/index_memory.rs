@@ -5,7 +5,7 @@
 
 use kvtier_daemon::alloc::SlabAllocator;
 use kvtier_daemon::block::BlockHash;
-use kvtier_daemon::cache::{CacheLimits, ClientId, HostCache};
+use kvtier_daemon::cache::{BlockCache, CacheLimits, ClientId};
 use kvtier_daemon::namespace::NamespaceId;
 use kvtier_daemon::policy::PolicyKind;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -39,7 +39,7 @@ const PROMPT: usize = 40;
 fn bytes_per_block(policy: PolicyKind) -> f64 {
     let before = LIVE.load(Relaxed);
     // One slab of exactly BLOCKS 4 KiB slots: the allocator's slot table is counted too.
-    let mut cache = HostCache::new(SlabAllocator::new(1, BLOCKS as u64 * 4096, 1), policy, CacheLimits::default());
+    let mut cache = BlockCache::new(SlabAllocator::new(1, BLOCKS as u64 * 4096, 1), policy, CacheLimits::default());
     let ns = cache.register(NamespaceId([7; 16]), 4096).unwrap();
     let client = ClientId(1);
     let mut id = 0u64;

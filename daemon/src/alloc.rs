@@ -122,11 +122,8 @@ impl SlabAllocator {
     /// `ns` nor a free slab has room. The caller guarantees `ns` always asks with the same stride.
     pub fn alloc(&mut self, ns: NsIdx, stride: u64, tag: u32) -> Option<SlotId> {
         assert!(stride > 0 && stride <= self.slab_bytes, "stride {stride} does not fit a slab");
+        self.ensure_namespace(ns);
         let i = ns.0 as usize;
-        if self.partial.len() <= i {
-            self.partial.resize_with(i + 1, Vec::new);
-            self.owned.resize(i + 1, 0);
-        }
         while let Some(&slab) = self.partial[i].last() {
             if self.slabs[slab as usize].has_free() {
                 return Some(self.take_from(slab, tag));
@@ -135,7 +132,21 @@ impl SlabAllocator {
             self.partial[i].pop();
         }
         let slab = self.free_slabs.pop()?;
-        self.owned[i] += 1;
+        self.own(slab, ns, stride);
+        Some(self.take_from(slab, tag))
+    }
+
+    fn ensure_namespace(&mut self, ns: NsIdx) {
+        let i = ns.0 as usize;
+        if self.partial.len() <= i {
+            self.partial.resize_with(i + 1, Vec::new);
+            self.owned.resize(i + 1, 0);
+        }
+    }
+
+    /// Gives free slab `slab` (already off the free list) to `ns`, cut into `stride` slots.
+    fn own(&mut self, slab: u32, ns: NsIdx, stride: u64) {
+        self.owned[ns.0 as usize] += 1;
         let s = &mut self.slabs[slab as usize];
         s.owner = Some(ns);
         s.stride = stride;
@@ -145,8 +156,38 @@ impl SlabAllocator {
         s.tags = vec![NO_TAG; s.capacity as usize];
         s.used = 0;
         s.in_partial = true;
-        self.partial[i].push(slab);
-        Some(self.take_from(slab, tag))
+        self.partial[ns.0 as usize].push(slab);
+    }
+
+    /// Marks one given slot used, as when rebuilding from a persistent index. `false` if the slot
+    /// is out of range, already used, or in a slab of another namespace or stride. Claims in
+    /// ascending slot order within a slab cost O(1) each.
+    pub fn claim(&mut self, id: SlotId, ns: NsIdx, stride: u64, tag: u32) -> bool {
+        if id.slab as usize >= self.slabs.len() || stride == 0 || id.slot as u64 >= self.slab_bytes / stride {
+            return false;
+        }
+        self.ensure_namespace(ns);
+        match self.slabs[id.slab as usize].owner {
+            None => {
+                let Some(p) = self.free_slabs.iter().position(|&x| x == id.slab) else { return false };
+                self.free_slabs.remove(p);
+                self.own(id.slab, ns, stride);
+            }
+            Some(o) if o != ns || self.slabs[id.slab as usize].stride != stride => return false,
+            Some(_) => {}
+        }
+        let s = &mut self.slabs[id.slab as usize];
+        if id.slot >= s.next_fresh {
+            s.free.extend(s.next_fresh..id.slot);
+            s.next_fresh = id.slot + 1;
+        } else if let Some(p) = s.free.iter().position(|&x| x == id.slot) {
+            s.free.swap_remove(p);
+        } else {
+            return false;
+        }
+        s.tags[id.slot as usize] = tag;
+        s.used += 1;
+        true
     }
 
     fn take_from(&mut self, slab: u32, tag: u32) -> SlotId {
@@ -265,6 +306,23 @@ mod tests {
         let y = a.alloc(NsIdx(1), 16384, 1).unwrap();
         assert_eq!(a.location(y), (0, 0));
         assert_eq!(a.largest_owner_except(NsIdx(0)), Some((NsIdx(1), 1)));
+    }
+
+    #[test]
+    fn claims_rebuild_the_same_state() {
+        let mut a = SlabAllocator::new(3, 4 * 4096, 3);
+        assert!(a.claim(SlotId { slab: 1, slot: 2 }, NsIdx(0), 4096, 5));
+        assert!(!a.claim(SlotId { slab: 1, slot: 2 }, NsIdx(0), 4096, 6), "already used");
+        assert!(!a.claim(SlotId { slab: 1, slot: 3 }, NsIdx(1), 4096, 6), "another namespace's slab");
+        assert!(!a.claim(SlotId { slab: 2, slot: 4 }, NsIdx(0), 4096, 6), "past the slab's end");
+        assert!(a.claim(SlotId { slab: 1, slot: 0 }, NsIdx(0), 4096, 7), "a gap below is still free");
+        assert_eq!((a.tag(SlotId { slab: 1, slot: 2 }), a.used_bytes()), (Some(5), 2 * 4096));
+        // The two gaps-and-tail slots come out of alloc, then the other slabs.
+        let mut got: Vec<_> = (0..2).map(|i| a.alloc(NsIdx(0), 4096, 10 + i).unwrap()).collect();
+        got.sort_by_key(|s| s.slot);
+        assert_eq!(got, vec![SlotId { slab: 1, slot: 1 }, SlotId { slab: 1, slot: 3 }]);
+        assert_eq!(a.free_slab_count(), 2);
+        assert_ne!(a.alloc(NsIdx(0), 4096, 20).unwrap().slab, 1);
     }
 
     #[test]

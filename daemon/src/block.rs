@@ -84,3 +84,18 @@ pub struct SlotId {
     /// Slot number within the slab.
     pub slot: u32,
 }
+
+impl SlotId {
+    /// "No slot": the block has no copy in this tier.
+    pub const NONE: SlotId = SlotId { slab: u32::MAX, slot: u32::MAX };
+
+    /// True unless this is [`SlotId::NONE`].
+    pub fn is_some(self) -> bool {
+        self != Self::NONE
+    }
+
+    /// True for [`SlotId::NONE`].
+    pub fn is_none(self) -> bool {
+        self == Self::NONE
+    }
+}

@@ -1,15 +1,28 @@
-//! The host tier's brain: index, eviction policy and slot allocator together, as pure logic.
+//! The tiers' brain: index, eviction policies, disk admission and slot allocators, as pure logic.
 //!
-//! `HostCache` decides which slot a block goes to, what is visible, what is pinned and what is
-//! evicted. It never touches the pool's bytes: the server hands slot locations to clients, who
-//! copy through their own mapping. The trace simulator drives this same type.
+//! `BlockCache` decides which slot a block goes to in the host pool and on disk, what is visible,
+//! what is pinned, what is demoted, promoted and evicted. It never touches bytes: the server hands
+//! slot locations to clients, who copy through their own mapping, and the disk mechanism executes
+//! the [`Demotion`]s and [`Promotion`]s it plans. The trace simulator drives this same type.
+//!
+//! Life of a block: reserved (invisible) -> committed in the host tier (tracked by the host
+//! policy) -> under pressure taken out of the host policy and either written to disk (admission
+//! permitting) or not -> cold queue (still servable; dropped from the host first when room is
+//! needed) -> disk-only -> promoted back into the host tier when acquired or prefetched.
+
+mod disk;
+mod tier;
+
+pub use disk::{Demotion, DiskChange, DiskSetup, DiskStats, Promotion, PromotionOutcome, PromotionPlan, RestoreError};
 
 use crate::alloc::{slot_stride, SlabAllocator};
 use crate::block::{BlockHash, BlockKey, Handle, NsIdx, SlotId};
-use crate::index::{BlockIndex, EntryState};
+use crate::index::{flags, BlockIndex, EntryState};
 use crate::namespace::{NamespaceId, NamespaceInfo, NamespaceTable};
-use crate::policy::{Access, Eviction, PolicyKind};
+use crate::policy::{Access, PolicyKind};
+use disk::DiskState;
 use std::collections::HashMap;
+use tier::{Tier, TierSel};
 
 /// Identifies one client (connection) for ownership of reservations and pins.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -48,6 +61,15 @@ pub enum Reserved {
     NoSpace,
 }
 
+/// Where a held block can be served from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TierKind {
+    /// In the host pool, ready to be acquired.
+    Host,
+    /// Only on disk: promoted into the pool before it is served.
+    Disk,
+}
+
 /// Counters and gauges of the host tier.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -55,17 +77,19 @@ pub struct CacheStats {
     pub capacity_bytes: u64,
     /// Bytes of slots in use (reserved or committed).
     pub used_bytes: u64,
-    /// Committed blocks.
+    /// Committed blocks with a copy in the pool.
     pub blocks: u64,
     /// Blocks reserved and not yet committed.
     pub reserved_blocks: u64,
     /// Registered namespaces.
     pub namespaces: u64,
-    /// Blocks found by lookups.
+    /// Blocks found by lookups (in either tier).
     pub hit_blocks: u64,
+    /// Of those, blocks found only on disk.
+    pub disk_hit_blocks: u64,
     /// Blocks asked for by lookups and not found.
     pub miss_blocks: u64,
-    /// Blocks evicted to make room.
+    /// Host copies dropped to make room (the block may live on on disk).
     pub evicted_blocks: u64,
     /// Bytes committed.
     pub saved_bytes: u64,
@@ -82,7 +106,7 @@ struct Held {
     handles: Vec<Handle>,
 }
 
-/// Limits of a [`HostCache`].
+/// Limits of a [`BlockCache`].
 #[derive(Clone, Debug)]
 pub struct CacheLimits {
     /// Most namespaces the daemon accepts.
@@ -97,14 +121,13 @@ impl Default for CacheLimits {
     }
 }
 
-/// Index + policy + allocator of the host tier.
-pub struct HostCache {
+/// Index, policies and allocators of the host tier and, when configured, the disk tier.
+pub struct BlockCache {
     index: BlockIndex,
-    alloc: SlabAllocator,
+    host: Tier,
+    disk: Option<DiskState>,
     namespaces: NamespaceTable,
     policy_kind: PolicyKind,
-    /// One policy per namespace: a victim must free a slot of the right stride.
-    policies: Vec<Box<dyn Eviction>>,
     reservations: HashMap<u64, Held>,
     leases: HashMap<u64, Held>,
     held_by_client: HashMap<ClientId, usize>,
@@ -112,25 +135,37 @@ pub struct HostCache {
     limits: CacheLimits,
     stats: CacheStats,
     oracle: Option<FutureOracle>,
+    /// Bytes before each block in its slot (room for the on-disk slot header; 0 without disk).
+    header_bytes: u64,
 }
 
-impl HostCache {
-    /// A cache over `alloc`'s slots, evicting with `policy`.
+impl BlockCache {
+    /// A host-only cache over `alloc`'s slots, evicting with `policy`.
     pub fn new(alloc: SlabAllocator, policy: PolicyKind, limits: CacheLimits) -> Self {
         Self {
             index: BlockIndex::default(),
             stats: CacheStats { capacity_bytes: alloc.capacity_bytes(), ..Default::default() },
-            alloc,
+            host: Tier::new(alloc, policy),
+            disk: None,
             namespaces: NamespaceTable::default(),
             policy_kind: policy,
-            policies: Vec::new(),
             reservations: HashMap::new(),
             leases: HashMap::new(),
             held_by_client: HashMap::new(),
             next_id: 1,
             limits,
             oracle: None,
+            header_bytes: 0,
         }
+    }
+
+    /// A cache with a disk tier below the host tier. Every slot (host and disk) starts with
+    /// `setup.header_bytes` for the on-disk header, so a block moves with one I/O.
+    pub fn with_disk(host: SlabAllocator, policy: PolicyKind, limits: CacheLimits, setup: DiskSetup) -> Self {
+        let mut c = Self::new(host, policy, limits);
+        c.header_bytes = setup.header_bytes;
+        c.disk = Some(DiskState::new(setup, policy, c.host.alloc.capacity_bytes()));
+        c
     }
 
     /// Installs a source of future knowledge for offline policies (simulation only).
@@ -154,18 +189,21 @@ impl HostCache {
             }
             return Ok(ns);
         }
-        if block_bytes == 0 || slot_stride(block_bytes) > self.alloc.slab_bytes() {
+        let stride = slot_stride(block_bytes) + self.header_bytes;
+        if block_bytes == 0 || stride > self.host.alloc.slab_bytes() {
             return Err(CacheError::WrongBlockSize(format!(
-                "{block_bytes} bytes per block; must be 1..={} (pool.slab_bytes)",
-                self.alloc.slab_bytes()
+                "{block_bytes} bytes per block; must be 1..={} (pool.slab_bytes less the slot header)",
+                self.host.alloc.slab_bytes() - self.header_bytes
             )));
         }
         if self.namespaces.len() >= self.limits.max_namespaces.min(u16::MAX as usize) {
             return Err(CacheError::TooManyNamespaces(self.limits.max_namespaces));
         }
-        self.policies.push(self.policy_kind.build());
-        let info = NamespaceInfo { id, block_bytes, stride: slot_stride(block_bytes) };
-        Ok(self.namespaces.add(info))
+        self.host.add_namespace();
+        if let Some(d) = &mut self.disk {
+            d.add_namespace();
+        }
+        Ok(self.namespaces.add(NamespaceInfo { id, block_bytes, stride }))
     }
 
     /// Info of a registered namespace.
@@ -182,22 +220,66 @@ impl HostCache {
         self.index.find(key).filter(|&h| self.index.get(h).state == EntryState::Committed)
     }
 
-    /// Length of the longest leading run of `hashes` held and committed in `ns`; counts hits and misses.
-    pub fn lookup(&mut self, ns: NsIdx, hashes: &[BlockHash]) -> usize {
-        let matched = self.peek_prefix(ns, hashes);
-        self.stats.hit_blocks += matched as u64;
-        self.stats.miss_blocks += (hashes.len() - matched) as u64;
-        matched
+    fn servable_from_host(&self, h: Handle) -> bool {
+        let e = self.index.get(h);
+        e.slot.is_some() && e.flags & flags::PROMOTING == 0
     }
 
-    /// Like [`lookup`](Self::lookup) without counting.
+    /// Length of the longest leading run of `hashes` held and committed in `ns`; counts hits and misses.
+    pub fn lookup(&mut self, ns: NsIdx, hashes: &[BlockHash]) -> usize {
+        self.lookup_tiers(ns, hashes).len()
+    }
+
+    /// Like [`lookup`](Self::lookup), telling the tier of each block of the held prefix.
+    pub fn lookup_tiers(&mut self, ns: NsIdx, hashes: &[BlockHash]) -> Vec<TierKind> {
+        let mut tiers = Vec::new();
+        for &hash in hashes {
+            let Some(h) = self.committed(&BlockKey { ns, hash }) else { break };
+            tiers.push(if self.servable_from_host(h) { TierKind::Host } else { TierKind::Disk });
+        }
+        self.stats.hit_blocks += tiers.len() as u64;
+        self.stats.disk_hit_blocks += tiers.iter().filter(|&&t| t == TierKind::Disk).count() as u64;
+        self.stats.miss_blocks += (hashes.len() - tiers.len()) as u64;
+        tiers
+    }
+
+    /// Length of the longest leading run of `hashes` held in either tier, without counting.
     pub fn peek_prefix(&self, ns: NsIdx, hashes: &[BlockHash]) -> usize {
         hashes.iter().take_while(|&&hash| self.committed(&BlockKey { ns, hash }).is_some()).count()
+    }
+
+    fn host_prefix(&self, ns: NsIdx, hashes: &[BlockHash]) -> usize {
+        let held = |hash: &BlockHash| {
+            self.committed(&BlockKey { ns, hash: *hash }).is_some_and(|h| self.servable_from_host(h))
+        };
+        hashes.iter().take_while(|h| held(h)).count()
     }
 
     fn access(&mut self, key: &BlockKey, parent: Option<Handle>) -> Access {
         let next_use = self.oracle.as_mut().and_then(|o| o(key));
         Access { parent, next_use }
+    }
+
+    /// Records a use of committed `h` in the policies of the tiers holding it.
+    fn used(&mut self, h: Handle) {
+        let e = *self.index.get(h);
+        let access = self.access(&e.key, None);
+        self.index.get_mut(h).flags |= flags::REUSED;
+        if e.disk.is_some() {
+            self.disk_mut().tier.policy(e.key.ns).touch(h, &access);
+        }
+        if e.slot.is_none() || e.flags & flags::PROMOTING != 0 {
+            return;
+        }
+        if e.flags & flags::COLD != 0 {
+            self.leave_cold(h);
+            let access = self.access(&e.key, e.parent);
+            self.host.policy(e.key.ns).insert(h, &access);
+        } else if e.flags & flags::DEMOTING != 0 {
+            self.index.get_mut(h).flags |= flags::WANTED;
+        } else {
+            self.host.policy(e.key.ns).touch(h, &access);
+        }
     }
 
     fn charge(&mut self, client: ClientId, n: usize) -> Result<(), CacheError> {
@@ -224,8 +306,8 @@ impl HostCache {
     }
 
     /// Reserves slots for `hashes` (a run of one prompt, in prefix order; `parent` is the hash
-    /// before `hashes[0]`). Blocks already held are touched and reported `Present`. Once a block
-    /// gets `NoSpace`, so do all after it (a prefix with a hole is useless).
+    /// before `hashes[0]`). Blocks already held (in either tier) are touched and reported
+    /// `Present`. Once a block gets `NoSpace`, so do all after it (a prefix with a hole is useless).
     /// Returns the reservation id (0 if nothing was reserved) and one outcome per hash.
     pub fn reserve(
         &mut self,
@@ -249,15 +331,14 @@ impl HostCache {
             }
             if let Some(h) = self.index.find(&key) {
                 if self.index.get(h).state == EntryState::Committed {
-                    let access = self.access(&key, None);
-                    self.policies[ns.0 as usize].touch(h, &access);
+                    self.used(h);
                     self.pin(h, &mut pinned_here);
                 }
                 outcomes.push(Reserved::Present);
                 prev = Some(h);
                 continue;
             }
-            match self.make_room_and_insert(key, prev) {
+            match self.insert_reserved(key, prev) {
                 Some(h) => {
                     outcomes.push(Reserved::Slot(self.index.get(h).slot));
                     reserved.push(h);
@@ -289,29 +370,15 @@ impl HostCache {
         true
     }
 
-    /// Inserts a reserved entry for `key` with a slot, evicting if needed.
-    fn make_room_and_insert(&mut self, key: BlockKey, parent: Option<Handle>) -> Option<Handle> {
-        let ns = key.ns;
-        let stride = self.namespaces.get(ns).stride;
-        let placeholder = SlotId { slab: u32::MAX, slot: u32::MAX };
-        let h = self.index.insert(key, placeholder, parent);
-        let slot = loop {
-            if let Some(slot) = self.alloc.alloc(ns, stride, h.0) {
-                break Some(slot);
+    /// Inserts a reserved entry for `key` with a host slot, making room if needed.
+    fn insert_reserved(&mut self, key: BlockKey, parent: Option<Handle>) -> Option<Handle> {
+        let h = self.index.insert(key, SlotId::NONE, parent);
+        if let Some(d) = &mut self.disk {
+            if d.admission.seen_before(disk::fingerprint(&key)) {
+                self.index.get_mut(h).flags |= flags::REUSED;
             }
-            let below_share = self.alloc.slabs_of(ns) < self.fair_share(ns);
-            if below_share && self.reclaim_slab_from_others(ns, true) {
-                continue;
-            }
-            if self.evict_one(ns) {
-                continue;
-            }
-            if self.reclaim_slab_from_others(ns, false) {
-                continue;
-            }
-            break None;
-        };
-        match slot {
+        }
+        match self.alloc_slot(TierSel::Host, key.ns, h) {
             Some(slot) => {
                 self.index.get_mut(h).slot = slot;
                 Some(h)
@@ -323,56 +390,109 @@ impl HostCache {
         }
     }
 
-    /// Slabs each namespace with data (plus `ns`) may claim before others must give way.
-    fn fair_share(&self, ns: NsIdx) -> usize {
-        let active = self.alloc.owners() + usize::from(self.alloc.slabs_of(ns) == 0);
-        self.alloc.slab_count() / active.max(1)
+    fn tier(&mut self, t: TierSel) -> &mut Tier {
+        match t {
+            TierSel::Host => &mut self.host,
+            TierSel::Disk => &mut self.disk_mut().tier,
+        }
     }
 
-    fn evict_one(&mut self, ns: NsIdx) -> bool {
+    fn disk_mut(&mut self) -> &mut DiskState {
+        self.disk.as_mut().expect("disk tier configured")
+    }
+
+    /// A free slot of tier `t` for `ns`, tagged `h`: taken free, from another namespace above its
+    /// share, from the cold queue (host), by evicting, or from another namespace at all.
+    fn alloc_slot(&mut self, t: TierSel, ns: NsIdx, h: Handle) -> Option<SlotId> {
+        let stride = self.namespaces.get(ns).stride;
+        loop {
+            if let Some(slot) = self.tier(t).alloc.alloc(ns, stride, h.0) {
+                return Some(slot);
+            }
+            let made_room = (self.tier(t).below_share(ns) && self.reclaim_slab(t, ns, true))
+                || (t == TierSel::Host && self.pop_cold(ns))
+                || self.evict_one(t, ns)
+                || self.reclaim_slab(t, ns, false);
+            if !made_room {
+                return None;
+            }
+        }
+    }
+
+    fn evict_one(&mut self, t: TierSel, ns: NsIdx) -> bool {
         let index = &self.index;
-        let victim = self.policies[ns.0 as usize].evict(&mut |h| index.get(h).pins == 0);
-        match victim {
+        let tier = match t {
+            TierSel::Host => &mut self.host,
+            TierSel::Disk => &mut self.disk.as_mut().expect("disk tier").tier,
+        };
+        match tier.policy(ns).evict(&mut |h| index.get(h).pins == 0) {
             Some(h) => {
-                self.drop_entry(h);
-                self.stats.evicted_blocks += 1;
+                self.drop_copy(t, h);
                 true
             }
             None => false,
         }
     }
 
-    fn drop_entry(&mut self, h: Handle) {
-        let e = self.index.remove(h);
-        self.alloc.free(e.slot);
-        if e.state == EntryState::Committed {
-            self.stats.blocks -= 1;
+    /// Empties one slab of another namespace whose blocks are all committed and unpinned.
+    fn reclaim_slab(&mut self, t: TierSel, ns: NsIdx, only_above_share: bool) -> bool {
+        let index = &self.index;
+        let evictable = |tag: u32| {
+            let e = index.get(Handle(tag));
+            e.state == EntryState::Committed && e.pins == 0
+        };
+        let tier = match t {
+            TierSel::Host => &self.host,
+            TierSel::Disk => &self.disk.as_ref().expect("disk tier").tier,
+        };
+        let Some((owner, victims)) = tier.reclaimable_slab(ns, only_above_share, evictable) else {
+            return false;
+        };
+        for tag in victims {
+            let h = Handle(tag);
+            match t {
+                TierSel::Host if self.index.get(h).flags & flags::COLD != 0 => self.leave_cold(h),
+                _ => self.tier(t).policy(owner).remove(h),
+            }
+            self.drop_copy(t, h);
+        }
+        true
+    }
+
+    /// Drops `h`'s copy in tier `t` (already out of that tier's policy and cold queue); an entry
+    /// left with no copy leaves the index.
+    fn drop_copy(&mut self, t: TierSel, h: Handle) {
+        match t {
+            TierSel::Host => {
+                let e = self.index.get_mut(h);
+                let slot = std::mem::replace(&mut e.slot, SlotId::NONE);
+                let (key, on_disk) = (e.key, e.disk.is_some());
+                self.host.alloc.free(slot);
+                self.stats.blocks -= 1;
+                self.stats.evicted_blocks += 1;
+                if !on_disk {
+                    if let Some(d) = &mut self.disk {
+                        d.admission.dropped(disk::fingerprint(&key));
+                    }
+                    self.index.remove(h);
+                }
+            }
+            TierSel::Disk => {
+                let e = self.index.get_mut(h);
+                let slot = std::mem::replace(&mut e.disk, SlotId::NONE);
+                let (key, in_host) = (e.key, e.slot.is_some());
+                self.disk_mut().forget(key, slot);
+                if !in_host {
+                    self.index.remove(h);
+                }
+            }
         }
     }
 
-    /// Empties one slab of another namespace (the largest owner, only above its fair share if
-    /// `only_above_share`) whose blocks are all committed and unpinned, and frees it.
-    fn reclaim_slab_from_others(&mut self, ns: NsIdx, only_above_share: bool) -> bool {
-        let Some((owner, count)) = self.alloc.largest_owner_except(ns) else {
-            return false;
-        };
-        if only_above_share && count <= self.fair_share(owner) {
-            return false;
-        }
-        let index = &self.index;
-        let evictable = |t: u32| {
-            let e = index.get(Handle(t));
-            e.state == EntryState::Committed && e.pins == 0
-        };
-        let slab = self.alloc.slabs_owned_by(owner).find(|&s| self.alloc.tags_in(s).all(evictable));
-        let Some(slab) = slab else { return false };
-        let victims: Vec<u32> = self.alloc.tags_in(slab).collect();
-        for t in victims {
-            self.policies[owner.0 as usize].remove(Handle(t));
-            self.drop_entry(Handle(t));
-            self.stats.evicted_blocks += 1;
-        }
-        true
+    /// Drops a reserved entry and its slot.
+    fn drop_reserved(&mut self, h: Handle) {
+        let e = self.index.remove(h);
+        self.host.alloc.free(e.slot);
     }
 
     /// Makes every block of a reservation visible.
@@ -384,7 +504,7 @@ impl HostCache {
             e.state = EntryState::Committed;
             let (key, parent) = (e.key, e.parent);
             let access = self.access(&key, parent);
-            self.policies[held.ns.0 as usize].insert(h, &access);
+            self.host.policy(held.ns).insert(h, &access);
         }
         let n = held.handles.len();
         self.stats.blocks += n as u64;
@@ -398,7 +518,7 @@ impl HostCache {
     pub fn abort(&mut self, client: ClientId, reservation: u64) -> Result<(), CacheError> {
         let held = self.take_held(client, reservation, true)?;
         for &h in &held.handles {
-            self.drop_entry(h);
+            self.drop_reserved(h);
         }
         self.stats.reserved_blocks -= held.handles.len() as u64;
         self.refund(client, held.handles.len());
@@ -413,25 +533,24 @@ impl HostCache {
         }
     }
 
-    /// Pins the longest leading run of held `hashes` for reading and counts it as a use.
-    /// Returns the lease id (0 if nothing was pinned) and the slots in prefix order.
+    /// Pins the longest leading run of `hashes` servable from the pool and counts it as a use.
+    /// Returns the lease id (0 if nothing was pinned) and the slots in prefix order. Blocks only
+    /// on disk end the run: promote them first ([`begin_promotions`](Self::begin_promotions)).
     pub fn acquire(
         &mut self,
         client: ClientId,
         ns: NsIdx,
         hashes: &[BlockHash],
     ) -> Result<(u64, Vec<SlotId>), CacheError> {
-        let matched = self.peek_prefix(ns, hashes);
+        let matched = self.host_prefix(ns, hashes);
         self.charge(client, matched)?;
         let mut pinned = Vec::with_capacity(matched);
         for &hash in &hashes[..matched] {
-            let key = BlockKey { ns, hash };
-            let h = self.index.find(&key).expect("matched prefix is indexed");
+            let h = self.index.find(&BlockKey { ns, hash }).expect("matched prefix is indexed");
             if !self.pin(h, &mut pinned) {
                 break;
             }
-            let access = self.access(&key, None);
-            self.policies[ns.0 as usize].touch(h, &access);
+            self.used(h);
         }
         self.refund(client, matched - pinned.len());
         if pinned.is_empty() {
@@ -468,15 +587,26 @@ impl HostCache {
         self.held_by_client.remove(&client);
     }
 
-    /// Where a slot lives in the pool mapping: (segment, byte offset).
+    /// Where a block's bytes live in the pool mapping: (segment, byte offset), past the header.
     pub fn slot_location(&self, slot: SlotId) -> (u32, u64) {
-        self.alloc.location(slot)
+        let (segment, offset) = self.host.alloc.location(slot);
+        (segment, offset + self.header_bytes)
+    }
+
+    /// Where a whole host slot (header included) lives: (segment, byte offset).
+    pub fn host_slot_start(&self, slot: SlotId) -> (u32, u64) {
+        self.host.alloc.location(slot)
+    }
+
+    /// Bytes before each block in its slot.
+    pub fn header_bytes(&self) -> u64 {
+        self.header_bytes
     }
 
     /// Counters and gauges.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            used_bytes: self.alloc.used_bytes(),
+            used_bytes: self.host.alloc.used_bytes(),
             namespaces: self.namespaces.len() as u64,
             ..self.stats.clone()
         }
@@ -484,7 +614,8 @@ impl HostCache {
 
     /// Heap bytes of the index and policies (for the per-block memory benchmark).
     pub fn metadata_heap_bytes(&self) -> usize {
-        self.index.heap_bytes() + self.policies.iter().map(|p| p.heap_bytes()).sum::<usize>()
+        let disk = self.disk.as_ref().map_or(0, |d| d.heap_bytes());
+        self.index.heap_bytes() + self.host.policies.iter().map(|p| p.heap_bytes()).sum::<usize>() + disk
     }
 }
 

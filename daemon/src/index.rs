@@ -1,7 +1,7 @@
 //! The block index: key -> entry, nothing else (CacheLib's "access container").
 //!
 //! Entries live in a dense array addressed by [`Handle`]; a hash table of handles finds them by key.
-//! At one million blocks this costs about 60 bytes per block (see `docs/benchmarks.md`).
+//! At one million blocks this costs about 70 bytes per block (see `docs/benchmarks.md`).
 
 use crate::block::{BlockKey, Handle, SlotId};
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -16,6 +16,20 @@ pub enum EntryState {
     Committed,
 }
 
+/// Flag bits of an [`Entry`]: where a committed block is in its life between the tiers.
+pub mod flags {
+    /// Used at least once since it was stored (a hit, or saved again after being dropped).
+    pub const REUSED: u8 = 1;
+    /// Host copy taken out of the host policy, waiting in the cold queue to be dropped.
+    pub const COLD: u8 = 2;
+    /// Host copy being written to disk (pinned, out of the host policy).
+    pub const DEMOTING: u8 = 4;
+    /// Host slot being filled from disk (pinned, not servable from the host yet).
+    pub const PROMOTING: u8 = 8;
+    /// Used while demoting: goes back into the host policy, not the cold queue.
+    pub const WANTED: u8 = 16;
+}
+
 /// One block known to the index.
 #[derive(Clone, Copy, Debug)]
 pub struct Entry {
@@ -25,8 +39,12 @@ pub struct Entry {
     pub state: EntryState,
     /// Readers currently holding the block; a pinned block is never evicted.
     pub pins: u16,
-    /// Where the bytes live in the host pool.
+    /// [`flags`] bits.
+    pub flags: u8,
+    /// Where the bytes live in the host pool ([`SlotId::NONE`] if only on disk).
     pub slot: SlotId,
+    /// Where the bytes live on disk ([`SlotId::NONE`] if not there).
+    pub disk: SlotId,
     /// The previous block of the prefix, if it was held when this one was stored.
     pub parent: Option<Handle>,
 }
@@ -89,7 +107,7 @@ impl BlockIndex {
     /// Inserts a new reserved entry. The caller guarantees `key` is not already present.
     pub fn insert(&mut self, key: BlockKey, slot: SlotId, parent: Option<Handle>) -> Handle {
         debug_assert!(self.find(&key).is_none(), "duplicate key {key:?}");
-        let entry = Entry { key, state: EntryState::Reserved, pins: 0, slot, parent };
+        let entry = Entry { key, state: EntryState::Reserved, pins: 0, flags: 0, slot, disk: SlotId::NONE, parent };
         let h = match self.free.pop() {
             Some(h) => {
                 self.entries[h as usize] = Some(entry);
@@ -196,6 +214,6 @@ mod tests {
 
     #[test]
     fn entry_stays_small() {
-        assert!(std::mem::size_of::<Option<Entry>>() <= 56, "{}", std::mem::size_of::<Option<Entry>>());
+        assert!(std::mem::size_of::<Option<Entry>>() <= 64, "{}", std::mem::size_of::<Option<Entry>>());
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, NsIdx};
-use crate::cache::{CacheError, CacheLimits, CacheStats, ClientId, HostCache, Reserved};
+use crate::cache::{BlockCache, CacheError, CacheLimits, CacheStats, ClientId, Reserved};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceId;
@@ -27,7 +27,7 @@ pub enum ReservedAt {
 
 /// Shared state of a running daemon.
 pub struct Node {
-    cache: Mutex<HostCache>,
+    cache: Mutex<BlockCache>,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
@@ -49,11 +49,11 @@ impl Node {
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
             ..CacheLimits::default()
         };
-        let cache = HostCache::new(alloc, config.policy.eviction, limits);
+        let cache = BlockCache::new(alloc, config.policy.eviction, limits);
         Ok(Self { cache: Mutex::new(cache), pool, metrics: Metrics::default(), config, next_client: AtomicU64::new(1) })
     }
 
-    fn cache(&self) -> MutexGuard<'_, HostCache> {
+    fn cache(&self) -> MutexGuard<'_, BlockCache> {
         // The cache's invariants hold between calls; a panic mid-call is a bug we still survive.
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -1,12 +1,12 @@
 //! Trace-driven simulation of the host tier: replays request traces through the real
-//! [`HostCache`] (index, policy, allocator) with no pool, file or socket behind it.
+//! [`BlockCache`] (index, policy, allocator) with no pool, file or socket behind it.
 //!
 //! A request hits on the longest leading run of its blocks the cache holds; after it is served,
 //! all its blocks are stored (as a connector saves a finished prompt).
 
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, BlockKey};
-use crate::cache::{CacheLimits, ClientId, HostCache};
+use crate::cache::{BlockCache, CacheLimits, ClientId};
 use crate::namespace::NamespaceId;
 use crate::policy::PolicyKind;
 use serde::{Deserialize, Serialize};
@@ -114,7 +114,7 @@ const SIM_BLOCK_BYTES: u64 = 4096;
 pub fn simulate(trace: &Trace, capacity_blocks: usize, policy: PolicyKind) -> (u64, u64) {
     let cap = capacity_blocks.max(1) as u64;
     let alloc = SlabAllocator::new(1, cap * SIM_BLOCK_BYTES, 1);
-    let mut cache = HostCache::new(alloc, policy, CacheLimits::default());
+    let mut cache = BlockCache::new(alloc, policy, CacheLimits::default());
     let ns = cache.register(NamespaceId([0; 16]), SIM_BLOCK_BYTES).expect("block fits");
     let future = policy.is_offline().then(|| Arc::new(Future::new(trace)));
     if let Some(f) = &future {

@@ -12,13 +12,13 @@ fn hs(r: std::ops::Range<u64>) -> Vec<BlockHash> {
 }
 
 /// A cache of `slabs` slabs of four 4 KiB slots, one namespace of 4 KiB blocks.
-fn cache(slabs: u32, policy: PolicyKind) -> (HostCache, NsIdx) {
-    let mut c = HostCache::new(SlabAllocator::new(slabs, 4 * 4096, 2), policy, CacheLimits::default());
+fn cache(slabs: u32, policy: PolicyKind) -> (BlockCache, NsIdx) {
+    let mut c = BlockCache::new(SlabAllocator::new(slabs, 4 * 4096, 2), policy, CacheLimits::default());
     let ns = c.register(NamespaceId([1; 16]), 4096).unwrap();
     (c, ns)
 }
 
-fn save(c: &mut HostCache, ns: NsIdx, hashes: &[BlockHash]) -> Vec<Reserved> {
+fn save(c: &mut BlockCache, ns: NsIdx, hashes: &[BlockHash]) -> Vec<Reserved> {
     let (id, out) = c.reserve(A, ns, hashes, None).unwrap();
     if id != 0 {
         c.commit(A, id).unwrap();
@@ -165,7 +165,7 @@ fn newcomer_namespace_gets_its_fair_share() {
 #[test]
 fn held_blocks_per_client_are_limited() {
     let limits = CacheLimits { max_held_per_client: 3, ..Default::default() };
-    let mut c = HostCache::new(SlabAllocator::new(2, 4 * 4096, 2), PolicyKind::Lru, limits);
+    let mut c = BlockCache::new(SlabAllocator::new(2, 4 * 4096, 2), PolicyKind::Lru, limits);
     let ns = c.register(NamespaceId([1; 16]), 4096).unwrap();
     assert!(matches!(c.reserve(A, ns, &hs(0..4), None), Err(CacheError::TooManyHeld { .. })));
     let (id, _) = c.reserve(A, ns, &hs(0..3), None).unwrap();
@@ -189,4 +189,213 @@ fn slot_locations_are_distinct_and_inside_the_pool() {
     locs.dedup();
     assert_eq!(locs.len(), 16);
     assert!(locs.iter().all(|&(seg, off)| seg < 2 && off < 2 * 4 * 4096));
+}
+
+mod disk_tier {
+    use super::*;
+    use crate::cache::{DiskChange, DiskSetup, PromotionOutcome, TierKind};
+    use crate::policy::AdmissionKind;
+
+    const HDR: u64 = 4096;
+
+    /// Host: `host_slabs` slabs of 4 slots; disk: `disk_slabs` slabs of 4 slots; 4 KiB blocks
+    /// with a 4 KiB header; a reserve of one quarter of the pool.
+    fn tiered(host_slabs: u32, disk_slabs: u32, admission: AdmissionKind) -> (BlockCache, NsIdx) {
+        let slab = 4 * (4096 + HDR);
+        let setup = DiskSetup {
+            alloc: SlabAllocator::new(disk_slabs, slab, disk_slabs),
+            header_bytes: HDR,
+            admission,
+            reserve_fraction: 0.25,
+        };
+        let host = SlabAllocator::new(host_slabs, slab, host_slabs);
+        let mut c = BlockCache::with_disk(host, PolicyKind::Lru, CacheLimits::default(), setup);
+        let ns = c.register(NamespaceId([1; 16]), 4096).unwrap();
+        (c, ns)
+    }
+
+    /// Plans and completes every demotion at once; returns how many blocks were written.
+    fn demote_all(c: &mut BlockCache) -> usize {
+        let plan = c.plan_demotions(usize::MAX);
+        for d in &plan {
+            c.complete_demotion(d, Some(d.generation * 7));
+        }
+        plan.len()
+    }
+
+    fn promote_all(c: &mut BlockCache, ns: NsIdx, hashes: &[BlockHash], outcome: PromotionOutcome) -> usize {
+        let plan = c.begin_promotions(ns, hashes);
+        for p in &plan.started {
+            c.complete_promotion(p, outcome);
+        }
+        plan.started.len()
+    }
+
+    #[test]
+    fn slots_leave_room_for_the_header() {
+        let (mut c, ns) = tiered(1, 1, AdmissionKind::Always);
+        let out = save(&mut c, ns, &hs(0..1));
+        let Reserved::Slot(s) = out[0] else { panic!("{out:?}") };
+        assert_eq!(c.slot_location(s).1, c.host_slot_start(s).1 + HDR);
+        assert_eq!(c.namespace(ns).stride, 4096 + HDR);
+    }
+
+    #[test]
+    fn pressure_demotes_the_coldest_and_cold_blocks_go_first() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..8));
+        assert_eq!(demote_all(&mut c), 2, "a quarter of 8 slots");
+        assert_eq!(demote_all(&mut c), 0, "the reserve is met");
+        let changes = c.take_disk_changes();
+        assert!(matches!(changes[..], [DiskChange::Stored { .. }, DiskChange::Stored { .. }]), "{changes:?}");
+        // Still served from the host while cold.
+        assert_eq!(c.lookup_tiers(ns, &hs(0..8)), vec![TierKind::Host; 8]);
+        save(&mut c, ns, &hs(8..10));
+        let tiers = c.lookup_tiers(ns, &hs(0..10));
+        assert_eq!(&tiers[..2], &[TierKind::Disk, TierKind::Disk], "host copies of 0 and 1 dropped first");
+        assert_eq!(&tiers[2..], &[TierKind::Host; 8]);
+        assert_eq!(c.acquire(A, ns, &hs(0..10)).unwrap().0, 0, "disk-only blocks are not acquired");
+        assert_eq!(c.disk_stats().unwrap().blocks, 2);
+    }
+
+    #[test]
+    fn promotion_makes_a_prefix_acquirable() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..8));
+        demote_all(&mut c);
+        save(&mut c, ns, &hs(8..10));
+        assert_eq!(promote_all(&mut c, ns, &hs(0..10), PromotionOutcome::Verified), 0, "10 blocks never fit 8 slots");
+        assert_eq!(promote_all(&mut c, ns, &hs(0..4), PromotionOutcome::Verified), 2);
+        let (lease, slots) = c.acquire(A, ns, &hs(0..10)).unwrap();
+        assert!(lease != 0 && slots.len() == 4, "room came from 4 and 5, not the prefix: {slots:?}");
+        let st = c.disk_stats().unwrap();
+        assert_eq!((st.promoted_blocks, st.read_bytes), (2, 2 * (4096 + HDR)));
+        assert!(c.stats().used_bytes <= c.stats().capacity_bytes);
+    }
+
+    #[test]
+    fn a_corrupt_promotion_drops_the_block_everywhere() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..8));
+        demote_all(&mut c);
+        save(&mut c, ns, &hs(8..10));
+        c.take_disk_changes();
+        let plan = c.begin_promotions(ns, &hs(0..1));
+        assert_eq!(plan.pending, 1);
+        assert_eq!(c.begin_promotions(ns, &hs(0..1)).pending, 1, "in flight: not started twice");
+        assert!(c.begin_promotions(ns, &hs(0..1)).started.is_empty());
+        c.complete_promotion(&plan.started[0], PromotionOutcome::Corrupt);
+        assert_eq!(c.lookup(ns, &hs(0..1)), 0);
+        let st = c.disk_stats().unwrap();
+        assert_eq!((st.corrupt_blocks, st.blocks), (1, 1));
+        assert!(matches!(c.take_disk_changes()[..], [DiskChange::Removed { .. }]));
+    }
+
+    #[test]
+    fn reused_admission_skips_one_hit_blocks() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Reused);
+        save(&mut c, ns, &hs(0..8));
+        let (lease, _) = c.acquire(A, ns, &hs(0..1)).unwrap();
+        c.release(A, lease).unwrap();
+        // LRU order is now 1, 2, ..., 7, 0: the two coldest (1, 2) were never hit.
+        assert_eq!(demote_all(&mut c), 0);
+        assert_eq!(c.disk_stats().unwrap().not_admitted_blocks, 2);
+        save(&mut c, ns, &hs(8..10));
+        assert_eq!(c.lookup(ns, &hs(1..2)), 0, "dropped, not written");
+        // Saved again after the drop: now it has shown it comes back, and is admitted.
+        save(&mut c, ns, &hs(1..2));
+        for i in [0, 4, 5, 6, 7, 8, 9] {
+            let (lease, _) = c.acquire(A, ns, &hs(i..i + 1)).unwrap();
+            c.release(A, lease).unwrap();
+        }
+        let plan = c.plan_demotions(usize::MAX);
+        assert!(plan.iter().any(|d| d.key.hash == h(1)), "{plan:?}");
+    }
+
+    #[test]
+    fn a_block_used_while_demoting_stays_hot() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..8));
+        let plan = c.plan_demotions(1);
+        assert_eq!(plan[0].key.hash, h(0));
+        let (lease, _) = c.acquire(A, ns, &hs(0..1)).unwrap();
+        c.release(A, lease).unwrap();
+        c.complete_demotion(&plan[0], Some(1));
+        // Block 0 is hot again: the next pressure takes 1 and 2, and 0 survives new saves.
+        demote_all(&mut c);
+        save(&mut c, ns, &hs(8..10));
+        assert_eq!(c.lookup_tiers(ns, &hs(0..1)), vec![TierKind::Host]);
+    }
+
+    #[test]
+    fn a_full_disk_evicts_its_coldest_copy_and_records_it_first() {
+        let (mut c, ns) = tiered(2, 1, AdmissionKind::Always);
+        for round in 0..4u64 {
+            save(&mut c, ns, &hs(round * 4..round * 4 + 4));
+            demote_all(&mut c);
+        }
+        let st = c.disk_stats().unwrap();
+        assert_eq!(st.used_bytes, st.capacity_bytes.min(st.blocks * (4096 + HDR)));
+        assert!(st.evicted_blocks > 0, "{st:?}");
+        let changes = c.take_disk_changes();
+        // Every removal of a slot comes before that slot is stored again.
+        let mut live = std::collections::HashMap::new();
+        for ch in changes {
+            match ch {
+                DiskChange::Stored { slot, key, .. } => assert!(live.insert(slot, key).is_none(), "slot reused early"),
+                DiskChange::Removed { slot, key, .. } => assert_eq!(live.remove(&slot), Some(key)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_block_host_only() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..8));
+        for d in c.plan_demotions(usize::MAX) {
+            c.complete_demotion(&d, None);
+        }
+        assert_eq!(c.disk_stats().unwrap().used_bytes, 0);
+        assert!(c.take_disk_changes().is_empty());
+        save(&mut c, ns, &hs(8..10));
+        assert_eq!(c.lookup(ns, &hs(0..1)), 0, "dropped from the host with no disk copy");
+    }
+
+    #[test]
+    fn restore_rebuilds_disk_only_blocks() {
+        let (mut c, _) = tiered(2, 2, AdmissionKind::Always);
+        let id = NamespaceId([9; 16]);
+        let slot = |s| SlotId { slab: 1, slot: s };
+        assert_eq!(c.restore_disk_block(id, 4096, h(1), slot(0)), Ok(()));
+        assert_eq!(c.restore_disk_block(id, 4096, h(2), slot(2)), Ok(()));
+        assert_eq!(c.restore_disk_block(id, 4096, h(2), slot(3)), Err(RestoreError::Duplicate));
+        assert_eq!(c.restore_disk_block(id, 4096, h(3), slot(2)), Err(RestoreError::SlotTaken));
+        assert_eq!(c.restore_disk_block(id, 4096, h(4), slot(9)), Err(RestoreError::SlotTaken));
+        assert!(matches!(c.restore_disk_block(id, 1 << 30, h(5), slot(1)), Err(RestoreError::Namespace(_))));
+        let ns = c.find_namespace(&id).unwrap();
+        assert_eq!(c.lookup_tiers(ns, &[h(1)]), vec![TierKind::Disk]);
+        assert_eq!(c.disk_stats().unwrap().restored_blocks, 2);
+        assert_eq!(promote_all(&mut c, ns, &[h(2), h(1)], PromotionOutcome::Verified), 2);
+        assert_eq!(c.acquire(A, ns, &[h(1), h(2)]).unwrap().1.len(), 2);
+    }
+
+    #[test]
+    fn disabling_the_disk_keeps_host_copies_only() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..8));
+        demote_all(&mut c);
+        save(&mut c, ns, &hs(8..10));
+        let inflight = c.begin_promotions(ns, &hs(0..1)).started;
+        assert_eq!(c.disable_disk(), 2);
+        assert!(!c.has_disk());
+        assert!(c.plan_demotions(8).is_empty());
+        c.complete_promotion(&inflight[0], PromotionOutcome::IoError);
+        assert_eq!(c.lookup(ns, &hs(0..2)), 0);
+        // Room for the promotion came from the least recent host block (2, never written).
+        assert_eq!(c.lookup(ns, &hs(2..3)), 0);
+        assert_eq!(c.lookup(ns, &hs(3..10)), 7);
+        assert_eq!(c.disk_stats().unwrap().blocks, 0);
+        save(&mut c, ns, &hs(10..20));
+        assert!(c.stats().used_bytes <= c.stats().capacity_bytes);
+    }
 }

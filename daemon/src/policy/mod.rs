@@ -1,13 +1,15 @@
-//! Eviction policies: which committed block of a namespace goes next.
+//! Eviction policies (which committed block of a namespace goes next) and disk admission.
 //!
 //! One algorithm per file, all behind [`Eviction`]. Policies are pure logic: they see handles and
 //! access events, never memory, files or sockets, so a trace simulation runs them unchanged.
 
+mod admission;
 mod belady;
 mod heap;
 mod lru;
 mod prefix_lfu;
 
+pub use admission::{Admission, AdmissionKind};
 pub use belady::Belady;
 pub use heap::IndexedHeap;
 pub use lru::Lru;
