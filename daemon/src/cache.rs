@@ -232,14 +232,20 @@ impl BlockCache {
 
     /// Like [`lookup`](Self::lookup), telling the tier of each block of the held prefix.
     pub fn lookup_tiers(&mut self, ns: NsIdx, hashes: &[BlockHash]) -> Vec<TierKind> {
+        let tiers = self.peek_tiers(ns, hashes);
+        self.stats.hit_blocks += tiers.len() as u64;
+        self.stats.disk_hit_blocks += tiers.iter().filter(|&&t| t == TierKind::Disk).count() as u64;
+        self.stats.miss_blocks += (hashes.len() - tiers.len()) as u64;
+        tiers
+    }
+
+    /// Like [`lookup_tiers`](Self::lookup_tiers) without counting.
+    pub fn peek_tiers(&self, ns: NsIdx, hashes: &[BlockHash]) -> Vec<TierKind> {
         let mut tiers = Vec::new();
         for &hash in hashes {
             let Some(h) = self.committed(&BlockKey { ns, hash }) else { break };
             tiers.push(if self.servable_from_host(h) { TierKind::Host } else { TierKind::Disk });
         }
-        self.stats.hit_blocks += tiers.len() as u64;
-        self.stats.disk_hit_blocks += tiers.iter().filter(|&&t| t == TierKind::Disk).count() as u64;
-        self.stats.miss_blocks += (hashes.len() - tiers.len()) as u64;
         tiers
     }
 
@@ -265,6 +271,9 @@ impl BlockCache {
         let e = *self.index.get(h);
         let access = self.access(&e.key, None);
         self.index.get_mut(h).flags |= flags::REUSED;
+        if e.flags & flags::REUSED == 0 {
+            self.queue_writeback(h);
+        }
         if e.disk.is_some() {
             self.disk_mut().tier.policy(e.key.ns).touch(h, &access);
         }
@@ -505,6 +514,7 @@ impl BlockCache {
             let (key, parent) = (e.key, e.parent);
             let access = self.access(&key, parent);
             self.host.policy(held.ns).insert(h, &access);
+            self.queue_writeback(h);
         }
         let n = held.handles.len();
         self.stats.blocks += n as u64;

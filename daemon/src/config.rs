@@ -3,7 +3,7 @@
 //! Every setting has a default that works on a laptop: the socket under a per-user runtime
 //! directory, a 256 MiB pool, metrics on localhost. `kvtierd --print-config` shows the result.
 
-use crate::policy::PolicyKind;
+use crate::policy::{AdmissionKind, PolicyKind};
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ pub struct Config {
     pub pool: PoolConfig,
     /// Eviction and admission.
     pub policy: PolicyConfig,
+    /// Disk tier (spill files).
+    pub disk: DiskConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
 }
@@ -63,6 +65,40 @@ pub struct PoolConfig {
 pub struct PolicyConfig {
     /// Host-tier eviction policy: "lru" or "prefix-lfu".
     pub eviction: PolicyKind,
+}
+
+/// The disk tier: spill files on local NVMe, driven by io_uring.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Spill directories, one per device; empty disables the disk tier.
+    pub dirs: Vec<PathBuf>,
+    /// Size of the spill file in each directory (preallocated).
+    pub bytes_per_dir: ByteSize,
+    /// io_uring queue depth per directory.
+    pub queue_depth: u32,
+    /// Which blocks leaving the pool are written: "reused" (used twice) or "always".
+    pub admission: AdmissionKind,
+    /// Share of the pool kept free or ready to drop by demoting early (0 to 0.5).
+    pub reserve_fraction: f64,
+    /// Longest an acquire waits for promotions before serving what is in the pool.
+    pub promote_timeout_ms: u64,
+    /// On SIGTERM, how long to keep writing admitted blocks back before exiting.
+    pub shutdown_flush_secs: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            dirs: Vec::new(),
+            bytes_per_dir: ByteSize::gib(4),
+            queue_depth: 32,
+            admission: AdmissionKind::Reused,
+            reserve_fraction: 0.125,
+            promote_timeout_ms: 2000,
+            shutdown_flush_secs: 10,
+        }
+    }
 }
 
 /// Metrics endpoint.
@@ -152,6 +188,21 @@ impl Config {
         anyhow::ensure!(self.server.max_inflight > 0, "server.max_inflight must be > 0");
         anyhow::ensure!(self.server.max_frame_bytes.as_u64() >= 1024, "server.max_frame_bytes must be >= 1 KiB");
         anyhow::ensure!(self.policy.eviction != PolicyKind::Belady, "belady needs the future: simulation only");
+        let d = &self.disk;
+        anyhow::ensure!((0.0..=0.5).contains(&d.reserve_fraction), "disk.reserve_fraction must be in 0..=0.5");
+        anyhow::ensure!((1..=4096).contains(&d.queue_depth), "disk.queue_depth must be in 1..=4096");
+        if !d.dirs.is_empty() {
+            anyhow::ensure!(
+                d.bytes_per_dir.as_u64() >= self.pool.slab_bytes.as_u64(),
+                "disk.bytes_per_dir ({}) must hold at least one slab (pool.slab_bytes = {})",
+                d.bytes_per_dir,
+                self.pool.slab_bytes
+            );
+            anyhow::ensure!(
+                self.pool.segment_bytes.as_u64() <= 1 << 30,
+                "pool.segment_bytes must be <= 1 GiB with a disk tier (io_uring fixed buffers)"
+            );
+        }
         crate::pool::PoolGeometry::plan(
             self.pool.bytes.as_u64(),
             self.pool.segment_bytes.as_u64(),

@@ -1,7 +1,7 @@
 //! kvtierd: the node-local KV-cache tiering daemon.
 //!
 //! Policy (what to keep, where) is pure logic in [`block`], [`index`], [`policy`], [`alloc`] and
-//! [`cache`]; mechanism (memory, sockets) lives in [`pool`] and [`server`]. [`sim`] replays traces
+//! [`cache`]; mechanism (memory, files, sockets) lives in [`pool`], [`disk`] and [`server`]. [`sim`] replays traces
 //! through the same policy code.
 
 #![warn(missing_docs)]
@@ -10,6 +10,7 @@ pub mod alloc;
 pub mod block;
 pub mod cache;
 pub mod config;
+pub mod disk;
 pub mod index;
 pub mod metrics;
 pub mod namespace;

@@ -116,6 +116,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "kvtierd {} ready",
         env!("CARGO_PKG_VERSION")
     );
+    node.start_background();
     tokio::spawn(connector::serve(Arc::clone(&node), listener));
     if !cfg.metrics.listen.is_empty() {
         let tcp = tokio::net::TcpListener::bind(&cfg.metrics.listen)
@@ -136,5 +137,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ = int.recv() => info!("SIGINT: shutting down"),
     }
     let _ = std::fs::remove_file(&socket);
+    node.shutdown(std::time::Duration::from_secs(cfg.disk.shutdown_flush_secs)).await;
     Ok(())
 }

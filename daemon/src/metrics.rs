@@ -1,6 +1,6 @@
 //! Daemon metrics: counters kept with atomics on the hot path, rendered as Prometheus text.
 
-use crate::cache::CacheStats;
+use crate::cache::{CacheStats, DiskStats};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -26,12 +26,24 @@ pub enum Op {
     Release,
     /// Stats.
     Stats,
+    /// Prefetch.
+    Prefetch,
 }
 
 impl Op {
     /// Every op, in metric order.
-    pub const ALL: [Op; 9] =
-        [Op::Hello, Op::Register, Op::Lookup, Op::Reserve, Op::Commit, Op::Abort, Op::Acquire, Op::Release, Op::Stats];
+    pub const ALL: [Op; 10] = [
+        Op::Hello,
+        Op::Register,
+        Op::Lookup,
+        Op::Reserve,
+        Op::Commit,
+        Op::Abort,
+        Op::Acquire,
+        Op::Release,
+        Op::Stats,
+        Op::Prefetch,
+    ];
 
     /// Label value.
     pub fn name(self) -> &'static str {
@@ -45,6 +57,7 @@ impl Op {
             Op::Acquire => "acquire",
             Op::Release => "release",
             Op::Stats => "stats",
+            Op::Prefetch => "prefetch",
         }
     }
 }
@@ -111,7 +124,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of these counters and `cache`.
-    pub fn render(&self, cache: &CacheStats, pool_locked: bool) -> String {
+    pub fn render(&self, cache: &CacheStats, disk: Option<&DiskStats>, pool_locked: bool) -> String {
         let mut o = String::with_capacity(8192);
         let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
@@ -127,6 +140,59 @@ impl Metrics {
         gauge("kvtier_evicted_blocks_total", "Blocks evicted from the host tier.", "counter", cache.evicted_blocks);
         gauge("kvtier_saved_bytes_total", "Bytes committed into the host tier.", "counter", cache.saved_bytes);
         gauge("kvtier_loaded_bytes_total", "Bytes handed out for loading.", "counter", cache.loaded_bytes);
+        gauge(
+            "kvtier_disk_hit_blocks_total",
+            "Blocks found by lookups only on disk.",
+            "counter",
+            cache.disk_hit_blocks,
+        );
+        gauge("kvtier_disk_configured", "1 if spill directories are configured.", "gauge", disk.is_some() as u64);
+        if let Some(d) = disk {
+            gauge(
+                "kvtier_disk_enabled",
+                "1 while the disk tier works (0 after a disk failure).",
+                "gauge",
+                d.enabled as u64,
+            );
+            gauge("kvtier_disk_capacity_bytes", "Bytes of all spill slots.", "gauge", d.capacity_bytes);
+            gauge("kvtier_disk_used_bytes", "Bytes of spill slots in use.", "gauge", d.used_bytes);
+            gauge("kvtier_disk_blocks", "Blocks with a disk copy.", "gauge", d.blocks);
+            gauge("kvtier_disk_cold_bytes", "Pool bytes queued to be dropped first.", "gauge", d.cold_bytes);
+            gauge("kvtier_disk_demoted_blocks_total", "Blocks written to disk.", "counter", d.demoted_blocks);
+            gauge(
+                "kvtier_disk_written_bytes_total",
+                "Bytes written to disk, headers included.",
+                "counter",
+                d.written_bytes,
+            );
+            gauge("kvtier_disk_promoted_blocks_total", "Blocks read back and verified.", "counter", d.promoted_blocks);
+            gauge("kvtier_disk_read_bytes_total", "Bytes read from disk by promotions.", "counter", d.read_bytes);
+            gauge(
+                "kvtier_disk_not_admitted_blocks_total",
+                "Blocks that left the pool without a disk write (admission).",
+                "counter",
+                d.not_admitted_blocks,
+            );
+            gauge("kvtier_disk_evicted_blocks_total", "Disk copies dropped to make room.", "counter", d.evicted_blocks);
+            gauge(
+                "kvtier_disk_corrupt_blocks_total",
+                "Slots found torn, corrupt or stale on promote (dropped, never served).",
+                "counter",
+                d.corrupt_blocks,
+            );
+            gauge(
+                "kvtier_disk_failed_promotions_total",
+                "Promotions failed by I/O errors.",
+                "counter",
+                d.failed_promotions,
+            );
+            gauge(
+                "kvtier_disk_restored_blocks",
+                "Blocks recovered from the disk index at start.",
+                "gauge",
+                d.restored_blocks,
+            );
+        }
         gauge(
             "kvtier_connected_clients",
             "Connector clients connected now.",
@@ -184,7 +250,7 @@ mod tests {
     fn renders_cache_and_error_counters() {
         let m = Metrics::default();
         m.error(kvtier_proto::v1::ErrorCode::Malformed as i32);
-        let text = m.render(&CacheStats { capacity_bytes: 7, ..Default::default() }, true);
+        let text = m.render(&CacheStats { capacity_bytes: 7, ..Default::default() }, None, true);
         assert!(text.contains("kvtier_host_capacity_bytes 7\n"));
         assert!(text.contains("kvtier_errors_total{code=\"MALFORMED\"} 1\n"));
     }

@@ -1,15 +1,20 @@
-//! The daemon's core as the servers see it: the host tier's state behind one lock, the pool,
-//! and the metrics. Servers translate wire messages into calls on [`Node`] and nothing more.
+//! The daemon's core as the servers see it: the tiers' state behind one lock, the pool, the disk
+//! tier's mechanism and the metrics. Servers translate wire messages into calls on [`Node`] and
+//! nothing more.
+
+mod tiering;
 
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, NsIdx};
-use crate::cache::{BlockCache, CacheError, CacheLimits, CacheStats, ClientId, Reserved};
+use crate::cache::{BlockCache, CacheError, CacheLimits, CacheStats, ClientId, DiskStats, Reserved, TierKind};
 use crate::config::Config;
+use crate::disk::{DiskTier, Health};
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceId;
 use crate::pool::{HostPool, LockMode, PoolGeometry};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tracing::{error, info};
 
 /// A slot as clients address it: (segment, byte offset).
 pub type SlotLocation = (u32, u64);
@@ -28,6 +33,11 @@ pub enum ReservedAt {
 /// Shared state of a running daemon.
 pub struct Node {
     cache: Mutex<BlockCache>,
+    // Declared before `pool`: its rings must stop before the pool memory they target is unmapped.
+    disk: Option<DiskTier>,
+    disk_health: Arc<Health>,
+    demote_wake: tokio::sync::Notify,
+    promoted: tokio::sync::watch::Sender<u64>,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
@@ -44,13 +54,57 @@ impl Node {
         let geometry = PoolGeometry::plan(p.bytes.as_u64(), p.segment_bytes.as_u64(), p.slab_bytes.as_u64())?;
         let lock = if p.allow_unlocked { LockMode::BestEffort } else { LockMode::Required };
         let pool = HostPool::create(geometry.clone(), p.hugetlb, lock)?;
-        let alloc = SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
+        let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
             ..CacheLimits::default()
         };
-        let cache = BlockCache::new(alloc, config.policy.eviction, limits);
-        Ok(Self { cache: Mutex::new(cache), pool, metrics: Metrics::default(), config, next_client: AtomicU64::new(1) })
+        let disk_health = Arc::new(Health::default());
+        let (cache, disk) = match config.disk.dirs.is_empty() {
+            true => (BlockCache::new(alloc(), config.policy.eviction, limits), None),
+            false => match Self::open_disk(&config, &pool, &disk_health, alloc(), limits.clone()) {
+                Ok((cache, disk)) => (cache, Some(disk)),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    error!("disk tier OFF, running host-only: {reason}");
+                    disk_health.fail(reason);
+                    (BlockCache::new(alloc(), config.policy.eviction, limits), None)
+                }
+            },
+        };
+        Ok(Self {
+            cache: Mutex::new(cache),
+            disk,
+            disk_health,
+            demote_wake: tokio::sync::Notify::new(),
+            promoted: tokio::sync::watch::Sender::new(0),
+            pool,
+            metrics: Metrics::default(),
+            config,
+            next_client: AtomicU64::new(1),
+        })
+    }
+
+    fn open_disk(
+        config: &Config,
+        pool: &HostPool,
+        health: &Arc<Health>,
+        alloc: SlabAllocator,
+        limits: CacheLimits,
+    ) -> anyhow::Result<(BlockCache, DiskTier)> {
+        let disk = DiskTier::open(&config.disk, pool, Arc::clone(health))?;
+        let mut cache = BlockCache::with_disk(alloc, config.policy.eviction, limits, disk.setup());
+        let r = disk.recover(&mut cache)?;
+        let st = cache.disk_stats().unwrap_or_default();
+        info!(
+            files = ?disk.spill_paths(),
+            capacity = %bytesize::ByteSize(st.capacity_bytes),
+            restored = r.restored,
+            dropped = r.dropped,
+            admission = config.disk.admission.name(),
+            "disk tier ready"
+        );
+        Ok((cache, disk))
     }
 
     fn cache(&self) -> MutexGuard<'_, BlockCache> {
@@ -75,9 +129,9 @@ impl Node {
         Ok((ns, c.namespace(ns).stride))
     }
 
-    /// Longest held prefix.
-    pub fn lookup(&self, ns: NsIdx, hashes: &[BlockHash]) -> usize {
-        self.cache().lookup(ns, hashes)
+    /// Longest held prefix, with the tier of each block.
+    pub fn lookup(&self, ns: NsIdx, hashes: &[BlockHash]) -> Vec<TierKind> {
+        self.cache().lookup_tiers(ns, hashes)
     }
 
     /// Reserves slots for a run of blocks.
@@ -103,7 +157,11 @@ impl Node {
 
     /// Commits a reservation.
     pub fn commit(&self, client: ClientId, reservation: u64) -> Result<usize, CacheError> {
-        self.cache().commit(client, reservation)
+        let n = self.cache().commit(client, reservation)?;
+        if self.disk.is_some() {
+            self.demote_wake.notify_one();
+        }
+        Ok(n)
     }
 
     /// Aborts a reservation.
@@ -111,13 +169,15 @@ impl Node {
         self.cache().abort(client, reservation)
     }
 
-    /// Pins the longest held prefix; returns the lease and the slot locations.
-    pub fn acquire(
+    /// Pins the longest held prefix, promoting its disk-only blocks first; returns the lease and
+    /// the slot locations.
+    pub async fn acquire(
         &self,
         client: ClientId,
         ns: NsIdx,
         hashes: &[BlockHash],
     ) -> Result<(u64, Vec<SlotLocation>), CacheError> {
+        self.promote(ns, hashes).await;
         let mut c = self.cache();
         let (lease, slots) = c.acquire(client, ns, hashes)?;
         Ok((lease, slots.into_iter().map(|s| c.slot_location(s)).collect()))
@@ -143,8 +203,21 @@ impl Node {
         self.cache().policy_name()
     }
 
+    /// Disk-tier statistics: `None` without spill directories; `enabled: false` once it failed.
+    pub fn disk_stats(&self) -> Option<DiskStats> {
+        if self.config.disk.dirs.is_empty() {
+            return None;
+        }
+        Some(self.cache().disk_stats().unwrap_or_default())
+    }
+
+    /// Why the disk tier is off, if it failed.
+    pub fn disk_failure(&self) -> Option<String> {
+        self.disk_health.reason()
+    }
+
     /// Prometheus text of everything.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&self.stats(), self.pool.is_locked())
+        self.metrics.render(&self.stats(), self.disk_stats().as_ref(), self.pool.is_locked())
     }
 }

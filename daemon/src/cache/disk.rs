@@ -96,6 +96,9 @@ pub struct Demotion {
     pub disk: SlotId,
     /// Generation to write in the header.
     pub generation: u64,
+    /// Write-back of a block that stays in the host policy (it stays hot; only made durable),
+    /// as opposed to a demotion of a block on its way out of the pool.
+    pub keep_hot: bool,
 }
 
 /// One block to copy from its disk slot into a fresh host slot, then verify.
@@ -154,7 +157,11 @@ pub(super) struct DiskState {
     pub admission: Admission,
     /// Per namespace: host copies out of the host policy, oldest first (lazily cleaned).
     cold: Vec<VecDeque<Handle>>,
+    /// Admitted blocks with no disk copy yet, oldest first (lazily cleaned): written back when
+    /// the disk has nothing more urgent to do, so that they survive a restart.
+    writeback: VecDeque<Handle>,
     inflight_bytes: u64,
+    inflight_writes: usize,
     reserve_bytes: u64,
     changes: Vec<DiskChange>,
     pub stats: DiskStats,
@@ -168,7 +175,9 @@ impl DiskState {
             admission: Admission::new(setup.admission, slots.min(1 << 22) as usize),
             tier: Tier::new(setup.alloc, policy),
             cold: Vec::new(),
+            writeback: VecDeque::new(),
             inflight_bytes: 0,
+            inflight_writes: 0,
             reserve_bytes: (pool_bytes as f64 * setup.reserve_fraction.clamp(0.0, 1.0)) as u64,
             changes: Vec::new(),
             stats: DiskStats { enabled: true, ..Default::default() },
@@ -280,17 +289,32 @@ impl BlockCache {
         }
     }
 
-    /// Under host pressure (free plus cold plus in-flight bytes below the reserve), takes up to
-    /// `max` of the coldest host blocks out of the host policy: admitted ones without a disk copy
-    /// are returned to be written; the rest go straight to the cold queue.
+    /// Queues `h` for write-back if admission accepts it now.
+    pub(super) fn queue_writeback(&mut self, h: Handle) {
+        let reused = self.index.get(h).flags & flags::REUSED != 0;
+        if let Some(d) = self.disk.as_mut().filter(|d| d.stats.enabled && d.admission.admit(reused)) {
+            d.writeback.push_back(h);
+        }
+    }
+
+    /// Disk writes queued or in flight (the write-back queue may hold stale entries).
+    pub fn disk_backlog(&self) -> usize {
+        self.disk.as_ref().filter(|d| d.stats.enabled).map_or(0, |d| d.writeback.len() + d.inflight_writes)
+    }
+
+    fn under_pressure(&self) -> bool {
+        let d = self.disk.as_ref().expect("disk tier");
+        let free = self.host.alloc.capacity_bytes() - self.host.alloc.used_bytes();
+        free + d.stats.cold_bytes + d.inflight_bytes < d.reserve_bytes
+    }
+
+    /// Plans up to `max` disk writes. Under host pressure (free plus cold plus in-flight bytes
+    /// below the reserve) it takes the coldest host blocks out of the host policy: admitted ones
+    /// without a disk copy are demoted, the rest go straight to the cold queue. Without pressure
+    /// it writes back admitted blocks that stay hot, so that they survive a restart.
     pub fn plan_demotions(&mut self, max: usize) -> Vec<Demotion> {
         let mut out = Vec::new();
-        while out.len() < max && self.has_disk() {
-            let d = self.disk.as_ref().expect("disk tier");
-            let free = self.host.alloc.capacity_bytes() - self.host.alloc.used_bytes();
-            if free + d.stats.cold_bytes + d.inflight_bytes >= d.reserve_bytes {
-                break;
-            }
+        while out.len() < max && self.has_disk() && self.under_pressure() {
             let fullest = (0..self.host.policies.len())
                 .filter(|&i| !self.host.policies[i].is_empty())
                 .max_by_key(|&i| self.host.policies[i].len() as u64 * self.namespaces.get(NsIdx(i as u16)).stride);
@@ -299,6 +323,19 @@ impl BlockCache {
             let Some(h) = self.host.policy(ns).evict(&mut |h| index.get(h).pins == 0) else { break };
             if let Some(demotion) = self.demote_or_cool(h) {
                 out.push(demotion);
+            }
+        }
+        while out.len() < max && self.has_disk() && !self.under_pressure() {
+            let Some(h) = self.disk.as_mut().and_then(|d| d.writeback.pop_front()) else { break };
+            let dirty_and_hot = self.index.try_get(h).is_some_and(|e| {
+                e.state == EntryState::Committed
+                    && e.slot.is_some()
+                    && e.disk.is_none()
+                    && e.flags & (flags::COLD | flags::DEMOTING | flags::PROMOTING) == 0
+                    && e.pins < u16::MAX
+            });
+            if dirty_and_hot {
+                out.extend(self.start_write(h, true));
             }
         }
         out
@@ -314,18 +351,32 @@ impl BlockCache {
             self.make_cold(h);
             return None;
         }
+        let demotion = self.start_write(h, false);
+        if demotion.is_none() {
+            self.make_cold(h);
+        }
+        demotion
+    }
+
+    /// Pins `h` and gives it a disk slot; `None` if no room can be made on disk.
+    fn start_write(&mut self, h: Handle, keep_hot: bool) -> Option<Demotion> {
+        let e = *self.index.get(h);
         self.index.get_mut(h).pins += 1;
         let Some(slot) = self.alloc_slot(TierSel::Disk, e.key.ns, h) else {
             self.index.get_mut(h).pins -= 1;
-            self.make_cold(h);
             return None;
         };
         let stride = self.stride_of(h);
-        self.index.get_mut(h).flags |= flags::DEMOTING;
+        if !keep_hot {
+            self.index.get_mut(h).flags |= flags::DEMOTING;
+        }
         let d = self.disk_mut();
-        d.inflight_bytes += stride;
+        if !keep_hot {
+            d.inflight_bytes += stride;
+        }
+        d.inflight_writes += 1;
         d.next_generation += 1;
-        Some(Demotion { handle: h, key: e.key, host: e.slot, disk: slot, generation: d.next_generation - 1 })
+        Some(Demotion { handle: h, key: e.key, host: e.slot, disk: slot, generation: d.next_generation - 1, keep_hot })
     }
 
     /// Records how a demotion ended: `Some(checksum)` when the block is on disk, `None` on failure.
@@ -339,7 +390,10 @@ impl BlockCache {
             e.flags &= !flags::DEMOTING;
         }
         let d = self.disk_mut();
-        d.inflight_bytes -= stride;
+        if !dm.keep_hot {
+            d.inflight_bytes -= stride;
+        }
+        d.inflight_writes -= 1;
         match checksum {
             Some(checksum) if d.stats.enabled => {
                 d.tier.policy(e.key.ns).insert(dm.handle, &access);
@@ -351,7 +405,9 @@ impl BlockCache {
             }
             _ => d.tier.alloc.free(dm.disk),
         }
-        if e.flags & flags::WANTED != 0 {
+        if dm.keep_hot {
+            // Never left the host policy.
+        } else if e.flags & flags::WANTED != 0 {
             self.index.get_mut(dm.handle).flags &= !flags::WANTED;
             self.host.policy(e.key.ns).insert(dm.handle, &access);
         } else {
@@ -373,8 +429,7 @@ impl BlockCache {
                 break;
             }
         }
-        for i in 0..pinned_here.len() {
-            let h = pinned_here[i];
+        for h in pinned_here.clone() {
             let e = *self.index.get(h);
             if e.flags & flags::PROMOTING != 0 {
                 plan.pending += 1;

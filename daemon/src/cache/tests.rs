@@ -214,13 +214,14 @@ mod disk_tier {
         (c, ns)
     }
 
-    /// Plans and completes every demotion at once; returns how many blocks were written.
-    fn demote_all(c: &mut BlockCache) -> usize {
+    /// Plans and completes every write at once; returns (demotions, write-backs of hot blocks).
+    fn demote_all(c: &mut BlockCache) -> (usize, usize) {
         let plan = c.plan_demotions(usize::MAX);
         for d in &plan {
             c.complete_demotion(d, Some(d.generation * 7));
         }
-        plan.len()
+        let hot = plan.iter().filter(|d| d.keep_hot).count();
+        (plan.len() - hot, hot)
     }
 
     fn promote_all(c: &mut BlockCache, ns: NsIdx, hashes: &[BlockHash], outcome: PromotionOutcome) -> usize {
@@ -244,10 +245,10 @@ mod disk_tier {
     fn pressure_demotes_the_coldest_and_cold_blocks_go_first() {
         let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
         save(&mut c, ns, &hs(0..8));
-        assert_eq!(demote_all(&mut c), 2, "a quarter of 8 slots");
-        assert_eq!(demote_all(&mut c), 0, "the reserve is met");
+        assert_eq!(demote_all(&mut c), (2, 6), "a quarter of 8 slots demoted, the rest written back");
+        assert_eq!(demote_all(&mut c), (0, 0), "the reserve is met, everything is on disk");
         let changes = c.take_disk_changes();
-        assert!(matches!(changes[..], [DiskChange::Stored { .. }, DiskChange::Stored { .. }]), "{changes:?}");
+        assert!(changes.iter().all(|c| matches!(c, DiskChange::Stored { .. })) && changes.len() == 8, "{changes:?}");
         // Still served from the host while cold.
         assert_eq!(c.lookup_tiers(ns, &hs(0..8)), vec![TierKind::Host; 8]);
         save(&mut c, ns, &hs(8..10));
@@ -255,7 +256,7 @@ mod disk_tier {
         assert_eq!(&tiers[..2], &[TierKind::Disk, TierKind::Disk], "host copies of 0 and 1 dropped first");
         assert_eq!(&tiers[2..], &[TierKind::Host; 8]);
         assert_eq!(c.acquire(A, ns, &hs(0..10)).unwrap().0, 0, "disk-only blocks are not acquired");
-        assert_eq!(c.disk_stats().unwrap().blocks, 2);
+        assert_eq!(c.disk_stats().unwrap().blocks, 8);
     }
 
     #[test]
@@ -287,7 +288,7 @@ mod disk_tier {
         c.complete_promotion(&plan.started[0], PromotionOutcome::Corrupt);
         assert_eq!(c.lookup(ns, &hs(0..1)), 0);
         let st = c.disk_stats().unwrap();
-        assert_eq!((st.corrupt_blocks, st.blocks), (1, 1));
+        assert_eq!((st.corrupt_blocks, st.blocks), (1, 7));
         assert!(matches!(c.take_disk_changes()[..], [DiskChange::Removed { .. }]));
     }
 
@@ -297,8 +298,9 @@ mod disk_tier {
         save(&mut c, ns, &hs(0..8));
         let (lease, _) = c.acquire(A, ns, &hs(0..1)).unwrap();
         c.release(A, lease).unwrap();
-        // LRU order is now 1, 2, ..., 7, 0: the two coldest (1, 2) were never hit.
-        assert_eq!(demote_all(&mut c), 0);
+        // LRU order is now 1, 2, ..., 7, 0: the two coldest (1, 2) were never hit; 0 was and
+        // is written back.
+        assert_eq!(demote_all(&mut c), (0, 1));
         assert_eq!(c.disk_stats().unwrap().not_admitted_blocks, 2);
         save(&mut c, ns, &hs(8..10));
         assert_eq!(c.lookup(ns, &hs(1..2)), 0, "dropped, not written");
@@ -386,7 +388,7 @@ mod disk_tier {
         demote_all(&mut c);
         save(&mut c, ns, &hs(8..10));
         let inflight = c.begin_promotions(ns, &hs(0..1)).started;
-        assert_eq!(c.disable_disk(), 2);
+        assert_eq!(c.disable_disk(), 8);
         assert!(!c.has_disk());
         assert!(c.plan_demotions(8).is_empty());
         c.complete_promotion(&inflight[0], PromotionOutcome::IoError);

@@ -97,7 +97,7 @@ fn frame_of(resp: &pb::Response) -> Vec<u8> {
 }
 
 /// Serves one connection until EOF or a fatal error (returned for the log).
-async fn run(node: &Node, stream: &mut UnixStream, mut session: Session) -> Result<(), String> {
+async fn run(node: &Arc<Node>, stream: &mut UnixStream, mut session: Session) -> Result<(), String> {
     let max_inflight = node.config.server.max_inflight as usize;
     let mut decoder = FrameDecoder::new(node.config.server.max_frame_bytes.as_u64() as usize);
     let mut out = Vec::with_capacity(64 * 1024);
@@ -149,7 +149,7 @@ async fn run(node: &Node, stream: &mut UnixStream, mut session: Session) -> Resu
             };
             let kind = op_of(&op);
             let started = Instant::now();
-            let result = dispatch(node, &mut session, op);
+            let result = dispatch(node, &mut session, op).await;
             node.metrics.observe(kind, started.elapsed());
             match result {
                 Ok(result) => {

@@ -1,13 +1,14 @@
 //! Connector requests to `Node` calls: validation, translation, typed errors.
 
 use crate::block::{BlockHash, NsIdx};
-use crate::cache::{CacheError, ClientId};
+use crate::cache::{CacheError, ClientId, TierKind};
 use crate::metrics::Op;
 use crate::namespace::NamespaceId;
 use crate::node::{Node, ReservedAt};
 use bytes::Bytes;
 use kvtier_proto::v1::{self as pb, request, response, ErrorCode, ReserveStatus};
 use kvtier_proto::PROTOCOL_VERSION;
+use std::sync::Arc;
 
 /// A protocol error: answered with a typed reply, then the connection is closed.
 #[derive(Debug, Clone)]
@@ -83,6 +84,7 @@ pub fn op_of(op: &request::Op) -> Op {
         request::Op::Acquire(_) => Op::Acquire,
         request::Op::Release(_) => Op::Release,
         request::Op::Stats(_) => Op::Stats,
+        request::Op::Prefetch(_) => Op::Prefetch,
     }
 }
 
@@ -102,7 +104,7 @@ fn hashes(node: &Node, raw: &[Bytes]) -> Result<Vec<BlockHash>, Fatal> {
 }
 
 /// Executes one request. `Ok` carries the result to send; `Err` is fatal for the connection.
-pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<response::Result, Fatal> {
+pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Result<response::Result, Fatal> {
     use request::Op as R;
     use response::Result as A;
     match op {
@@ -148,8 +150,14 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
         R::Lookup(l) => {
             let ns = s.ns(l.handle)?;
             let hs = hashes(node, &l.hashes)?;
-            let matched = node.lookup(ns, &hs);
-            Ok(A::Lookup(pb::LookupReply { matched: matched as u32, tiers: vec![pb::Tier::Host as i32; matched] }))
+            let tiers = node.lookup(ns, &hs);
+            let tiers: Vec<i32> = tiers.into_iter().map(|t| tier_of(t) as i32).collect();
+            Ok(A::Lookup(pb::LookupReply { matched: tiers.len() as u32, tiers }))
+        }
+        R::Prefetch(p) => {
+            let ns = s.ns(p.handle)?;
+            let hs = hashes(node, &p.hashes)?;
+            Ok(A::Prefetch(pb::PrefetchReply { queued: node.prefetch(ns, hs) as u32 }))
         }
         R::Reserve(r) => {
             let ns = s.ns(r.handle)?;
@@ -182,7 +190,7 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
         R::Acquire(a) => {
             let ns = s.ns(a.handle)?;
             let hs = hashes(node, &a.hashes)?;
-            let (lease, slots) = node.acquire(s.client, ns, &hs)?;
+            let (lease, slots) = node.acquire(s.client, ns, &hs).await?;
             let (segments, offsets) = slots.into_iter().unzip();
             Ok(A::Acquire(pb::AcquireReply { lease, segments, offsets }))
         }
@@ -194,16 +202,41 @@ pub fn dispatch(node: &Node, s: &mut Session, op: request::Op) -> Result<respons
     }
 }
 
+fn tier_of(t: TierKind) -> pb::Tier {
+    match t {
+        TierKind::Host => pb::Tier::Host,
+        TierKind::Disk => pb::Tier::Disk,
+    }
+}
+
 fn stats_reply(node: &Node) -> pb::StatsReply {
     use std::sync::atomic::Ordering::Relaxed;
     let st = node.stats();
+    let disk = node.disk_stats();
+    let mut tiers = vec![pb::TierStats {
+        tier: pb::Tier::Host as i32,
+        capacity_bytes: st.capacity_bytes,
+        used_bytes: st.used_bytes,
+        blocks: st.blocks,
+    }];
+    if let Some(d) = &disk {
+        tiers.push(pb::TierStats {
+            tier: pb::Tier::Disk as i32,
+            capacity_bytes: d.capacity_bytes,
+            used_bytes: d.used_bytes,
+            blocks: d.blocks,
+        });
+    }
+    let d = disk.unwrap_or_default();
     pb::StatsReply {
-        tiers: vec![pb::TierStats {
-            tier: pb::Tier::Host as i32,
-            capacity_bytes: st.capacity_bytes,
-            used_bytes: st.used_bytes,
-            blocks: st.blocks,
-        }],
+        tiers,
+        disk_hit_blocks: st.disk_hit_blocks,
+        demoted_blocks: d.demoted_blocks,
+        promoted_blocks: d.promoted_blocks,
+        disk_written_bytes: d.written_bytes,
+        corrupt_blocks: d.corrupt_blocks,
+        not_admitted_blocks: d.not_admitted_blocks,
+        disk_failure: node.disk_failure().unwrap_or_default(),
         namespaces: st.namespaces as u32,
         clients: node.metrics.connected_clients.load(Relaxed) as u32,
         hit_blocks: st.hit_blocks,
