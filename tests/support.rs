@@ -81,6 +81,35 @@ impl Daemon {
         self.spawn();
     }
 
+    /// SIGKILLs the daemon and starts a new one on the same socket with new `extra` flags.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
+    /// Sends SIGTERM and waits (up to 60 s) for a clean exit.
+    pub fn terminate(&mut self) {
+        let Some(mut c) = self.child.take() else { return };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if c.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        panic!("kvtierd did not exit within 60 s of SIGTERM:\n{}", self.log());
+    }
+
+    /// Value of a metric without labels, from the metrics endpoint (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = self.http_get("/metrics");
+        let prefix = format!("{name} ");
+        body.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+    }
+
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -169,8 +198,13 @@ pub fn refs(blocks: &[Vec<u8>]) -> Vec<&[u8]> {
 }
 
 /// Polls `f` until it returns true or 10 s pass.
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+pub fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, 10, f)
+}
+
+/// Polls `f` until it returns true or `secs` seconds pass.
+pub fn eventually_within(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if f() {
             return;
@@ -245,4 +279,63 @@ pub fn make_model(python: &Path, dir: &Path, args: &[&str]) {
 /// The JSON of the `RESULT ` line `run_vllm.py` prints, if any.
 pub fn result_line(stdout: &str) -> Option<serde_json::Value> {
     stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).map(|j| serde_json::from_str(j).expect("RESULT json"))
+}
+
+/// A small ext4 filesystem in an image file, loop-mounted: real disk-full and I/O-error faults.
+/// Needs root (the CI machine runs tests as root); unmounted on drop.
+pub struct LoopFs {
+    _dir: tempfile::TempDir,
+    /// Where the filesystem is mounted.
+    pub mount: PathBuf,
+}
+
+impl LoopFs {
+    /// Makes and mounts an ext4 filesystem of `mib` MiB.
+    pub fn new(mib: u64) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("fs.img");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(mib << 20).unwrap();
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?} failed (loop mounts need root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount));
+        Self { _dir: dir, mount }
+    }
+
+    /// Makes every later I/O on the filesystem fail with EIO (ext4's shutdown ioctl, as the
+    /// kernel's own filesystem tests do to simulate a dying disk).
+    pub fn shut_down(&self) {
+        const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d; // _IOR('X', 125, __u32)
+        const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+        let dir = std::fs::File::open(&self.mount).unwrap();
+        let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
+        // SAFETY: the ioctl reads one u32 from the pointer.
+        let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&dir), EXT4_IOC_SHUTDOWN, &flags) };
+        assert_eq!(rc, 0, "EXT4_IOC_SHUTDOWN: {}", std::io::Error::last_os_error());
+    }
+
+    /// Fills the filesystem with a file until it is full.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.mount.join("filler")).unwrap();
+        for size in [1 << 20, 4096] {
+            let chunk = vec![0xa5u8; size];
+            while f.write_all(&chunk).is_ok() {}
+        }
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
 }

@@ -4,7 +4,7 @@ use bytesize::ByteSize;
 use clap::Parser;
 use kvtier_daemon::config::Config;
 use kvtier_daemon::node::Node;
-use kvtier_daemon::policy::PolicyKind;
+use kvtier_daemon::policy::{AdmissionKind, PolicyKind};
 use kvtier_daemon::server::{connector, http};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +43,15 @@ struct Args {
     /// Unix uid allowed to connect (repeatable; default: own uid and root).
     #[arg(long = "allowed-uid", env = "KVTIER_ALLOWED_UIDS", value_delimiter = ',')]
     allowed_uids: Vec<u32>,
+    /// Spill directory of the disk tier (repeatable, one per device; replaces the file's list).
+    #[arg(long = "disk-dir", env = "KVTIER_DISK_DIRS", value_delimiter = ',')]
+    disk_dirs: Vec<PathBuf>,
+    /// Spill file size per directory, e.g. "100 GiB".
+    #[arg(long, env = "KVTIER_DISK_BYTES_PER_DIR")]
+    disk_bytes_per_dir: Option<ByteSize>,
+    /// Which blocks leaving the pool are written to disk.
+    #[arg(long, env = "KVTIER_DISK_ADMISSION")]
+    disk_admission: Option<AdmissionKind>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -71,6 +80,15 @@ impl Args {
         if let Some(m) = &self.metrics_listen {
             c.metrics.listen = m.clone();
         }
+        if !self.disk_dirs.is_empty() {
+            c.disk.dirs = self.disk_dirs.clone();
+        }
+        if let Some(b) = self.disk_bytes_per_dir {
+            c.disk.bytes_per_dir = b;
+        }
+        if let Some(a) = self.disk_admission {
+            c.disk.admission = a;
+        }
         if !self.allowed_uids.is_empty() {
             c.server.allowed_uids = self.allowed_uids.clone();
         }
@@ -83,6 +101,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let result = args.config().and_then(|config| {

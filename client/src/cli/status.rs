@@ -31,6 +31,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             "namespaces": s.namespaces, "clients": s.clients, "hit_blocks": s.hit_blocks,
             "miss_blocks": s.miss_blocks, "evicted_blocks": s.evicted_blocks,
             "saved_bytes": s.saved_bytes, "loaded_bytes": s.loaded_bytes,
+            "disk_hit_blocks": s.disk_hit_blocks, "demoted_blocks": s.demoted_blocks,
+            "promoted_blocks": s.promoted_blocks, "disk_written_bytes": s.disk_written_bytes,
+            "not_admitted_blocks": s.not_admitted_blocks, "corrupt_blocks": s.corrupt_blocks,
+            "disk_failure": s.disk_failure,
         });
         println!("{v}");
         return Ok(());
@@ -57,5 +61,20 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         s.evicted_blocks
     );
     println!("  saved {}, loaded {}", ByteSize(s.saved_bytes), ByteSize(s.loaded_bytes));
+    if s.tiers.iter().any(|t| t.tier() == kvtier_proto::v1::Tier::Disk) || !s.disk_failure.is_empty() {
+        println!(
+            "  disk: {} hits, demoted {}, promoted {}, not admitted {}, corrupt {}; wrote {} ({:.2} bytes per saved byte)",
+            s.disk_hit_blocks,
+            s.demoted_blocks,
+            s.promoted_blocks,
+            s.not_admitted_blocks,
+            s.corrupt_blocks,
+            ByteSize(s.disk_written_bytes),
+            s.disk_written_bytes as f64 / s.saved_bytes.max(1) as f64
+        );
+    }
+    if !s.disk_failure.is_empty() {
+        println!("  disk tier OFF: {}", s.disk_failure);
+    }
     Ok(())
 }

@@ -124,10 +124,16 @@ impl Node {
 
     /// Turns the disk tier off for good: logs once, forgets every disk copy.
     fn disk_failed(&self, reason: String) {
-        if self.disk_health.fail(reason.clone()) {
-            error!("disk tier FAILED, running host-only from now on: {reason}");
-        }
-        let forgotten = self.cache().disable_disk();
+        self.disk_health.fail(reason);
+        let forgotten = {
+            let mut c = self.cache();
+            if !c.has_disk() {
+                return;
+            }
+            c.disable_disk()
+        };
+        let reason = self.disk_health.reason().unwrap_or_default();
+        error!("disk tier FAILED, running host-only from now on: {reason}");
         if forgotten > 0 {
             warn!("disk tier off: {forgotten} blocks held only on disk are gone (a miss, never wrong data)");
         }

@@ -1,0 +1,216 @@
+//! The disk tier with real daemons, real O_DIRECT spill files, io_uring and redb: crashes,
+//! corruption, configuration changes, a full disk and a dying disk. Whatever happens, a block
+//! that is served is byte-exact (`kvtier get` checks every byte and fails otherwise).
+
+use kvtier_daemon::disk::format::{SlotHeader, HEADER_BYTES};
+use kvtier_daemon::disk::spill::SPILL_FILE;
+use kvtier_tests::{eventually, eventually_within, ok_stdout, Daemon, LoopFs};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// Flags of a daemon with a disk tier in `dir` of `bytes`, writing every block.
+fn disk_flags(dir: &Path, bytes: &str) -> Vec<String> {
+    ["--disk-dir", &dir.display().to_string(), "--disk-bytes-per-dir", bytes, "--disk-admission", "always"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn start(dir: &Path, bytes: &str) -> Daemon {
+    let flags = disk_flags(dir, bytes);
+    Daemon::start_with_metrics(&flags.iter().map(String::as_str).collect::<Vec<_>>(), true)
+}
+
+fn restart(d: &mut Daemon, dir: &Path, bytes: &str, more: &[&str]) {
+    let mut flags = disk_flags(dir, bytes);
+    flags.extend(more.iter().map(|s| s.to_string()));
+    d.restart_with(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+fn put(d: &Daemon, seed: u64, count: usize) -> String {
+    put_sized(d, seed, count, 65536)
+}
+
+fn put_sized(d: &Daemon, seed: u64, count: usize, block: usize) -> String {
+    let args = ["--seed", &seed.to_string(), "--count", &count.to_string(), "--block-bytes", &block.to_string()];
+    ok_stdout(&d.kvtier(&[&["put"], &args[..]].concat()))
+}
+
+fn spawn_put(d: &Daemon, seed: u64, count: usize) -> Child {
+    Command::new(kvtier_tests::bin("kvtier"))
+        .args(["put", "--seed", &seed.to_string(), "--count", &count.to_string()])
+        .env("KVTIER_SOCKET", &d.socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Loads a test prompt; panics if any loaded byte differs. Returns the blocks loaded.
+fn get(d: &Daemon, seed: u64, count: usize) -> usize {
+    get_sized(d, seed, count, 65536)
+}
+
+fn get_sized(d: &Daemon, seed: u64, count: usize, block: usize) -> usize {
+    let args = ["--seed", &seed.to_string(), "--count", &count.to_string(), "--block-bytes", &block.to_string()];
+    let out = ok_stdout(&d.kvtier(&[&["get"], &args[..]].concat()));
+    let n = out.split_whitespace().nth(1).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("unexpected get output: {out}"))
+}
+
+fn wait_on_disk(d: &Daemon, blocks: f64) {
+    eventually_within(&format!("{blocks} blocks on disk"), 60, || d.metric("kvtier_disk_blocks") >= blocks);
+}
+
+#[test]
+fn sigkill_during_heavy_demotion_serves_only_exact_blocks() {
+    let spill = tempfile::tempdir().unwrap();
+    let mut d = start(spill.path(), "512 MiB");
+    // Prompts of 300 blocks of 64 KiB through a 32 MiB pool: four at once, then one after
+    // another from a background writer until the daemon dies under it.
+    let mut writers: Vec<Child> = (1..=4).map(|s| spawn_put(&d, s, 300)).collect();
+    for w in &mut writers {
+        assert!(w.wait().unwrap().success());
+    }
+    wait_on_disk(&d, 400.0);
+    let before = d.metric("kvtier_disk_demoted_blocks_total");
+    let socket = d.socket.clone();
+    let writer = std::thread::spawn(move || {
+        for seed in 5..=40u64 {
+            let ok = Command::new(kvtier_tests::bin("kvtier"))
+                .args(["put", "--seed", &seed.to_string(), "--count", "300"])
+                .env("KVTIER_SOCKET", &socket)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !ok {
+                break;
+            }
+        }
+    });
+    eventually_within("demotion under way", 60, || d.metric("kvtier_disk_demoted_blocks_total") > before + 300.0);
+    d.kill();
+    writer.join().unwrap();
+    restart(&mut d, spill.path(), "512 MiB", &[]);
+    assert!(d.log().contains("disk tier ready") && d.log().contains("restored="), "{}", d.log());
+    let restored = d.metric("kvtier_disk_restored_blocks");
+    assert!(restored > 300.0, "restored {restored}");
+    let loaded: usize = (1..=40).map(|s| get(&d, s, 300)).sum();
+    assert!(loaded > 0, "blocks written before the kill are served again");
+    assert!(d.metric("kvtier_disk_promoted_blocks_total") > 0.0);
+    assert_eq!(d.metric("kvtier_disk_corrupt_blocks_total"), 0.0);
+}
+
+/// Offset in the spill file of the slot holding `hash`, found by its self-describing header.
+fn find_slot(spill: &Path, hash: &[u8]) -> u64 {
+    let bytes = std::fs::read(spill.join(SPILL_FILE)).unwrap();
+    (HEADER_BYTES as usize..bytes.len())
+        .step_by(4096)
+        .find(|&at| SlotHeader::decode(&bytes[at..]).is_ok_and(|h| h.hash.as_bytes() == hash))
+        .expect("slot of the block") as u64
+}
+
+#[test]
+fn a_slot_overwritten_with_garbage_is_not_served_and_is_counted() {
+    let spill = tempfile::tempdir().unwrap();
+    let mut d = start(spill.path(), "64 MiB");
+    put(&d, 1, 40);
+    wait_on_disk(&d, 40.0);
+    d.terminate();
+    let hash = &kvtier_client::testdata::chained_hashes(1, 40)[10];
+    let at = find_slot(spill.path(), hash) + HEADER_BYTES + 1000;
+    let f = std::fs::OpenOptions::new().write(true).open(spill.path().join(SPILL_FILE)).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"garbage garbage garbage", at).unwrap();
+    drop(f);
+    restart(&mut d, spill.path(), "64 MiB", &[]);
+    assert_eq!(get(&d, 1, 40), 10, "served up to the damaged block, byte-exact");
+    assert_eq!(d.metric("kvtier_disk_corrupt_blocks_total"), 1.0);
+    assert_eq!(get(&d, 1, 40), 10, "the damaged block is gone for good");
+    assert_eq!(d.metric("kvtier_disk_corrupt_blocks_total"), 1.0);
+}
+
+#[test]
+fn restart_with_a_smaller_moved_or_recut_spill_file() {
+    let spill = tempfile::tempdir().unwrap();
+    let first = spill.path().join("a");
+    let mut d = start(&first, "64 MiB");
+    put(&d, 1, 100);
+    wait_on_disk(&d, 100.0);
+    d.terminate();
+
+    // Smaller: 3 slabs of 1 MiB hold 45 slots of 68 KiB; the rest is dropped with a message.
+    restart(&mut d, &first, "4 MiB", &[]);
+    assert!(d.log().contains("resized from 63 to 3 slabs"), "{}", d.log());
+    assert_eq!(d.metric("kvtier_disk_restored_blocks"), 45.0);
+    let loaded = get(&d, 1, 100);
+    assert!((1..=45).contains(&loaded), "{loaded}");
+    d.terminate();
+
+    // Moved: the directory (spill file and index together) is found at its new place.
+    let moved = spill.path().join("b");
+    std::fs::rename(&first, &moved).unwrap();
+    restart(&mut d, &moved, "4 MiB", &[]);
+    assert_eq!(d.metric("kvtier_disk_restored_blocks"), 45.0);
+    assert_eq!(get(&d, 1, 100), loaded);
+    d.terminate();
+
+    // Re-cut into other slabs: nothing can be trusted, the file starts empty, with a message.
+    restart(&mut d, &moved, "4 MiB", &["--pool-bytes", "32 MiB", "--slab-bytes", "2 MiB"]);
+    assert!(d.log().contains("starting it empty"), "{}", d.log());
+    assert_eq!(get(&d, 1, 100), 0);
+}
+
+#[test]
+fn a_full_disk_at_start_runs_host_only() {
+    let fs = LoopFs::new(32);
+    let mut d = start(&fs.mount.join("spill"), "64 MiB");
+    assert!(d.log().contains("disk full: cannot preallocate"), "{}", d.log());
+    assert_eq!(d.metric("kvtier_disk_configured"), 1.0);
+    assert_eq!(d.metric("kvtier_disk_enabled"), 0.0);
+    put(&d, 1, 20);
+    assert_eq!(get(&d, 1, 20), 20);
+    let status = ok_stdout(&d.kvtier(&["status"]));
+    assert!(status.contains("disk tier OFF: disk full"), "{status}");
+    assert!(d.is_running());
+}
+
+#[test]
+fn a_disk_filling_up_at_run_time_degrades_to_host_only() {
+    let fs = LoopFs::new(40);
+    let mut d = start(&fs.mount.join("spill"), "24 MiB");
+    // Small blocks: many index entries per spill byte, so the index must grow.
+    put_sized(&d, 1, 20, 4096);
+    wait_on_disk(&d, 20.0);
+    fs.fill();
+    for seed in 2..=40 {
+        put_sized(&d, seed, 400, 4096);
+        if d.metric("kvtier_disk_enabled") == 0.0 {
+            break;
+        }
+    }
+    eventually_within("the disk tier gave up", 60, || d.metric("kvtier_disk_enabled") == 0.0);
+    assert!(d.log().contains("disk tier FAILED"), "{}", d.log());
+    assert!(d.is_running());
+    put(&d, 99, 20);
+    assert_eq!(get(&d, 99, 20), 20, "host tier still serves");
+}
+
+#[test]
+fn io_errors_degrade_to_host_only_and_nothing_wrong_is_served() {
+    let fs = LoopFs::new(96);
+    let mut d = start(&fs.mount.join("spill"), "64 MiB");
+    // 3 x 200 blocks of 64 KiB through a 32 MiB pool: the first prompt ends up disk-only.
+    for seed in 1..=3 {
+        put(&d, seed, 200);
+    }
+    wait_on_disk(&d, 400.0);
+    fs.shut_down();
+    let first = get(&d, 1, 200);
+    assert!(first < 200, "disk-only blocks cannot be read any more: {first}");
+    eventually("the disk tier gave up", || d.metric("kvtier_disk_enabled") == 0.0);
+    assert!(d.log().contains("disk tier FAILED"), "{}", d.log());
+    assert_eq!(get(&d, 3, 200), 200, "host copies are still served");
+    put(&d, 4, 50);
+    assert_eq!(get(&d, 4, 50), 50, "saves keep working, host-only");
+    assert!(d.is_running());
+    let status = ok_stdout(&d.kvtier(&["status"]));
+    assert!(status.contains("disk tier OFF"), "{status}");
+}
