@@ -1,7 +1,7 @@
 //! `kvtier sim`: replays a trace through the real index and policy code.
 
-use kvtier_daemon::policy::PolicyKind;
-use kvtier_daemon::sim::{sweep, Trace, DEFAULT_CAPACITY_PCTS};
+use kvtier_daemon::policy::{AdmissionKind, PolicyKind};
+use kvtier_daemon::sim::{sweep, sweep_tiered, Trace, DEFAULT_CAPACITY_PCTS};
 use std::path::PathBuf;
 
 /// Arguments of `kvtier sim`.
@@ -18,11 +18,62 @@ pub struct SimArgs {
     /// Policies to compare (Belady's optimum is always added).
     #[arg(long, value_delimiter = ',', default_values = ["lru", "prefix-lfu"])]
     pub policy: Vec<PolicyKind>,
+    /// Add a disk tier of this capacity (percent of unique blocks): prints hit rate by tier and
+    /// disk write volume, with `--capacity-pct` as the host capacities.
+    #[arg(long)]
+    pub disk_pct: Option<f64>,
+    /// Disk admission rules to compare (with `--disk-pct`).
+    #[arg(long, value_delimiter = ',', default_values = ["reused", "always"])]
+    pub admission: Vec<AdmissionKind>,
+}
+
+fn run_tiered(args: &SimArgs, trace: &Trace, disk_pct: f64) -> anyhow::Result<()> {
+    let mut policies = args.policy.clone();
+    policies.retain(|p| *p != PolicyKind::Belady);
+    let results = sweep_tiered(trace, &args.capacity_pct, disk_pct, &policies, &args.admission);
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "trace: {} requests, {} blocks, {} unique; disk {disk_pct}% of unique blocks",
+        trace.requests.len(),
+        trace.total_blocks(),
+        trace.unique_blocks()
+    );
+    println!(
+        "{:>6} {:>11} {:>9} {:>9} {:>9} {:>9} {:>14} {:>15} {:>8}",
+        "host%", "policy", "admission", "host hit", "disk hit", "total", "disk writes/", "belady(host+", "ratio"
+    );
+    println!(
+        "{:>6} {:>11} {:>9} {:>9} {:>9} {:>9} {:>14} {:>15} {:>8}",
+        "", "", "", "", "", "", "saved block", "disk, 1 pool)", ""
+    );
+    for r in &results {
+        println!(
+            "{:>5}% {:>11} {:>9} {:>9.4} {:>9.4} {:>9.4} {:>14.3} {:>15.4} {:>8.3}",
+            r.host_pct,
+            r.policy,
+            r.admission,
+            r.host_hit_rate,
+            r.disk_hit_rate,
+            r.hit_rate,
+            r.written_per_saved,
+            r.belady_combined,
+            r.hit_rate / r.belady_combined.max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
 }
 
 /// Runs the simulation and prints the table or JSON lines.
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let trace = Trace::load(&args.trace)?;
+    if let Some(disk_pct) = args.disk_pct {
+        return run_tiered(&args, &trace, disk_pct);
+    }
     let mut policies = args.policy.clone();
     policies.retain(|p| *p != PolicyKind::Belady);
     policies.push(PolicyKind::Belady);
