@@ -188,8 +188,22 @@ impl Client {
 
     /// Number of leading `hashes` held.
     pub async fn lookup(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<usize> {
+        Ok(self.lookup_tiers(ns, hashes).await?.len())
+    }
+
+    /// Like [`lookup`](Self::lookup), with the tier each block of the held prefix is in.
+    pub async fn lookup_tiers(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<Vec<pb::Tier>> {
         match self.call(request::Op::Lookup(pb::Lookup { handle: ns.handle, hashes: hashes.to_vec() })).await? {
-            response::Result::Lookup(r) => Ok(r.matched as usize),
+            response::Result::Lookup(r) => Ok(r.tiers().collect()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks the daemon to promote the disk-only blocks of the held prefix of `hashes` into the
+    /// pool ahead of a load; returns how many it started. Returns at once.
+    pub async fn prefetch(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<usize> {
+        match self.call(request::Op::Prefetch(pb::Prefetch { handle: ns.handle, hashes: hashes.to_vec() })).await? {
+            response::Result::Prefetch(r) => Ok(r.queued as usize),
             other => Err(unexpected(other)),
         }
     }

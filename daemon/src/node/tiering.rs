@@ -56,11 +56,15 @@ impl Node {
         self.disk.as_ref().expect("disk tier")
     }
 
-    /// Demotes blocks whenever the pool runs short of free or cold room.
+    /// Demotes blocks whenever the pool runs short of free or cold room, and writes admitted
+    /// blocks back otherwise. Keeps up to two batches of `queue depth x files` in flight, so
+    /// the rings never drain between batches.
     async fn demote_loop(self: Arc<Self>) {
         let cfg = self.disk().config();
         let batch = (cfg.queue_depth as usize * cfg.dirs.len()).clamp(8, 512);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
         loop {
+            let permit = Arc::clone(&in_flight).acquire_owned().await.expect("semaphore never closed");
             self.check_disk_health();
             let jobs: Vec<_> = {
                 let mut c = self.cache();
@@ -68,42 +72,52 @@ impl Node {
                 plan.into_iter().map(|d| job(&c, d, d.key, d.host, d.disk)).collect()
             };
             if jobs.is_empty() {
+                drop(permit);
                 let _ = tokio::time::timeout(Duration::from_millis(100), self.demote_wake.notified()).await;
                 continue;
             }
-            let writes: Vec<_> = jobs
-                .iter()
-                .map(|j| {
-                    let ptr = self.slot_ptr(j.host);
-                    let header = SlotHeader {
-                        namespace: j.namespace,
-                        hash: j.key.hash,
-                        block_bytes: j.block_bytes,
-                        generation: j.plan.generation,
-                        checksum: 0,
-                    };
-                    // SAFETY: the slot is pinned and DEMOTING: committed bytes nobody writes.
-                    let checksum = unsafe { seal_slot(ptr, &header, j.block_bytes) };
-                    (checksum, self.disk().write(j.host.0, ptr as usize, j.stride, j.disk))
-                })
-                .collect();
-            let mut results = Vec::with_capacity(writes.len());
-            for (checksum, write) in writes {
-                results.push(match write.await {
-                    Ok(()) => Some(checksum),
-                    Err(e) => {
-                        self.disk_failed(format!("writing a block to disk: {e}"));
-                        None
-                    }
-                });
-            }
-            let mut c = self.cache();
-            for (j, r) in jobs.iter().zip(results) {
-                c.complete_demotion(&j.plan, r);
-            }
-            let changes = c.take_disk_changes();
-            self.disk().persist(&c, changes);
+            let node = Arc::clone(&self);
+            tokio::spawn(async move {
+                node.run_demotions(jobs).await;
+                drop(permit);
+                node.demote_wake.notify_one();
+            });
         }
+    }
+
+    async fn run_demotions(&self, jobs: Vec<Job<crate::cache::Demotion>>) {
+        let writes: Vec<_> = jobs
+            .iter()
+            .map(|j| {
+                let ptr = self.slot_ptr(j.host);
+                let header = SlotHeader {
+                    namespace: j.namespace,
+                    hash: j.key.hash,
+                    block_bytes: j.block_bytes,
+                    generation: j.plan.generation,
+                    checksum: 0,
+                };
+                // SAFETY: the slot is pinned and committed: bytes nobody writes.
+                let checksum = unsafe { seal_slot(ptr, &header, j.block_bytes) };
+                (checksum, self.disk().write(j.host.0, ptr as usize, j.stride, j.disk))
+            })
+            .collect();
+        let mut results = Vec::with_capacity(writes.len());
+        for (checksum, write) in writes {
+            results.push(match write.await {
+                Ok(()) => Some(checksum),
+                Err(e) => {
+                    self.disk_failed(format!("writing a block to disk: {e}"));
+                    None
+                }
+            });
+        }
+        let mut c = self.cache();
+        for (j, r) in jobs.iter().zip(results) {
+            c.complete_demotion(&j.plan, r);
+        }
+        let changes = c.take_disk_changes();
+        self.disk().persist(&c, changes);
     }
 
     /// Clean shutdown: lets queued write-backs finish (up to `budget`) and commits the disk
