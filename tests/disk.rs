@@ -8,6 +8,11 @@ use kvtier_tests::{eventually, eventually_within, ok_stdout, Daemon, LoopFs};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+/// A directory for spill files on the build's disk (O_DIRECT: not tmpfs, which /tmp may be).
+fn spill_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
 /// Flags of a daemon with a disk tier in `dir` of `bytes`, writing every block.
 fn disk_flags(dir: &Path, bytes: &str) -> Vec<String> {
     ["--disk-dir", &dir.display().to_string(), "--disk-bytes-per-dir", bytes, "--disk-admission", "always"]
@@ -63,7 +68,7 @@ fn wait_on_disk(d: &Daemon, blocks: f64) {
 
 #[test]
 fn sigkill_during_heavy_demotion_serves_only_exact_blocks() {
-    let spill = tempfile::tempdir().unwrap();
+    let spill = spill_dir();
     let mut d = start(spill.path(), "512 MiB");
     // Prompts of 300 blocks of 64 KiB through a 32 MiB pool: four at once, then one after
     // another from a background writer until the daemon dies under it.
@@ -110,7 +115,7 @@ fn find_slot(spill: &Path, hash: &[u8]) -> u64 {
 
 #[test]
 fn a_slot_overwritten_with_garbage_is_not_served_and_is_counted() {
-    let spill = tempfile::tempdir().unwrap();
+    let spill = spill_dir();
     let mut d = start(spill.path(), "64 MiB");
     put(&d, 1, 40);
     wait_on_disk(&d, 40.0);
@@ -129,7 +134,7 @@ fn a_slot_overwritten_with_garbage_is_not_served_and_is_counted() {
 
 #[test]
 fn restart_with_a_smaller_moved_or_recut_spill_file() {
-    let spill = tempfile::tempdir().unwrap();
+    let spill = spill_dir();
     let first = spill.path().join("a");
     let mut d = start(&first, "64 MiB");
     put(&d, 1, 100);
@@ -213,4 +218,27 @@ fn io_errors_degrade_to_host_only_and_nothing_wrong_is_served() {
     assert!(d.is_running());
     let status = ok_stdout(&d.kvtier(&["status"]));
     assert!(status.contains("disk tier OFF"), "{status}");
+}
+
+/// Slot headers found in the spill file of `dir`.
+fn slots_in(dir: &Path) -> usize {
+    let bytes = std::fs::read(dir.join(SPILL_FILE)).unwrap();
+    (HEADER_BYTES as usize..bytes.len()).step_by(4096).filter(|&at| SlotHeader::decode(&bytes[at..]).is_ok()).count()
+}
+
+#[test]
+fn two_spill_directories_share_the_writes_and_both_come_back() {
+    let spill = spill_dir();
+    let (a, b) = (spill.path().join("nvme0"), spill.path().join("nvme1"));
+    let dirs = format!("{},{}", a.display(), b.display());
+    let flags = ["--disk-dir", &dirs, "--disk-bytes-per-dir", "16 MiB", "--disk-admission", "always"];
+    let mut d = Daemon::start_with_metrics(&flags, true);
+    put(&d, 1, 100);
+    wait_on_disk(&d, 100.0);
+    d.terminate();
+    assert!(slots_in(&a) > 0 && slots_in(&b) > 0, "slabs alternate between the files");
+    assert_eq!(slots_in(&a) + slots_in(&b), 100);
+    d.restart();
+    assert_eq!(d.metric("kvtier_disk_restored_blocks"), 100.0);
+    assert_eq!(get(&d, 1, 100), 100);
 }

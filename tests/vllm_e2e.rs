@@ -1,7 +1,8 @@
 //! End to end with the real vLLM (CPU build) and a tiny random-weight model built by the test:
 //! a second vLLM process loads its shared prefix from kvtierd and generates exactly the tokens of
 //! a run without kvtier; a killed daemon costs nothing but the cache; a restarted one is found
-//! again. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
+//! again; a prefix kept only on disk across a daemon restart is promoted and loaded exactly. The
+//! vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
 
 use kvtier_tests::{kill_group, make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon};
@@ -191,4 +192,29 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     }
     assert!(hits_after_restart >= 2, "the connector found the restarted daemon again");
     assert!(daemon_stats(&d)["loaded_bytes"].as_u64().unwrap() > 0);
+    drop(e);
+
+    // With a disk tier: the prefix saved by one vLLM survives a daemon restart on disk only, is
+    // promoted (prefetched by the scheduler, verified) and loaded by the next vLLM, exactly.
+    let spill = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(); // O_DIRECT: not tmpfs
+    let spill_arg = spill.path().to_str().unwrap();
+    let disk =
+        ["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--disk-dir", spill_arg, "--disk-admission", "always"];
+    d.restart_with(&disk);
+    let (out, _) = run_batch(&py, &model, &one, Some(&d.socket));
+    assert_eq!(out[0], reference[0]);
+    kvtier_tests::eventually("the prompt's blocks written back", || {
+        daemon_stats(&d)["tiers"][1]["blocks"].as_u64() >= Some(held_tokens / BLOCK as u64)
+    });
+    d.terminate();
+    d.restart();
+    let stats = daemon_stats(&d);
+    assert_eq!(stats["tiers"][0]["blocks"].as_u64(), Some(0), "the pool starts empty: {stats}");
+    let (out, cached) = run_batch(&py, &model, &prompts_file, Some(&d.socket));
+    assert_eq!(out, reference, "outputs with the prefix promoted from disk");
+    assert!(cached.iter().all(|&c| c == held_tokens), "every prompt loaded the prefix: {cached:?}");
+    let stats = daemon_stats(&d);
+    assert!(stats["promoted_blocks"].as_u64() >= Some(held_tokens / BLOCK as u64), "{stats}");
+    assert!(stats["disk_hit_blocks"].as_u64() > Some(0), "{stats}");
+    assert_eq!(stats["corrupt_blocks"].as_u64(), Some(0), "{stats}");
 }

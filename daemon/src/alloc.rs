@@ -77,10 +77,18 @@ impl SlabAllocator {
             slab_bytes,
             slabs_per_segment: slabs_per_segment.max(1),
             slabs,
-            free_slabs: (0..slab_count).rev().collect(),
+            free_slabs: Self::striped(slab_count, slabs_per_segment.max(1)),
             partial: Vec::new(),
             owned: Vec::new(),
         }
+    }
+
+    /// Free-list order (popped from the back) that takes slabs round-robin across segments, so
+    /// that consecutive slabs (of the disk tier: consecutive writes) land on different devices.
+    fn striped(slab_count: u32, per_segment: u32) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..slab_count).collect();
+        order.sort_by_key(|&s| std::cmp::Reverse((s % per_segment, s / per_segment)));
+        order
     }
 
     /// Bytes of one slab: the largest block the pool can hold.
@@ -323,6 +331,18 @@ mod tests {
         assert_eq!(got, vec![SlotId { slab: 1, slot: 1 }, SlotId { slab: 1, slot: 3 }]);
         assert_eq!(a.free_slab_count(), 2);
         assert_ne!(a.alloc(NsIdx(0), 4096, 20).unwrap().slab, 1);
+    }
+
+    #[test]
+    fn fresh_slabs_alternate_between_segments() {
+        let mut a = SlabAllocator::new(6, 4096, 3);
+        let segs: Vec<u32> = (0..6)
+            .map(|i| {
+                let slot = a.alloc(NsIdx(0), 4096, i).unwrap();
+                a.location(slot).0
+            })
+            .collect();
+        assert_eq!(segs, vec![0, 1, 0, 1, 0, 1]);
     }
 
     #[test]

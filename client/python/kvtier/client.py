@@ -174,6 +174,23 @@ class Client:
         """How many leading `hashes` the daemon holds."""
         return self.call("lookup", handle=ns.handle, hashes=list(hashes)).matched
 
+    def lookup_tiers(self, ns, hashes):
+        """Tier of each block of the held prefix of `hashes`: `"host"` or `"disk"`."""
+        r = self.call("lookup", handle=ns.handle, hashes=list(hashes))
+        return ["disk" if t == pb.TIER_DISK else "host" for t in r.tiers]
+
+    def prefetch(self, ns, hashes):
+        """Starts promoting the disk-only blocks of the held prefix into the pool; returns how many."""
+        return self.call("prefetch", handle=ns.handle, hashes=list(hashes)).queued
+
+    def lookup_and_prefetch(self, ns, hashes):
+        """Lookup and prefetch pipelined in one round trip: `(matched, blocks being promoted)`."""
+        hashes = list(hashes)
+        look, pre = self.call_many(
+            [("lookup", {"handle": ns.handle, "hashes": hashes}), ("prefetch", {"handle": ns.handle, "hashes": hashes})]
+        )
+        return look.lookup.matched, pre.prefetch.queued
+
     def reserve(self, ns, hashes, parent=None):
         """Reserves slots. Returns `(reservation, outcomes)`: one outcome per hash, a `Slot`
         to write, `"present"` or `"no_space"`."""

@@ -231,7 +231,9 @@ class KvTierConnector(KVConnectorBase_V1):
             client, ns = self._daemon.namespace(request.cache_salt)
             if client is None:
                 return 0, False
-            matched = client.lookup(ns, [bytes(h) for h in request.block_hashes[:n]])
+            # Blocks only on disk start moving into the pool now, while vLLM schedules; the
+            # worker's load finds them there (or waits for the rest).
+            matched, _ = client.lookup_and_prefetch(ns, [bytes(h) for h in request.block_hashes[:n]])
         except (OSError, KvTierError) as e:
             self._daemon.fail(e)
             return 0, False
