@@ -56,6 +56,8 @@ pub struct SlabAllocator {
     partial: Vec<Vec<u32>>,
     /// Slabs owned per namespace.
     owned: Vec<usize>,
+    /// Sum of stride times used slots over all slabs.
+    used_bytes: u64,
 }
 
 impl SlabAllocator {
@@ -80,6 +82,7 @@ impl SlabAllocator {
             free_slabs: Self::striped(slab_count, slabs_per_segment.max(1)),
             partial: Vec::new(),
             owned: Vec::new(),
+            used_bytes: 0,
         }
     }
 
@@ -101,9 +104,9 @@ impl SlabAllocator {
         self.slab_bytes * self.slabs.len() as u64
     }
 
-    /// Bytes of slots in use (stride times used slots).
+    /// Bytes of slots in use (stride times used slots). O(1): the planner asks often.
     pub fn used_bytes(&self) -> u64 {
-        self.slabs.iter().map(|s| s.stride * s.used as u64).sum()
+        self.used_bytes
     }
 
     /// Number of slabs owned by `ns`.
@@ -195,6 +198,7 @@ impl SlabAllocator {
         }
         s.tags[id.slot as usize] = tag;
         s.used += 1;
+        self.used_bytes += s.stride;
         true
     }
 
@@ -209,6 +213,7 @@ impl SlabAllocator {
         };
         s.tags[slot as usize] = tag;
         s.used += 1;
+        self.used_bytes += s.stride;
         SlotId { slab, slot }
     }
 
@@ -219,6 +224,7 @@ impl SlabAllocator {
         s.tags[id.slot as usize] = NO_TAG;
         s.free.push(id.slot);
         s.used -= 1;
+        self.used_bytes -= s.stride;
         let owner = s.owner.expect("owned slab");
         if s.used == 0 {
             self.owned[owner.0 as usize] -= 1;

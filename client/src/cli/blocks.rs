@@ -53,8 +53,9 @@ pub async fn lookup(args: LookupArgs) -> anyhow::Result<()> {
     };
     let mut c = args.conn.connect("lookup").await?;
     let ns = args.ns.register(&mut c).await?;
-    let matched = c.lookup(&ns, &hashes).await?;
-    println!("matched {matched} of {} blocks", hashes.len());
+    let tiers = c.lookup_tiers(&ns, &hashes).await?;
+    let on_disk = tiers.iter().filter(|&&t| t == kvtier_proto::v1::Tier::Disk).count();
+    println!("matched {} of {} blocks ({on_disk} only on disk)", tiers.len(), hashes.len());
     Ok(())
 }
 

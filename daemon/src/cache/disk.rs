@@ -163,6 +163,8 @@ pub(super) struct DiskState {
     inflight_bytes: u64,
     inflight_writes: usize,
     reserve_bytes: u64,
+    /// Length past which a lazily cleaned queue is compacted (about the pool's block count).
+    queue_cap: usize,
     changes: Vec<DiskChange>,
     pub stats: DiskStats,
     next_generation: u64,
@@ -179,6 +181,7 @@ impl DiskState {
             inflight_bytes: 0,
             inflight_writes: 0,
             reserve_bytes: (pool_bytes as f64 * setup.reserve_fraction.clamp(0.0, 1.0)) as u64,
+            queue_cap: (pool_bytes / 16384).max(1024) as usize,
             changes: Vec::new(),
             stats: DiskStats { enabled: true, ..Default::default() },
             next_generation: 1,
@@ -258,8 +261,17 @@ impl BlockCache {
         e.flags |= flags::COLD;
         let ns = e.key.ns;
         let d = self.disk_mut();
-        d.cold[ns.0 as usize].push_back(h);
+        let queue = &mut d.cold[ns.0 as usize];
+        queue.push_back(h);
         d.stats.cold_bytes += stride;
+        if queue.len() > d.queue_cap {
+            // Blocks that went cold, hot and cold again left stale entries behind: drop them.
+            let mut queue = std::mem::take(&mut d.cold[ns.0 as usize]);
+            let mut seen = std::collections::HashSet::new();
+            let live = |h: Handle| self.index.try_get(h).is_some_and(|e| e.flags & flags::COLD != 0 && e.key.ns == ns);
+            queue.retain(|&h| live(h) && seen.insert(h));
+            self.disk_mut().cold[ns.0 as usize] = queue;
+        }
     }
 
     /// Takes `h` out of the cold queue's accounting (its queue entry is skipped later).
@@ -292,9 +304,30 @@ impl BlockCache {
     /// Queues `h` for write-back if admission accepts it now.
     pub(super) fn queue_writeback(&mut self, h: Handle) {
         let reused = self.index.get(h).flags & flags::REUSED != 0;
-        if let Some(d) = self.disk.as_mut().filter(|d| d.stats.enabled && d.admission.admit(reused)) {
-            d.writeback.push_back(h);
+        let Some(d) = self.disk.as_mut().filter(|d| d.stats.enabled && d.admission.admit(reused)) else { return };
+        d.writeback.push_back(h);
+        if d.writeback.len() > d.queue_cap {
+            // Compact: keep entries still waiting; if the disk cannot keep up, forget the oldest
+            // (they leave the pool without a write, as an overloaded cache must).
+            let mut queue = std::mem::take(&mut self.disk_mut().writeback);
+            let mut seen = std::collections::HashSet::new();
+            queue.retain(|&h| self.needs_writeback(h) && seen.insert(h));
+            let d = self.disk_mut();
+            while queue.len() > d.queue_cap / 2 {
+                queue.pop_front();
+            }
+            d.writeback = queue;
         }
+    }
+
+    fn needs_writeback(&self, h: Handle) -> bool {
+        self.index.try_get(h).is_some_and(|e| {
+            e.state == EntryState::Committed
+                && e.slot.is_some()
+                && e.disk.is_none()
+                && e.flags & (flags::COLD | flags::DEMOTING | flags::PROMOTING) == 0
+                && e.pins < u16::MAX
+        })
     }
 
     /// Disk writes queued or in flight (the write-back queue may hold stale entries).
@@ -327,14 +360,7 @@ impl BlockCache {
         }
         while out.len() < max && self.has_disk() && !self.under_pressure() {
             let Some(h) = self.disk.as_mut().and_then(|d| d.writeback.pop_front()) else { break };
-            let dirty_and_hot = self.index.try_get(h).is_some_and(|e| {
-                e.state == EntryState::Committed
-                    && e.slot.is_some()
-                    && e.disk.is_none()
-                    && e.flags & (flags::COLD | flags::DEMOTING | flags::PROMOTING) == 0
-                    && e.pins < u16::MAX
-            });
-            if dirty_and_hot {
+            if self.needs_writeback(h) {
                 out.extend(self.start_write(h, true));
             }
         }
