@@ -50,12 +50,11 @@ fn daemon_args(spill: &Path) -> Vec<String> {
     v
 }
 
-/// Waits until metric `name` reaches `target` (polled every millisecond); returns the time
-/// since `t0`.
+/// Waits until metric `name` reaches `target` (polled every 2 ms); returns the time since `t0`.
 fn time_until(d: &Daemon, name: &str, target: f64, t0: Instant) -> Duration {
     while d.metric(name) < target {
         assert!(t0.elapsed() < Duration::from_secs(600), "{name} never reached {target}");
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(2));
     }
     t0.elapsed()
 }

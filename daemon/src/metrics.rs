@@ -110,6 +110,10 @@ pub struct Metrics {
     pub errors: [AtomicU64; 16],
     /// Latency per op.
     pub latency: [Histogram; Op::ALL.len()],
+    /// Disk writes (demotion and write-back), submit to completion, per block.
+    pub disk_write_latency: Histogram,
+    /// Disk reads (promotion), submit to verified, per block.
+    pub disk_read_latency: Histogram,
 }
 
 impl Metrics {
@@ -223,6 +227,15 @@ impl Metrics {
         let _ = writeln!(o, "# HELP {name} Connector request latency by op.\n# TYPE {name} histogram");
         for op in Op::ALL {
             self.latency[op as usize].render(&mut o, name, &format!("op=\"{}\"", op.name()));
+        }
+        if disk.is_some() {
+            let name = "kvtier_disk_move_seconds";
+            let _ = writeln!(
+                o,
+                "# HELP {name} Latency of one block's move between pool and disk.\n# TYPE {name} histogram"
+            );
+            self.disk_write_latency.render(&mut o, name, "dir=\"write\"");
+            self.disk_read_latency.render(&mut o, name, "dir=\"read\"");
         }
         o
     }

@@ -86,6 +86,7 @@ impl Node {
     }
 
     async fn run_demotions(&self, jobs: Vec<Job<crate::cache::Demotion>>) {
+        let started = Instant::now();
         let writes: Vec<_> = jobs
             .iter()
             .map(|j| {
@@ -104,7 +105,9 @@ impl Node {
             .collect();
         let mut results = Vec::with_capacity(writes.len());
         for (checksum, write) in writes {
-            results.push(match write.await {
+            let result = write.await;
+            self.metrics.disk_write_latency.observe(started.elapsed());
+            results.push(match result {
                 Ok(()) => Some(checksum),
                 Err(e) => {
                     self.disk_failed(format!("writing a block to disk: {e}"));
@@ -189,11 +192,14 @@ impl Node {
     }
 
     async fn run_promotions(&self, disk: &DiskTier, jobs: &[Job<crate::cache::Promotion>]) {
+        let started = Instant::now();
         let reads: Vec<_> =
             jobs.iter().map(|j| disk.read(j.host.0, self.slot_ptr(j.host) as usize, j.stride, j.disk)).collect();
         let mut outcomes = Vec::with_capacity(reads.len());
         for (j, read) in jobs.iter().zip(reads) {
-            outcomes.push(match read.await {
+            let result = read.await;
+            self.metrics.disk_read_latency.observe(started.elapsed());
+            outcomes.push(match result {
                 Ok(()) => {
                     // SAFETY: the slot is PROMOTING: pinned, not served, written only by this read.
                     let slot = unsafe { std::slice::from_raw_parts(self.slot_ptr(j.host), j.stride as usize) };
