@@ -17,6 +17,7 @@ pub use disk::{Demotion, DiskChange, DiskSetup, DiskStats, Promotion, PromotionO
 
 use crate::alloc::{slot_stride, SlabAllocator};
 use crate::block::{BlockHash, BlockKey, Handle, NsIdx, SlotId};
+use crate::events::{EventKind, EventLog};
 use crate::index::{flags, BlockIndex, EntryState};
 use crate::namespace::{NamespaceId, NamespaceInfo, NamespaceTable};
 use crate::policy::{Access, PolicyKind};
@@ -137,7 +138,12 @@ pub struct BlockCache {
     oracle: Option<FutureOracle>,
     /// Bytes before each block in its slot (room for the on-disk slot header; 0 without disk).
     header_bytes: u64,
+    /// What routers replay: every change of what this node can serve.
+    events: EventLog,
 }
+
+/// Events the router feed retains unless configured otherwise.
+pub const DEFAULT_EVENT_CAPACITY: usize = 1 << 18;
 
 impl BlockCache {
     /// A host-only cache over `alloc`'s slots, evicting with `policy`.
@@ -156,6 +162,7 @@ impl BlockCache {
             limits,
             oracle: None,
             header_bytes: 0,
+            events: EventLog::new(DEFAULT_EVENT_CAPACITY),
         }
     }
 
@@ -479,11 +486,13 @@ impl BlockCache {
                 self.host.alloc.free(slot);
                 self.stats.blocks -= 1;
                 self.stats.evicted_blocks += 1;
-                if !on_disk {
+                if on_disk {
+                    self.events.push(key, EventKind::TierChanged { from: TierKind::Host, to: TierKind::Disk });
+                } else {
                     if let Some(d) = &mut self.disk {
                         d.admission.dropped(disk::fingerprint(&key));
                     }
-                    self.index.remove(h);
+                    self.remove_visible(h);
                 }
             }
             TierSel::Disk => {
@@ -492,10 +501,37 @@ impl BlockCache {
                 let (key, in_host) = (e.key, e.slot.is_some());
                 self.disk_mut().forget(key, slot);
                 if !in_host {
-                    self.index.remove(h);
+                    self.remove_visible(h);
                 }
             }
         }
+    }
+
+    /// Removes a committed entry from the index, telling routers.
+    fn remove_visible(&mut self, h: Handle) {
+        let e = self.index.remove(h);
+        self.events.push(e.key, EventKind::Removed);
+    }
+
+    /// The router feed's event log.
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// Retains the newest `n` events for the router feed (drops what is there).
+    pub fn set_event_capacity(&mut self, n: usize) {
+        self.events = EventLog::new(n);
+    }
+
+    /// Every held block with its tier, consistent with `events().last_sequence()`.
+    pub fn snapshot(&self) -> (u64, Vec<(BlockKey, TierKind)>) {
+        let blocks = self
+            .index
+            .iter()
+            .filter(|(_, e)| e.state == EntryState::Committed)
+            .map(|(h, e)| (e.key, if self.servable_from_host(h) { TierKind::Host } else { TierKind::Disk }))
+            .collect();
+        (self.events.last_sequence(), blocks)
     }
 
     /// Drops a reserved entry and its slot.
@@ -515,6 +551,8 @@ impl BlockCache {
             let access = self.access(&key, parent);
             self.host.policy(held.ns).insert(h, &access);
             self.queue_writeback(h);
+            let parent = parent.and_then(|p| self.index.try_get(p)).map(|p| p.key.hash);
+            self.events.push(key, EventKind::Stored { tier: TierKind::Host, parent });
         }
         let n = held.handles.len();
         self.stats.blocks += n as u64;

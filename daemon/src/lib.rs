@@ -11,6 +11,7 @@ pub mod block;
 pub mod cache;
 pub mod config;
 pub mod disk;
+pub mod events;
 pub mod index;
 pub mod metrics;
 pub mod namespace;

@@ -5,9 +5,10 @@
 //! [`Demotion`]s and [`Promotion`]s and reports each outcome back; [`DiskChange`]s tell it what to
 //! persist, in order.
 
-use super::{BlockCache, TierSel};
+use super::{BlockCache, TierKind, TierSel};
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, BlockKey, Handle, NsIdx, SlotId};
+use crate::events::EventKind;
 use crate::index::{flags, EntryState};
 use crate::namespace::NamespaceId;
 use crate::policy::{Admission, AdmissionKind, PolicyKind};
@@ -492,6 +493,7 @@ impl BlockCache {
         if outcome == PromotionOutcome::Verified {
             let access = self.access(&e.key, e.parent);
             self.host.policy(e.key.ns).insert(p.handle, &access);
+            self.events.push(e.key, EventKind::TierChanged { from: TierKind::Disk, to: TierKind::Host });
             self.stats.blocks += 1;
             let d = self.disk_mut();
             d.stats.promoted_blocks += 1;
@@ -509,7 +511,7 @@ impl BlockCache {
             self.disk_mut().tier.policy(e.key.ns).remove(p.handle);
             self.drop_copy(TierSel::Disk, p.handle);
         } else {
-            self.index.remove(p.handle);
+            self.remove_visible(p.handle);
         }
     }
 
@@ -530,7 +532,7 @@ impl BlockCache {
             self.index.get_mut(h).disk = SlotId::NONE;
             // A promotion in flight finishes (as a failure) and removes the entry then.
             if e.slot.is_none() {
-                self.index.remove(h);
+                self.remove_visible(h);
             }
         }
         let d = self.disk_mut();
@@ -569,6 +571,7 @@ impl BlockCache {
         d.tier.policy(ns).insert(h, &access);
         d.stats.blocks += 1;
         d.stats.restored_blocks += 1;
+        self.events.push(key, EventKind::Stored { tier: TierKind::Disk, parent: None });
         Ok(())
     }
 }

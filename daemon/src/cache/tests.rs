@@ -401,3 +401,68 @@ mod disk_tier {
         assert!(c.stats().used_bytes <= c.stats().capacity_bytes);
     }
 }
+
+mod router_events {
+    use super::*;
+    use crate::cache::{DiskSetup, PromotionOutcome, TierKind};
+    use crate::events::EventKind;
+    use crate::policy::AdmissionKind;
+    use std::collections::HashMap;
+
+    /// Replays the whole event log into a map, as a router does.
+    fn replay(c: &BlockCache) -> HashMap<BlockKey, TierKind> {
+        let mut view = HashMap::new();
+        for e in c.events().since(0).unwrap() {
+            match e.kind {
+                EventKind::Stored { tier, .. } => assert!(view.insert(e.key, tier).is_none(), "stored twice: {e:?}"),
+                EventKind::TierChanged { from, to } => assert_eq!(view.insert(e.key, to), Some(from), "{e:?}"),
+                EventKind::Removed => assert!(view.remove(&e.key).is_some(), "removed unknown: {e:?}"),
+            }
+        }
+        view
+    }
+
+    fn snapshot(c: &BlockCache) -> HashMap<BlockKey, TierKind> {
+        c.snapshot().1.into_iter().collect()
+    }
+
+    #[test]
+    fn events_replay_to_the_snapshot_through_every_tier_move() {
+        let setup = DiskSetup {
+            alloc: SlabAllocator::new(2, 4 * 8192, 2),
+            header_bytes: 4096,
+            admission: AdmissionKind::Always,
+            reserve_fraction: 0.25,
+        };
+        let mut c =
+            BlockCache::with_disk(SlabAllocator::new(2, 4 * 8192, 2), PolicyKind::Lru, CacheLimits::default(), setup);
+        let ns = c.register(NamespaceId([1; 16]), 4096).unwrap();
+        for round in 0..6u64 {
+            save(&mut c, ns, &hs(round * 3..round * 3 + 5));
+            for d in c.plan_demotions(usize::MAX) {
+                c.complete_demotion(&d, Some(1));
+            }
+            let plan = c.begin_promotions(ns, &hs(0..2));
+            for (i, p) in plan.started.iter().enumerate() {
+                let outcome = if round == 3 && i == 0 { PromotionOutcome::Corrupt } else { PromotionOutcome::Verified };
+                c.complete_promotion(p, outcome);
+            }
+            assert_eq!(replay(&c), snapshot(&c), "round {round}");
+        }
+        assert!(c.events().since(0).unwrap().iter().any(|e| matches!(e.kind, EventKind::TierChanged { .. })));
+        c.disable_disk();
+        assert_eq!(replay(&c), snapshot(&c), "after the disk failed");
+        assert_eq!(c.snapshot().0, c.events().last_sequence());
+    }
+
+    #[test]
+    fn reservations_and_aborts_are_not_events() {
+        let (mut c, ns) = cache(1, PolicyKind::Lru);
+        let (id, _) = c.reserve(A, ns, &hs(0..2), None).unwrap();
+        c.abort(A, id).unwrap();
+        assert_eq!(c.events().last_sequence(), 0);
+        save(&mut c, ns, &hs(0..2));
+        let ev = c.events().since(0).unwrap();
+        assert_eq!(ev[1].kind, EventKind::Stored { tier: TierKind::Host, parent: Some(h(0)) });
+    }
+}
