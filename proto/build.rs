@@ -5,7 +5,7 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["kvtier/v1/connector.proto", "kvtier/v1/cache_service.proto"];
+    let files = ["kvtier/v1/connector.proto", "kvtier/v1/cache_service.proto", "kvtier/v1/router.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -31,6 +31,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// Metrics address, when enabled.
     pub metrics: Option<String>,
+    /// Address of the router feed (gRPC over TCP), kept across restarts.
+    pub grpc: String,
     extra: Vec<String>,
 }
 
@@ -49,7 +51,7 @@ impl Daemon {
         let socket = dir.path().join("kvtierd.sock");
         let metrics = metrics.then(free_local_addr);
         let extra = extra.iter().map(|s| s.to_string()).collect();
-        let mut d = Self { child: None, dir, socket, metrics, extra };
+        let mut d = Self { child: None, dir, socket, metrics, grpc: free_local_addr(), extra };
         d.spawn();
         d
     }
@@ -63,6 +65,7 @@ impl Daemon {
         let mut cmd = Command::new(bin("kvtierd"));
         cmd.arg("--socket").arg(&self.socket).arg("--allow-unlocked");
         cmd.arg("--metrics-listen").arg(self.metrics.clone().unwrap_or_default());
+        cmd.arg("--grpc-listen").arg(&self.grpc).arg("--grpc-socket").arg(self.dir.path().join("grpc.sock"));
         if !self.extra.iter().any(|a| a == "--pool-bytes") {
             cmd.args(SMALL_POOL);
         }

@@ -18,6 +18,7 @@
 pub mod bench;
 mod conn;
 mod pool;
+pub mod router;
 pub mod testdata;
 
 pub use bytes::Bytes;

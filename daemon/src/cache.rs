@@ -114,11 +114,13 @@ pub struct CacheLimits {
     pub max_namespaces: usize,
     /// Most reserved plus pinned blocks one client may hold.
     pub max_held_per_client: usize,
+    /// Router-feed events retained (older ones force consumers to re-snapshot).
+    pub event_capacity: usize,
 }
 
 impl Default for CacheLimits {
     fn default() -> Self {
-        Self { max_namespaces: 256, max_held_per_client: 1 << 20 }
+        Self { max_namespaces: 256, max_held_per_client: 1 << 20, event_capacity: DEFAULT_EVENT_CAPACITY }
     }
 }
 
@@ -148,6 +150,7 @@ pub const DEFAULT_EVENT_CAPACITY: usize = 1 << 18;
 impl BlockCache {
     /// A host-only cache over `alloc`'s slots, evicting with `policy`.
     pub fn new(alloc: SlabAllocator, policy: PolicyKind, limits: CacheLimits) -> Self {
+        let events = EventLog::new(limits.event_capacity);
         Self {
             index: BlockIndex::default(),
             stats: CacheStats { capacity_bytes: alloc.capacity_bytes(), ..Default::default() },
@@ -162,7 +165,7 @@ impl BlockCache {
             limits,
             oracle: None,
             header_bytes: 0,
-            events: EventLog::new(DEFAULT_EVENT_CAPACITY),
+            events,
         }
     }
 
@@ -516,11 +519,6 @@ impl BlockCache {
     /// The router feed's event log.
     pub fn events(&self) -> &EventLog {
         &self.events
-    }
-
-    /// Retains the newest `n` events for the router feed (drops what is there).
-    pub fn set_event_capacity(&mut self, n: usize) {
-        self.events = EventLog::new(n);
     }
 
     /// Every held block with its tier, consistent with `events().last_sequence()`.

@@ -21,6 +21,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Disk tier (spill files).
     pub disk: DiskConfig,
+    /// Router feed (`kvtier.v1.CacheService` over gRPC).
+    pub grpc: GrpcConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
 }
@@ -97,6 +99,31 @@ impl Default for DiskConfig {
             reserve_fraction: 0.125,
             promote_timeout_ms: 2000,
             shutdown_flush_secs: 10,
+        }
+    }
+}
+
+/// The router feed: `kvtier.v1.CacheService` and `grpc.health.v1` over gRPC.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// TCP address to serve on; empty disables TCP. Routers on other nodes need a routable address.
+    pub listen: String,
+    /// Unix socket to serve on as well; empty disables it.
+    pub socket: PathBuf,
+    /// Events retained for resuming watchers; one further behind must re-snapshot.
+    pub event_capacity: u64,
+    /// Node name reported in Stats (default: the host name).
+    pub node_name: String,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9465".into(),
+            socket: runtime_dir().join("kvtierd-grpc.sock"),
+            event_capacity: 1 << 18,
+            node_name: String::new(),
         }
     }
 }

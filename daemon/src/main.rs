@@ -5,7 +5,7 @@ use clap::Parser;
 use kvtier_daemon::config::Config;
 use kvtier_daemon::node::Node;
 use kvtier_daemon::policy::{AdmissionKind, PolicyKind};
-use kvtier_daemon::server::{connector, http};
+use kvtier_daemon::server::{connector, grpc, http};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
@@ -52,6 +52,12 @@ struct Args {
     /// Which blocks leaving the pool are written to disk.
     #[arg(long, env = "KVTIER_DISK_ADMISSION")]
     disk_admission: Option<AdmissionKind>,
+    /// Address of the router feed (gRPC), "" disables TCP.
+    #[arg(long, env = "KVTIER_GRPC_LISTEN")]
+    grpc_listen: Option<String>,
+    /// Unix socket of the router feed (gRPC), "" disables it.
+    #[arg(long, env = "KVTIER_GRPC_SOCKET")]
+    grpc_socket: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -79,6 +85,12 @@ impl Args {
         }
         if let Some(m) = &self.metrics_listen {
             c.metrics.listen = m.clone();
+        }
+        if let Some(l) = &self.grpc_listen {
+            c.grpc.listen = l.clone();
+        }
+        if let Some(s) = &self.grpc_socket {
+            c.grpc.socket = s.clone();
         }
         if !self.disk_dirs.is_empty() {
             c.disk.dirs = self.disk_dirs.clone();
@@ -136,6 +148,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
     node.start_background();
+    grpc::serve(Arc::clone(&node)).await?;
     tokio::spawn(connector::serve(Arc::clone(&node), listener));
     if !cfg.metrics.listen.is_empty() {
         let tcp = tokio::net::TcpListener::bind(&cfg.metrics.listen)
@@ -156,6 +169,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ = int.recv() => info!("SIGINT: shutting down"),
     }
     let _ = std::fs::remove_file(&socket);
+    if !cfg.grpc.socket.as_os_str().is_empty() {
+        let _ = std::fs::remove_file(&cfg.grpc.socket);
+    }
     node.shutdown(std::time::Duration::from_secs(cfg.disk.shutdown_flush_secs)).await;
     Ok(())
 }

@@ -16,6 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::{error, info};
 
+fn random_instance_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{:016x}{:08x}", u64::from_le_bytes(b), nanos as u32)
+}
+
 /// A slot as clients address it: (segment, byte offset).
 pub type SlotLocation = (u32, u64);
 
@@ -44,6 +51,42 @@ pub struct Node {
     /// The configuration the daemon runs with.
     pub config: Config,
     next_client: AtomicU64,
+    /// Random id of this daemon run: routers re-snapshot when it changes.
+    pub instance_id: String,
+    /// Sequence of the newest router-feed event, published after every change.
+    events: tokio::sync::watch::Sender<u64>,
+    /// Connector requests served, for the load signal.
+    pub requests_total: AtomicU64,
+    load: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+}
+
+/// The cache, locked; on unlock, routers watching the event feed are woken if it grew.
+pub struct CacheGuard<'a> {
+    guard: MutexGuard<'a, BlockCache>,
+    events_at_lock: u64,
+    events: &'a tokio::sync::watch::Sender<u64>,
+}
+
+impl std::ops::Deref for CacheGuard<'_> {
+    type Target = BlockCache;
+    fn deref(&self) -> &BlockCache {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for CacheGuard<'_> {
+    fn deref_mut(&mut self) -> &mut BlockCache {
+        &mut self.guard
+    }
+}
+
+impl Drop for CacheGuard<'_> {
+    fn drop(&mut self) {
+        let now = self.guard.events().last_sequence();
+        if now != self.events_at_lock {
+            self.events.send_replace(now);
+        }
+    }
 }
 
 impl Node {
@@ -57,6 +100,7 @@ impl Node {
         let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
+            event_capacity: config.grpc.event_capacity as usize,
             ..CacheLimits::default()
         };
         let disk_health = Arc::new(Health::default());
@@ -82,6 +126,10 @@ impl Node {
             metrics: Metrics::default(),
             config,
             next_client: AtomicU64::new(1),
+            instance_id: random_instance_id(),
+            events: tokio::sync::watch::Sender::new(0),
+            requests_total: AtomicU64::new(0),
+            load: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -107,9 +155,42 @@ impl Node {
         Ok((cache, disk))
     }
 
-    fn cache(&self) -> MutexGuard<'_, BlockCache> {
+    /// The cache, locked (every operation is microseconds of bookkeeping).
+    pub fn cache(&self) -> CacheGuard<'_> {
         // The cache's invariants hold between calls; a panic mid-call is a bug we still survive.
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        let guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        CacheGuard { events_at_lock: guard.events().last_sequence(), guard, events: &self.events }
+    }
+
+    /// Node name for the router feed: `grpc.node_name`, else the host name.
+    pub fn node_name(&self) -> String {
+        match self.config.grpc.node_name.as_str() {
+            "" => nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default(),
+            name => name.to_string(),
+        }
+    }
+
+    /// Subscribes to the sequence of the newest router-feed event.
+    pub fn watch_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    /// Records a sample of `requests_total` (call about once a second).
+    pub fn sample_load(&self) {
+        let mut load = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        load.push_back((std::time::Instant::now(), self.requests_total.load(Ordering::Relaxed)));
+        while load.len() > 11 {
+            load.pop_front();
+        }
+    }
+
+    /// Connector requests per second over the last ~10 s of samples.
+    pub fn requests_per_second(&self) -> f64 {
+        let load = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        match (load.front(), load.back()) {
+            (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
+            _ => 0.0,
+        }
     }
 
     /// The pool (for passing segment fds).

@@ -25,6 +25,34 @@ pub struct SimArgs {
     /// Disk admission rules to compare (with `--disk-pct`).
     #[arg(long, value_delimiter = ',', default_values = ["reused", "always"])]
     pub admission: Vec<AdmissionKind>,
+    /// Simulate a cluster of this many nodes (comma-separated for several), each of
+    /// `--capacity-pct` (first value) of the unique blocks: prefix hit rate and load imbalance for
+    /// round-robin, least-loaded and cache-aware routing, next to one pool of all their memory.
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<usize>,
+}
+
+fn run_cluster(args: &SimArgs, trace: &Trace) -> anyhow::Result<()> {
+    let pct = args.capacity_pct.first().copied().unwrap_or(5.0);
+    let policy = args.policy.iter().copied().find(|p| *p != PolicyKind::Belady).unwrap_or(PolicyKind::Lru);
+    let results = kvtier_client::router::sim::sweep_cluster(trace, &args.nodes, pct, policy);
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "trace: {} requests, {} unique blocks; each node holds {pct}% of them ({}); load window 10 s",
+        trace.requests.len(),
+        trace.unique_blocks(),
+        policy.name()
+    );
+    println!("{:>6} {:>20} {:>9} {:>10}", "nodes", "routing", "hit rate", "max/mean");
+    for r in &results {
+        println!("{:>6} {:>20} {:>9.4} {:>10.2}", r.nodes, r.routing, r.hit_rate, r.imbalance);
+    }
+    Ok(())
 }
 
 fn run_tiered(args: &SimArgs, trace: &Trace, disk_pct: f64) -> anyhow::Result<()> {
@@ -71,6 +99,9 @@ fn run_tiered(args: &SimArgs, trace: &Trace, disk_pct: f64) -> anyhow::Result<()
 /// Runs the simulation and prints the table or JSON lines.
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let trace = Trace::load(&args.trace)?;
+    if !args.nodes.is_empty() {
+        return run_cluster(&args, &trace);
+    }
     if let Some(disk_pct) = args.disk_pct {
         return run_tiered(&args, &trace, disk_pct);
     }

@@ -39,11 +39,20 @@ fn job<T>(c: &BlockCache, plan: T, key: BlockKey, host: SlotId, disk: SlotId) ->
 }
 
 impl Node {
-    /// Starts the background demoter when there is a disk tier (call once, from the runtime).
+    /// Starts the background tasks: the demoter when there is a disk tier, the load sampler
+    /// (call once, from the runtime).
     pub fn start_background(self: &Arc<Self>) {
         if self.disk.is_some() {
             tokio::spawn(Arc::clone(self).demote_loop());
         }
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                node.sample_load();
+            }
+        });
     }
 
     /// Address of a host slot start in the daemon's mapping.

@@ -148,6 +148,7 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, mut session: Session) ->
                 return fail(node, stream, &mut out, req.id, f).await;
             };
             let kind = op_of(&op);
+            node.requests_total.fetch_add(1, Relaxed);
             let started = Instant::now();
             let result = dispatch(node, &mut session, op).await;
             node.metrics.observe(kind, started.elapsed());

@@ -2,4 +2,5 @@
 
 pub mod connector;
 mod dispatch;
+pub mod grpc;
 pub mod http;

@@ -1,0 +1,251 @@
+//! The router feed: `kvtier.v1.CacheService` (batched lookup, the resumable event stream, node
+//! stats, health) and the standard `grpc.health.v1` service, over TCP and a unix socket.
+//! Translation only: every answer comes from `Node`.
+
+use crate::block::{BlockHash, BlockKey};
+use crate::cache::{BlockCache, TierKind};
+use crate::events::{Event, EventKind};
+use crate::namespace::NamespaceId;
+use crate::node::Node;
+use bytes::Bytes;
+use kvtier_proto::v1 as pb;
+use kvtier_proto::v1::cache_service_server::{CacheService, CacheServiceServer};
+use kvtier_proto::v1::watch_events_response::Payload;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Most queries in one `Lookup`.
+pub const MAX_QUERIES: usize = 1024;
+/// Blocks per snapshot page and events per batch on the stream.
+pub const PAGE: usize = 4096;
+/// Pages a watcher may have unread before the daemon stops producing for it (it then falls
+/// behind the event log's window and is told to re-snapshot).
+const STREAM_BUFFER: usize = 4;
+
+/// The `CacheService` of one node.
+#[derive(Clone)]
+pub struct FeedService {
+    node: Arc<Node>,
+}
+
+fn tier(t: TierKind) -> pb::Tier {
+    match t {
+        TierKind::Host => pb::Tier::Host,
+        TierKind::Disk => pb::Tier::Disk,
+    }
+}
+
+fn id_bytes(c: &BlockCache, key: &BlockKey) -> Bytes {
+    Bytes::copy_from_slice(&c.namespace(key.ns).id.0)
+}
+
+fn stored(c: &BlockCache, sequence: u64, key: &BlockKey, t: TierKind) -> pb::BlockEvent {
+    pb::BlockEvent {
+        sequence,
+        kind: pb::block_event::Kind::Stored as i32,
+        namespace_id: id_bytes(c, key),
+        hash: Bytes::copy_from_slice(key.hash.as_bytes()),
+        tier: tier(t) as i32,
+        ..Default::default()
+    }
+}
+
+fn to_pb(c: &BlockCache, e: &Event) -> pb::BlockEvent {
+    let mut ev = stored(c, e.sequence, &e.key, TierKind::Host);
+    match e.kind {
+        EventKind::Stored { tier: t, parent } => {
+            ev.tier = tier(t) as i32;
+            ev.parent = parent.map(|p| Bytes::copy_from_slice(p.as_bytes())).unwrap_or_default();
+        }
+        EventKind::TierChanged { from, to } => {
+            ev.kind = pb::block_event::Kind::TierChanged as i32;
+            ev.from_tier = tier(from) as i32;
+            ev.tier = tier(to) as i32;
+        }
+        EventKind::Removed => {
+            ev.kind = pb::block_event::Kind::Removed as i32;
+            ev.tier = pb::Tier::Unspecified as i32;
+        }
+    }
+    ev
+}
+
+impl FeedService {
+    /// The service over `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn reply(&self, payload: Payload) -> Result<pb::WatchEventsResponse, Status> {
+        Ok(pb::WatchEventsResponse { instance_id: self.node.instance_id.clone(), payload: Some(payload) })
+    }
+
+    /// Streams a snapshot (unless resuming) and then every event, until the watcher goes away
+    /// or falls too far behind.
+    async fn feed(self, req: pb::WatchEventsRequest, tx: mpsc::Sender<Result<pb::WatchEventsResponse, Status>>) {
+        let node = Arc::clone(&self.node);
+        let mut seen = node.watch_events();
+        let resume = req.after_sequence > 0 && req.instance_id == node.instance_id;
+        let mut cursor = req.after_sequence;
+        if !resume {
+            let (as_of, blocks) = {
+                let c = node.cache();
+                let (as_of, blocks) = c.snapshot();
+                (as_of, blocks.iter().map(|(k, t)| stored(&c, 0, k, *t)).collect::<Vec<_>>())
+            };
+            let pages = blocks.chunks(PAGE).count().max(1);
+            let mut chunks = blocks.chunks(PAGE);
+            for i in 0..pages {
+                let page = chunks.next().unwrap_or_default().to_vec();
+                let snap = pb::Snapshot { blocks: page, as_of_sequence: as_of, last_page: i + 1 == pages };
+                if tx.send(self.reply(Payload::Snapshot(snap))).await.is_err() {
+                    return;
+                }
+            }
+            cursor = as_of;
+        }
+        loop {
+            seen.borrow_and_update();
+            let batch = {
+                let c = node.cache();
+                c.events().since_at_most(cursor, PAGE).map(|evs| evs.iter().map(|e| to_pb(&c, e)).collect::<Vec<_>>())
+            };
+            let events = match batch {
+                Ok(events) => events,
+                Err(r) => {
+                    let resync = pb::ResyncRequired { oldest_retained: r.oldest_retained };
+                    let _ = tx.send(self.reply(Payload::ResyncRequired(resync))).await;
+                    return;
+                }
+            };
+            if let Some(last) = events.last() {
+                cursor = last.sequence;
+                if tx.send(self.reply(Payload::Events(pb::EventBatch { events }))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                changed = seen.changed() => if changed.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}
+
+fn parse_query(q: &pb::PrefixQuery) -> Result<(NamespaceId, Vec<BlockHash>), Status> {
+    let id = NamespaceId::from_slice(&q.namespace_id)
+        .ok_or_else(|| Status::invalid_argument(format!("namespace_id has {} bytes, not 16", q.namespace_id.len())))?;
+    let hashes = q
+        .hashes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            BlockHash::new(h)
+                .ok_or_else(|| Status::invalid_argument(format!("hash {i} has {} bytes; must be 1 to 32", h.len())))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((id, hashes))
+}
+
+#[tonic::async_trait]
+impl CacheService for FeedService {
+    async fn lookup(&self, req: Request<pb::BatchLookupRequest>) -> Result<Response<pb::BatchLookupResponse>, Status> {
+        let queries = req.into_inner().queries;
+        if queries.len() > MAX_QUERIES {
+            return Err(Status::invalid_argument(format!("{} queries, limit {MAX_QUERIES}", queries.len())));
+        }
+        let parsed = queries.iter().map(parse_query).collect::<Result<Vec<_>, _>>()?;
+        let c = self.node.cache();
+        let matches = parsed
+            .iter()
+            .map(|(id, hashes)| {
+                let tiers = c.find_namespace(id).map(|ns| c.peek_tiers(ns, hashes)).unwrap_or_default();
+                pb::PrefixMatch {
+                    matched: tiers.len() as u32,
+                    tiers: tiers.into_iter().map(|t| tier(t) as i32).collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::BatchLookupResponse { matches }))
+    }
+
+    type WatchEventsStream = ReceiverStream<Result<pb::WatchEventsResponse, Status>>;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(self.clone().feed(req.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn stats(&self, _: Request<pb::NodeStatsRequest>) -> Result<Response<pb::NodeStatsResponse>, Status> {
+        let node = &self.node;
+        let st = node.stats();
+        let mut tiers = vec![pb::TierStats {
+            tier: pb::Tier::Host as i32,
+            capacity_bytes: st.capacity_bytes,
+            used_bytes: st.used_bytes,
+            blocks: st.blocks,
+        }];
+        if let Some(d) = node.disk_stats() {
+            let (capacity_bytes, used_bytes, blocks) = (d.capacity_bytes, d.used_bytes, d.blocks);
+            tiers.push(pb::TierStats { tier: pb::Tier::Disk as i32, capacity_bytes, used_bytes, blocks });
+        }
+        Ok(Response::new(pb::NodeStatsResponse {
+            node: node.node_name(),
+            tiers,
+            clients: node.metrics.connected_clients.load(std::sync::atomic::Ordering::Relaxed) as u32,
+            lookups_per_second: node.requests_per_second(),
+            hit_blocks: st.hit_blocks,
+            miss_blocks: st.miss_blocks,
+        }))
+    }
+
+    async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        let detail = match self.node.disk_failure() {
+            Some(why) => format!("host tier serving; disk tier off: {why}"),
+            None => "serving".into(),
+        };
+        Ok(Response::new(pb::HealthResponse { status: pb::health_response::Status::Serving as i32, detail }))
+    }
+}
+
+/// Serves the feed and `grpc.health.v1` on the configured TCP address and unix socket until the
+/// process ends. Binding happens before this returns, so errors surface at start.
+pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
+    let cfg = node.config.grpc.clone();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<CacheServiceServer<FeedService>>().await;
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(CacheServiceServer::new(FeedService::new(Arc::clone(&node))));
+    if !cfg.listen.is_empty() {
+        let tcp = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("grpc.listen {}: {e}", cfg.listen))?;
+        tracing::info!("router feed (gRPC) on {}", tcp.local_addr()?);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+        let router = router.clone();
+        tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::error!("gRPC (TCP) server: {e}");
+            }
+        });
+    }
+    if !cfg.socket.as_os_str().is_empty() {
+        let uds = super::connector::bind(&cfg.socket)?;
+        tracing::info!("router feed (gRPC) on unix:{}", cfg.socket.display());
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+        tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::error!("gRPC (unix socket) server: {e}");
+            }
+        });
+    }
+    Ok(())
+}
