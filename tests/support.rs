@@ -342,3 +342,107 @@ impl Drop for LoopFs {
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
     }
 }
+
+impl Daemon {
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Resident memory of the daemon in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A TCP relay between a client and `upstream` whose connections a test can cut at will (the
+/// listener stays up, so the client can reconnect through it).
+pub struct TcpProxy {
+    /// Address clients connect to.
+    pub addr: String,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl TcpProxy {
+    /// Starts relaying to `upstream`.
+    pub fn start(upstream: &str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().unwrap().to_string();
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let (up, kept) = (upstream.to_string(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&up) else { continue };
+                let mut keep = kept.lock().unwrap();
+                keep.push(client.try_clone().unwrap());
+                keep.push(server.try_clone().unwrap());
+                drop(keep);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { addr, conns }
+    }
+
+    /// Cuts every connection relayed so far.
+    pub fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A running `kvtier router`, killed on drop.
+pub struct RouterProc {
+    child: Child,
+    /// Its RouterService address.
+    pub addr: String,
+    /// Its metrics address.
+    pub metrics: String,
+}
+
+impl RouterProc {
+    /// Starts `kvtier router` following `daemons` (feed addresses), with `extra` flags.
+    pub fn start(daemons: &[&str], extra: &[&str]) -> Self {
+        let (addr, metrics) = (free_local_addr(), free_local_addr());
+        let mut cmd = Command::new(bin("kvtier"));
+        cmd.args(["router", "--listen", &addr, "--metrics-listen", &metrics]);
+        for d in daemons {
+            cmd.args(["--daemon", d]);
+        }
+        let log = std::env::var_os("KVTIER_ROUTER_LOG").map(std::fs::File::create).and_then(Result::ok);
+        let stderr = log.map_or_else(Stdio::null, Stdio::from);
+        cmd.env("RUST_LOG", "debug");
+        let child = cmd.args(extra).stdout(Stdio::null()).stderr(stderr).spawn().expect("spawn kvtier router");
+        eventually("the router accepts", || std::net::TcpStream::connect(&addr).is_ok());
+        Self { child, addr, metrics }
+    }
+
+    /// Value of an unlabelled metric of the router (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&self.metrics).expect("router metrics");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let prefix = format!("{name} ");
+        out.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+    }
+}
+
+impl Drop for RouterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -26,10 +26,19 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Replay a request trace through the real index and eviction policies.
     Sim(cli::sim::SimArgs),
+    /// Run the cluster router: follow daemons' router feeds, route requests to their prefix.
+    Router(cli::router::RouterArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Router(_)) {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
@@ -39,6 +48,7 @@ fn main() -> std::process::ExitCode {
             Command::Get(a) => cli::blocks::get(a).await,
             Command::Bench(a) => cli::bench::run(a).await,
             Command::Sim(a) => cli::sim::run(a),
+            Command::Router(a) => cli::router::run(a).await,
         }
     });
     match result {

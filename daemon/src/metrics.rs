@@ -84,7 +84,8 @@ impl Histogram {
         self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    /// Prometheus text of the histogram as `name` with `labels` (e.g. `op="x"`).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (b, le) in self.buckets.iter().zip(LATENCY_BUCKETS_US) {
             cumulative += b.load(Relaxed);

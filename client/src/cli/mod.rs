@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod blocks;
 pub mod common;
+pub mod router;
 pub mod sim;
 pub mod status;

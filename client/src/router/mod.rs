@@ -4,6 +4,8 @@
 //! Pure parts ([`index`], [`score`], [`sim`]) are shared with `kvtier sim --nodes`; [`feed`]
 //! follows the daemons and [`service`] answers `kvtier.v1.RouterService`.
 
+pub mod feed;
 pub mod index;
 pub mod score;
+pub mod service;
 pub mod sim;

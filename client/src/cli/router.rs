@@ -1,0 +1,78 @@
+//! `kvtier router`: the thin cluster router. Follows the daemons' router feeds and answers
+//! `kvtier.v1.RouterService` (Route, Score) plus Prometheus metrics.
+
+use kvtier_client::router::feed::{discover, Shared};
+use kvtier_client::router::score::Weights;
+use kvtier_client::router::service::{grpc, Router};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Arguments of `kvtier router`.
+#[derive(clap::Args, Debug)]
+pub struct RouterArgs {
+    /// A daemon's router feed, `host:port` (or `unix:/path`); repeatable.
+    #[arg(long = "daemon", env = "KVTIER_ROUTER_DAEMONS", value_delimiter = ',')]
+    pub daemons: Vec<String>,
+    /// Discover daemons by resolving `name:port` (e.g. a headless Kubernetes Service).
+    #[arg(long, env = "KVTIER_ROUTER_DNS")]
+    pub dns: Option<String>,
+    /// Seconds between DNS resolutions.
+    #[arg(long, default_value_t = 10)]
+    pub dns_interval_secs: u64,
+    /// Address to serve RouterService on.
+    #[arg(long, env = "KVTIER_ROUTER_LISTEN", default_value = "127.0.0.1:9470")]
+    pub listen: String,
+    /// Address for /metrics ("" disables).
+    #[arg(long, env = "KVTIER_ROUTER_METRICS_LISTEN", default_value = "127.0.0.1:9471")]
+    pub metrics_listen: String,
+    /// Seconds a daemon may be unreachable before its blocks are forgotten and it is not picked.
+    #[arg(long, default_value_t = 30)]
+    pub expiry_secs: u64,
+    /// Most blocks in the global index (bounded memory; about 80 bytes each).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_blocks: usize,
+    /// Value of a disk-only block relative to a host block.
+    #[arg(long, default_value_t = Weights::default().disk)]
+    pub disk_weight: f64,
+    /// Penalty of the busiest node relative to holding the whole prompt.
+    #[arg(long, default_value_t = Weights::default().load)]
+    pub load_weight: f64,
+}
+
+/// Runs the router until the process is stopped.
+pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.daemons.is_empty() || args.dns.is_some(),
+        "give --daemon ADDR (repeatable) or --dns NAME:PORT"
+    );
+    let shared = Shared::new(args.max_blocks, Duration::from_secs(args.expiry_secs));
+    for d in &args.daemons {
+        shared.add(d);
+    }
+    if let Some(name) = args.dns.clone() {
+        tokio::spawn(discover(Arc::clone(&shared), name, Duration::from_secs(args.dns_interval_secs)));
+    }
+    let router = Router::new(shared, Weights { disk: args.disk_weight, load: args.load_weight });
+    if !args.metrics_listen.is_empty() {
+        let tcp = tokio::net::TcpListener::bind(&args.metrics_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", args.metrics_listen))?;
+        let r = Arc::clone(&router);
+        let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { r.render_metrics() }));
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+    }
+    let tcp = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
+    eprintln!(
+        "kvtier router on {} following {} daemon(s){}",
+        tcp.local_addr()?,
+        args.daemons.len(),
+        args.dns.as_ref().map(|d| format!(" and {d}")).unwrap_or_default()
+    );
+    tonic::transport::Server::builder()
+        .add_service(grpc(router))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp))
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! The router feed and the cluster router with real daemons and a real `kvtier router` process:
+//! routing to the node holding the prefix, resuming a cut event stream without losing an event,
+//! re-syncing with a restarted daemon, expiring a dead one, and a slow consumer that cannot make
+//! the daemon grow.
+
+use bytes::Bytes;
+use kvtier_client::router::feed::channel;
+use kvtier_client::testdata;
+use kvtier_proto::v1 as pb;
+use kvtier_proto::v1::cache_service_client::CacheServiceClient;
+use kvtier_proto::v1::router_service_client::RouterServiceClient;
+use kvtier_tests::{eventually_within, namespace, Daemon, RouterProc, TcpProxy};
+
+const BLOCK: u64 = 16 * 1024;
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// Saves prompt `seed` of `n` blocks on `d`; returns the namespace id and the hashes.
+async fn save(d: &Daemon, seed: u64, n: usize) -> (Bytes, Vec<Bytes>) {
+    let mut c = d.client("router-test").await;
+    let ns = c.register(namespace("router-test", BLOCK)).await.unwrap();
+    let hashes = testdata::chained_hashes(seed, n);
+    let blocks: Vec<Vec<u8>> = hashes.iter().map(|h| testdata::block(h, BLOCK as usize)).collect();
+    c.save(&ns, &hashes, &blocks.iter().map(|b| &b[..]).collect::<Vec<_>>()).await.unwrap();
+    (ns.id.clone(), hashes)
+}
+
+async fn route(r: &RouterProc, ns: &Bytes, hashes: &[Bytes]) -> pb::RouteResponse {
+    let mut c = RouterServiceClient::new(channel(&r.addr).await.unwrap());
+    let req = pb::RouteRequest { namespace_id: ns.clone(), hashes: hashes.to_vec() };
+    c.route(req).await.unwrap().into_inner()
+}
+
+async fn scores(r: &RouterProc, ns: &Bytes, hashes: &[Bytes]) -> Vec<pb::EndpointScore> {
+    let mut c = RouterServiceClient::new(channel(&r.addr).await.unwrap());
+    let req = pb::RouteRequest { namespace_id: ns.clone(), hashes: hashes.to_vec() };
+    c.score(req).await.unwrap().into_inner().endpoints
+}
+
+/// What the daemon itself says it holds of the prompt (its own gRPC Lookup).
+async fn held(d: &Daemon, ns: &Bytes, hashes: &[Bytes]) -> u32 {
+    let mut c = CacheServiceClient::new(channel(&d.grpc).await.unwrap());
+    let q = pb::PrefixQuery { namespace_id: ns.clone(), hashes: hashes.to_vec() };
+    c.lookup(pb::BatchLookupRequest { queries: vec![q] }).await.unwrap().into_inner().matches[0].matched
+}
+
+fn router_sees(r: &RouterProc, endpoint: &str, ns: &Bytes, hashes: &[Bytes], want: u32) -> bool {
+    block_on(scores(r, ns, hashes)).iter().any(|e| e.endpoint == endpoint && e.matched_blocks == want)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_saved_on_one_daemon_draw_its_prefix_there() {
+    let ds: Vec<Daemon> = (0..3).map(|_| Daemon::start(&[])).collect();
+    let r = RouterProc::start(&ds.iter().map(|d| d.grpc.as_str()).collect::<Vec<_>>(), &[]);
+    let (ns, hashes) = save(&ds[1], 1, 32).await;
+    eventually_within("the router picks daemon 2", 20, || {
+        let res = block_on(route(&r, &ns, &hashes));
+        res.endpoint == ds[1].grpc && res.reason == "prefix" && res.matched_blocks == 32
+    });
+    // A longer request sharing the prefix goes there too; an unknown one goes somewhere.
+    let mut longer = hashes.clone();
+    longer.extend(testdata::chained_hashes(99, 8));
+    assert_eq!(route(&r, &ns, &longer).await.endpoint, ds[1].grpc);
+    let unknown = route(&r, &ns, &testdata::chained_hashes(7, 4)).await;
+    assert_eq!(unknown.reason, "least-loaded");
+    assert!(ds.iter().any(|d| d.grpc == unknown.endpoint), "{unknown:?}");
+    assert!(r.metric("kvtier_router_index_blocks") >= 32.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_stream_resumes_from_its_sequence_and_converges() {
+    // A small pool, so saves evict: the stream carries removals as well as stores.
+    let d = Daemon::start(&["--pool-bytes", "4 MiB", "--slab-bytes", "1 MiB"]);
+    let proxy = TcpProxy::start(&d.grpc);
+    let r = RouterProc::start(&[&proxy.addr], &[]);
+    eventually_within("the router follows the daemon", 20, || r.metric("kvtier_router_snapshots_total") == 1.0);
+    let mut prompts = Vec::new();
+    for seed in 0..30 {
+        prompts.push(save(&d, seed, 40).await);
+        if seed % 7 == 3 {
+            // Cut once the router is following (and may be mid-batch), then save on while it
+            // reconnects: those events wait in the daemon's log for the resumed stream.
+            let resumed = r.metric("kvtier_router_resumes_total");
+            proxy.cut();
+            prompts.push(save(&d, 1000 + seed, 40).await);
+            eventually_within("the router reconnects", 20, || r.metric("kvtier_router_resumes_total") > resumed);
+        }
+    }
+    for (ns, hashes) in &prompts {
+        let truth = held(&d, ns, hashes).await;
+        eventually_within("the router's view equals the daemon's", 20, || {
+            router_sees(&r, &proxy.addr, ns, hashes, truth)
+        });
+    }
+    assert_eq!(r.metric("kvtier_router_snapshots_total"), 1.0, "one snapshot at the start, then only resumes");
+    assert_eq!(r.metric("kvtier_router_resyncs_total"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_is_resynced_and_a_dead_one_expires() {
+    let mut a = Daemon::start(&[]);
+    let b = Daemon::start(&[]);
+    let r = RouterProc::start(&[&a.grpc, &b.grpc], &["--expiry-secs", "2"]);
+    let (ns, hashes) = save(&a, 1, 16).await;
+    eventually_within("the router knows a's blocks", 20, || router_sees(&r, &a.grpc, &ns, &hashes, 16));
+
+    // Restarted (host tier lost): the router notices the new instance and re-snapshots.
+    a.restart();
+    eventually_within("a's old blocks are gone from the router", 20, || router_sees(&r, &a.grpc, &ns, &hashes, 0));
+    let (ns2, hashes2) = save(&a, 2, 8).await;
+    eventually_within("and its new ones are known", 20, || block_on(route(&r, &ns2, &hashes2)).endpoint == a.grpc);
+
+    // Gone for good: after the expiry it is unhealthy, forgotten, and never picked.
+    a.kill();
+    eventually_within("a expires", 20, || {
+        block_on(scores(&r, &ns2, &hashes2)).iter().any(|e| e.endpoint == a.grpc && !e.healthy && e.matched_blocks == 0)
+    });
+    for _ in 0..5 {
+        let res = route(&r, &ns2, &hashes2).await;
+        assert_eq!((res.endpoint.as_str(), res.reason.as_str()), (b.grpc.as_str(), "least-loaded"));
+    }
+    assert!(r.metric("kvtier_router_expirations_total") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_cannot_grow_the_daemon() {
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cfg.path(), "[grpc]\nevent_capacity = 2000\n").unwrap();
+    let d =
+        Daemon::start(&["--pool-bytes", "8 MiB", "--slab-bytes", "1 MiB", "--config", cfg.path().to_str().unwrap()]);
+    let mut c = CacheServiceClient::new(channel(&d.grpc).await.unwrap());
+    let mut stream = c.watch_events(pb::WatchEventsRequest::default()).await.unwrap().into_inner();
+    // Never read while ~60,000 events happen (saves through a pool that holds 500 blocks).
+    let (_, _) = save(&d, 0, 10).await;
+    let before = d.rss_kib();
+    for seed in 1..=300 {
+        save(&d, seed, 100).await;
+    }
+    let grown = d.rss_kib().saturating_sub(before);
+    assert!(grown < 32 * 1024, "daemon grew by {grown} KiB for an unread stream");
+    // Reading now: the snapshot, what fit in the buffers, then "re-snapshot".
+    let mut saw_resync = false;
+    while let Some(msg) = stream.message().await.unwrap() {
+        if let Some(pb::watch_events_response::Payload::ResyncRequired(r)) = msg.payload {
+            assert!(r.oldest_retained > 1);
+            saw_resync = true;
+            break;
+        }
+    }
+    assert!(saw_resync, "the consumer that fell behind is told to re-snapshot");
+}
