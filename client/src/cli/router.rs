@@ -72,7 +72,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     );
     tonic::transport::Server::builder()
         .add_service(grpc(router))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true)))
         .await?;
     Ok(())
 }

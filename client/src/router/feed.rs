@@ -30,6 +30,7 @@ pub async fn channel(addr: &str) -> anyhow::Result<Channel> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     let endpoint = Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
         // A stream over a dead link (no RST) is noticed within seconds, not hours.
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))

@@ -14,7 +14,9 @@ pub const MAX_NODES: usize = 128;
 /// A node's position in the index (0..MAX_NODES).
 pub type NodeId = u8;
 
+// Packed to 8-byte alignment: an entry is 72 bytes instead of 80 (u128 would align it to 16).
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+#[repr(C, packed(8))]
 struct Holders {
     host: u128,
     disk: u128,

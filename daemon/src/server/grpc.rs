@@ -229,7 +229,8 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("grpc.listen {}: {e}", cfg.listen))?;
         tracing::info!("router feed (gRPC) on {}", tcp.local_addr()?);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+        // No Nagle: a small reply must not wait for the peer's delayed ACK (40 ms).
+        let incoming = tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
         let router = router.clone();
         tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming(incoming).await {
