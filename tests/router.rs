@@ -70,32 +70,49 @@ async fn blocks_saved_on_one_daemon_draw_its_prefix_there() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_stream_resumes_from_its_sequence_and_converges() {
-    // A small pool, so saves evict: the stream carries removals as well as stores.
-    let d = Daemon::start(&["--pool-bytes", "4 MiB", "--slab-bytes", "1 MiB"]);
-    let proxy = TcpProxy::start(&d.grpc);
-    let r = RouterProc::start(&[&proxy.addr], &[]);
-    eventually_within("the router follows the daemon", 20, || r.metric("kvtier_router_snapshots_total") == 1.0);
+async fn cut_streams_resume_from_their_sequence_and_converge() {
+    // Small pools, so saves evict: the streams carry removals as well as stores.
+    let ds: Vec<Daemon> = (0..2).map(|_| Daemon::start(&["--pool-bytes", "4 MiB", "--slab-bytes", "1 MiB"])).collect();
+    let proxies: Vec<TcpProxy> = ds.iter().map(|d| TcpProxy::start(&d.grpc)).collect();
+    let r = RouterProc::start(&proxies.iter().map(|p| p.addr.as_str()).collect::<Vec<_>>(), &[]);
+    eventually_within("the router follows both daemons", 20, || r.metric("kvtier_router_snapshots_total") == 2.0);
     let mut prompts = Vec::new();
-    for seed in 0..30 {
-        prompts.push(save(&d, seed, 40).await);
+    for seed in 0..30u64 {
+        let i = (seed % 2) as usize;
+        prompts.push((i, save(&ds[i], seed, 40).await));
         if seed % 7 == 3 {
-            // Cut once the router is following (and may be mid-batch), then save on while it
-            // reconnects: those events wait in the daemon's log for the resumed stream.
+            // Cut while the router follows, then save on while it reconnects: those events
+            // wait in the daemon's log for the resumed stream.
             let resumed = r.metric("kvtier_router_resumes_total");
-            proxy.cut();
-            prompts.push(save(&d, 1000 + seed, 40).await);
+            proxies[i].cut();
+            prompts.push((i, save(&ds[i], 1000 + seed, 40).await));
             eventually_within("the router reconnects", 20, || r.metric("kvtier_router_resumes_total") > resumed);
         }
     }
-    for (ns, hashes) in &prompts {
-        let truth = held(&d, ns, hashes).await;
-        eventually_within("the router's view equals the daemon's", 20, || {
-            router_sees(&r, &proxy.addr, ns, hashes, truth)
-        });
+    // Every prompt, asked of every daemon: the router's view equals the daemon's own Lookup.
+    for (_, (ns, hashes)) in &prompts {
+        for (d, p) in ds.iter().zip(&proxies) {
+            let truth = held(d, ns, hashes).await;
+            eventually_within("the router's view equals the daemon's", 20, || {
+                router_sees(&r, &p.addr, ns, hashes, truth)
+            });
+        }
     }
-    assert_eq!(r.metric("kvtier_router_snapshots_total"), 1.0, "one snapshot at the start, then only resumes");
+    assert!(prompts.iter().any(|(i, (ns, h))| block_on(held(&ds[*i], ns, h)) < 40), "evictions happened");
+    assert_eq!(r.metric("kvtier_router_snapshots_total"), 2.0, "one snapshot per daemon, then only resumes");
     assert_eq!(r.metric("kvtier_router_resyncs_total"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_are_found_by_dns() {
+    let d = Daemon::start(&[]);
+    let port = d.grpc.rsplit(':').next().unwrap();
+    let r = RouterProc::start(&[], &["--dns", &format!("localhost:{port}"), "--dns-interval-secs", "1"]);
+    let (ns, hashes) = save(&d, 1, 8).await;
+    eventually_within("the router found the daemon by name", 20, || {
+        let res = block_on(route(&r, &ns, &hashes));
+        res.endpoint == d.grpc && res.reason == "prefix"
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

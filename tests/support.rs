@@ -412,7 +412,8 @@ pub struct RouterProc {
 }
 
 impl RouterProc {
-    /// Starts `kvtier router` following `daemons` (feed addresses), with `extra` flags.
+    /// Starts `kvtier router` following `daemons` (feed addresses) and whatever `extra` flags
+    /// add (e.g. `--dns`).
     pub fn start(daemons: &[&str], extra: &[&str]) -> Self {
         let (addr, metrics) = (free_local_addr(), free_local_addr());
         let mut cmd = Command::new(bin("kvtier"));
@@ -420,7 +421,9 @@ impl RouterProc {
         for d in daemons {
             cmd.args(["--daemon", d]);
         }
-        let log = std::env::var_os("KVTIER_ROUTER_LOG").map(std::fs::File::create).and_then(Result::ok);
+        let log = std::env::var("KVTIER_ROUTER_LOG")
+            .ok()
+            .and_then(|p| std::fs::File::create(format!("{p}.{}", addr.replace(':', "_"))).ok());
         let stderr = log.map_or_else(Stdio::null, Stdio::from);
         cmd.env("RUST_LOG", "debug");
         let child = cmd.args(extra).stdout(Stdio::null()).stderr(stderr).spawn().expect("spawn kvtier router");

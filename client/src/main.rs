@@ -39,7 +39,12 @@ fn main() -> std::process::ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    // The router serves many followers and clients at once; the other commands are one client.
+    let rt = match cli.command {
+        Command::Router(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    }
+    .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
             Command::Status(a) => cli::status::run(a).await,
