@@ -111,6 +111,8 @@ pub struct Metrics {
     pub errors: [AtomicU64; 16],
     /// Latency per op.
     pub latency: [Histogram; Op::ALL.len()],
+    /// Router-feed streams open now.
+    pub feed_watchers: AtomicU64,
     /// Disk writes (demotion and write-back), submit to completion, per block.
     pub disk_write_latency: Histogram,
     /// Disk reads (promotion), submit to verified, per block.
@@ -210,6 +212,7 @@ impl Metrics {
             "counter",
             self.connections_total.load(Relaxed),
         );
+        gauge("kvtier_feed_watchers", "Router-feed event streams open now.", "gauge", self.feed_watchers.load(Relaxed));
         gauge(
             "kvtier_connections_refused_total",
             "Connections refused by the uid allowlist.",

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_server::{CacheService, CacheServiceServer};
 use kvtier_proto::v1::watch_events_response::Payload;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -90,15 +91,15 @@ impl FeedService {
         let resume = req.after_sequence > 0 && req.instance_id == node.instance_id;
         let mut cursor = req.after_sequence;
         if !resume {
-            let (as_of, blocks) = {
-                let c = node.cache();
-                let (as_of, blocks) = c.snapshot();
-                (as_of, blocks.iter().map(|(k, t)| stored(&c, 0, k, *t)).collect::<Vec<_>>())
-            };
+            // Compact (40 bytes a block) under the lock; wire messages are built a page at a time.
+            let (as_of, blocks) = node.cache().snapshot();
             let pages = blocks.chunks(PAGE).count().max(1);
             let mut chunks = blocks.chunks(PAGE);
             for i in 0..pages {
-                let page = chunks.next().unwrap_or_default().to_vec();
+                let page = {
+                    let c = node.cache();
+                    chunks.next().unwrap_or_default().iter().map(|(k, t)| stored(&c, 0, k, *t)).collect()
+                };
                 let snap = pb::Snapshot { blocks: page, as_of_sequence: as_of, last_page: i + 1 == pages };
                 if tx.send(self.reply(Payload::Snapshot(snap))).await.is_err() {
                     return;
@@ -179,7 +180,12 @@ impl CacheService for FeedService {
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(self.clone().feed(req.into_inner(), tx));
+        let (service, node) = (self.clone(), Arc::clone(&self.node));
+        tokio::spawn(async move {
+            node.metrics.feed_watchers.fetch_add(1, Relaxed);
+            service.feed(req.into_inner(), tx).await;
+            node.metrics.feed_watchers.fetch_sub(1, Relaxed);
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -199,7 +205,7 @@ impl CacheService for FeedService {
         Ok(Response::new(pb::NodeStatsResponse {
             node: node.node_name(),
             tiers,
-            clients: node.metrics.connected_clients.load(std::sync::atomic::Ordering::Relaxed) as u32,
+            clients: node.metrics.connected_clients.load(Relaxed) as u32,
             lookups_per_second: node.requests_per_second(),
             hit_blocks: st.hit_blocks,
             miss_blocks: st.miss_blocks,
