@@ -168,3 +168,28 @@ async fn a_slow_consumer_cannot_grow_the_daemon() {
     }
     assert!(saw_resync, "the consumer that fell behind is told to re-snapshot");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_feed_requests_get_clear_errors_and_the_daemon_carries_on() {
+    let d = Daemon::start(&[]);
+    let (ns, hashes) = save(&d, 1, 4).await;
+    let mut c = CacheServiceClient::new(channel(&d.grpc).await.unwrap());
+    let bad = [
+        (vec![pb::PrefixQuery { namespace_id: Bytes::from_static(b"short"), hashes: hashes.clone() }], "namespace_id"),
+        (vec![pb::PrefixQuery { namespace_id: ns.clone(), hashes: vec![Bytes::from(vec![0u8; 33])] }], "hash 0"),
+        (vec![pb::PrefixQuery { namespace_id: ns.clone(), hashes: vec![] }; 1025], "1025 queries"),
+    ];
+    for (queries, why) in bad {
+        let err = c.lookup(pb::BatchLookupRequest { queries }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(why), "{err:?}");
+    }
+    // A namespace nobody registered is simply not held; the same channel keeps working.
+    let q = pb::PrefixQuery { namespace_id: Bytes::from(vec![9u8; 16]), hashes: hashes.clone() };
+    assert_eq!(c.lookup(pb::BatchLookupRequest { queries: vec![q] }).await.unwrap().into_inner().matches[0].matched, 0);
+    assert_eq!(held(&d, &ns, &hashes).await, 4);
+    let router = RouterProc::start(&[&d.grpc], &[]);
+    let mut r = RouterServiceClient::new(channel(&router.addr).await.unwrap());
+    let err = r.route(pb::RouteRequest { namespace_id: Bytes::from_static(b"x"), hashes: vec![] }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
