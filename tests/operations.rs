@@ -124,3 +124,46 @@ fn sim_prints_json_lines_for_every_capacity_and_policy() {
         );
     }
 }
+
+#[test]
+fn gpu_backends_without_their_driver_refuse_to_start_with_a_clear_message() {
+    if kvtier_daemon::device::cuda::driver_present() || kvtier_daemon::device::rocm::driver_present() {
+        eprintln!("a GPU driver is present: the refusal cannot be seen on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    for (backend, missing) in [("cuda", "libcuda.so.1"), ("rocm", "libamdhip64.so")] {
+        let out = kvtierd(
+            &[
+                "--socket",
+                socket.to_str().unwrap(),
+                "--allow-unlocked",
+                "--pool-bytes",
+                "16 MiB",
+                "--metrics-listen",
+                "",
+                "--grpc-listen",
+                "",
+                "--grpc-socket",
+                "",
+                "--device-backend",
+                backend,
+            ],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{backend} started without its driver");
+        assert!(err.contains(missing) && err.contains("\"host\""), "{backend}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_backend_falls_back_to_the_host_copy_path() {
+    let d = Daemon::start(&["--device-backend", "auto"]);
+    let c = d.client("device-probe").await;
+    let gpu = kvtier_daemon::device::cuda::driver_present() || kvtier_daemon::device::rocm::driver_present();
+    let hello = c.hello();
+    assert_eq!(hello.device_backend == "host", !gpu, "{hello:?}");
+    assert!(!hello.device_dma, "engine-memory DMA is not offered yet: clients copy");
+}

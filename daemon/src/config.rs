@@ -3,6 +3,7 @@
 //! Every setting has a default that works on a laptop: the socket under a per-user runtime
 //! directory, a 256 MiB pool, metrics on localhost. `kvtierd --print-config` shows the result.
 
+use crate::device::BackendKind;
 use crate::policy::{AdmissionKind, PolicyKind};
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,8 @@ pub struct Config {
     pub disk: DiskConfig,
     /// Router feed (`kvtier.v1.CacheService` over gRPC).
     pub grpc: GrpcConfig,
+    /// How blocks move between engine memory and the pool.
+    pub device: DeviceConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
 }
@@ -125,6 +128,21 @@ impl Default for GrpcConfig {
             event_capacity: 1 << 18,
             node_name: String::new(),
         }
+    }
+}
+
+/// The device backend.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// "host" (connectors copy), "cuda", "rocm" (the daemon refuses to start without that
+    /// driver), or "auto" (the first present of cuda, rocm, host).
+    pub backend: BackendKind,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self { backend: BackendKind::Host }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod alloc;
 pub mod block;
 pub mod cache;
 pub mod config;
+pub mod device;
 pub mod disk;
 pub mod events;
 pub mod index;

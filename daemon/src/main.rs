@@ -3,6 +3,7 @@
 use bytesize::ByteSize;
 use clap::Parser;
 use kvtier_daemon::config::Config;
+use kvtier_daemon::device::BackendKind;
 use kvtier_daemon::node::Node;
 use kvtier_daemon::policy::{AdmissionKind, PolicyKind};
 use kvtier_daemon::server::{connector, grpc, http};
@@ -57,7 +58,10 @@ struct Args {
     grpc_listen: Option<String>,
     /// Unix socket of the router feed (gRPC), "" disables it.
     #[arg(long, env = "KVTIER_GRPC_SOCKET")]
-    grpc_socket: Option<PathBuf>,
+    grpc_socket: Option<String>,
+    /// Device backend: host, cuda, rocm or auto.
+    #[arg(long, env = "KVTIER_DEVICE_BACKEND")]
+    device_backend: Option<BackendKind>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -86,11 +90,14 @@ impl Args {
         if let Some(m) = &self.metrics_listen {
             c.metrics.listen = m.clone();
         }
+        if let Some(b) = self.device_backend {
+            c.device.backend = b;
+        }
         if let Some(l) = &self.grpc_listen {
             c.grpc.listen = l.clone();
         }
         if let Some(s) = &self.grpc_socket {
-            c.grpc.socket = s.clone();
+            c.grpc.socket = PathBuf::from(s);
         }
         if !self.disk_dirs.is_empty() {
             c.disk.dirs = self.disk_dirs.clone();
@@ -144,6 +151,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         segments = geometry.segments(),
         locked = node.pool().is_locked(),
         eviction = node.policy_name(),
+        device = node.device().name(),
         "kvtierd {} ready",
         env!("CARGO_PKG_VERSION")
     );

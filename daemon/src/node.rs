@@ -8,6 +8,7 @@ use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, NsIdx};
 use crate::cache::{BlockCache, CacheError, CacheLimits, CacheStats, ClientId, DiskStats, Reserved, TierKind};
 use crate::config::Config;
+use crate::device::DeviceBackend;
 use crate::disk::{DiskTier, Health};
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceId;
@@ -45,6 +46,8 @@ pub struct Node {
     disk_health: Arc<Health>,
     demote_wake: tokio::sync::Notify,
     promoted: tokio::sync::watch::Sender<u64>,
+    /// How blocks move between engine memory and the pool (dropped before the pool it registered).
+    device: Box<dyn DeviceBackend>,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
@@ -97,6 +100,7 @@ impl Node {
         let geometry = PoolGeometry::plan(p.bytes.as_u64(), p.segment_bytes.as_u64(), p.slab_bytes.as_u64())?;
         let lock = if p.allow_unlocked { LockMode::BestEffort } else { LockMode::Required };
         let pool = HostPool::create(geometry.clone(), p.hugetlb, lock)?;
+        let device = crate::device::open(config.device.backend, &pool)?;
         let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
@@ -122,6 +126,7 @@ impl Node {
             disk_health,
             demote_wake: tokio::sync::Notify::new(),
             promoted: tokio::sync::watch::Sender::new(0),
+            device,
             pool,
             metrics: Metrics::default(),
             config,
@@ -191,6 +196,11 @@ impl Node {
             (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
             _ => 0.0,
         }
+    }
+
+    /// The device backend.
+    pub fn device(&self) -> &dyn DeviceBackend {
+        self.device.as_ref()
     }
 
     /// The pool (for passing segment fds).

@@ -123,6 +123,13 @@ class _Daemon:
             return None
         if self.down_logged:
             logger.info("kvtier: reconnected to kvtierd at %s", self.socket_path)
+        # A daemon that offers DMA (device_dma) could copy engine memory itself; the connector
+        # does not use that path yet and always copies through its mapping of the pool.
+        logger.debug(
+            "kvtier: daemon device backend %r (dma %s); copying through the shared pool",
+            self.client.hello.device_backend or "host",
+            self.client.hello.device_dma,
+        )
         self.down_logged = False
         self.backoff = 0.1
         return self.client

@@ -126,6 +126,8 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
                 segments,
                 max_frame_bytes: node.config.server.max_frame_bytes.as_u64(),
                 max_inflight: node.config.server.max_inflight,
+                device_backend: node.device().name().into(),
+                device_dma: node.device().offers_dma(),
             }))
         }
         _ if !s.greeted => Err(Fatal::new(ErrorCode::NotHello, "the first request must be Hello")),

@@ -1,0 +1,18 @@
+// kvtier gather/scatter: one launch copies many contiguous segments (every layer and part of many
+// blocks) between engine KV tensors and the pinned pool. Thread block i copies segment i, 16 bytes
+// per thread per step when both ends are 16-byte aligned, byte by byte otherwise.
+extern "C" __global__ void kvtier_copy(const unsigned long long* src, const unsigned long long* dst,
+                                       const unsigned long long* bytes, int segments) {
+    int seg = blockIdx.x;
+    if (seg >= segments) return;
+    const unsigned char* s = (const unsigned char*)src[seg];
+    unsigned char* d = (unsigned char*)dst[seg];
+    unsigned long long n = bytes[seg];
+    unsigned long long words = (((unsigned long long)s | (unsigned long long)d) % 16 == 0) ? n / 16 : 0;
+    for (unsigned long long i = threadIdx.x; i < words; i += blockDim.x) {
+        ((uint4*)d)[i] = ((const uint4*)s)[i];
+    }
+    for (unsigned long long i = words * 16 + threadIdx.x; i < n; i += blockDim.x) {
+        d[i] = s[i];
+    }
+}

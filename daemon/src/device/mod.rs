@@ -1,0 +1,100 @@
+//! Device backends: how blocks move between an engine's KV memory and the pool.
+//!
+//! `host`: the connector copies through its own mapping of the pool (CPU engines, and GPU engines
+//! without a backend). `cuda` and `rocm` load their driver at run time (so the daemon builds and
+//! runs on machines without one) and refuse to start, with a message saying what is missing, when
+//! it is not there. [`layout`] is the pure index math for vLLM's KV layouts that their
+//! gather/scatter kernels execute.
+
+pub mod cuda;
+mod host;
+pub mod layout;
+pub mod rocm;
+
+use crate::pool::HostPool;
+use serde::{Deserialize, Serialize};
+
+pub use host::HostBackend;
+
+/// Why a backend could not be opened.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The driver library is not on this machine.
+    #[error("{0}")]
+    NoDriver(String),
+    /// The driver is there but refused (no device, init failed, registration failed).
+    #[error("{0}")]
+    Driver(String),
+}
+
+/// The backends a daemon can be configured with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// Connectors copy through the shared pool mapping.
+    Host,
+    /// NVIDIA GPUs through the CUDA driver API (libcuda, NVRTC).
+    Cuda,
+    /// AMD GPUs through HIP (libamdhip64, hiprtc).
+    Rocm,
+    /// CUDA if its driver is present, else ROCm if present, else host.
+    Auto,
+}
+
+/// A way to move blocks between engine memory and the pool.
+pub trait DeviceBackend: Send + Sync {
+    /// Name as in config and in the Hello reply.
+    fn name(&self) -> &'static str;
+    /// Whether the daemon copies engine memory itself (DMA); otherwise the connector copies.
+    fn offers_dma(&self) -> bool;
+}
+
+/// Opens the configured backend over `pool`.
+pub fn open(kind: BackendKind, pool: &HostPool) -> Result<Box<dyn DeviceBackend>, DeviceError> {
+    match kind {
+        BackendKind::Host => Ok(Box::new(HostBackend)),
+        BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::open(pool)?)),
+        BackendKind::Rocm => Ok(Box::new(rocm::RocmBackend::open(pool)?)),
+        BackendKind::Auto => cuda::CudaBackend::open(pool)
+            .map(|b| Box::new(b) as Box<dyn DeviceBackend>)
+            .or_else(|_| rocm::RocmBackend::open(pool).map(|b| Box::new(b) as Box<dyn DeviceBackend>))
+            .or_else(|_| Ok(Box::new(HostBackend))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{LockMode, PoolGeometry};
+
+    fn pool() -> HostPool {
+        HostPool::create(PoolGeometry::plan(1 << 20, 1 << 20, 1 << 20).unwrap(), false, LockMode::BestEffort).unwrap()
+    }
+
+    #[test]
+    fn host_is_always_there_and_never_dmas() {
+        let b = open(BackendKind::Host, &pool()).unwrap();
+        assert_eq!((b.name(), b.offers_dma()), ("host", false));
+    }
+
+    #[test]
+    fn missing_drivers_are_named_and_auto_falls_back() {
+        let pool = pool();
+        if !cuda::driver_present() {
+            let err = open(BackendKind::Cuda, &pool).err().expect("refused");
+            assert!(matches!(&err, DeviceError::NoDriver(m) if m.contains("libcuda.so.1")), "{err}");
+        }
+        if !rocm::driver_present() {
+            let err = open(BackendKind::Rocm, &pool).err().expect("refused");
+            assert!(matches!(&err, DeviceError::NoDriver(m) if m.contains("libamdhip64")), "{err}");
+        }
+        if !cuda::driver_present() && !rocm::driver_present() {
+            assert_eq!(open(BackendKind::Auto, &pool).unwrap().name(), "host");
+        }
+    }
+
+    #[test]
+    fn the_copy_kernel_names_its_entry_point() {
+        assert!(cuda::KERNEL_SOURCE.contains("extern \"C\" __global__ void kvtier_copy("));
+    }
+}
