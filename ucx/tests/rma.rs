@@ -1,0 +1,57 @@
+//! Real UCX: two workers (two contexts, as two daemons would have) on loopback, one writing into
+//! the other's registered memory and reading it back, over TCP and over shared memory.
+
+use kvtier_ucx::{Context, Region, RemoteKey, Worker};
+
+fn page_aligned(len: usize) -> Vec<u8> {
+    vec![0u8; len]
+}
+
+fn round_trip(settings: &[(&str, &str)], detect_peer_failure: bool) {
+    let (a_ctx, b_ctx) = (Context::new(settings).unwrap(), Context::new(settings).unwrap());
+    let (a, b) = (Worker::new(&a_ctx).unwrap(), Worker::new(&b_ctx).unwrap());
+    let len = 4 << 20;
+    let mut target = page_aligned(len);
+    // SAFETY: `target` outlives the region (dropped first below).
+    let region = unsafe { Region::map(&b_ctx, target.as_mut_ptr(), len) }.unwrap();
+    let ep = a.connect(&b.address().unwrap(), detect_peer_failure).unwrap();
+    let rkey = RemoteKey::unpack(&ep, &region.pack_rkey().unwrap()).unwrap();
+    let data: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+    // Many blocks of 256 KiB, then one odd-sized tail at an odd offset.
+    for (i, chunk) in data.chunks(256 << 10).enumerate() {
+        ep.put(chunk, region.address() + (i * (256 << 10)) as u64, &rkey, &[&a, &b]).unwrap();
+    }
+    ep.flush(&[&a, &b]).unwrap();
+    let mut back = vec![0u8; 12345];
+    ep.get(&mut back, region.address() + 777, &rkey, &[&a, &b]).unwrap();
+    drop(rkey);
+    ep.close(&[&a, &b]).unwrap();
+    drop(region);
+    assert!(target == data, "every byte arrived ({settings:?})");
+    assert_eq!(&back[..], &data[777..777 + 12345]);
+}
+
+#[test]
+fn put_and_get_over_tcp() {
+    round_trip(&[("TLS", "tcp"), ("NET_DEVICES", "lo")], true);
+}
+
+#[test]
+fn put_and_get_over_shared_memory() {
+    round_trip(&[("TLS", "shm")], false);
+}
+
+#[test]
+fn bad_settings_are_errors_not_crashes() {
+    let err = Context::new(&[("RNDV_THRESH", "banana")]).err().expect("refused");
+    assert_eq!(err.call, "ucp_config_modify");
+    assert!(err.status < 0, "{err}");
+}
+
+#[test]
+fn shared_memory_cannot_promise_peer_failure_detection() {
+    let (a_ctx, b_ctx) = (Context::new(&[("TLS", "shm")]).unwrap(), Context::new(&[("TLS", "shm")]).unwrap());
+    let (a, b) = (Worker::new(&a_ctx).unwrap(), Worker::new(&b_ctx).unwrap());
+    let err = a.connect(&b.address().unwrap(), true).err().expect("unreachable");
+    assert_eq!((err.call, err.message.as_str()), ("ucp_ep_create", "Destination is unreachable"));
+}
