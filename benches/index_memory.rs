@@ -1,5 +1,7 @@
 //! Index and policy memory per block at one million blocks, counted by a tracking allocator,
-//! next to the 32-byte hash each block is named by and the 128 B/block goal.
+//! next to the 32-byte hash each block is named by and the 128 B/block goal. The router feed's
+//! event log is a fixed budget (`grpc.event_capacity` events), not a per-block cost: it is kept
+//! minimal here and its default size printed on its own.
 //!
 //! `cargo bench -p kvtier-benches --bench index_memory`
 
@@ -39,7 +41,8 @@ const PROMPT: usize = 40;
 fn bytes_per_block(policy: PolicyKind) -> f64 {
     let before = LIVE.load(Relaxed);
     // One slab of exactly BLOCKS 4 KiB slots: the allocator's slot table is counted too.
-    let mut cache = BlockCache::new(SlabAllocator::new(1, BLOCKS as u64 * 4096, 1), policy, CacheLimits::default());
+    let limits = CacheLimits { event_capacity: 1, ..CacheLimits::default() };
+    let mut cache = BlockCache::new(SlabAllocator::new(1, BLOCKS as u64 * 4096, 1), policy, limits);
     let ns = cache.register(NamespaceId([7; 16]), 4096).unwrap();
     let client = ClientId(1);
     let mut id = 0u64;
@@ -70,4 +73,10 @@ fn main() {
         let b = bytes_per_block(policy);
         println!("{:<12} {:>10.1} {:>15.2}x {:>13.2}x", format!("{policy:?}"), b, b / 32.0, b / 128.0);
     }
+    let event = std::mem::size_of::<kvtier_daemon::events::Event>();
+    let events = kvtier_daemon::cache::DEFAULT_EVENT_CAPACITY;
+    println!(
+        "plus the router feed's event log, a fixed budget: {events} events x {event} B = {:.1} MiB",
+        (events * event) as f64 / (1 << 20) as f64
+    );
 }
