@@ -5,7 +5,12 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["kvtier/v1/connector.proto", "kvtier/v1/cache_service.proto", "kvtier/v1/router.proto"];
+    let files = [
+        "kvtier/v1/connector.proto",
+        "kvtier/v1/cache_service.proto",
+        "kvtier/v1/router.proto",
+        "kvtier/v1/transfer.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -26,6 +26,8 @@ pub struct Config {
     pub grpc: GrpcConfig,
     /// How blocks move between engine memory and the pool.
     pub device: DeviceConfig,
+    /// Shipping blocks between daemons (UCX).
+    pub peer: PeerConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
 }
@@ -128,6 +130,26 @@ impl Default for GrpcConfig {
             event_capacity: 1 << 18,
             node_name: String::new(),
         }
+    }
+}
+
+/// The peer tier: daemon-to-daemon block shipping over UCX.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Start UCX, register the pool, and serve and run transfers.
+    pub enabled: bool,
+    /// UCX transports (passed to UCX as `UCX_TLS`), e.g. "tcp", "shm", "rc,ud"; empty: UCX's choice.
+    pub tls: String,
+    /// Network devices (`UCX_NET_DEVICES`), e.g. "mlx5_0:1" or "lo"; empty: UCX's choice.
+    pub net_devices: String,
+    /// Seconds an offer stays pinned if the puller never releases it.
+    pub offer_timeout_secs: u64,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        Self { enabled: false, tls: String::new(), net_devices: String::new(), offer_timeout_secs: 60 }
     }
 }
 

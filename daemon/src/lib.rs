@@ -17,6 +17,7 @@ pub mod index;
 pub mod metrics;
 pub mod namespace;
 pub mod node;
+pub mod peer;
 pub mod policy;
 pub mod pool;
 pub mod server;

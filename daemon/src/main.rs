@@ -62,6 +62,15 @@ struct Args {
     /// Device backend: host, cuda, rocm or auto.
     #[arg(long, env = "KVTIER_DEVICE_BACKEND")]
     device_backend: Option<BackendKind>,
+    /// Enable the peer tier (UCX daemon-to-daemon shipping).
+    #[arg(long, env = "KVTIER_PEER")]
+    peer: bool,
+    /// UCX transports for the peer tier (UCX_TLS), e.g. "tcp" or "shm".
+    #[arg(long, env = "KVTIER_PEER_TLS")]
+    peer_tls: Option<String>,
+    /// Network devices for the peer tier (UCX_NET_DEVICES), e.g. "lo".
+    #[arg(long, env = "KVTIER_PEER_NET_DEVICES")]
+    peer_net_devices: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -89,6 +98,13 @@ impl Args {
         }
         if let Some(m) = &self.metrics_listen {
             c.metrics.listen = m.clone();
+        }
+        c.peer.enabled |= self.peer;
+        if let Some(t) = &self.peer_tls {
+            c.peer.tls = t.clone();
+        }
+        if let Some(d) = &self.peer_net_devices {
+            c.peer.net_devices = d.clone();
         }
         if let Some(b) = self.device_backend {
             c.device.backend = b;

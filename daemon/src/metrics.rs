@@ -113,6 +113,18 @@ pub struct Metrics {
     pub latency: [Histogram; Op::ALL.len()],
     /// Router-feed streams open now.
     pub feed_watchers: AtomicU64,
+    /// Offers made to peers.
+    pub peer_offers: AtomicU64,
+    /// Blocks pulled from peers, verified and visible.
+    pub peer_pulled_blocks: AtomicU64,
+    /// Their bytes.
+    pub peer_pulled_bytes: AtomicU64,
+    /// Pulls that failed (nothing kept).
+    pub peer_pull_failures: AtomicU64,
+    /// Pulls reading from a peer now.
+    pub peer_pulls_in_flight: AtomicU64,
+    /// Time of the RMA part of successful pulls.
+    pub peer_pull_latency: Histogram,
     /// Disk writes (demotion and write-back), submit to completion, per block.
     pub disk_write_latency: Histogram,
     /// Disk reads (promotion), submit to verified, per block.
@@ -214,6 +226,36 @@ impl Metrics {
         );
         gauge("kvtier_feed_watchers", "Router-feed event streams open now.", "gauge", self.feed_watchers.load(Relaxed));
         gauge(
+            "kvtier_peer_offers_total",
+            "Offers of blocks made to peer daemons.",
+            "counter",
+            self.peer_offers.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_pulled_blocks_total",
+            "Blocks shipped in from peers, verified.",
+            "counter",
+            self.peer_pulled_blocks.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_pulled_bytes_total",
+            "Bytes shipped in from peers.",
+            "counter",
+            self.peer_pulled_bytes.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_pull_failures_total",
+            "Pulls that failed; nothing of them was kept.",
+            "counter",
+            self.peer_pull_failures.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_pulls_in_flight",
+            "Pulls reading from a peer now.",
+            "gauge",
+            self.peer_pulls_in_flight.load(Relaxed),
+        );
+        gauge(
             "kvtier_connections_refused_total",
             "Connections refused by the uid allowlist.",
             "counter",
@@ -232,6 +274,9 @@ impl Metrics {
         for op in Op::ALL {
             self.latency[op as usize].render(&mut o, name, &format!("op=\"{}\"", op.name()));
         }
+        let name = "kvtier_peer_pull_seconds";
+        let _ = writeln!(o, "# HELP {name} Time of the RMA reads of one pull.\n# TYPE {name} histogram");
+        self.peer_pull_latency.render(&mut o, name, "dir=\"in\"");
         if disk.is_some() {
             let name = "kvtier_disk_move_seconds";
             let _ = writeln!(

@@ -3,6 +3,9 @@
 //! nothing more.
 
 mod tiering;
+mod transfer;
+
+pub use transfer::{Offer, Pulled, Source};
 
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, NsIdx};
@@ -48,6 +51,10 @@ pub struct Node {
     promoted: tokio::sync::watch::Sender<u64>,
     /// How blocks move between engine memory and the pool (dropped before the pool it registered).
     device: Box<dyn DeviceBackend>,
+    /// The UCX thread, when the peer tier is enabled.
+    peer: Option<crate::peer::Peer>,
+    offers: Mutex<std::collections::HashMap<u64, ClientId>>,
+    next_transfer: AtomicU64,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
@@ -101,6 +108,12 @@ impl Node {
         let lock = if p.allow_unlocked { LockMode::BestEffort } else { LockMode::Required };
         let pool = HostPool::create(geometry.clone(), p.hugetlb, lock)?;
         let device = crate::device::open(config.device.backend, &pool)?;
+        let peer = match config.peer.enabled {
+            true => Some(
+                crate::peer::Peer::start(&config.peer, &pool).map_err(|e| anyhow::anyhow!("peer tier (UCX): {e:#}"))?,
+            ),
+            false => None,
+        };
         let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
@@ -127,6 +140,9 @@ impl Node {
             demote_wake: tokio::sync::Notify::new(),
             promoted: tokio::sync::watch::Sender::new(0),
             device,
+            peer,
+            offers: Mutex::new(std::collections::HashMap::new()),
+            next_transfer: AtomicU64::new(0),
             pool,
             metrics: Metrics::default(),
             config,
@@ -196,6 +212,11 @@ impl Node {
             (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
             _ => 0.0,
         }
+    }
+
+    /// What peers need to read this daemon's pool, when the peer tier is enabled.
+    pub fn peer_exposure(&self) -> Option<&crate::peer::Exposure> {
+        self.peer.as_ref().map(|p| p.exposure())
     }
 
     /// The device backend.

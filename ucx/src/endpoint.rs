@@ -72,6 +72,36 @@ impl Endpoint {
         wait("ucp_get_nbx", status_ptr("ucp_get_nbx", p)?, workers)
     }
 
+    /// Reads many ranges at once: `(local address, length, remote address, key)` each. All are
+    /// issued before waiting, so the transport keeps them in flight together; the first error is
+    /// returned after every one has finished.
+    ///
+    /// # Safety
+    /// Each local range must be writable memory (registered for zero-copy) that nobody else
+    /// touches until this returns.
+    pub unsafe fn get_many(&self, ops: &[(usize, usize, u64, &RemoteKey)], workers: &[&Worker]) -> Result<()> {
+        let param = Self::param();
+        let mut pending = Vec::new();
+        let mut first_err = None;
+        for &(local, len, remote, rkey) in ops {
+            let p = sys::ucp_get_nbx(self.raw, local as *mut _, len, remote, rkey.raw, &param);
+            match status_ptr("ucp_get_nbx", p) {
+                Ok(Some(req)) => pending.push(req),
+                Ok(None) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        for req in pending {
+            if let Err(e) = wait("ucp_get_nbx", Some(req), workers) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// Waits until every operation issued on this endpoint completed at the peer.
     pub fn flush(&self, workers: &[&Worker]) -> Result<()> {
         let param = Self::param();

@@ -1,5 +1,6 @@
 //! The router feed: `kvtier.v1.CacheService` (batched lookup, the resumable event stream, node
-//! stats, health) and the standard `grpc.health.v1` service, over TCP and a unix socket.
+//! stats, health) and the standard `grpc.health.v1` service, over TCP and a unix socket, next to
+//! `kvtier.v1.TransferService` (`super::transfer`) on the same ports.
 //! Translation only: every answer comes from `Node`.
 
 use crate::block::{BlockHash, BlockKey};
@@ -227,9 +228,11 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
     let cfg = node.config.grpc.clone();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<CacheServiceServer<FeedService>>().await;
+    let transfer = super::transfer::TransferGrpc::new(Arc::clone(&node));
     let router = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(CacheServiceServer::new(FeedService::new(Arc::clone(&node))));
+        .add_service(CacheServiceServer::new(FeedService::new(Arc::clone(&node))))
+        .add_service(kvtier_proto::v1::transfer_service_server::TransferServiceServer::new(transfer));
     if !cfg.listen.is_empty() {
         let tcp = tokio::net::TcpListener::bind(&cfg.listen)
             .await

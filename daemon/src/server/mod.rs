@@ -4,3 +4,4 @@ pub mod connector;
 mod dispatch;
 pub mod grpc;
 pub mod http;
+pub mod transfer;
