@@ -156,8 +156,26 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(&config.server.socket).is_ok() {
+        anyhow::bail!("another daemon is listening on {}", config.server.socket.display());
+    }
     let node = Arc::new(Node::new(config)?);
     let cfg = &node.config;
+    // The connector socket is bound last: once it accepts, every other endpoint is up too.
+    if !cfg.metrics.listen.is_empty() {
+        let tcp = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics listen {}: {e}", cfg.metrics.listen))?;
+        info!("metrics on http://{}/metrics", tcp.local_addr()?);
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(node, tcp).await {
+                error!("metrics server: {e}");
+            }
+        });
+    }
+    node.start_background();
+    grpc::serve(Arc::clone(&node)).await?;
     let listener = connector::bind(&cfg.server.socket)?;
     let socket = cfg.server.socket.clone();
     let geometry = node.pool().geometry();
@@ -171,21 +189,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "kvtierd {} ready",
         env!("CARGO_PKG_VERSION")
     );
-    node.start_background();
-    grpc::serve(Arc::clone(&node)).await?;
     tokio::spawn(connector::serve(Arc::clone(&node), listener));
-    if !cfg.metrics.listen.is_empty() {
-        let tcp = tokio::net::TcpListener::bind(&cfg.metrics.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("metrics listen {}: {e}", cfg.metrics.listen))?;
-        info!("metrics on http://{}/metrics", tcp.local_addr()?);
-        let node = Arc::clone(&node);
-        tokio::spawn(async move {
-            if let Err(e) = http::serve(node, tcp).await {
-                error!("metrics server: {e}");
-            }
-        });
-    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
