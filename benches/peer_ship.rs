@@ -13,6 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 const BYTES: u64 = 256 << 20;
+
+/// (name, ucx_perftest environment, kvtierd flags) of one transport.
+type Transport = (&'static str, &'static [(&'static str, &'static str)], &'static [&'static str]);
 const ROUNDS: u64 = 3;
 
 /// ucx_perftest tag_bw bandwidth in bytes/s (server and client processes on this host).
@@ -84,7 +87,7 @@ async fn main() {
         BYTES >> 20
     );
     println!("{:>10} {:>8} {:>14} {:>14} {:>7}", "transport", "block", "ucx_perftest", "kvtier pull", "ratio");
-    let transports: [(&str, &[(&str, &str)], &[&str]); 2] = [
+    let transports: [Transport; 2] = [
         ("tcp", &[("UCX_TLS", "tcp"), ("UCX_NET_DEVICES", "lo")], &["--peer-tls", "tcp", "--peer-net-devices", "lo"]),
         ("shm", &[("UCX_TLS", "shm,self")], &["--peer-tls", "shm"]),
     ];
