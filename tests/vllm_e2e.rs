@@ -1,7 +1,8 @@
 //! End to end with the real vLLM (CPU build) and a tiny random-weight model built by the test:
 //! a second vLLM process loads its shared prefix from kvtierd and generates exactly the tokens of
 //! a run without kvtier; a killed daemon costs nothing but the cache; a restarted one is found
-//! again; a prefix kept only on disk across a daemon restart is promoted and loaded exactly. The
+//! again; a prefix kept only on disk across a daemon restart is promoted and loaded exactly; a
+//! decode instance gets its prompt shipped from a prefill instance's daemon over UCX. The
 //! vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
 
@@ -217,4 +218,28 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert!(stats["promoted_blocks"].as_u64() >= Some(held_tokens / BLOCK as u64), "{stats}");
     assert!(stats["disk_hit_blocks"].as_u64() > Some(0), "{stats}");
     assert_eq!(stats["corrupt_blocks"].as_u64(), Some(0), "{stats}");
+    drop(d);
+
+    // Prefill/decode: a prefill vLLM saves into its daemon and hands each request's
+    // kv_transfer_params on; a decode vLLM on another daemon gets the prompt pulled over UCX
+    // (TCP) by its daemon and loads it instead of recomputing, with the same outputs.
+    let peer =
+        ["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"];
+    let (prefill, decode) = (Daemon::start(&peer), Daemon::start(&peer));
+    let params = work.path().join("transfer-params.json");
+    let params_arg = params.to_str().unwrap();
+    let (_, _) = run_batch_with(
+        &py,
+        &model,
+        &prompts_file,
+        Some(&prefill.socket),
+        &["--transfer-source", &prefill.grpc, "--emit-params", params_arg, "--max-tokens", "1"],
+    );
+    let emitted: Value = serde_json::from_str(&std::fs::read_to_string(&params).unwrap()).unwrap();
+    assert_eq!(emitted[0]["kvtier_source"].as_str(), Some(prefill.grpc.as_str()), "{emitted}");
+    let (out, cached) = run_batch_with(&py, &model, &prompts_file, Some(&decode.socket), &["--params", params_arg]);
+    assert_eq!(out, reference, "decode outputs equal a single-instance run");
+    assert!(cached.iter().all(|&c| c >= held_tokens), "the prompts were loaded, not recomputed: {cached:?}");
+    let shipped = daemon_stats(&decode)["saved_bytes"].as_u64().unwrap();
+    assert!(shipped > 0, "blocks arrived through the peer tier");
 }

@@ -28,11 +28,13 @@ pub enum Op {
     Stats,
     /// Prefetch.
     Prefetch,
+    /// Pull.
+    Pull,
 }
 
 impl Op {
     /// Every op, in metric order.
-    pub const ALL: [Op; 10] = [
+    pub const ALL: [Op; 11] = [
         Op::Hello,
         Op::Register,
         Op::Lookup,
@@ -43,6 +45,7 @@ impl Op {
         Op::Release,
         Op::Stats,
         Op::Prefetch,
+        Op::Pull,
     ];
 
     /// Label value.
@@ -58,6 +61,7 @@ impl Op {
             Op::Release => "release",
             Op::Stats => "stats",
             Op::Prefetch => "prefetch",
+            Op::Pull => "pull",
         }
     }
 }

@@ -29,6 +29,9 @@ def main():
     ap.add_argument("--stats-file", help="the connector writes its totals to STATS_FILE.{scheduler,worker}")
     ap.add_argument("--pause", type=float, default=0.0, help="seconds to wait between prompts")
     ap.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE")
+    ap.add_argument("--transfer-source", help="prefill role: this daemon's TransferService address")
+    ap.add_argument("--emit-params", help="write each output's kv_transfer_params (a JSON list) here")
+    ap.add_argument("--params", help="decode role: JSON list of kv_transfer_params, one per prompt")
     a = ap.parse_args()
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = a.kv_cache_gib
 
@@ -41,16 +44,24 @@ def main():
             kv_connector="KvTierConnector",
             kv_connector_module_path="kvtier.vllm",
             kv_role="kv_both",
-            kv_connector_extra_config={"socket": a.socket, **({"stats_file": a.stats_file} if a.stats_file else {})},
+            kv_connector_extra_config={
+                "socket": a.socket,
+                **({"stats_file": a.stats_file} if a.stats_file else {}),
+                **({"transfer_source": a.transfer_source} if a.transfer_source else {}),
+            },
         )
     llm = LLM(model=a.model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True,
               enable_prefix_caching=a.prefix_caching, seed=0, **kw)
     prompts = json.load(open(a.prompts))
-    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True)
+    transfer = json.load(open(a.params)) if a.params else None
+    emitted = []
 
-    def run(p):
+    def run(p, i=0):
+        extra = {"kv_transfer_params": transfer[i]} if transfer and transfer[i] else None
+        params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, extra_args=extra)
         t = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+        emitted.append(out.kv_transfer_params)
         return list(out.outputs[0].token_ids), out.num_cached_tokens or 0, time.perf_counter() - t
 
     if a.interactive:
@@ -65,7 +76,9 @@ def main():
     for i, p in enumerate(prompts):
         if i and a.pause:
             time.sleep(a.pause)  # lets asynchronous saves of the previous prompt land
-        results.append(run(p))
+        results.append(run(p, i))
+    if a.emit_params:
+        json.dump(emitted, open(a.emit_params, "w"))
     print("RESULT " + json.dumps({
         "outputs": [r[0] for r in results],
         "cached_tokens": [r[1] for r in results],

@@ -183,6 +183,12 @@ class Client:
         """Starts promoting the disk-only blocks of the held prefix into the pool; returns how many."""
         return self.call("prefetch", handle=ns.handle, hashes=list(hashes)).queued
 
+    def pull(self, ns, source, hashes):
+        """Asks the daemon to pull the held prefix of `hashes` from the daemon whose
+        TransferService is at `source` (peer tier). Returns `(pulled, present, error)`."""
+        r = self.call("pull", handle=ns.handle, source=source, hashes=list(hashes))
+        return r.pulled, r.present, r.error
+
     def lookup_and_prefetch(self, ns, hashes):
         """Lookup and prefetch pipelined in one round trip: `(matched, blocks being promoted)`."""
         hashes = list(hashes)

@@ -73,10 +73,11 @@ class KvTierMetadata(KVConnectorMetadata):
 
 @dataclass
 class KvTierStats(KVConnectorStats):
-    """Tokens matched, loaded and saved, and blocks that failed to load, per interval."""
+    """Tokens matched, loaded and saved, blocks that failed to load, and blocks pulled from a
+    prefill instance's daemon (P/D), per interval."""
 
     def __post_init__(self):
-        for k in ("matched_tokens", "loaded_tokens", "saved_tokens", "load_errors"):
+        for k in ("matched_tokens", "loaded_tokens", "saved_tokens", "load_errors", "pulled_blocks", "pull_errors"):
             self.data.setdefault(k, 0)
 
     def reset(self):
@@ -178,6 +179,11 @@ class KvTierConnector(KVConnectorBase_V1):
         # Totals since start, written to `stats_file` (if configured) as they change.
         self._totals = KvTierStats()
         self._stats_file = extra.get("stats_file")
+        # Prefill/decode: a prefill instance names its daemon's TransferService address here and
+        # hands it to the decode request (kv_transfer_params); the decode instance's daemon pulls
+        # the prompt's blocks from there before the lookup.
+        self._transfer_source = extra.get("transfer_source")
+        self._pulled = set()
         self._stats_lock = threading.Lock()
         _warn_if_hashes_are_private(vllm_config)
         if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
@@ -238,6 +244,7 @@ class KvTierConnector(KVConnectorBase_V1):
             client, ns = self._daemon.namespace(request.cache_salt)
             if client is None:
                 return 0, False
+            self._pull_from_prefill(client, ns, request, n)
             # Blocks only on disk start moving into the pool now, while vLLM schedules; the
             # worker's load finds them there (or waits for the rest).
             matched, _ = client.lookup_and_prefetch(ns, [bytes(h) for h in request.block_hashes[:n]])
@@ -245,6 +252,26 @@ class KvTierConnector(KVConnectorBase_V1):
             self._daemon.fail(e)
             return 0, False
         return max(0, matched * self._block_size - num_computed_tokens), False
+
+    def _pull_from_prefill(self, client, ns, request, n):
+        """Decode side of P/D: once per request, has our daemon pull the prompt's blocks from
+        the prefill instance's daemon. A failure only means recompute."""
+        params = getattr(request, "kv_transfer_params", None) or {}
+        source = params.get("kvtier_source")
+        if not source or request.request_id in self._pulled:
+            return
+        self._pulled.add(request.request_id)
+        try:
+            pulled, _, error = client.pull(ns, source, [bytes(h) for h in request.block_hashes[:n]])
+        except (OSError, KvTierError):
+            raise  # the caller's connection handling: a miss and a reconnect
+        except Exception as e:  # never let the engine fail because of us
+            pulled, error = 0, repr(e)
+        if error:
+            logger.warning("kvtier: pulling request %s from %s failed (recomputing): %s",
+                           request.request_id, source, error)
+            self._count("pull_errors", 1)
+        self._count("pulled_blocks", pulled)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
         self._requests[request.request_id] = request
@@ -307,8 +334,11 @@ class KvTierConnector(KVConnectorBase_V1):
             self._saving.discard(req_id)
 
     def request_finished(self, request, block_ids):
+        self._pulled.discard(request.request_id)
+        # Prefill side of P/D: tell the decode request where to pull this prompt's blocks from.
+        params = {"kvtier_source": self._transfer_source} if self._transfer_source else None
         # Hold the blocks while their save may still be reading them.
-        return request.request_id in self._saving, None
+        return request.request_id in self._saving, params
 
     # ---------------------------------------------------------------- worker side
 

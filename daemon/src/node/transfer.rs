@@ -7,6 +7,9 @@ use crate::cache::ClientId;
 use crate::disk::format::SlotHeader;
 use crate::namespace::NamespaceId;
 use crate::peer::ReadOp;
+use bytes::Bytes;
+use kvtier_proto::v1 as pb;
+use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +53,49 @@ pub struct Source {
     pub blocks: Vec<(u32, u64, u64)>,
 }
 
+/// The TransferService of the daemon at `addr` ("host:port").
+async fn source_client(addr: &str) -> Result<TransferServiceClient<tonic::transport::Channel>, String> {
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let endpoint = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| format!("source {addr}: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| format!("source {addr}: {e}"))?;
+    Ok(TransferServiceClient::new(channel))
+}
+
 impl Node {
+    /// Pulls the held prefix of `hashes` from the daemon whose TransferService is at `source`:
+    /// asks it for an offer, reads it ([`pull_from`](Self::pull_from)), releases the offer.
+    pub async fn pull(&self, source: &str, ns: NsIdx, hashes: &[BlockHash]) -> Result<Pulled, String> {
+        self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        let id = self.cache().namespace(ns).id;
+        let mut client = source_client(source).await?;
+        let request = pb::OfferRequest {
+            namespace_id: Bytes::copy_from_slice(&id.0),
+            hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h.as_bytes())).collect(),
+        };
+        let offer = client
+            .offer(request)
+            .await
+            .map_err(|e| format!("source {source}: offer failed: {}", e.message()))?
+            .into_inner();
+        if offer.offer == 0 {
+            return Ok(Pulled::default());
+        }
+        let n = offer.block_offsets.len().min(offer.block_segments.len()).min(offer.checksums.len());
+        let src = Source {
+            offer: offer.offer,
+            worker_address: offer.worker_address.to_vec(),
+            segments: offer.segments.iter().map(|s| (s.address, s.rkey.to_vec())).collect(),
+            block_bytes: offer.block_bytes,
+            blocks: (0..n).map(|i| (offer.block_segments[i], offer.block_offsets[i], offer.checksums[i])).collect(),
+        };
+        let result = self.pull_from(ns, hashes, &src).await;
+        let _ = client.release_offer(pb::ReleaseOfferRequest { offer: src.offer }).await;
+        result
+    }
+
     fn transfer_client(&self) -> ClientId {
         ClientId(TRANSFER_CLIENTS + self.next_transfer.fetch_add(1, Relaxed))
     }

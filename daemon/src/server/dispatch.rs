@@ -85,6 +85,7 @@ pub fn op_of(op: &request::Op) -> Op {
         request::Op::Release(_) => Op::Release,
         request::Op::Stats(_) => Op::Stats,
         request::Op::Prefetch(_) => Op::Prefetch,
+        request::Op::Pull(_) => Op::Pull,
     }
 }
 
@@ -155,6 +156,15 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             let tiers = node.lookup(ns, &hs);
             let tiers: Vec<i32> = tiers.into_iter().map(|t| tier_of(t) as i32).collect();
             Ok(A::Lookup(pb::LookupReply { matched: tiers.len() as u32, tiers }))
+        }
+        R::Pull(p) => {
+            let ns = s.ns(p.handle)?;
+            let hs = hashes(node, &p.hashes)?;
+            let reply = match node.pull(&p.source, ns, &hs).await {
+                Ok(r) => pb::PullReply { pulled: r.pulled as u32, present: r.present as u32, error: String::new() },
+                Err(error) => pb::PullReply { error, ..Default::default() },
+            };
+            Ok(A::Pull(reply))
         }
         R::Prefetch(p) => {
             let ns = s.ns(p.handle)?;

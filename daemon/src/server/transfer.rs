@@ -3,13 +3,11 @@
 
 use crate::block::BlockHash;
 use crate::namespace::NamespaceId;
-use crate::node::{Node, Source};
+use crate::node::Node;
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
-use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
 use kvtier_proto::v1::transfer_service_server::TransferService;
 use std::sync::Arc;
-use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// The `TransferService` of one node.
@@ -33,16 +31,6 @@ fn parse(namespace_id: &[u8], hashes: &[Bytes]) -> Result<(NamespaceId, Vec<Bloc
         .map(|h| BlockHash::new(h).ok_or_else(|| Status::invalid_argument("hashes must have 1 to 32 bytes")))
         .collect::<Result<_, _>>()?;
     Ok((id, hashes))
-}
-
-async fn connect(addr: &str) -> Result<TransferServiceClient<tonic::transport::Channel>, Status> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| Status::invalid_argument(format!("source {addr}: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("source {addr}: {e}")))?;
-    Ok(TransferServiceClient::new(channel))
 }
 
 #[tonic::async_trait]
@@ -87,26 +75,7 @@ impl TransferService for TransferGrpc {
             .cache()
             .find_namespace(&id)
             .ok_or_else(|| Status::failed_precondition("namespace not registered on this daemon"))?;
-        let mut source = connect(&r.source).await?;
-        let offer = source
-            .offer(pb::OfferRequest { namespace_id: r.namespace_id.clone(), hashes: r.hashes.clone() })
-            .await
-            .map_err(|e| Status::unavailable(format!("source {}: offer failed: {}", r.source, e.message())))?
-            .into_inner();
-        if offer.offer == 0 {
-            return Ok(Response::new(pb::PullResponse { pulled: 0, present: 0 }));
-        }
-        let n = offer.block_offsets.len().min(offer.block_segments.len()).min(offer.checksums.len());
-        let src = Source {
-            offer: offer.offer,
-            worker_address: offer.worker_address.to_vec(),
-            segments: offer.segments.iter().map(|s| (s.address, s.rkey.to_vec())).collect(),
-            block_bytes: offer.block_bytes,
-            blocks: (0..n).map(|i| (offer.block_segments[i], offer.block_offsets[i], offer.checksums[i])).collect(),
-        };
-        let result = self.node.pull_from(ns, &hashes, &src).await;
-        let _ = source.release_offer(pb::ReleaseOfferRequest { offer: src.offer }).await;
-        let pulled = result.map_err(Status::aborted)?;
+        let pulled = self.node.pull(&r.source, ns, &hashes).await.map_err(Status::aborted)?;
         Ok(Response::new(pb::PullResponse { pulled: pulled.pulled as u32, present: pulled.present as u32 }))
     }
 }
