@@ -1,7 +1,7 @@
 //! Connector requests to `Node` calls: validation, translation, typed errors.
 
 use crate::block::{BlockHash, NsIdx};
-use crate::cache::{CacheError, ClientId, TierKind};
+use crate::cache::{CacheError, ClientId};
 use crate::metrics::Op;
 use crate::namespace::NamespaceId;
 use crate::node::{Node, ReservedAt};
@@ -154,7 +154,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             let ns = s.ns(l.handle)?;
             let hs = hashes(node, &l.hashes)?;
             let tiers = node.lookup(ns, &hs);
-            let tiers: Vec<i32> = tiers.into_iter().map(|t| tier_of(t) as i32).collect();
+            let tiers: Vec<i32> = tiers.into_iter().map(|t| super::wire_tier(t) as i32).collect();
             Ok(A::Lookup(pb::LookupReply { matched: tiers.len() as u32, tiers }))
         }
         R::Pull(p) => {
@@ -214,31 +214,11 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
     }
 }
 
-fn tier_of(t: TierKind) -> pb::Tier {
-    match t {
-        TierKind::Host => pb::Tier::Host,
-        TierKind::Disk => pb::Tier::Disk,
-    }
-}
-
 fn stats_reply(node: &Node) -> pb::StatsReply {
     use std::sync::atomic::Ordering::Relaxed;
     let st = node.stats();
     let disk = node.disk_stats();
-    let mut tiers = vec![pb::TierStats {
-        tier: pb::Tier::Host as i32,
-        capacity_bytes: st.capacity_bytes,
-        used_bytes: st.used_bytes,
-        blocks: st.blocks,
-    }];
-    if let Some(d) = &disk {
-        tiers.push(pb::TierStats {
-            tier: pb::Tier::Disk as i32,
-            capacity_bytes: d.capacity_bytes,
-            used_bytes: d.used_bytes,
-            blocks: d.blocks,
-        });
-    }
+    let tiers = super::tier_stats(&st, disk.as_ref());
     let d = disk.unwrap_or_default();
     pb::StatsReply {
         tiers,

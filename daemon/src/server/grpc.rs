@@ -3,6 +3,7 @@
 //! `kvtier.v1.TransferService` (`super::transfer`) on the same ports.
 //! Translation only: every answer comes from `Node`.
 
+use super::{parse_prefix, tier_stats, wire_tier};
 use crate::block::{BlockHash, BlockKey};
 use crate::cache::{BlockCache, TierKind};
 use crate::events::{Event, EventKind};
@@ -32,13 +33,6 @@ pub struct FeedService {
     node: Arc<Node>,
 }
 
-fn tier(t: TierKind) -> pb::Tier {
-    match t {
-        TierKind::Host => pb::Tier::Host,
-        TierKind::Disk => pb::Tier::Disk,
-    }
-}
-
 fn id_bytes(c: &BlockCache, key: &BlockKey) -> Bytes {
     Bytes::copy_from_slice(&c.namespace(key.ns).id.0)
 }
@@ -49,7 +43,7 @@ fn stored(c: &BlockCache, sequence: u64, key: &BlockKey, t: TierKind) -> pb::Blo
         kind: pb::block_event::Kind::Stored as i32,
         namespace_id: id_bytes(c, key),
         hash: Bytes::copy_from_slice(key.hash.as_bytes()),
-        tier: tier(t) as i32,
+        tier: wire_tier(t) as i32,
         ..Default::default()
     }
 }
@@ -58,13 +52,13 @@ fn to_pb(c: &BlockCache, e: &Event) -> pb::BlockEvent {
     let mut ev = stored(c, e.sequence, &e.key, TierKind::Host);
     match e.kind {
         EventKind::Stored { tier: t, parent } => {
-            ev.tier = tier(t) as i32;
+            ev.tier = wire_tier(t) as i32;
             ev.parent = parent.map(|p| Bytes::copy_from_slice(p.as_bytes())).unwrap_or_default();
         }
         EventKind::TierChanged { from, to } => {
             ev.kind = pb::block_event::Kind::TierChanged as i32;
-            ev.from_tier = tier(from) as i32;
-            ev.tier = tier(to) as i32;
+            ev.from_tier = wire_tier(from) as i32;
+            ev.tier = wire_tier(to) as i32;
         }
         EventKind::Removed => {
             ev.kind = pb::block_event::Kind::Removed as i32;
@@ -138,18 +132,7 @@ impl FeedService {
 }
 
 fn parse_query(q: &pb::PrefixQuery) -> Result<(NamespaceId, Vec<BlockHash>), Status> {
-    let id = NamespaceId::from_slice(&q.namespace_id)
-        .ok_or_else(|| Status::invalid_argument(format!("namespace_id has {} bytes, not 16", q.namespace_id.len())))?;
-    let hashes = q
-        .hashes
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            BlockHash::new(h)
-                .ok_or_else(|| Status::invalid_argument(format!("hash {i} has {} bytes; must be 1 to 32", h.len())))
-        })
-        .collect::<Result<_, _>>()?;
-    Ok((id, hashes))
+    parse_prefix(&q.namespace_id, &q.hashes)
 }
 
 #[tonic::async_trait]
@@ -167,7 +150,7 @@ impl CacheService for FeedService {
                 let tiers = c.find_namespace(id).map(|ns| c.peek_tiers(ns, hashes)).unwrap_or_default();
                 pb::PrefixMatch {
                     matched: tiers.len() as u32,
-                    tiers: tiers.into_iter().map(|t| tier(t) as i32).collect(),
+                    tiers: tiers.into_iter().map(|t| wire_tier(t) as i32).collect(),
                 }
             })
             .collect();
@@ -193,16 +176,7 @@ impl CacheService for FeedService {
     async fn stats(&self, _: Request<pb::NodeStatsRequest>) -> Result<Response<pb::NodeStatsResponse>, Status> {
         let node = &self.node;
         let st = node.stats();
-        let mut tiers = vec![pb::TierStats {
-            tier: pb::Tier::Host as i32,
-            capacity_bytes: st.capacity_bytes,
-            used_bytes: st.used_bytes,
-            blocks: st.blocks,
-        }];
-        if let Some(d) = node.disk_stats() {
-            let (capacity_bytes, used_bytes, blocks) = (d.capacity_bytes, d.used_bytes, d.blocks);
-            tiers.push(pb::TierStats { tier: pb::Tier::Disk as i32, capacity_bytes, used_bytes, blocks });
-        }
+        let tiers = tier_stats(&st, node.disk_stats().as_ref());
         Ok(Response::new(pb::NodeStatsResponse {
             node: node.node_name(),
             tiers,

@@ -1,8 +1,6 @@
 //! `kvtier.v1.TransferService` over gRPC: offers of pinned blocks to peers, and pulls from them.
 //! Translation only: the work is in `Node::offer` and `Node::pull_from`.
 
-use crate::block::BlockHash;
-use crate::namespace::NamespaceId;
 use crate::node::Node;
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
@@ -23,16 +21,6 @@ impl TransferGrpc {
     }
 }
 
-fn parse(namespace_id: &[u8], hashes: &[Bytes]) -> Result<(NamespaceId, Vec<BlockHash>), Status> {
-    let id = NamespaceId::from_slice(namespace_id)
-        .ok_or_else(|| Status::invalid_argument("namespace_id must have 16 bytes"))?;
-    let hashes = hashes
-        .iter()
-        .map(|h| BlockHash::new(h).ok_or_else(|| Status::invalid_argument("hashes must have 1 to 32 bytes")))
-        .collect::<Result<_, _>>()?;
-    Ok((id, hashes))
-}
-
 #[tonic::async_trait]
 impl TransferService for TransferGrpc {
     async fn offer(&self, req: Request<pb::OfferRequest>) -> Result<Response<pb::OfferResponse>, Status> {
@@ -41,7 +29,7 @@ impl TransferService for TransferGrpc {
             .peer_exposure()
             .ok_or_else(|| Status::failed_precondition("peer tier disabled (peer.enabled)"))?;
         let r = req.into_inner();
-        let (id, hashes) = parse(&r.namespace_id, &r.hashes)?;
+        let (id, hashes) = super::parse_prefix(&r.namespace_id, &r.hashes)?;
         let offer = self.node.offer(&id, &hashes).await;
         let (block_segments, block_offsets) = offer.blocks.iter().copied().unzip();
         Ok(Response::new(pb::OfferResponse {
@@ -69,7 +57,7 @@ impl TransferService for TransferGrpc {
 
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {
         let r = req.into_inner();
-        let (id, hashes) = parse(&r.namespace_id, &r.hashes)?;
+        let (id, hashes) = super::parse_prefix(&r.namespace_id, &r.hashes)?;
         let ns = self
             .node
             .cache()
