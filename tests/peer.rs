@@ -1,6 +1,7 @@
 //! The peer tier with real daemons and real UCX on loopback: a daemon pulls thousands of blocks
-//! from another's pool by RMA, byte-exact, over TCP and over shared memory; a sender killed
-//! mid-transfer leaves nothing partial behind.
+//! from another's pool (tagged messages from the source's slots into the puller's reserved ones),
+//! byte-exact, over TCP and over shared memory; a sender killed mid-transfer leaves nothing
+//! partial behind; a puller killed mid-transfer leaves the sender serving.
 
 use bytes::Bytes;
 use kvtier_client::router::feed::channel;
@@ -31,6 +32,31 @@ async fn pull(into: &Daemon, from: &Daemon, ns: &Bytes, hashes: &[Bytes]) -> Res
     let mut c = TransferServiceClient::new(channel(&into.grpc).await.unwrap());
     let req = pb::PullRequest { source: from.grpc.clone(), namespace_id: ns.clone(), hashes: hashes.to_vec() };
     c.pull(req).await.map(|r| r.into_inner())
+}
+
+/// Starts a pull of `hashes` into `into` from `from` (on a task), waits until `from` is sending and
+/// freezes `victim` (SIGSTOP) mid-transfer. Returns the pull, or None when it ended first (the
+/// caller tries again with another prompt).
+async fn pull_frozen_mid_way(
+    into: &Daemon,
+    from: &Daemon,
+    victim: &Daemon,
+    ns: &Bytes,
+    hashes: &[Bytes],
+) -> Option<tokio::task::JoinHandle<Result<pb::PullResponse, tonic::Status>>> {
+    let (into_grpc, from_grpc, ns, hashes) = (into.grpc.clone(), from.grpc.clone(), ns.clone(), hashes.to_vec());
+    let puller = tokio::spawn(async move {
+        let mut c = TransferServiceClient::new(channel(&into_grpc).await.unwrap());
+        c.pull(pb::PullRequest { source: from_grpc, namespace_id: ns, hashes }).await.map(|r| r.into_inner())
+    });
+    while from.metric("kvtier_peer_shipments_in_flight") < 1.0 && !puller.is_finished() {}
+    let stop = nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid() as i32), nix::sys::signal::SIGSTOP);
+    stop.expect("SIGSTOP");
+    if puller.is_finished() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid() as i32), nix::sys::signal::SIGCONT);
+        return None;
+    }
+    Some(puller)
 }
 
 /// Loads the prompt from `d` and checks every byte; returns the blocks loaded.
@@ -67,8 +93,8 @@ async fn thousands_of_blocks_ship_byte_exact_over_tcp() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousands_of_blocks_ship_byte_exact_over_shared_memory() {
-    ships_byte_exact(&["shm"]).await;
+async fn thousands_of_blocks_ship_byte_exact_over_shared_memory_verifying_every_byte() {
+    ships_byte_exact(&["shm", "--peer-verify", "full"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,21 +102,51 @@ async fn a_sender_killed_mid_transfer_leaves_nothing_partial() {
     let tls = ["tcp", "--peer-net-devices", "lo"];
     let (mut a, b) = (daemon("768 MiB", &tls), daemon("768 MiB", &tls));
     let block = 256 * 1024;
-    let (ns, hashes) = save(&a, 1, 2400, block).await; // 600 MiB
     save(&b, 2, 1, block).await;
     let used_before = b.metric("kvtier_host_used_bytes");
-    let (b_grpc, a_grpc, ns2, hs2) = (b.grpc.clone(), a.grpc.clone(), ns.clone(), hashes.clone());
-    let puller = tokio::spawn(async move {
-        let mut c = TransferServiceClient::new(channel(&b_grpc).await.unwrap());
-        c.pull(pb::PullRequest { source: a_grpc, namespace_id: ns2, hashes: hs2 }).await
-    });
-    eventually_within("the RMA reads started", 20, || b.metric("kvtier_peer_pulls_in_flight") >= 1.0);
+    let mut attempt = 0;
+    let (puller, hashes) = loop {
+        attempt += 1;
+        assert!(attempt <= 5, "a 600 MiB pull never stayed in flight long enough to freeze");
+        let (ns, hashes) = save(&a, 10 + attempt, 2400, block).await; // 600 MiB
+        if let Some(p) = pull_frozen_mid_way(&b, &a, &a, &ns, &hashes).await {
+            break (p, hashes);
+        }
+    };
     a.kill();
     let result = puller.await.unwrap();
     let err = result.expect_err("the pull cannot succeed with its sender gone mid-way");
     assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
     assert!(err.message().contains("nothing kept"), "{err:?}");
     assert_eq!(verify(&b, &hashes, block).await, 0, "nothing partial is visible");
-    assert_eq!(b.metric("kvtier_host_used_bytes"), used_before, "its slots were freed");
+    eventually_within("its slots were freed", 20, || b.metric("kvtier_host_used_bytes") == used_before);
     assert_eq!(b.metric("kvtier_peer_pull_failures_total"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puller_killed_mid_transfer_leaves_the_sender_serving() {
+    let tls = ["tcp", "--peer-net-devices", "lo"];
+    let (a, mut b) = (daemon("768 MiB", &tls), daemon("768 MiB", &tls));
+    let block = 256 * 1024;
+    save(&b, 2, 1, block).await;
+    let mut attempt = 0;
+    let (puller, ns, hashes) = loop {
+        attempt += 1;
+        assert!(attempt <= 5, "a 600 MiB pull never stayed in flight long enough to freeze");
+        let (ns, hashes) = save(&a, 10 + attempt, 2400, block).await; // 600 MiB
+        if let Some(p) = pull_frozen_mid_way(&b, &a, &b, &ns, &hashes).await {
+            break (p, ns, hashes);
+        }
+    };
+    b.kill();
+    assert!(puller.await.unwrap().is_err());
+    eventually_within("the sender saw its shipment fail", 60, || a.metric("kvtier_peer_ship_failures_total") == 1.0);
+    // The sender still serves: another daemon pulls the whole prompt from it.
+    let shipped = a.metric("kvtier_peer_shipped_blocks_total");
+    let c = daemon("768 MiB", &tls);
+    save(&c, 3, 1, block).await;
+    let r = pull(&c, &a, &ns, &hashes).await.unwrap();
+    assert_eq!((r.pulled, r.present), (2400, 0));
+    assert_eq!(verify(&c, &hashes, block).await, 2400);
+    assert_eq!(a.metric("kvtier_peer_shipped_blocks_total"), shipped + 2400.0);
 }

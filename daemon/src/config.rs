@@ -143,13 +143,23 @@ pub struct PeerConfig {
     pub tls: String,
     /// Network devices (`UCX_NET_DEVICES`), e.g. "mlx5_0:1" or "lo"; empty: UCX's choice.
     pub net_devices: String,
-    /// Seconds an offer stays pinned if the puller never releases it.
+    /// Seconds an offer stays pinned if the puller never releases it; also the most a shipment
+    /// may take.
     pub offer_timeout_secs: u64,
+    /// What the fingerprints of pulled blocks cover: "sampled" (eight 4 KiB pages per block,
+    /// chosen at random per pull) or "full" (every byte; costs a hash pass on both sides).
+    pub verify: crate::fingerprint::Coverage,
 }
 
 impl Default for PeerConfig {
     fn default() -> Self {
-        Self { enabled: false, tls: String::new(), net_devices: String::new(), offer_timeout_secs: 60 }
+        Self {
+            enabled: false,
+            tls: String::new(),
+            net_devices: String::new(),
+            offer_timeout_secs: 60,
+            verify: Default::default(),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device;
 pub mod disk;
 pub mod events;
+pub mod fingerprint;
 pub mod index;
 pub mod metrics;
 pub mod namespace;

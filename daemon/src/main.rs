@@ -71,6 +71,9 @@ struct Args {
     /// Network devices for the peer tier (UCX_NET_DEVICES), e.g. "lo".
     #[arg(long, env = "KVTIER_PEER_NET_DEVICES")]
     peer_net_devices: Option<String>,
+    /// What fingerprints of pulled blocks cover (peer.verify).
+    #[arg(long, env = "KVTIER_PEER_VERIFY", value_enum)]
+    peer_verify: Option<kvtier_daemon::fingerprint::Coverage>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -105,6 +108,9 @@ impl Args {
         }
         if let Some(d) = &self.peer_net_devices {
             c.peer.net_devices = d.clone();
+        }
+        if let Some(v) = self.peer_verify {
+            c.peer.verify = v;
         }
         if let Some(b) = self.device_backend {
             c.device.backend = b;

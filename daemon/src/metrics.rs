@@ -127,8 +127,16 @@ pub struct Metrics {
     pub peer_pull_failures: AtomicU64,
     /// Pulls reading from a peer now.
     pub peer_pulls_in_flight: AtomicU64,
-    /// Time of the RMA part of successful pulls.
+    /// Time of successful pulls, from reserving slots to commit.
     pub peer_pull_latency: Histogram,
+    /// Blocks this daemon shipped to peers (sends completed).
+    pub peer_shipped_blocks: AtomicU64,
+    /// Their bytes.
+    pub peer_shipped_bytes: AtomicU64,
+    /// Shipments that failed (puller gone, deadline, transport error).
+    pub peer_ship_failures: AtomicU64,
+    /// Shipments sending now.
+    pub peer_shipments_in_flight: AtomicU64,
     /// Disk writes (demotion and write-back), submit to completion, per block.
     pub disk_write_latency: Histogram,
     /// Disk reads (promotion), submit to verified, per block.
@@ -252,6 +260,30 @@ impl Metrics {
             "Pulls that failed; nothing of them was kept.",
             "counter",
             self.peer_pull_failures.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_shipped_blocks_total",
+            "Blocks shipped out to peers.",
+            "counter",
+            self.peer_shipped_blocks.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_shipped_bytes_total",
+            "Bytes shipped out to peers.",
+            "counter",
+            self.peer_shipped_bytes.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_ship_failures_total",
+            "Shipments to peers that failed.",
+            "counter",
+            self.peer_ship_failures.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_shipments_in_flight",
+            "Shipments to peers sending now.",
+            "gauge",
+            self.peer_shipments_in_flight.load(Relaxed),
         );
         gauge(
             "kvtier_peer_pulls_in_flight",

@@ -5,7 +5,7 @@
 mod tiering;
 mod transfer;
 
-pub use transfer::{Offer, Pulled, Source};
+pub use transfer::{Offer, Pulled, Shipment};
 
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, NsIdx};
@@ -53,7 +53,7 @@ pub struct Node {
     device: Box<dyn DeviceBackend>,
     /// The UCX thread, when the peer tier is enabled.
     peer: Option<crate::peer::Peer>,
-    offers: Mutex<std::collections::HashMap<u64, ClientId>>,
+    offers: Mutex<std::collections::HashMap<u64, transfer::Offered>>,
     next_transfer: AtomicU64,
     pool: HostPool,
     /// Server-side counters.
@@ -109,9 +109,9 @@ impl Node {
         let pool = HostPool::create(geometry.clone(), p.hugetlb, lock)?;
         let device = crate::device::open(config.device.backend, &pool)?;
         let peer = match config.peer.enabled {
-            true => Some(
-                crate::peer::Peer::start(&config.peer, &pool).map_err(|e| anyhow::anyhow!("peer tier (UCX): {e:#}"))?,
-            ),
+            true => {
+                Some(crate::peer::Peer::start(&config.peer).map_err(|e| anyhow::anyhow!("peer tier (UCX): {e:#}"))?)
+            }
             false => None,
         };
         let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
@@ -214,9 +214,9 @@ impl Node {
         }
     }
 
-    /// What peers need to read this daemon's pool, when the peer tier is enabled.
-    pub fn peer_exposure(&self) -> Option<&crate::peer::Exposure> {
-        self.peer.as_ref().map(|p| p.exposure())
+    /// This daemon's UCX worker, when the peer tier is enabled.
+    pub fn peer(&self) -> Option<&crate::peer::Peer> {
+        self.peer.as_ref()
     }
 
     /// The device backend.

@@ -1,41 +1,75 @@
-//! The peer tier's mechanism: one thread owns this daemon's UCX context and worker, with every
-//! pool segment registered, keeps the worker progressing (peers read our pool by RMA; over
-//! emulated transports that needs our progress), and runs pulls: many RMA GETs from a peer's pool
-//! straight into reserved slots of ours.
+//! The peer tier's mechanism: one thread owns this daemon's UCX context and worker and runs many
+//! transfers at once as tagged messages (the protocol `ucx_perftest -t tag_bw` measures):
+//! - receiving: a receive per block is posted straight into its reserved pool slot (zero copy
+//!   where the transport allows: rendezvous into the slot). A receive writes only while pending:
+//!   cancelled before a sender matched it, its slot is ours again, which a remote write into our
+//!   pool could never promise;
+//! - sending: one message per block straight from its pinned slot, to the receiver's worker.
+//!
+//! The thread spins on the worker while anything is in flight and naps 100 us between commands
+//! when idle.
 
 use crate::config::PeerConfig;
-use crate::pool::HostPool;
-use kvtier_ucx::{Context, Endpoint, Region, RemoteKey, Worker};
+use kvtier_ucx::{Context, Endpoint, Worker};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::mpsc;
-use std::time::Duration;
-use tokio::sync::oneshot;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc as tmpsc, oneshot};
 
-/// One range to read: (local address, bytes, remote address, index of the remote segment's key).
-pub type ReadOp = (usize, usize, u64, usize);
+/// One block's bytes in our pool: (address, length).
+pub type Span = (usize, usize);
 
-enum Cmd {
-    Pull { worker: Vec<u8>, rkeys: Vec<Vec<u8>>, ops: Vec<ReadOp>, done: oneshot::Sender<Result<(), String>> },
+/// What a receive reports, block by block, then once at the end.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Block `j` of the receive arrived whole (Ok) or failed (cancelled, short, transport error).
+    Block(usize, Result<(), String>),
+    /// No receive of this operation is in flight any more: its slots are the caller's again.
+    Finished,
 }
 
-/// What peers need to read this daemon's pool.
-#[derive(Clone, Debug)]
-pub struct Exposure {
-    /// This daemon's UCX worker address.
-    pub worker_address: Vec<u8>,
-    /// Per pool segment: its address here and its packed remote key.
-    pub segments: Vec<(u64, Vec<u8>)>,
+/// A receive in flight: its tag base (the sender tags block `j` `tag_base + j`) and its op id
+/// (to cancel it).
+#[derive(Clone, Copy, Debug)]
+pub struct Receiving {
+    /// Tag of block 0; block `j` is `tag_base + j`.
+    pub tag_base: u64,
+    op: u32,
+}
+
+enum Cmd {
+    Receive {
+        op: u32,
+        spans: Vec<Span>,
+        events: tmpsc::UnboundedSender<Received>,
+    },
+    Cancel {
+        op: u32,
+    },
+    Abort {
+        peer: Vec<u8>,
+    },
+    Send {
+        op: u32,
+        peer: Vec<u8>,
+        spans: Vec<Span>,
+        tag_base: u64,
+        deadline: Instant,
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Handle to the UCX thread.
 pub struct Peer {
     tx: mpsc::Sender<Cmd>,
-    exposure: Exposure,
+    worker_address: Vec<u8>,
+    next_op: AtomicU32,
 }
 
 impl Peer {
-    /// Starts the UCX thread with `cfg`'s transports and registers `pool`.
-    pub fn start(cfg: &PeerConfig, pool: &HostPool) -> anyhow::Result<Peer> {
+    /// Starts the UCX thread with `cfg`'s transports.
+    pub fn start(cfg: &PeerConfig) -> anyhow::Result<Peer> {
         let mut settings: Vec<(String, String)> = Vec::new();
         if !cfg.tls.is_empty() {
             settings.push(("TLS".into(), cfg.tls.clone()));
@@ -43,114 +77,341 @@ impl Peer {
         if !cfg.net_devices.is_empty() {
             settings.push(("NET_DEVICES".into(), cfg.net_devices.clone()));
         }
-        let segments: Vec<(usize, usize)> =
-            pool.segments().iter().map(|s| (s.as_ptr() as usize, s.len() as usize)).collect();
         let detect = !cfg.tls.contains("shm");
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("kvtier-ucx".into())
-            .spawn(move || run(settings, segments, detect, rx, ready_tx))?;
-        let exposure = ready_rx.recv().map_err(|_| anyhow::anyhow!("UCX thread died at start"))??;
-        Ok(Peer { tx, exposure })
+        std::thread::Builder::new().name("kvtier-ucx".into()).spawn(move || run(settings, detect, rx, ready_tx))?;
+        let worker_address = ready_rx.recv().map_err(|_| anyhow::anyhow!("UCX thread died at start"))??;
+        Ok(Peer { tx, worker_address, next_op: AtomicU32::new(1) })
     }
 
-    /// What peers need to read this daemon's pool.
-    pub fn exposure(&self) -> &Exposure {
-        &self.exposure
+    /// This daemon's UCX worker address: where peers send blocks to us.
+    pub fn worker_address(&self) -> &[u8] {
+        &self.worker_address
     }
 
-    /// Reads `ops` from the peer whose worker address is `worker`, with its segments' `rkeys`.
-    pub async fn pull(&self, worker: Vec<u8>, rkeys: Vec<Vec<u8>>, ops: Vec<ReadOp>) -> Result<(), String> {
+    fn op(&self) -> u32 {
+        self.next_op.fetch_add(1, Relaxed)
+    }
+
+    /// Posts a receive of block `j` into `spans[j]` for every `j`; events arrive on the
+    /// returned channel, ending with [`Received::Finished`] (after which the spans are free).
+    ///
+    /// # Safety
+    /// The spans must be memory of ours that nobody else touches until `Finished`.
+    pub unsafe fn receive(&self, spans: Vec<Span>) -> Result<(Receiving, tmpsc::UnboundedReceiver<Received>), String> {
+        let op = self.op();
+        let (events, rx) = tmpsc::unbounded_channel();
+        self.tx.send(Cmd::Receive { op, spans, events }).map_err(|_| "UCX thread stopped".to_string())?;
+        Ok((Receiving { tag_base: token(op, 0), op }, rx))
+    }
+
+    /// Cancels what of `r` no sender has started filling yet (its `Finished` follows).
+    pub fn cancel(&self, r: Receiving) {
+        let _ = self.tx.send(Cmd::Cancel { op: r.op });
+    }
+
+    /// Fails every send to the worker at `peer` (its puller is gone): the endpoint is closed and
+    /// the sends end within [`GRACE`].
+    pub fn abort_sends_to(&self, peer: Vec<u8>) {
+        let _ = self.tx.send(Cmd::Abort { peer });
+    }
+
+    /// Sends `spans[j]` tagged `tag_base + j` to the worker at `peer`; done when every send
+    /// completed, or failed at `deadline` (the endpoint is then closed, forcing what is left).
+    ///
+    /// # Safety
+    /// The spans must stay valid and unchanged until this returns.
+    pub async unsafe fn send(
+        &self,
+        peer: Vec<u8>,
+        spans: Vec<Span>,
+        tag_base: u64,
+        deadline: Instant,
+    ) -> Result<(), String> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Cmd::Pull { worker, rkeys, ops, done }).map_err(|_| "UCX thread stopped".to_string())?;
+        let op = self.op();
+        self.tx
+            .send(Cmd::Send { op, peer, spans, tag_base, deadline, done })
+            .map_err(|_| "UCX thread stopped".to_string())?;
         rx.await.map_err(|_| "UCX thread stopped".to_string())?
     }
 }
 
-type Ready = anyhow::Result<Exposure>;
+/// Token of block `j` of operation `op` (also the tag of a receive's block).
+fn token(op: u32, j: usize) -> u64 {
+    (u64::from(op) << 32) | j as u64
+}
+
+enum Kind {
+    Receive {
+        events: tmpsc::UnboundedSender<Received>,
+        spans: Vec<Span>,
+    },
+    Send {
+        peer: Vec<u8>,
+        deadline: Instant,
+        /// When the endpoint was force-closed under it (deadline or abort).
+        forced_at: Option<Instant>,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+        error: Option<String>,
+    },
+}
+
+/// One operation in flight on the UCX thread.
+struct Op {
+    kind: Kind,
+    /// Blocks still in flight.
+    pending: Vec<bool>,
+    left: usize,
+}
+
+/// The UCX thread's state.
+struct Engine {
+    worker: Worker,
+    endpoints: HashMap<Vec<u8>, Endpoint>,
+    ops: HashMap<u32, Op>,
+    detect_peer_failure: bool,
+}
+
+type Ready = anyhow::Result<Vec<u8>>;
+
+/// Empty progress rounds of a busy worker before it naps.
+const IDLE_SPINS: u32 = 256;
+/// Its nap.
+const NAP_US: u64 = 20;
+/// How long UCX gets to finish the sends of a force-closed endpoint before they are answered.
+pub const GRACE: Duration = Duration::from_secs(1);
 
 fn run(
     settings: Vec<(String, String)>,
-    segments: Vec<(usize, usize)>,
     detect_peer_failure: bool,
     rx: mpsc::Receiver<Cmd>,
     ready: mpsc::Sender<Ready>,
 ) {
-    let setup = || -> anyhow::Result<(std::sync::Arc<Context>, Worker, Vec<Region>)> {
+    let setup = || -> anyhow::Result<(std::sync::Arc<Context>, Worker, Vec<u8>)> {
         let pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let ctx = Context::new(&pairs)?;
         let worker = Worker::new(&ctx)?;
-        // SAFETY: the pool's segments stay mapped for the daemon's life (the Node owns the pool
-        // and outlives this thread's work).
-        let regions =
-            segments.iter().map(|&(p, l)| unsafe { Region::map(&ctx, p as *mut u8, l) }).collect::<Result<_, _>>()?;
-        Ok((ctx, worker, regions))
+        let address = worker.address()?;
+        Ok((ctx, worker, address))
     };
-    let (_ctx, worker, regions) = match setup() {
-        Ok(s) => s,
+    let (_ctx, worker) = match setup() {
+        Ok((ctx, worker, address)) => {
+            let _ = ready.send(Ok(address));
+            (ctx, worker)
+        }
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let exposure = (|| -> anyhow::Result<Exposure> {
-        let segments = regions.iter().map(|r| Ok((r.address(), r.pack_rkey()?))).collect::<anyhow::Result<_>>()?;
-        Ok(Exposure { worker_address: worker.address()?, segments })
-    })();
-    let failed = exposure.is_err();
-    let _ = ready.send(exposure);
-    if failed {
-        return;
-    }
-    let mut endpoints: HashMap<Vec<u8>, Endpoint> = HashMap::new();
+    let mut engine = Engine { worker, endpoints: HashMap::new(), ops: HashMap::new(), detect_peer_failure };
+    let mut idle = 0u32;
     loop {
-        match rx.try_recv() {
-            Ok(Cmd::Pull { worker: peer, rkeys, ops, done }) => {
-                let result = pull(&worker, &mut endpoints, peer, &rkeys, &ops, detect_peer_failure);
-                let _ = done.send(result);
+        let busy = !engine.ops.is_empty();
+        let cmd = if busy {
+            rx.try_recv().map_err(|e| e == mpsc::TryRecvError::Disconnected)
+        } else {
+            rx.recv_timeout(Duration::from_micros(100)).map_err(|e| e == mpsc::RecvTimeoutError::Disconnected)
+        };
+        match cmd {
+            Ok(cmd) => engine.start(cmd),
+            Err(true) => break,
+            Err(false) => {}
+        }
+        // Bounded: a worker with a failing connection can report events forever.
+        let mut events = 0;
+        for _ in 0..64 {
+            match engine.worker.progress() {
+                0 => break,
+                n => events += n,
             }
-            Err(mpsc::TryRecvError::Empty) => {
-                if worker.progress() == 0 {
-                    std::thread::sleep(Duration::from_micros(100));
-                }
-            }
-            Err(mpsc::TryRecvError::Disconnected) => break,
+        }
+        engine.complete();
+        // Busy but nothing happening (waiting on the peer): give the CPU to whoever will make
+        // something happen, often the peer daemon itself on a small machine.
+        idle = if events == 0 { idle + 1 } else { 0 };
+        if busy && idle > IDLE_SPINS {
+            std::thread::sleep(Duration::from_micros(NAP_US));
+        }
+        if busy {
+            engine.expire(Instant::now());
         }
     }
-    drop(endpoints);
-    drop(regions);
+    engine.endpoints.clear();
 }
 
-fn pull(
-    worker: &Worker,
-    endpoints: &mut HashMap<Vec<u8>, Endpoint>,
-    peer: Vec<u8>,
-    rkeys: &[Vec<u8>],
-    ops: &[ReadOp],
-    detect_peer_failure: bool,
-) -> Result<(), String> {
-    if !endpoints.contains_key(&peer) {
-        let ep = worker.connect(&peer, detect_peer_failure).map_err(|e| e.to_string())?;
-        endpoints.insert(peer.clone(), ep);
-    }
-    let ep = &endpoints[&peer];
-    let keys =
-        rkeys.iter().map(|k| RemoteKey::unpack(ep, k)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
-    let result = {
-        let mut batch = Vec::with_capacity(ops.len());
-        for &(local, len, remote, seg) in ops {
-            let key = keys.get(seg).ok_or_else(|| format!("segment {seg} has no remote key"))?;
-            batch.push((local, len, remote, key));
+impl Engine {
+    fn start(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Receive { op, spans, events } => {
+                let (mut pending, mut left) = (vec![false; spans.len()], 0);
+                for (j, &(addr, len)) in spans.iter().enumerate() {
+                    let t = token(op, j);
+                    // SAFETY: the caller of `Peer::receive` gave us these spans until Finished.
+                    match unsafe { self.worker.tag_recv(addr as *mut u8, len, t, t) } {
+                        Ok(()) => {
+                            pending[j] = true;
+                            left += 1;
+                        }
+                        Err(e) => {
+                            let _ = events.send(Received::Block(j, Err(e.to_string())));
+                        }
+                    }
+                }
+                self.ops.insert(op, Op { kind: Kind::Receive { events, spans }, pending, left });
+            }
+            Cmd::Cancel { op } => {
+                if let Some(state) = self.ops.get(&op) {
+                    for j in state.pending.iter().enumerate().filter(|p| *p.1).map(|p| p.0) {
+                        self.worker.cancel(token(op, j));
+                    }
+                }
+            }
+            Cmd::Abort { peer } => self.force(&peer, "aborted: the puller is gone", Instant::now()),
+            Cmd::Send { op, peer, spans, tag_base, deadline, done } => {
+                let n = spans.len();
+                let kind = Kind::Send { peer: peer.clone(), deadline, forced_at: None, done: Some(done), error: None };
+                let mut state = Op { kind, pending: vec![false; n], left: 0 };
+                match Self::endpoint(&self.worker, &mut self.endpoints, &peer, self.detect_peer_failure) {
+                    Err(e) => set_error(&mut state, e),
+                    Ok(ep) => {
+                        for (j, &(addr, len)) in spans.iter().enumerate() {
+                            // SAFETY: the caller of `Peer::send` keeps the spans until done.
+                            match unsafe {
+                                self.worker.tag_send(ep, addr as *const u8, len, tag_base + j as u64, token(op, j))
+                            } {
+                                Ok(()) => {
+                                    state.pending[j] = true;
+                                    state.left += 1;
+                                }
+                                Err(e) => {
+                                    set_error(&mut state, e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                self.ops.insert(op, state);
+            }
         }
-        // SAFETY: the caller reserved the local slots for this pull; nobody else writes them.
-        unsafe { ep.get_many(&batch, &[worker]) }
-    };
-    drop(keys);
-    if let Err(e) = result {
-        // A failed endpoint is not reused.
-        endpoints.remove(&peer);
-        return Err(e.to_string());
     }
-    Ok(())
+
+    /// The endpoint to `peer` (connected on first use).
+    fn endpoint<'a>(
+        worker: &Worker,
+        endpoints: &'a mut HashMap<Vec<u8>, Endpoint>,
+        peer: &[u8],
+        detect_peer_failure: bool,
+    ) -> Result<&'a Endpoint, String> {
+        if !endpoints.contains_key(peer) {
+            let ep = worker.connect(peer, detect_peer_failure).map_err(|e| e.to_string())?;
+            endpoints.insert(peer.to_vec(), ep);
+        }
+        Ok(&endpoints[peer])
+    }
+
+    /// Routes completions to their operations and ends the operations with nothing in flight.
+    fn complete(&mut self) {
+        for c in self.worker.take_completions() {
+            let (op, j) = ((c.token >> 32) as u32, (c.token & 0xffff_ffff) as usize);
+            let Some(state) = self.ops.get_mut(&op) else { continue };
+            if !std::mem::replace(&mut state.pending[j], false) {
+                continue;
+            }
+            state.left -= 1;
+            let result = c.result.map_err(|e| e.to_string());
+            match &mut state.kind {
+                Kind::Receive { events, spans } => {
+                    let result = result.and_then(|()| {
+                        let want = spans[j].1;
+                        (c.length == want)
+                            .then_some(())
+                            .ok_or(format!("message of {} bytes, block is {want}", c.length))
+                    });
+                    let _ = events.send(Received::Block(j, result));
+                }
+                Kind::Send { error, .. } => {
+                    if let Err(e) = result {
+                        error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let finished: Vec<u32> = self.ops.iter().filter(|(_, s)| s.left == 0).map(|(&op, _)| op).collect();
+        for op in finished {
+            let Some(state) = self.ops.remove(&op) else { continue };
+            match state.kind {
+                Kind::Receive { events, .. } => {
+                    let _ = events.send(Received::Finished);
+                }
+                Kind::Send { peer, mut done, error, .. } => {
+                    if error.is_some() {
+                        // A failed endpoint is not reused.
+                        self.endpoints.remove(&peer);
+                    }
+                    if let Some(done) = done.take() {
+                        let _ = done.send(error.map_or(Ok(()), Err));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Force-closes the endpoint to `peer`, failing its sends with `why`.
+    fn force(&mut self, peer: &[u8], why: &str, now: Instant) {
+        // Dropping the endpoint force-closes it: its sends complete with errors.
+        self.endpoints.remove(peer);
+        for state in self.ops.values_mut() {
+            if let Kind::Send { peer: p, forced_at, error, .. } = &mut state.kind {
+                if p == peer && forced_at.is_none() {
+                    error.get_or_insert_with(|| why.to_string());
+                    *forced_at = Some(now);
+                }
+            }
+        }
+    }
+
+    /// Sends past their deadline are forced; forced sends UCX has not finished within
+    /// [`GRACE`] are answered anyway (the endpoint is gone: nothing reads their memory).
+    fn expire(&mut self, now: Instant) {
+        let late: Vec<Vec<u8>> = (self.ops.values())
+            .filter_map(|s| match &s.kind {
+                Kind::Send { peer, deadline, forced_at: None, .. } if *deadline <= now => Some(peer.clone()),
+                _ => None,
+            })
+            .collect();
+        for peer in late {
+            self.force(&peer, "send deadline passed", now);
+        }
+        let given_up: Vec<u32> = (self.ops.iter())
+            .filter(|(_, s)| matches!(s.kind, Kind::Send { forced_at: Some(t), .. } if now - t >= GRACE))
+            .map(|(&op, _)| op)
+            .collect();
+        for op in given_up {
+            if let Some(Op { kind: Kind::Send { done: Some(done), error, .. }, .. }) = self.ops.remove(&op) {
+                let _ = done.send(Err(error.unwrap_or_default()));
+            }
+        }
+    }
+}
+
+fn set_error(state: &mut Op, e: String) {
+    if let Kind::Send { error, .. } = &mut state.kind {
+        error.get_or_insert(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_name_operation_and_block() {
+        let t = token(7, 12345);
+        assert_eq!(((t >> 32) as u32, (t & 0xffff_ffff) as usize), (7, 12345));
+        assert_eq!(token(7, 0) + 12345, t, "a receive's tags are its tag base plus the block index");
+    }
 }

@@ -1,11 +1,13 @@
 //! UCP context (features, transports) and workers (progress engine, address).
 
+use crate::tagged::Ops;
 use crate::{check, sys, Endpoint, Result};
+use std::cell::RefCell;
 use std::ffi::CString;
 use std::ptr;
 use std::sync::Arc;
 
-/// A UCP context with RMA and active messages enabled.
+/// A UCP context with RMA, active messages and tagged messages enabled.
 pub struct Context {
     pub(crate) raw: sys::ucp_context_h,
 }
@@ -32,7 +34,9 @@ impl Context {
             }
             let mut params: sys::ucp_params_t = std::mem::zeroed();
             params.field_mask = sys::ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;
-            params.features = (sys::ucp_feature_UCP_FEATURE_RMA | sys::ucp_feature_UCP_FEATURE_AM) as u64;
+            params.features = (sys::ucp_feature_UCP_FEATURE_RMA
+                | sys::ucp_feature_UCP_FEATURE_AM
+                | sys::ucp_feature_UCP_FEATURE_TAG) as u64;
             let mut raw: sys::ucp_context_h = ptr::null_mut();
             let status = sys::ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, config, &mut raw);
             sys::ucp_config_release(config);
@@ -53,6 +57,8 @@ impl Drop for Context {
 pub struct Worker {
     pub(crate) raw: sys::ucp_worker_h,
     pub(crate) ctx: Arc<Context>,
+    /// Tagged operations in flight and their completions (boxed: callbacks point at it).
+    pub(crate) ops: Box<RefCell<Ops>>,
 }
 
 // SAFETY: single-thread mode means one thread at a time, which `!Sync` and `&mut`-free use give.
@@ -68,7 +74,7 @@ impl Worker {
             params.thread_mode = sys::ucs_thread_mode_t_UCS_THREAD_MODE_SINGLE;
             let mut raw: sys::ucp_worker_h = ptr::null_mut();
             check("ucp_worker_create", sys::ucp_worker_create(ctx.raw, &params, &mut raw))?;
-            Ok(Self { raw, ctx: Arc::clone(ctx) })
+            Ok(Self { raw, ctx: Arc::clone(ctx), ops: Box::default() })
         }
     }
 
@@ -108,5 +114,9 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // SAFETY: endpoints must be closed first (they borrow the worker).
         unsafe { sys::ucp_worker_destroy(self.raw) }
+        if !self.ops.borrow().pending.is_empty() {
+            // Requests UCX never completed may still point at the queue: keep it alive.
+            std::mem::forget(std::mem::take(&mut self.ops));
+        }
     }
 }

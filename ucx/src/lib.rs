@@ -1,7 +1,8 @@
 //! kvtier's own thin UCX bindings: bindgen over the system's `<ucp/api/ucp.h>` ([`sys`]) and a
 //! small safe layer: [`Context`], [`Worker`] (address, progress), [`Endpoint`] (connect by worker
-//! address, put/get, flush), [`Region`] (registered memory and its packed remote key) and
-//! [`RemoteKey`].
+//! address, put/get, flush), [`Region`] (registered memory and its packed remote key),
+//! [`RemoteKey`], and tagged messages in flight by the thousand ([`Worker::tag_send`],
+//! [`Worker::tag_recv`], [`Worker::take_completions`]).
 //!
 //! Threading: workers are created in single-thread mode; a worker, its endpoints and requests
 //! are used from one thread at a time (they are `Send`, not `Sync`).
@@ -19,10 +20,12 @@ pub mod sys {
 mod context;
 mod endpoint;
 mod memory;
+mod tagged;
 
 pub use context::{Context, Worker};
 pub use endpoint::Endpoint;
 pub use memory::{Region, RemoteKey};
+pub use tagged::Completion;
 
 /// A UCX call failed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

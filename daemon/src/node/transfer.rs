@@ -1,33 +1,47 @@
-//! Shipping blocks between daemons: offering pinned blocks to a peer, and pulling a peer's blocks
-//! into reserved slots of our pool that become visible only when all arrived and verified.
+//! Shipping blocks between daemons. The puller asks the source for an offer (the source pins the
+//! held prefix), reserves slots, posts a tagged receive into each, and asks the source to ship;
+//! the source sends every block from its pinned slot and answers with their fingerprints, which
+//! the puller has been computing over what arrived meanwhile. Only when every block arrived and
+//! matched does the reservation commit: nothing partial is ever visible.
 
 use super::{Node, ReservedAt};
 use crate::block::{BlockHash, NsIdx};
 use crate::cache::ClientId;
-use crate::disk::format::SlotHeader;
+use crate::fingerprint::{block_seed, fingerprint, Coverage};
 use crate::namespace::NamespaceId;
-use crate::peer::ReadOp;
+use crate::peer::{Received, Span};
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
+use std::hash::BuildHasher;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Client ids of transfers, far from connector connections' ids.
 const TRANSFER_CLIENTS: u64 = 1 << 62;
 
-/// Blocks pinned for a peer: where they are and their checksums.
+/// What an offer answers.
 #[derive(Debug, Default)]
 pub struct Offer {
-    /// Id for release (0: nothing held).
+    /// Id for shipping and release (0: nothing held).
     pub id: u64,
     /// Bytes per block.
     pub block_bytes: u64,
-    /// (segment, payload offset) per block of the held prefix.
-    pub blocks: Vec<(u32, u64)>,
-    /// xxh3-64 of each block.
-    pub checksums: Vec<u64>,
+    /// Blocks offered (the held prefix).
+    pub blocks: usize,
+}
+
+/// An offer held for a peer.
+#[derive(Debug)]
+pub(crate) struct Offered {
+    client: ClientId,
+    block_bytes: u64,
+    /// (segment, payload offset) per offered block.
+    blocks: Vec<(u32, u64)>,
+    /// Shipments reading the blocks now: release waits for them.
+    shipping: usize,
+    released: bool,
 }
 
 /// What a pull did.
@@ -39,22 +53,42 @@ pub struct Pulled {
     pub present: usize,
 }
 
-/// What the puller got from the source (the wire form, decoded by the server).
-pub struct Source {
-    /// The offer id, to release.
-    pub offer: u64,
-    /// The source's UCX worker address.
-    pub worker_address: Vec<u8>,
-    /// Per source pool segment: address and packed remote key.
-    pub segments: Vec<(u64, Vec<u8>)>,
-    /// Bytes per block.
-    pub block_bytes: u64,
-    /// Per offered block: (segment, offset, checksum).
-    pub blocks: Vec<(u32, u64, u64)>,
+/// Aborts the sends to a puller whose Ship call went away (its future dropped mid-way): UCX
+/// cannot be relied on to notice a dead receiver that no longer answers.
+struct AbortOnDrop<'a> {
+    node: &'a Node,
+    worker: Vec<u8>,
+    armed: bool,
 }
 
+impl Drop for AbortOnDrop<'_> {
+    fn drop(&mut self) {
+        if let (true, Some(peer)) = (self.armed, self.node.peer.as_ref()) {
+            peer.abort_sends_to(std::mem::take(&mut self.worker));
+        }
+    }
+}
+
+/// A shipment request as the source sees it (decoded by the server).
+pub struct Shipment {
+    /// The offer.
+    pub offer: u64,
+    /// The puller's UCX worker address.
+    pub worker_address: Vec<u8>,
+    /// Tag of message 0.
+    pub tag_base: u64,
+    /// Offered block indices, in message order.
+    pub blocks: Vec<u32>,
+    /// What the fingerprints cover.
+    pub coverage: Coverage,
+    /// The puller's seed.
+    pub seed: u64,
+}
+
+type Client = TransferServiceClient<tonic::transport::Channel>;
+
 /// The TransferService of the daemon at `addr` ("host:port").
-async fn source_client(addr: &str) -> Result<TransferServiceClient<tonic::transport::Channel>, String> {
+async fn source_client(addr: &str) -> Result<Client, String> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     let endpoint = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| format!("source {addr}: {e}"))?
@@ -64,50 +98,39 @@ async fn source_client(addr: &str) -> Result<TransferServiceClient<tonic::transp
     Ok(TransferServiceClient::new(channel))
 }
 
-impl Node {
-    /// Pulls the held prefix of `hashes` from the daemon whose TransferService is at `source`:
-    /// asks it for an offer, reads it ([`pull_from`](Self::pull_from)), releases the offer.
-    pub async fn pull(&self, source: &str, ns: NsIdx, hashes: &[BlockHash]) -> Result<Pulled, String> {
-        self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
-        let id = self.cache().namespace(ns).id;
-        let mut client = source_client(source).await?;
-        let request = pb::OfferRequest {
-            namespace_id: Bytes::copy_from_slice(&id.0),
-            hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h.as_bytes())).collect(),
-        };
-        let offer = client
-            .offer(request)
-            .await
-            .map_err(|e| format!("source {source}: offer failed: {}", e.message()))?
-            .into_inner();
-        if offer.offer == 0 {
-            return Ok(Pulled::default());
-        }
-        let n = offer.block_offsets.len().min(offer.block_segments.len()).min(offer.checksums.len());
-        let src = Source {
-            offer: offer.offer,
-            worker_address: offer.worker_address.to_vec(),
-            segments: offer.segments.iter().map(|s| (s.address, s.rkey.to_vec())).collect(),
-            block_bytes: offer.block_bytes,
-            blocks: (0..n).map(|i| (offer.block_segments[i], offer.block_offsets[i], offer.checksums[i])).collect(),
-        };
-        let result = self.pull_from(ns, hashes, &src).await;
-        let _ = client.release_offer(pb::ReleaseOfferRequest { offer: src.offer }).await;
-        result
+/// Wire form of a coverage.
+pub fn wire_verify(c: Coverage) -> pb::Verify {
+    match c {
+        Coverage::Sampled => pb::Verify::Sampled,
+        Coverage::Full => pb::Verify::Full,
     }
+}
 
+/// Fingerprints of `spans` (block `j` of the shipment at `spans[k].0`), computed off the runtime.
+async fn fingerprints(spans: Vec<(usize, Span)>, coverage: Coverage, seed: u64) -> Vec<u64> {
+    let work = move || {
+        spans
+            .iter()
+            .map(|&(j, (addr, len))| {
+                // SAFETY: pool memory the caller keeps pinned or reserved and unwritten meanwhile.
+                let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                fingerprint(data, coverage, block_seed(seed, j))
+            })
+            .collect()
+    };
+    tokio::task::spawn_blocking(work).await.unwrap_or_default()
+}
+
+impl Node {
     fn transfer_client(&self) -> ClientId {
         ClientId(TRANSFER_CLIENTS + self.next_transfer.fetch_add(1, Relaxed))
     }
 
-    fn block_checksum(&self, (segment, offset): (u32, u64), bytes: u64) -> u64 {
-        let seg = &self.pool.segments()[segment as usize];
-        // SAFETY: a pinned, committed block inside the pool: nobody writes it.
-        let data = unsafe { std::slice::from_raw_parts(seg.as_ptr().add(offset as usize), bytes as usize) };
-        SlotHeader::checksum_of(data)
+    fn span(&self, (segment, offset): (u32, u64), bytes: u64) -> Span {
+        (self.pool.segments()[segment as usize].as_ptr() as usize + offset as usize, bytes as usize)
     }
 
-    /// Pins the held prefix of `hashes` (promoting disk blocks) for a peer to read; released by
+    /// Pins the held prefix of `hashes` (promoting disk blocks) for a peer; released by
     /// [`release_offer`](Self::release_offer) or after `peer.offer_timeout_secs`.
     pub async fn offer(self: &Arc<Self>, id: &NamespaceId, hashes: &[BlockHash]) -> Offer {
         let Some(ns) = self.cache().find_namespace(id) else { return Offer::default() };
@@ -117,78 +140,245 @@ impl Node {
             return Offer::default();
         }
         let block_bytes = self.cache().namespace(ns).block_bytes;
-        let checksums = blocks.iter().map(|&b| self.block_checksum(b, block_bytes)).collect();
-        self.offers.lock().unwrap_or_else(|e| e.into_inner()).insert(lease, client);
+        let offer = Offer { id: lease, block_bytes, blocks: blocks.len() };
+        let held = Offered { client, block_bytes, blocks, shipping: 0, released: false };
+        self.offers.lock().unwrap_or_else(|e| e.into_inner()).insert(lease, held);
         let (node, timeout) = (Arc::clone(self), Duration::from_secs(self.config.peer.offer_timeout_secs));
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             node.release_offer(lease);
         });
         self.metrics.peer_offers.fetch_add(1, Relaxed);
-        Offer { id: lease, block_bytes, blocks, checksums }
+        offer
     }
 
-    /// Unpins an offer (idempotent).
+    /// Unpins an offer (idempotent); one being shipped is unpinned when its shipments end.
     pub fn release_offer(&self, id: u64) {
-        let client = self.offers.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        if let Some(client) = client {
+        let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(held) = offers.get_mut(&id) else { return };
+        held.released = true;
+        if held.shipping == 0 {
+            let client = held.client;
+            offers.remove(&id);
+            drop(offers);
             self.disconnect(client);
         }
     }
 
-    /// Reads `source`'s offer of `hashes[..]` into our pool: reserves slots, reads them all by
-    /// RMA, checks every checksum, then commits; on any failure nothing becomes visible.
-    pub async fn pull_from(&self, ns: NsIdx, hashes: &[BlockHash], source: &Source) -> Result<Pulled, String> {
-        let peer = self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
-        let n = source.blocks.len().min(hashes.len());
-        let block_bytes = self.cache().namespace(ns).block_bytes;
-        if source.block_bytes != block_bytes {
-            return Err(format!("source blocks are {} bytes, ours {block_bytes}", source.block_bytes));
+    /// Sends the blocks `s` names of an offer to the puller's worker and returns their
+    /// fingerprints (computed while the sends run). The shipment runs to its end even if the
+    /// caller stops waiting (a puller gone): the offer stays pinned until UCX is done with it.
+    pub async fn ship(self: &Arc<Self>, s: Shipment) -> Result<Vec<u64>, String> {
+        self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        let spans: Vec<Span> = {
+            let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+            let held = offers.get_mut(&s.offer).filter(|h| !h.released).ok_or("no such offer (released or expired)")?;
+            let mut spans = Vec::with_capacity(s.blocks.len());
+            for &i in &s.blocks {
+                let at = *held.blocks.get(i as usize).ok_or(format!("offer has no block {i}"))?;
+                spans.push(self.span(at, held.block_bytes));
+            }
+            held.shipping += 1;
+            spans
+        };
+        let mut puller_gone = AbortOnDrop { node: self, worker: s.worker_address.clone(), armed: true };
+        let node = Arc::clone(self);
+        let task = tokio::spawn(async move { node.send_pinned(s, spans).await });
+        let result = task.await.map_err(|e| format!("shipment task: {e}"));
+        puller_gone.armed = false;
+        result?
+    }
+
+    async fn send_pinned(&self, s: Shipment, spans: Vec<Span>) -> Result<Vec<u64>, String> {
+        let peer = self.peer.as_ref().ok_or("peer tier disabled")?;
+        let deadline = Instant::now() + Duration::from_secs(self.config.peer.offer_timeout_secs);
+        let numbered = spans.iter().copied().enumerate().collect();
+        let bytes = spans.iter().map(|s| s.1 as u64).sum();
+        // SAFETY: the offer pins these slots until this shipment ends (release waits for it).
+        let send = unsafe { peer.send(s.worker_address, spans, s.tag_base, deadline) };
+        self.metrics.peer_shipments_in_flight.fetch_add(1, Relaxed);
+        let (sent, sums) = tokio::join!(send, fingerprints(numbered, s.coverage, s.seed));
+        self.metrics.peer_shipments_in_flight.fetch_sub(1, Relaxed);
+        let release = {
+            let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+            let held = offers.get_mut(&s.offer).expect("a shipping offer stays held");
+            held.shipping -= 1;
+            held.released && held.shipping == 0
+        };
+        if release {
+            self.release_offer(s.offer);
         }
+        match sent {
+            Ok(()) => {
+                self.metrics.peer_shipped_blocks.fetch_add(sums.len() as u64, Relaxed);
+                self.metrics.peer_shipped_bytes.fetch_add(bytes, Relaxed);
+                Ok(sums)
+            }
+            Err(e) => {
+                self.metrics.peer_ship_failures.fetch_add(1, Relaxed);
+                tracing::warn!(offer = s.offer, "shipment failed: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Pulls the held prefix of `hashes` from the daemon whose TransferService is at `source`.
+    pub async fn pull(self: &Arc<Self>, source: &str, ns: NsIdx, hashes: &[BlockHash]) -> Result<Pulled, String> {
+        self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        let (id, block_bytes) = {
+            let c = self.cache();
+            let n = c.namespace(ns);
+            (n.id, n.block_bytes)
+        };
+        let mut client = source_client(source).await?;
+        let request = pb::OfferRequest {
+            namespace_id: Bytes::copy_from_slice(&id.0),
+            hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h.as_bytes())).collect(),
+        };
+        let offer =
+            client.offer(request).await.map_err(|e| format!("source {source}: offer failed: {}", e.message()))?;
+        let offer = offer.into_inner();
+        if offer.offer == 0 {
+            return Ok(Pulled::default());
+        }
+        if offer.block_bytes != block_bytes {
+            let _ = client.release_offer(pb::ReleaseOfferRequest { offer: offer.offer }).await;
+            return Err(format!("source blocks are {} bytes, ours {block_bytes}", offer.block_bytes));
+        }
+        let n = (offer.blocks as usize).min(hashes.len());
+        let result = self.receive(&mut client, offer.offer, ns, &hashes[..n], block_bytes).await;
+        let _ = client.release_offer(pb::ReleaseOfferRequest { offer: offer.offer }).await;
+        result
+    }
+
+    /// Reserves slots for `hashes` (offered as `offer`), has the source ship the missing ones
+    /// into them, verifies, commits.
+    async fn receive(
+        self: &Arc<Self>,
+        source: &mut Client,
+        offer: u64,
+        ns: NsIdx,
+        hashes: &[BlockHash],
+        block_bytes: u64,
+    ) -> Result<Pulled, String> {
+        let peer = self.peer.as_ref().ok_or("peer tier disabled")?;
         let client = self.transfer_client();
-        let (reservation, outcomes) = self.reserve(client, ns, &hashes[..n], None).map_err(|e| e.to_string())?;
-        let mut ops: Vec<ReadOp> = Vec::new();
-        let mut targets = Vec::new();
-        let mut present = 0;
+        let (reservation, outcomes) = self.reserve(client, ns, hashes, None).map_err(|e| e.to_string())?;
+        let (mut wanted, mut spans, mut present) = (Vec::new(), Vec::new(), 0);
         for (i, o) in outcomes.iter().enumerate() {
             match *o {
-                ReservedAt::Slot((seg, off)) => {
-                    let (src_seg, src_off, sum) = source.blocks[i];
-                    let base = source.segments.get(src_seg as usize).ok_or("offer names an unknown segment")?.0;
-                    let local = self.pool.segments()[seg as usize].as_ptr() as usize + off as usize;
-                    ops.push((local, block_bytes as usize, base + src_off, src_seg as usize));
-                    targets.push(((seg, off), sum));
+                ReservedAt::Slot(at) => {
+                    wanted.push(i as u32);
+                    spans.push(self.span(at, block_bytes));
                 }
                 ReservedAt::Present => present += 1,
                 ReservedAt::NoSpace => break,
             }
         }
-        let started = std::time::Instant::now();
-        self.metrics.peer_pulls_in_flight.fetch_add(1, Relaxed);
-        let rkeys = source.segments.iter().map(|s| s.1.clone()).collect();
-        let mut result = peer.pull(source.worker_address.clone(), rkeys, ops).await;
-        self.metrics.peer_pulls_in_flight.fetch_sub(1, Relaxed);
-        if result.is_ok() {
-            if let Some(i) = targets.iter().position(|&(at, sum)| self.block_checksum(at, block_bytes) != sum) {
-                result = Err(format!("block {i} arrived with another checksum than offered"));
-            }
+        if wanted.is_empty() {
+            self.disconnect(client);
+            return Ok(Pulled { pulled: 0, present });
         }
-        let pulled = targets.len();
-        match result {
+        let (coverage, seed) =
+            (self.config.peer.verify, std::collections::hash_map::RandomState::new().hash_one(offer));
+        let started = Instant::now();
+        self.metrics.peer_pulls_in_flight.fetch_add(1, Relaxed);
+        let outcome = self.ship_into(peer, source, offer, &wanted, spans, coverage, seed).await;
+        self.metrics.peer_pulls_in_flight.fetch_sub(1, Relaxed);
+        let pulled = wanted.len();
+        match outcome {
             Ok(()) => {
-                if reservation != 0 {
-                    self.commit(client, reservation).map_err(|e| e.to_string())?;
-                }
+                self.commit(client, reservation).map_err(|e| e.to_string())?;
                 self.metrics.peer_pulled_blocks.fetch_add(pulled as u64, Relaxed);
                 self.metrics.peer_pulled_bytes.fetch_add(pulled as u64 * block_bytes, Relaxed);
                 self.metrics.peer_pull_latency.observe(started.elapsed());
                 Ok(Pulled { pulled, present })
             }
-            Err(e) => {
-                self.disconnect(client);
+            Err((e, events)) => {
                 self.metrics.peer_pull_failures.fetch_add(1, Relaxed);
+                // The reservation is freed only when no receive can write into it any more.
+                let node = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Some(mut events) = events {
+                        while !matches!(events.recv().await, Some(Received::Finished) | None) {}
+                    }
+                    node.disconnect(client);
+                });
                 Err(format!("pull failed, nothing kept: {e}"))
             }
         }
+    }
+
+    /// Posts the receives, asks the source to ship, fingerprints what arrives meanwhile, and
+    /// compares. On failure, the receives are cancelled and their event stream is handed back
+    /// (its `Finished` says the slots are free).
+    #[allow(clippy::too_many_arguments)]
+    async fn ship_into(
+        &self,
+        peer: &crate::peer::Peer,
+        source: &mut Client,
+        offer: u64,
+        wanted: &[u32],
+        spans: Vec<Span>,
+        coverage: Coverage,
+        seed: u64,
+    ) -> Result<(), (String, Option<tokio::sync::mpsc::UnboundedReceiver<Received>>)> {
+        // SAFETY: reserved slots of ours, invisible and unwritten until this pull ends.
+        let (receiving, mut events) = unsafe { peer.receive(spans.clone()) }.map_err(|e| (e, None))?;
+        let request = pb::ShipRequest {
+            offer,
+            worker_address: Bytes::copy_from_slice(peer.worker_address()),
+            tag_base: receiving.tag_base,
+            blocks: wanted.to_vec(),
+            verify: wire_verify(coverage) as i32,
+            seed,
+        };
+        let ship = source.ship(request);
+        tokio::pin!(ship);
+        let (mut theirs, mut ours) = (None, vec![None; spans.len()]);
+        let mut failure: Option<String> = None;
+        let mut finished = false;
+        while !(finished && theirs.is_some()) && failure.is_none() {
+            let mut arrived = Vec::new();
+            tokio::select! {
+                r = &mut ship, if theirs.is_none() => match r {
+                    Ok(r) => theirs = Some(r.into_inner().fingerprints),
+                    Err(e) => failure = Some(format!("source failed to ship: {}", e.message())),
+                },
+                ev = events.recv(), if !finished => match ev {
+                    Some(Received::Block(j, Ok(()))) => arrived.push(j),
+                    Some(Received::Block(j, Err(e))) => failure = Some(format!("block {j}: {e}")),
+                    Some(Received::Finished) | None => finished = true,
+                },
+            }
+            // Whatever else arrived meanwhile joins this batch.
+            while let Ok(ev) = events.try_recv() {
+                match ev {
+                    Received::Block(j, Ok(())) => arrived.push(j),
+                    Received::Block(j, Err(e)) => {
+                        failure.get_or_insert(format!("block {j}: {e}"));
+                    }
+                    Received::Finished => finished = true,
+                }
+            }
+            if !arrived.is_empty() && failure.is_none() {
+                let batch = arrived.iter().map(|&j| (j, spans[j])).collect();
+                for (&j, sum) in arrived.iter().zip(fingerprints(batch, coverage, seed).await) {
+                    ours[j] = Some(sum);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            peer.cancel(receiving);
+            return Err((e, (!finished).then_some(events)));
+        }
+        let theirs = theirs.unwrap_or_default();
+        if theirs.len() != ours.len() {
+            return Err((format!("source sent {} fingerprints for {} blocks", theirs.len(), ours.len()), None));
+        }
+        if let Some(j) = (0..ours.len()).find(|&j| ours[j] != Some(theirs[j])) {
+            return Err((format!("block {} arrived with another fingerprint than shipped", wanted[j]), None));
+        }
+        Ok(())
     }
 }

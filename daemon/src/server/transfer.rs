@@ -1,8 +1,8 @@
 //! `kvtier.v1.TransferService` over gRPC: offers of pinned blocks to peers, and pulls from them.
-//! Translation only: the work is in `Node::offer` and `Node::pull_from`.
+//! Translation only: the work is in `Node::offer`, `Node::ship` and `Node::pull`.
 
-use crate::node::Node;
-use bytes::Bytes;
+use crate::fingerprint::Coverage;
+use crate::node::{Node, Shipment};
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_server::TransferService;
 use std::sync::Arc;
@@ -24,27 +24,34 @@ impl TransferGrpc {
 #[tonic::async_trait]
 impl TransferService for TransferGrpc {
     async fn offer(&self, req: Request<pb::OfferRequest>) -> Result<Response<pb::OfferResponse>, Status> {
-        let exposure = self
-            .node
-            .peer_exposure()
-            .ok_or_else(|| Status::failed_precondition("peer tier disabled (peer.enabled)"))?;
+        self.node.peer().ok_or_else(|| Status::failed_precondition("peer tier disabled (peer.enabled)"))?;
         let r = req.into_inner();
         let (id, hashes) = super::parse_prefix(&r.namespace_id, &r.hashes)?;
         let offer = self.node.offer(&id, &hashes).await;
-        let (block_segments, block_offsets) = offer.blocks.iter().copied().unzip();
         Ok(Response::new(pb::OfferResponse {
             offer: offer.id,
-            worker_address: Bytes::copy_from_slice(&exposure.worker_address),
-            segments: exposure
-                .segments
-                .iter()
-                .map(|(address, rkey)| pb::RemoteSegment { address: *address, rkey: Bytes::copy_from_slice(rkey) })
-                .collect(),
             block_bytes: offer.block_bytes,
-            block_segments,
-            block_offsets,
-            checksums: offer.checksums,
+            blocks: offer.blocks as u32,
         }))
+    }
+
+    async fn ship(&self, req: Request<pb::ShipRequest>) -> Result<Response<pb::ShipResponse>, Status> {
+        let r = req.into_inner();
+        let coverage = match pb::Verify::try_from(r.verify) {
+            Ok(pb::Verify::Sampled) => Coverage::Sampled,
+            Ok(pb::Verify::Full) => Coverage::Full,
+            Err(_) => return Err(Status::invalid_argument(format!("unknown verify mode {}", r.verify))),
+        };
+        let shipment = Shipment {
+            offer: r.offer,
+            worker_address: r.worker_address.to_vec(),
+            tag_base: r.tag_base,
+            blocks: r.blocks,
+            coverage,
+            seed: r.seed,
+        };
+        let fingerprints = self.node.ship(shipment).await.map_err(Status::aborted)?;
+        Ok(Response::new(pb::ShipResponse { fingerprints }))
     }
 
     async fn release_offer(
