@@ -8,6 +8,8 @@
 //! MiB each side, huge pages when the daemons get them), where `ucx_perftest` reuses one
 //! message-sized buffer that stays in cache.
 //!
+//! The last column is the same pull with `--peer-verify full` (every byte hashed on both sides).
+//!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench peer_ship`
 
 use kvtier_client::router::feed::channel;
@@ -167,8 +169,15 @@ async fn main() {
         "  references: ucx_perftest tag_bw (one reused buffer); UCX tag over 256 MiB of distinct buffers each side"
     );
     println!(
-        "{:>10} {:>8} {:>14} {:>14} {:>14} {:>14} {:>14}",
-        "transport", "block", "ucx_perftest", "UCX distinct", "kvtier pull", "vs perftest", "vs distinct"
+        "{:>10} {:>8} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "transport",
+        "block",
+        "ucx_perftest",
+        "UCX distinct",
+        "kvtier pull",
+        "vs perftest",
+        "vs distinct",
+        "pull, verify full"
     );
     let transports: [Transport; 2] = [
         ("tcp", &[("TLS", "tcp"), ("NET_DEVICES", "lo")], &["--peer-tls", "tcp", "--peer-net-devices", "lo"]),
@@ -181,15 +190,17 @@ async fn main() {
             let reference = perftest(settings, size, port);
             let distinct = ucx_distinct(settings, size, huge);
             let ours = kvtier(flags, size, huge).await;
+            let full = kvtier(&[flags, &["--peer-verify", "full"][..]].concat(), size, huge).await;
             let g = |bps: f64| format!("{:.2} GB/s", bps / 1e9);
             println!(
-                "{name:>10} {:>8} {:>14} {:>14} {:>14} {:>13.2}x {:>13.2}x",
+                "{name:>10} {:>8} {:>14} {:>14} {:>14} {:>13.2}x {:>13.2}x {:>16}",
                 format!("{} MiB", size >> 20),
                 g(reference),
                 g(distinct),
                 g(ours),
                 ours / reference,
-                ours / distinct
+                ours / distinct,
+                g(full)
             );
         }
     }

@@ -55,6 +55,9 @@ pub struct Node {
     peer: Option<crate::peer::Peer>,
     offers: Mutex<std::collections::HashMap<u64, transfer::Offered>>,
     next_transfer: AtomicU64,
+    /// gRPC channels to the TransferServices pulled from, by address (they reconnect by
+    /// themselves): a pull per request must not pay a connection handshake each time.
+    sources: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
@@ -143,6 +146,7 @@ impl Node {
             peer,
             offers: Mutex::new(std::collections::HashMap::new()),
             next_transfer: AtomicU64::new(0),
+            sources: Mutex::new(std::collections::HashMap::new()),
             pool,
             metrics: Metrics::default(),
             config,

@@ -87,17 +87,6 @@ pub struct Shipment {
 
 type Client = TransferServiceClient<tonic::transport::Channel>;
 
-/// The TransferService of the daemon at `addr` ("host:port").
-async fn source_client(addr: &str) -> Result<Client, String> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| format!("source {addr}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| format!("source {addr}: {e}"))?;
-    Ok(TransferServiceClient::new(channel))
-}
-
 /// Wire form of a coverage.
 pub fn wire_verify(c: Coverage) -> pb::Verify {
     match c {
@@ -122,6 +111,23 @@ async fn fingerprints(spans: Vec<(usize, Span)>, coverage: Coverage, seed: u64) 
 }
 
 impl Node {
+    /// The TransferService of the daemon at `addr` ("host:port"), over a cached channel.
+    async fn source_client(&self, addr: &str) -> Result<Client, String> {
+        let cached = self.sources.lock().unwrap_or_else(|e| e.into_inner()).get(addr).cloned();
+        if let Some(channel) = cached {
+            return Ok(TransferServiceClient::new(channel));
+        }
+        let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| format!("source {addr}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| format!("source {addr}: {e}"))?;
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources.insert(addr.to_string(), channel.clone());
+        Ok(TransferServiceClient::new(channel))
+    }
+
     fn transfer_client(&self) -> ClientId {
         ClientId(TRANSFER_CLIENTS + self.next_transfer.fetch_add(1, Relaxed))
     }
@@ -230,7 +236,7 @@ impl Node {
             let n = c.namespace(ns);
             (n.id, n.block_bytes)
         };
-        let mut client = source_client(source).await?;
+        let mut client = self.source_client(source).await?;
         let request = pb::OfferRequest {
             namespace_id: Bytes::copy_from_slice(&id.0),
             hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h.as_bytes())).collect(),
