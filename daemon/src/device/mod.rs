@@ -7,6 +7,7 @@
 //! gather/scatter kernels execute.
 
 pub mod cuda;
+pub mod gather;
 mod host;
 pub mod layout;
 pub mod rocm;
