@@ -81,7 +81,7 @@ fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool) -> f64 {
             for i in 0..count {
                 let tag = (round << 32) | i as u64;
                 // SAFETY: `target` outlives the receive (drained below).
-                unsafe { receiver.tag_recv(target[i * size..].as_mut_ptr(), size, tag, i as u64) }.unwrap();
+                unsafe { receiver.tag_recv(target[i * size..].as_mut_ptr(), size, None, tag, i as u64) }.unwrap();
             }
             ready.send(()).unwrap();
             let mut done = 0;
@@ -101,7 +101,7 @@ fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool) -> f64 {
         for i in 0..count {
             let tag = (round << 32) | i as u64;
             // SAFETY: `data` outlives the send (drained below).
-            unsafe { sender.tag_send(&ep, data[i * size..].as_ptr(), size, tag, i as u64) }.unwrap();
+            unsafe { sender.tag_send(&ep, data[i * size..].as_ptr(), size, None, tag, i as u64) }.unwrap();
         }
         let mut done = 0;
         while done < count {

@@ -150,3 +150,36 @@ async fn a_puller_killed_mid_transfer_leaves_the_sender_serving() {
     assert_eq!(verify(&c, &hashes, block).await, 2400);
     assert_eq!(a.metric("kvtier_peer_shipped_blocks_total"), shipped + 2400.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_many_prompts_stay_apart() {
+    let tls = ["tcp", "--peer-net-devices", "lo"];
+    let (a, b) = (daemon("256 MiB", &tls), daemon("256 MiB", &tls));
+    let block = 64 * 1024;
+    save(&b, 2, 1, block).await;
+    // 16 prompts of 100 blocks on the source, pulled all at once: tags, slots and fingerprints
+    // of one pull never mix with another's.
+    let mut prompts = Vec::new();
+    for p in 0..16u64 {
+        prompts.push(save(&a, 100 + p, 100, block).await);
+    }
+    let pulls: Vec<_> = prompts
+        .iter()
+        .map(|(ns, hashes)| {
+            let (into, from, ns, hashes) = (b.grpc.clone(), a.grpc.clone(), ns.clone(), hashes.clone());
+            tokio::spawn(async move {
+                let mut c = TransferServiceClient::new(channel(&into).await.unwrap());
+                c.pull(pb::PullRequest { source: from, namespace_id: ns, hashes }).await.map(|r| r.into_inner())
+            })
+        })
+        .collect();
+    for pull in pulls {
+        let r = pull.await.unwrap().unwrap();
+        assert_eq!((r.pulled, r.present), (100, 0));
+    }
+    for (_, hashes) in &prompts {
+        assert_eq!(verify(&b, hashes, block).await, 100);
+    }
+    assert_eq!(b.metric("kvtier_peer_pulled_blocks_total"), 1600.0);
+    assert_eq!(a.metric("kvtier_peer_shipped_blocks_total"), 1600.0);
+}

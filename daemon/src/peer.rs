@@ -250,7 +250,7 @@ impl Engine {
                 for (j, &(addr, len)) in spans.iter().enumerate() {
                     let t = token(op, j);
                     // SAFETY: the caller of `Peer::receive` gave us these spans until Finished.
-                    match unsafe { self.worker.tag_recv(addr as *mut u8, len, t, t) } {
+                    match unsafe { self.worker.tag_recv(addr as *mut u8, len, None, t, t) } {
                         Ok(()) => {
                             pending[j] = true;
                             left += 1;
@@ -280,7 +280,14 @@ impl Engine {
                         for (j, &(addr, len)) in spans.iter().enumerate() {
                             // SAFETY: the caller of `Peer::send` keeps the spans until done.
                             match unsafe {
-                                self.worker.tag_send(ep, addr as *const u8, len, tag_base + j as u64, token(op, j))
+                                self.worker.tag_send(
+                                    ep,
+                                    addr as *const u8,
+                                    len,
+                                    None,
+                                    tag_base + j as u64,
+                                    token(op, j),
+                                )
                             } {
                                 Ok(()) => {
                                     state.pending[j] = true;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 /// Memory registered with a context (pinned for the transports), and its packed remote key.
 pub struct Region {
-    memh: sys::ucp_mem_h,
+    pub(crate) memh: sys::ucp_mem_h,
     ctx: Arc<Context>,
     addr: usize,
     len: usize,
@@ -53,6 +53,11 @@ impl Region {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether `len` bytes at `addr` lie inside this region.
+    pub fn holds(&self, addr: usize, len: usize) -> bool {
+        addr >= self.addr && addr + len <= self.addr + self.len
     }
 
     /// True for an empty region.

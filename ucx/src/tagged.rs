@@ -6,7 +6,7 @@
 //! it, it completes as cancelled and its buffer is the caller's again. This is why kvtier ships
 //! blocks as tagged messages rather than remote writes into the receiver's memory.
 
-use crate::{check, status_ptr, sys, Endpoint, Result, UcxError, Worker};
+use crate::{check, status_ptr, sys, Endpoint, Region, Result, UcxError, Worker};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -61,13 +61,18 @@ unsafe extern "C" fn recv_done(
 }
 
 impl Worker {
-    fn param(&self, token: u64) -> (sys::ucp_request_param_t, *mut Slot) {
+    fn param(&self, token: u64, region: Option<&Region>) -> (sys::ucp_request_param_t, *mut Slot) {
         let slot = Box::into_raw(Box::new(Slot { ops: &*self.ops, token }));
         // SAFETY: all-zero is a valid parameter block; the fields set are named in the mask.
         let mut param: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
         param.op_attr_mask =
             sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_CALLBACK | sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_USER_DATA;
         param.user_data = slot.cast();
+        if let Some(r) = region {
+            // Registered already: UCX skips its registration cache (zero copy on RDMA).
+            param.op_attr_mask |= sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_MEMH;
+            param.memh = r.memh;
+        }
         (param, slot)
     }
 
@@ -109,15 +114,22 @@ impl Worker {
         Ok(())
     }
 
-    /// Posts a receive of the message tagged `tag` into `len` bytes at `buf`; it completes
-    /// (see [`take_completions`](Self::take_completions)) as `token`.
+    /// Posts a receive of the message tagged `tag` into `len` bytes at `buf` (inside `region`
+    /// when given); it completes (see [`take_completions`](Self::take_completions)) as `token`.
     ///
     /// # Safety
     /// The buffer must stay valid and untouched by anyone else until this token's completion
-    /// was taken.
-    pub unsafe fn tag_recv(&self, buf: *mut u8, len: usize, tag: u64, token: u64) -> Result<()> {
+    /// was taken, and lie inside `region` when one is given.
+    pub unsafe fn tag_recv(
+        &self,
+        buf: *mut u8,
+        len: usize,
+        region: Option<&Region>,
+        tag: u64,
+        token: u64,
+    ) -> Result<()> {
         self.check_token("ucp_tag_recv_nbx", token)?;
-        let (mut param, slot) = self.param(token);
+        let (mut param, slot) = self.param(token, region);
         param.cb.recv = Some(recv_done);
         // Where UCX reports the length of a message received in place (no callback then).
         let mut info = sys::ucp_tag_recv_info_t { sender_tag: 0, length: 0 };
@@ -134,14 +146,24 @@ impl Worker {
         Ok(())
     }
 
-    /// Sends `len` bytes at `buf` over `ep` (an endpoint of this worker) tagged `tag`; it
-    /// completes as `token`.
+    /// Sends `len` bytes at `buf` (inside `region` when given) over `ep` (an endpoint of this
+    /// worker) tagged `tag`; it completes as `token`.
     ///
     /// # Safety
-    /// The buffer must stay valid and unchanged until this token's completion was taken.
-    pub unsafe fn tag_send(&self, ep: &Endpoint, buf: *const u8, len: usize, tag: u64, token: u64) -> Result<()> {
+    /// The buffer must stay valid and unchanged until this token's completion was taken, and
+    /// lie inside `region` when one is given.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tag_send(
+        &self,
+        ep: &Endpoint,
+        buf: *const u8,
+        len: usize,
+        region: Option<&Region>,
+        tag: u64,
+        token: u64,
+    ) -> Result<()> {
         self.check_token("ucp_tag_send_nbx", token)?;
-        let (mut param, slot) = self.param(token);
+        let (mut param, slot) = self.param(token, region);
         param.cb.send = Some(send_done);
         let p = sys::ucp_tag_send_nbx(ep.raw, buf.cast(), len, tag, &param);
         self.posted("ucp_tag_send_nbx", token, slot, p, len)
