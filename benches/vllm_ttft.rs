@@ -1,6 +1,8 @@
 //! Time to first token of a repeated long shared prefix on the real vLLM (CPU build): with kvtier,
 //! against recomputing it, and against vLLM's own prefix cache, in the same run. Goal: >= 5x lower
 //! than recompute. A random-weight Llama (8 layers, hidden 1024) makes prefill cost real time.
+//! Last, prefill/decode: a prefill instance saves through daemon A, and a decode instance on
+//! daemon B has each prompt pulled from A over UCX (tcp) and loads it; its TTFT against recompute.
 //!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench vllm_ttft`
 //! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`)
@@ -62,4 +64,20 @@ fn main() {
         k / p,
         if r / k >= 5.0 { "met" } else { "NOT met" }
     );
+
+    let peer =
+        ["--pool-bytes", "2 GiB", "--slab-bytes", "64 MiB", "--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"];
+    let (a, b) = (Daemon::start(&peer), Daemon::start(&peer));
+    let params = work.path().join("params.json");
+    let (a_sock, b_sock, params) = (a.socket.to_str().unwrap(), b.socket.to_str().unwrap(), params.to_str().unwrap());
+    ttft(&py, &model, &file, &["--socket", a_sock, "--transfer-source", &a.grpc, "--emit-params", params]);
+    let decode = ttft(&py, &model, &file, &["--socket", b_sock, "--params", params]);
+    let d = median(decode[1..].to_vec());
+    println!(
+        "  {:<44} {:>9.3} s   {:>6.1}x faster than recompute",
+        "P/D: decode pulls the prompt, then loads it",
+        d,
+        r / d
+    );
+    println!("  {:<44} {:>9.3} s", "P/D: first decode request (UCX connects)", decode[0]);
 }
