@@ -97,10 +97,10 @@ async fn thousands_of_blocks_ship_byte_exact_over_shared_memory_verifying_every_
     ships_byte_exact(&["shm", "--peer-verify", "full"]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sender_killed_mid_transfer_leaves_nothing_partial() {
-    let tls = ["tcp", "--peer-net-devices", "lo"];
-    let (mut a, b) = (daemon("768 MiB", &tls), daemon("768 MiB", &tls));
+/// Kills the sender of a 600 MiB pull (frozen once it is sending) and checks the puller kept
+/// nothing and freed every slot.
+async fn sender_killed_mid_transfer(tls: &[&str]) {
+    let (mut a, b) = (daemon("768 MiB", tls), daemon("768 MiB", tls));
     let block = 256 * 1024;
     save(&b, 2, 1, block).await;
     let used_before = b.metric("kvtier_host_used_bytes");
@@ -121,6 +121,16 @@ async fn a_sender_killed_mid_transfer_leaves_nothing_partial() {
     assert_eq!(verify(&b, &hashes, block).await, 0, "nothing partial is visible");
     eventually_within("its slots were freed", 20, || b.metric("kvtier_host_used_bytes") == used_before);
     assert_eq!(b.metric("kvtier_peer_pull_failures_total"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_killed_mid_transfer_leaves_nothing_partial() {
+    sender_killed_mid_transfer(&["tcp", "--peer-net-devices", "lo"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_killed_mid_transfer_over_shared_memory_leaves_nothing_partial() {
+    sender_killed_mid_transfer(&["shm"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
