@@ -34,29 +34,31 @@ async fn pull(into: &Daemon, from: &Daemon, ns: &Bytes, hashes: &[Bytes]) -> Res
     c.pull(req).await.map(|r| r.into_inner())
 }
 
-/// Starts a pull of `hashes` into `into` from `from` (on a task), waits until `from` is sending and
-/// freezes `victim` (SIGSTOP) mid-transfer. Returns the pull, or None when it ended first (the
-/// caller tries again with another prompt).
-async fn pull_frozen_mid_way(
-    into: &Daemon,
-    from: &Daemon,
-    victim: &Daemon,
-    ns: &Bytes,
-    hashes: &[Bytes],
-) -> Option<tokio::task::JoinHandle<Result<pb::PullResponse, tonic::Status>>> {
-    let (into_grpc, from_grpc, ns, hashes) = (into.grpc.clone(), from.grpc.clone(), ns.clone(), hashes.to_vec());
-    let puller = tokio::spawn(async move {
-        let mut c = TransferServiceClient::new(channel(&into_grpc).await.unwrap());
-        c.pull(pb::PullRequest { source: from_grpc, namespace_id: ns, hashes }).await.map(|r| r.into_inner())
-    });
-    while from.metric("kvtier_peer_shipments_in_flight") < 1.0 && !puller.is_finished() {}
-    let stop = nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid() as i32), nix::sys::signal::SIGSTOP);
-    stop.expect("SIGSTOP");
-    if puller.is_finished() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid() as i32), nix::sys::signal::SIGCONT);
-        return None;
+/// Blocks of the kill tests: 2,400 of them make a 600 MiB prompt.
+const KILL_BLOCK: u64 = 256 * 1024;
+
+type PullTask = tokio::task::JoinHandle<Result<pb::PullResponse, tonic::Status>>;
+
+/// Saves a 600 MiB prompt on `from`, starts pulling it into `into` (on a task), waits until
+/// `from` is sending and freezes `victim` (SIGSTOP) mid-transfer; tries again with another prompt
+/// when the pull ended first. Returns the pull, the namespace and the hashes.
+async fn pull_frozen_mid_way(into: &Daemon, from: &Daemon, victim: &Daemon) -> (PullTask, Bytes, Vec<Bytes>) {
+    let victim = nix::unistd::Pid::from_raw(victim.pid() as i32);
+    for attempt in 0..5 {
+        let (ns, hashes) = save(from, 10 + attempt, 2400, KILL_BLOCK).await;
+        let (into_grpc, from_grpc, ns2, hs2) = (into.grpc.clone(), from.grpc.clone(), ns.clone(), hashes.clone());
+        let puller = tokio::spawn(async move {
+            let mut c = TransferServiceClient::new(channel(&into_grpc).await.unwrap());
+            c.pull(pb::PullRequest { source: from_grpc, namespace_id: ns2, hashes: hs2 }).await.map(|r| r.into_inner())
+        });
+        while from.metric("kvtier_peer_shipments_in_flight") < 1.0 && !puller.is_finished() {}
+        nix::sys::signal::kill(victim, nix::sys::signal::SIGSTOP).expect("SIGSTOP");
+        if !puller.is_finished() {
+            return (puller, ns, hashes);
+        }
+        let _ = nix::sys::signal::kill(victim, nix::sys::signal::SIGCONT);
     }
-    Some(puller)
+    panic!("a 600 MiB pull never stayed in flight long enough to freeze");
 }
 
 /// Loads the prompt from `d` and checks every byte; returns the blocks loaded.
@@ -101,24 +103,15 @@ async fn thousands_of_blocks_ship_byte_exact_over_shared_memory_verifying_every_
 /// nothing and freed every slot.
 async fn sender_killed_mid_transfer(tls: &[&str]) {
     let (mut a, b) = (daemon("768 MiB", tls), daemon("768 MiB", tls));
-    let block = 256 * 1024;
-    save(&b, 2, 1, block).await;
+    save(&b, 2, 1, KILL_BLOCK).await;
     let used_before = b.metric("kvtier_host_used_bytes");
-    let mut attempt = 0;
-    let (puller, hashes) = loop {
-        attempt += 1;
-        assert!(attempt <= 5, "a 600 MiB pull never stayed in flight long enough to freeze");
-        let (ns, hashes) = save(&a, 10 + attempt, 2400, block).await; // 600 MiB
-        if let Some(p) = pull_frozen_mid_way(&b, &a, &a, &ns, &hashes).await {
-            break (p, hashes);
-        }
-    };
+    let (puller, _, hashes) = pull_frozen_mid_way(&b, &a, &a).await;
     a.kill();
     let result = puller.await.unwrap();
     let err = result.expect_err("the pull cannot succeed with its sender gone mid-way");
     assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
     assert!(err.message().contains("nothing kept"), "{err:?}");
-    assert_eq!(verify(&b, &hashes, block).await, 0, "nothing partial is visible");
+    assert_eq!(verify(&b, &hashes, KILL_BLOCK).await, 0, "nothing partial is visible");
     eventually_within("its slots were freed", 20, || b.metric("kvtier_host_used_bytes") == used_before);
     assert_eq!(b.metric("kvtier_peer_pull_failures_total"), 1.0);
 }
@@ -137,27 +130,18 @@ async fn a_sender_killed_mid_transfer_over_shared_memory_leaves_nothing_partial(
 async fn a_puller_killed_mid_transfer_leaves_the_sender_serving() {
     let tls = ["tcp", "--peer-net-devices", "lo"];
     let (a, mut b) = (daemon("768 MiB", &tls), daemon("768 MiB", &tls));
-    let block = 256 * 1024;
-    save(&b, 2, 1, block).await;
-    let mut attempt = 0;
-    let (puller, ns, hashes) = loop {
-        attempt += 1;
-        assert!(attempt <= 5, "a 600 MiB pull never stayed in flight long enough to freeze");
-        let (ns, hashes) = save(&a, 10 + attempt, 2400, block).await; // 600 MiB
-        if let Some(p) = pull_frozen_mid_way(&b, &a, &b, &ns, &hashes).await {
-            break (p, ns, hashes);
-        }
-    };
+    save(&b, 2, 1, KILL_BLOCK).await;
+    let (puller, ns, hashes) = pull_frozen_mid_way(&b, &a, &b).await;
     b.kill();
     assert!(puller.await.unwrap().is_err());
     eventually_within("the sender saw its shipment fail", 60, || a.metric("kvtier_peer_ship_failures_total") == 1.0);
     // The sender still serves: another daemon pulls the whole prompt from it.
     let shipped = a.metric("kvtier_peer_shipped_blocks_total");
     let c = daemon("768 MiB", &tls);
-    save(&c, 3, 1, block).await;
+    save(&c, 3, 1, KILL_BLOCK).await;
     let r = pull(&c, &a, &ns, &hashes).await.unwrap();
     assert_eq!((r.pulled, r.present), (2400, 0));
-    assert_eq!(verify(&c, &hashes, block).await, 2400);
+    assert_eq!(verify(&c, &hashes, KILL_BLOCK).await, 2400);
     assert_eq!(a.metric("kvtier_peer_shipped_blocks_total"), shipped + 2400.0);
 }
 
