@@ -198,7 +198,7 @@ async fn main() {
         ("shm", &[("TLS", "shm")], &["--peer-tls", "shm"]),
     ];
     let mut port = 13500;
-    for (name, settings, flags) in transports.clone() {
+    for (name, settings, flags) in transports {
         for size in [1u64 << 20, 4 << 20] {
             port += 1;
             let reference = perftest(settings, size, port);
