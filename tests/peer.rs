@@ -177,3 +177,37 @@ async fn concurrent_pulls_of_many_prompts_stay_apart() {
     assert_eq!(b.metric("kvtier_peer_pulled_blocks_total"), 1600.0);
     assert_eq!(a.metric("kvtier_peer_shipped_blocks_total"), 1600.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_shipments_are_refused_and_the_sender_carries_on() {
+    let tls = ["tcp", "--peer-net-devices", "lo"];
+    let (mut a, b) = (daemon("64 MiB", &tls), daemon("64 MiB", &tls));
+    let block = 16 * 1024;
+    let (ns, hashes) = save(&a, 1, 10, block).await;
+    let mut t = TransferServiceClient::new(channel(&a.grpc).await.unwrap());
+    let offer = t.offer(pb::OfferRequest { namespace_id: ns.clone(), hashes: hashes.clone() }).await.unwrap();
+    let offer = offer.into_inner().offer;
+    let ship = |offer, worker_address: Vec<u8>, blocks: Vec<u32>, verify| pb::ShipRequest {
+        offer,
+        worker_address: worker_address.into(),
+        tag_base: 1 << 32,
+        blocks,
+        verify,
+        seed: 7,
+    };
+    let refused = [
+        (ship(offer + 99, vec![1; 40], vec![0], 0), "no such offer"),
+        (ship(offer, vec![1; 40], vec![10], 0), "offer has no block 10"),
+        (ship(offer, vec![1; 40], vec![0], 9), "unknown verify mode"),
+        (ship(offer, vec![], vec![0], 0), "worker address"),
+        (ship(offer, vec![0x20; 10], vec![0, 1], 0), "worker address"),
+    ];
+    for (req, why) in refused {
+        let err = t.ship(req).await.expect_err("refused");
+        assert!(err.message().contains(why), "{why}: {err:?}");
+    }
+    assert!(a.is_running(), "the sender survived every bad shipment");
+    save(&b, 2, 1, block).await;
+    let r = pull(&b, &a, &ns, &hashes).await.unwrap();
+    assert_eq!((r.pulled, r.present), (10, 0));
+}

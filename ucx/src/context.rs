@@ -110,6 +110,26 @@ impl Worker {
     }
 }
 
+/// Smallest and largest worker address accepted from a peer (UCX 1.13's are ~50 to ~250 bytes).
+const ADDRESS_BYTES: std::ops::RangeInclusive<usize> = 16..=16 << 10;
+
+/// Checks what can be checked of a worker address received from elsewhere before it is
+/// connected to: its size, and that UCX reads its header (`ucp_worker_address_query`). UCX cannot
+/// validate the rest: an address must still come from a peer trusted to send its own.
+pub fn check_worker_address(address: &[u8]) -> Result<u64> {
+    let bad = |message: String| crate::UcxError { call: "worker address", status: -1, message };
+    if !ADDRESS_BYTES.contains(&address.len()) {
+        return Err(bad(format!("worker address of {} bytes; UCX's are {ADDRESS_BYTES:?}", address.len())));
+    }
+    // SAFETY: UCX reads the header of the buffer (at least 16 bytes, checked above).
+    unsafe {
+        let mut attr: sys::ucp_worker_address_attr_t = std::mem::zeroed();
+        attr.field_mask = sys::ucp_worker_address_attr_field_UCP_WORKER_ADDRESS_ATTR_FIELD_UID as u64;
+        check("ucp_worker_address_query", sys::ucp_worker_address_query(address.as_ptr() as *mut _, &mut attr))?;
+        Ok(attr.worker_uid)
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         // SAFETY: endpoints must be closed first (they borrow the worker).

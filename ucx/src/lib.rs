@@ -22,7 +22,7 @@ mod endpoint;
 mod memory;
 mod tagged;
 
-pub use context::{Context, Worker};
+pub use context::{check_worker_address, Context, Worker};
 pub use endpoint::Endpoint;
 pub use memory::{Region, RemoteKey};
 pub use tagged::Completion;

@@ -1,7 +1,7 @@
 //! Real UCX: two workers (two contexts, as two daemons would have) on loopback, one writing into
 //! the other's registered memory and reading it back, over TCP and over shared memory.
 
-use kvtier_ucx::{Context, Region, RemoteKey, Worker};
+use kvtier_ucx::{check_worker_address, Context, Region, RemoteKey, Worker};
 
 fn page_aligned(len: usize) -> Vec<u8> {
     vec![0u8; len]
@@ -54,4 +54,18 @@ fn shared_memory_cannot_promise_peer_failure_detection() {
     let (a, b) = (Worker::new(&a_ctx).unwrap(), Worker::new(&b_ctx).unwrap());
     let err = a.connect(&b.address().unwrap(), true).err().expect("unreachable");
     assert_eq!((err.call, err.message.as_str()), ("ucp_ep_create", "Destination is unreachable"));
+}
+
+#[test]
+fn worker_addresses_from_elsewhere_are_checked_before_use() {
+    let ctx = Context::new(&[("TLS", "tcp"), ("NET_DEVICES", "lo")]).unwrap();
+    let (a, b) = (Worker::new(&ctx).unwrap(), Worker::new(&ctx).unwrap());
+    let (ua, ub) =
+        (check_worker_address(&a.address().unwrap()).unwrap(), check_worker_address(&b.address().unwrap()).unwrap());
+    assert_ne!(ua, ub, "each worker has its own id");
+    assert_eq!(check_worker_address(&a.address().unwrap()).unwrap(), ua);
+    for bad in [vec![], vec![0x20; 10], vec![0; 1 << 20]] {
+        let err = check_worker_address(&bad).unwrap_err();
+        assert!(err.message.contains("bytes"), "{err}");
+    }
 }

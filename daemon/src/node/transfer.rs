@@ -176,6 +176,7 @@ impl Node {
     /// caller stops waiting (a puller gone): the offer stays pinned until UCX is done with it.
     pub async fn ship(self: &Arc<Self>, s: Shipment) -> Result<Vec<u64>, String> {
         self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        kvtier_ucx::check_worker_address(&s.worker_address).map_err(|e| e.to_string())?;
         let spans: Vec<Span> = {
             let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
             let held = offers.get_mut(&s.offer).filter(|h| !h.released).ok_or("no such offer (released or expired)")?;
