@@ -5,7 +5,7 @@
 mod tiering;
 mod transfer;
 
-pub use transfer::{Offer, Pulled, Shipment};
+pub use transfer::{verify_from_wire, Offer, Pulled, Shipment};
 
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, NsIdx};

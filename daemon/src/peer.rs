@@ -17,6 +17,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
+/// What callers get when the UCX thread is gone.
+const STOPPED: &str = "UCX thread stopped";
+
 /// One block's bytes in our pool: (address, length).
 pub type Span = (usize, usize);
 
@@ -102,7 +105,7 @@ impl Peer {
     pub unsafe fn receive(&self, spans: Vec<Span>) -> Result<(Receiving, tmpsc::UnboundedReceiver<Received>), String> {
         let op = self.op();
         let (events, rx) = tmpsc::unbounded_channel();
-        self.tx.send(Cmd::Receive { op, spans, events }).map_err(|_| "UCX thread stopped".to_string())?;
+        self.tx.send(Cmd::Receive { op, spans, events }).map_err(|_| STOPPED.to_string())?;
         Ok((Receiving { tag_base: token(op, 0), op }, rx))
     }
 
@@ -131,10 +134,8 @@ impl Peer {
     ) -> Result<(), String> {
         let (done, rx) = oneshot::channel();
         let op = self.op();
-        self.tx
-            .send(Cmd::Send { op, peer, spans, tag_base, deadline, done })
-            .map_err(|_| "UCX thread stopped".to_string())?;
-        rx.await.map_err(|_| "UCX thread stopped".to_string())?
+        self.tx.send(Cmd::Send { op, peer, spans, tag_base, deadline, done }).map_err(|_| STOPPED.to_string())?;
+        rx.await.map_err(|_| STOPPED.to_string())?
     }
 }
 
@@ -153,7 +154,7 @@ enum Kind {
         deadline: Instant,
         /// When the endpoint was force-closed under it (deadline or abort).
         forced_at: Option<Instant>,
-        done: Option<oneshot::Sender<Result<(), String>>>,
+        done: oneshot::Sender<Result<(), String>>,
         error: Option<String>,
     },
 }
@@ -232,10 +233,10 @@ fn run(
         // Busy but nothing happening (waiting on the peer): give the CPU to whoever will make
         // something happen, often the peer daemon itself on a small machine.
         idle = if events == 0 { idle + 1 } else { 0 };
-        if busy && idle > IDLE_SPINS {
-            std::thread::sleep(Duration::from_micros(NAP_US));
-        }
         if busy {
+            if idle > IDLE_SPINS {
+                std::thread::sleep(Duration::from_micros(NAP_US));
+            }
             engine.expire(Instant::now());
         }
     }
@@ -271,37 +272,28 @@ impl Engine {
             }
             Cmd::Abort { peer } => self.force(&peer, "aborted: the puller is gone", Instant::now()),
             Cmd::Send { op, peer, spans, tag_base, deadline, done } => {
-                let n = spans.len();
-                let kind = Kind::Send { peer: peer.clone(), deadline, forced_at: None, done: Some(done), error: None };
-                let mut state = Op { kind, pending: vec![false; n], left: 0 };
+                let (mut pending, mut left, mut error) = (vec![false; spans.len()], 0, None);
                 match Self::endpoint(&self.worker, &mut self.endpoints, &peer, self.detect_peer_failure) {
-                    Err(e) => set_error(&mut state, e),
+                    Err(e) => error = Some(e),
                     Ok(ep) => {
                         for (j, &(addr, len)) in spans.iter().enumerate() {
+                            let (tag, t) = (tag_base + j as u64, token(op, j));
                             // SAFETY: the caller of `Peer::send` keeps the spans until done.
-                            match unsafe {
-                                self.worker.tag_send(
-                                    ep,
-                                    addr as *const u8,
-                                    len,
-                                    None,
-                                    tag_base + j as u64,
-                                    token(op, j),
-                                )
-                            } {
+                            match unsafe { self.worker.tag_send(ep, addr as *const u8, len, None, tag, t) } {
                                 Ok(()) => {
-                                    state.pending[j] = true;
-                                    state.left += 1;
+                                    pending[j] = true;
+                                    left += 1;
                                 }
                                 Err(e) => {
-                                    set_error(&mut state, e.to_string());
+                                    error = Some(e.to_string());
                                     break;
                                 }
                             }
                         }
                     }
                 }
-                self.ops.insert(op, state);
+                let kind = Kind::Send { peer, deadline, forced_at: None, done, error };
+                self.ops.insert(op, Op { kind, pending, left });
             }
         }
     }
@@ -354,14 +346,12 @@ impl Engine {
                 Kind::Receive { events, .. } => {
                     let _ = events.send(Received::Finished);
                 }
-                Kind::Send { peer, mut done, error, .. } => {
+                Kind::Send { peer, done, error, .. } => {
                     if error.is_some() {
                         // A failed endpoint is not reused.
                         self.endpoints.remove(&peer);
                     }
-                    if let Some(done) = done.take() {
-                        let _ = done.send(error.map_or(Ok(()), Err));
-                    }
+                    let _ = done.send(error.map_or(Ok(()), Err));
                 }
             }
         }
@@ -398,16 +388,10 @@ impl Engine {
             .map(|(&op, _)| op)
             .collect();
         for op in given_up {
-            if let Some(Op { kind: Kind::Send { done: Some(done), error, .. }, .. }) = self.ops.remove(&op) {
+            if let Some(Op { kind: Kind::Send { done, error, .. }, .. }) = self.ops.remove(&op) {
                 let _ = done.send(Err(error.unwrap_or_default()));
             }
         }
-    }
-}
-
-fn set_error(state: &mut Op, e: String) {
-    if let Kind::Send { error, .. } = &mut state.kind {
-        error.get_or_insert(e);
     }
 }
 

@@ -29,10 +29,11 @@ pub(crate) struct Ops {
     done: Vec<(Completion, *mut c_void)>,
 }
 
-/// What a callback gets as `user_data`: where to queue, and the token.
+/// What a callback gets as `user_data`: where to queue, the token, and the posted length.
 struct Slot {
     ops: *const RefCell<Ops>,
     token: u64,
+    length: usize,
 }
 
 fn finished(slot: *mut c_void, request: *mut c_void, status: sys::ucs_status_t, length: Option<usize>) {
@@ -41,7 +42,7 @@ fn finished(slot: *mut c_void, request: *mut c_void, status: sys::ucs_status_t, 
     let slot = unsafe { Box::from_raw(slot.cast::<Slot>()) };
     let ops = unsafe { &*slot.ops };
     let mut ops = ops.borrow_mut();
-    let length = length.unwrap_or(0);
+    let length = length.unwrap_or(slot.length);
     ops.done.push((Completion { token: slot.token, result: check("completion", status), length }, request));
 }
 
@@ -61,8 +62,19 @@ unsafe extern "C" fn recv_done(
 }
 
 impl Worker {
-    fn param(&self, token: u64, region: Option<&Region>) -> (sys::ucp_request_param_t, *mut Slot) {
-        let slot = Box::into_raw(Box::new(Slot { ops: &*self.ops, token }));
+    /// The parameter block of operation `token` on `length` bytes (refused while that token is
+    /// still in flight), and the callback's slot it points to.
+    fn param(
+        &self,
+        call: &'static str,
+        token: u64,
+        length: usize,
+        region: Option<&Region>,
+    ) -> Result<(sys::ucp_request_param_t, *mut Slot)> {
+        if self.ops.borrow().pending.contains_key(&token) {
+            return Err(UcxError { call, status: -1, message: format!("token {token} is still in flight") });
+        }
+        let slot = Box::into_raw(Box::new(Slot { ops: &*self.ops, token, length }));
         // SAFETY: all-zero is a valid parameter block; the fields set are named in the mask.
         let mut param: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
         param.op_attr_mask =
@@ -73,18 +85,18 @@ impl Worker {
             param.op_attr_mask |= sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_MEMH;
             param.memh = r.memh;
         }
-        (param, slot)
+        Ok((param, slot))
     }
 
     /// Files what an `_nbx` call returned: in flight (kept for cancel), done at once (queued
-    /// here), or refused (the error).
+    /// here with `length`), or refused (the error).
     fn posted(
         &self,
         call: &'static str,
         token: u64,
         slot: *mut Slot,
         p: sys::ucs_status_ptr_t,
-        len: usize,
+        length: usize,
     ) -> Result<()> {
         let status = status_ptr(call, p);
         let mut ops = self.ops.borrow_mut();
@@ -96,7 +108,7 @@ impl Worker {
             Ok(None) => {
                 // SAFETY: no callback will run for an operation that completed in place.
                 drop(unsafe { Box::from_raw(slot) });
-                ops.done.push((Completion { token, result: Ok(()), length: len }, std::ptr::null_mut()));
+                ops.done.push((Completion { token, result: Ok(()), length }, std::ptr::null_mut()));
                 Ok(())
             }
             Err(e) => {
@@ -105,13 +117,6 @@ impl Worker {
                 Err(e)
             }
         }
-    }
-
-    fn check_token(&self, call: &'static str, token: u64) -> Result<()> {
-        if self.ops.borrow().pending.contains_key(&token) {
-            return Err(UcxError { call, status: -1, message: format!("token {token} is still in flight") });
-        }
-        Ok(())
     }
 
     /// Posts a receive of the message tagged `tag` into `len` bytes at `buf` (inside `region`
@@ -128,22 +133,15 @@ impl Worker {
         tag: u64,
         token: u64,
     ) -> Result<()> {
-        self.check_token("ucp_tag_recv_nbx", token)?;
-        let (mut param, slot) = self.param(token, region);
+        let call = "ucp_tag_recv_nbx";
+        let (mut param, slot) = self.param(call, token, len, region)?;
         param.cb.recv = Some(recv_done);
         // Where UCX reports the length of a message received in place (no callback then).
         let mut info = sys::ucp_tag_recv_info_t { sender_tag: 0, length: 0 };
         param.op_attr_mask |= sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_RECV_INFO;
         param.recv_info.tag_info = &mut info;
         let p = sys::ucp_tag_recv_nbx(self.raw, buf.cast(), len, tag, u64::MAX, &param);
-        let in_place = p.is_null();
-        self.posted("ucp_tag_recv_nbx", token, slot, p, len)?;
-        if in_place {
-            if let Some((c, _)) = self.ops.borrow_mut().done.last_mut() {
-                c.length = info.length;
-            }
-        }
-        Ok(())
+        self.posted(call, token, slot, p, info.length)
     }
 
     /// Sends `len` bytes at `buf` (inside `region` when given) over `ep` (an endpoint of this
@@ -162,11 +160,11 @@ impl Worker {
         tag: u64,
         token: u64,
     ) -> Result<()> {
-        self.check_token("ucp_tag_send_nbx", token)?;
-        let (mut param, slot) = self.param(token, region);
+        let call = "ucp_tag_send_nbx";
+        let (mut param, slot) = self.param(call, token, len, region)?;
         param.cb.send = Some(send_done);
         let p = sys::ucp_tag_send_nbx(ep.raw, buf.cast(), len, tag, &param);
-        self.posted("ucp_tag_send_nbx", token, slot, p, len)
+        self.posted(call, token, slot, p, len)
     }
 
     /// Asks UCX to cancel operation `token` if it is still in flight: a receive no sender has

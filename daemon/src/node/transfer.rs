@@ -88,14 +88,23 @@ pub struct Shipment {
 type Client = TransferServiceClient<tonic::transport::Channel>;
 
 /// Wire form of a coverage.
-pub fn wire_verify(c: Coverage) -> pb::Verify {
+fn wire_verify(c: Coverage) -> pb::Verify {
     match c {
         Coverage::Sampled => pb::Verify::Sampled,
         Coverage::Full => pb::Verify::Full,
     }
 }
 
-/// Fingerprints of `spans` (block `j` of the shipment at `spans[k].0`), computed off the runtime.
+/// The coverage a wire `Verify` names (None: a value this build does not know).
+pub fn verify_from_wire(v: i32) -> Option<Coverage> {
+    match pb::Verify::try_from(v).ok()? {
+        pb::Verify::Sampled => Some(Coverage::Sampled),
+        pb::Verify::Full => Some(Coverage::Full),
+    }
+}
+
+/// Fingerprints of the blocks in `spans`, each given as (its position in the shipment, its
+/// span), computed off the runtime.
 async fn fingerprints(spans: Vec<(usize, Span)>, coverage: Coverage, seed: u64) -> Vec<u64> {
     let work = move || {
         spans
@@ -108,6 +117,17 @@ async fn fingerprints(spans: Vec<(usize, Span)>, coverage: Coverage, seed: u64) 
             .collect()
     };
     tokio::task::spawn_blocking(work).await.unwrap_or_default()
+}
+
+/// Files one receive event (None: the UCX thread is gone, which ends the receive too).
+fn note(ev: Option<Received>, arrived: &mut Vec<usize>, failure: &mut Option<String>, finished: &mut bool) {
+    match ev {
+        Some(Received::Block(j, Ok(()))) => arrived.push(j),
+        Some(Received::Block(j, Err(e))) => {
+            failure.get_or_insert(format!("block {j}: {e}"));
+        }
+        Some(Received::Finished) | None => *finished = true,
+    }
 }
 
 impl Node {
@@ -248,12 +268,12 @@ impl Node {
         if offer.offer == 0 {
             return Ok(Pulled::default());
         }
-        if offer.block_bytes != block_bytes {
-            let _ = client.release_offer(pb::ReleaseOfferRequest { offer: offer.offer }).await;
-            return Err(format!("source blocks are {} bytes, ours {block_bytes}", offer.block_bytes));
-        }
-        let n = (offer.blocks as usize).min(hashes.len());
-        let result = self.receive(&mut client, offer.offer, ns, &hashes[..n], block_bytes).await;
+        let result = if offer.block_bytes != block_bytes {
+            Err(format!("source blocks are {} bytes, ours {block_bytes}", offer.block_bytes))
+        } else {
+            let n = (offer.blocks as usize).min(hashes.len());
+            self.receive(&mut client, offer.offer, ns, &hashes[..n], block_bytes).await
+        };
         let _ = client.release_offer(pb::ReleaseOfferRequest { offer: offer.offer }).await;
         result
     }
@@ -352,21 +372,11 @@ impl Node {
                     Ok(r) => theirs = Some(r.into_inner().fingerprints),
                     Err(e) => failure = Some(format!("source failed to ship: {}", e.message())),
                 },
-                ev = events.recv(), if !finished => match ev {
-                    Some(Received::Block(j, Ok(()))) => arrived.push(j),
-                    Some(Received::Block(j, Err(e))) => failure = Some(format!("block {j}: {e}")),
-                    Some(Received::Finished) | None => finished = true,
-                },
+                ev = events.recv(), if !finished => note(ev, &mut arrived, &mut failure, &mut finished),
             }
             // Whatever else arrived meanwhile joins this batch.
             while let Ok(ev) = events.try_recv() {
-                match ev {
-                    Received::Block(j, Ok(())) => arrived.push(j),
-                    Received::Block(j, Err(e)) => {
-                        failure.get_or_insert(format!("block {j}: {e}"));
-                    }
-                    Received::Finished => finished = true,
-                }
+                note(Some(ev), &mut arrived, &mut failure, &mut finished);
             }
             if !arrived.is_empty() && failure.is_none() {
                 let batch = arrived.iter().map(|&j| (j, spans[j])).collect();

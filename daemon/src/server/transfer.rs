@@ -1,8 +1,7 @@
 //! `kvtier.v1.TransferService` over gRPC: offers of pinned blocks to peers, and pulls from them.
 //! Translation only: the work is in `Node::offer`, `Node::ship` and `Node::pull`.
 
-use crate::fingerprint::Coverage;
-use crate::node::{Node, Shipment};
+use crate::node::{verify_from_wire, Node, Shipment};
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_server::TransferService;
 use std::sync::Arc;
@@ -37,11 +36,8 @@ impl TransferService for TransferGrpc {
 
     async fn ship(&self, req: Request<pb::ShipRequest>) -> Result<Response<pb::ShipResponse>, Status> {
         let r = req.into_inner();
-        let coverage = match pb::Verify::try_from(r.verify) {
-            Ok(pb::Verify::Sampled) => Coverage::Sampled,
-            Ok(pb::Verify::Full) => Coverage::Full,
-            Err(_) => return Err(Status::invalid_argument(format!("unknown verify mode {}", r.verify))),
-        };
+        let coverage = verify_from_wire(r.verify)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown verify mode {}", r.verify)))?;
         let shipment = Shipment {
             offer: r.offer,
             worker_address: r.worker_address.to_vec(),
