@@ -4,9 +4,11 @@
 //! Goal: >= 0.8x ucx_perftest.
 //!
 //! A second reference shows what UCX itself does over memory like a pool's: the same tagged
-//! messages between two workers of one process, every message from and into its own buffer (256
+//! messages between workers of one process, every message from and into its own buffer (256
 //! MiB each side, huge pages when the daemons get them), where `ucx_perftest` reuses one
-//! message-sized buffer that stays in cache.
+//! message-sized buffer that stays in cache; over one pair of workers and over as many pairs as
+//! kvtier runs lanes (messages striped over them as a pull is). kvtier is measured with one lane
+//! and with the default.
 //!
 //! The last column is the same pull with `--peer-verify full` (every byte hashed on both sides).
 //! A last table pulls 16 prompts at once (P/D-shaped) against UCX distinct.
@@ -20,12 +22,15 @@ use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
 use kvtier_tests::{namespace, Daemon};
 use kvtier_ucx::{Context, Worker};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 const BYTES: u64 = 256 << 20;
 const ROUNDS: u64 = 3;
 /// Prompts pulled at once in the P/D-shaped run.
 const CONCURRENT: usize = 16;
+/// The daemon's default `peer.lanes`.
+const LANES: usize = 2;
 /// 2 MiB huge pages both daemons' 1 GiB pools and the reference's buffers need.
 const HUGE_PAGES: u64 = 1200;
 
@@ -69,53 +74,68 @@ fn buffer(huge: bool) -> memmap2::MmapMut {
     m
 }
 
-/// UCX tagged-message bandwidth in bytes/s between two workers (threads) of this process,
-/// message `i` from and into offset `i * size` of its side's buffer: best of ROUNDS.
-fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool) -> f64 {
-    let count = (BYTES / size) as usize;
-    let size = size as usize;
-    let (sc, rc) = (Context::new(settings).unwrap(), Context::new(settings).unwrap());
-    let receiver = Worker::new(&rc).unwrap();
-    let address = receiver.address().unwrap();
-    let (ready, go) = std::sync::mpsc::channel();
-    let recv_thread = std::thread::spawn(move || {
-        let mut target = buffer(huge);
-        for round in 0..ROUNDS {
-            for i in 0..count {
-                let tag = (round << 32) | i as u64;
-                // SAFETY: `target` outlives the receive (drained below).
-                unsafe { receiver.tag_recv(target[i * size..].as_mut_ptr(), size, None, tag, i as u64) }.unwrap();
-            }
-            ready.send(()).unwrap();
-            let mut done = 0;
-            while done < count {
-                receiver.progress();
-                done += receiver.take_completions().len();
-            }
-        }
-    });
-    let sender = Worker::new(&sc).unwrap();
-    let ep = sender.connect(&address, !settings.iter().any(|(_, v)| v.contains("shm"))).unwrap();
-    let data = buffer(huge);
+/// UCX tagged-message bandwidth in bytes/s over `lanes` pairs of workers (threads) of this
+/// process, message `i` from and into offset `i * size` of its side's buffer, striped over the
+/// pairs as kvtier stripes a pull over its lanes: best of ROUNDS.
+fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool, lanes: usize) -> f64 {
+    let (count, size) = ((BYTES / size) as usize, size as usize);
+    let (mut target, data) = (buffer(huge), buffer(huge));
+    let (into, from) = (target.as_mut_ptr() as usize, data.as_ptr() as usize);
+    let detect = !settings.iter().any(|(_, v)| v.contains("shm"));
     let mut best = 0f64;
-    for round in 0..ROUNDS {
-        go.recv().unwrap();
-        let started = Instant::now();
-        for i in 0..count {
-            let tag = (round << 32) | i as u64;
-            // SAFETY: `data` outlives the send (drained below).
-            unsafe { sender.tag_send(&ep, data[i * size..].as_ptr(), size, None, tag, i as u64) }.unwrap();
+    for _ in 0..ROUNDS {
+        let start = Arc::new(Barrier::new(2 * lanes + 1));
+        let mut threads = Vec::new();
+        for lane in 0..lanes {
+            let (rc, sc) = (Context::new(settings).unwrap(), Context::new(settings).unwrap());
+            let receiver = Worker::new(&rc).unwrap();
+            let address = receiver.address().unwrap();
+            let go = Arc::clone(&start);
+            threads.push(std::thread::spawn(move || {
+                let mine: Vec<usize> = (lane..count).step_by(lanes).collect();
+                for &i in &mine {
+                    // SAFETY: `target` outlives the receive (drained below, joined before it drops).
+                    unsafe { receiver.tag_recv((into + i * size) as *mut u8, size, None, i as u64, i as u64) }.unwrap();
+                }
+                go.wait();
+                drain(&receiver, mine.len());
+            }));
+            let go = Arc::clone(&start);
+            threads.push(std::thread::spawn(move || {
+                let sender = Worker::new(&sc).unwrap();
+                let ep = sender.connect(&address, detect).unwrap();
+                go.wait();
+                let mine: Vec<usize> = (lane..count).step_by(lanes).collect();
+                for &i in &mine {
+                    // SAFETY: `data` outlives the send (drained below, joined before it drops).
+                    unsafe { sender.tag_send(&ep, (from + i * size) as *const u8, size, None, i as u64, i as u64) }
+                        .unwrap();
+                }
+                drain(&sender, mine.len());
+                drop(ep);
+            }));
         }
-        let mut done = 0;
-        while done < count {
-            sender.progress();
-            done += sender.take_completions().len();
+        start.wait();
+        let started = Instant::now();
+        for t in threads {
+            t.join().unwrap();
         }
         best = best.max(BYTES as f64 / started.elapsed().as_secs_f64());
     }
-    recv_thread.join().unwrap();
-    drop(ep);
     best
+}
+
+/// Progresses `worker` until `n` of its operations completed, napping after 256 empty rounds as
+/// the daemon's lanes do (an idle thread leaves the cores to the ones copying).
+fn drain(worker: &Worker, n: usize) {
+    let (mut done, mut idle) = (0, 0u32);
+    while done < n {
+        idle = if worker.progress() == 0 { idle + 1 } else { 0 };
+        if idle > 256 {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        done += worker.take_completions().len();
+    }
 }
 
 /// kvtier pull bandwidth in bytes/s between two daemons: BYTES split into `prompts` prompts
@@ -180,37 +200,45 @@ async fn main() {
         if huge { "2 MiB huge" } else { "4 KiB" }
     );
     println!(
-        "  references: ucx_perftest tag_bw (one reused buffer); UCX tag over 256 MiB of distinct buffers each side"
+        "  references: ucx_perftest tag_bw (one reused buffer); UCX tag over 256 MiB of distinct buffers each side, \
+         over 1 and {LANES} worker pairs (kvtier's lanes); kvtier with --peer-lanes 1 and {LANES} (the default)"
     );
     println!(
-        "{:>10} {:>8} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "{:>9} {:>6} {:>13} {:>13} {:>13} {:>13} {:>13} {:>11} {:>11} {:>13}",
         "transport",
         "block",
         "ucx_perftest",
-        "UCX distinct",
-        "kvtier pull",
+        "UCX dist. x1",
+        format!("UCX dist. x{LANES}"),
+        "kvtier x1",
+        format!("kvtier x{LANES}"),
         "vs perftest",
-        "vs distinct",
-        "pull, verify full"
+        "vs UCX dist",
+        "verify full"
     );
     let transports: [Transport; 2] = [
         ("tcp", &[("TLS", "tcp"), ("NET_DEVICES", "lo")], &["--peer-tls", "tcp", "--peer-net-devices", "lo"]),
         ("shm", &[("TLS", "shm")], &["--peer-tls", "shm"]),
     ];
     let mut port = 13500;
+    let one_lane = ["--peer-lanes", "1"];
     for (name, settings, flags) in transports {
         for size in [1u64 << 20, 4 << 20] {
             port += 1;
             let reference = perftest(settings, size, port);
-            let distinct = ucx_distinct(settings, size, huge);
+            let (distinct1, distinct) =
+                (ucx_distinct(settings, size, huge, 1), ucx_distinct(settings, size, huge, LANES));
+            let ours1 = kvtier(&[flags, &one_lane[..]].concat(), size, huge, 1).await;
             let ours = kvtier(flags, size, huge, 1).await;
             let full = kvtier(&[flags, &["--peer-verify", "full"][..]].concat(), size, huge, 1).await;
             let g = |bps: f64| format!("{:.2} GB/s", bps / 1e9);
             println!(
-                "{name:>10} {:>8} {:>14} {:>14} {:>14} {:>13.2}x {:>13.2}x {:>16}",
+                "{name:>9} {:>6} {:>13} {:>13} {:>13} {:>13} {:>13} {:>10.2}x {:>10.2}x {:>13}",
                 format!("{} MiB", size >> 20),
                 g(reference),
+                g(distinct1),
                 g(distinct),
+                g(ours1),
                 g(ours),
                 ours / reference,
                 ours / distinct,
@@ -224,7 +252,7 @@ async fn main() {
     );
     println!("{:>10} {:>14} {:>16} {:>14}", "transport", "UCX distinct", "kvtier, at once", "vs distinct");
     for (name, settings, flags) in transports {
-        let distinct = ucx_distinct(settings, 1 << 20, huge);
+        let distinct = ucx_distinct(settings, 1 << 20, huge, LANES);
         let ours = kvtier(flags, 1 << 20, huge, CONCURRENT).await;
         println!("{name:>10} {:>9.2} GB/s {:>11.2} GB/s {:>13.2}x", distinct / 1e9, ours / 1e9, ours / distinct);
     }

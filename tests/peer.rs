@@ -1,6 +1,6 @@
 //! The peer tier with real daemons and real UCX on loopback: a daemon pulls thousands of blocks
 //! from another's pool (tagged messages from the source's slots into the puller's reserved ones),
-//! byte-exact, over TCP and over shared memory; a sender killed mid-transfer leaves nothing
+//! byte-exact, over TCP and over shared memory, striped over however many lanes each side runs; a sender killed mid-transfer leaves nothing
 //! partial behind; a puller killed mid-transfer leaves the sender serving.
 
 use bytes::Bytes;
@@ -39,6 +39,15 @@ const KILL_BLOCK: u64 = 256 * 1024;
 
 type PullTask = tokio::task::JoinHandle<Result<pb::PullResponse, tonic::Status>>;
 
+/// Has `into` pull a small prompt from `from`, which connects every lane between them, as P/D
+/// pairs that talked before are: UCX 1.13 aborts a process whose peer dies while their
+/// connection is being set up (openucx/ucx#8175, see docs/peer.md), which is not what the kill
+/// tests are about.
+async fn connect_lanes(into: &Daemon, from: &Daemon) {
+    let (ns, hashes) = save(from, 9, 16, KILL_BLOCK).await;
+    assert_eq!(pull(into, from, &ns, &hashes).await.unwrap().pulled, 16);
+}
+
 /// Saves a 600 MiB prompt on `from`, starts pulling it into `into` (on a task), waits until
 /// `from` is sending and freezes `victim` (SIGSTOP) mid-transfer; tries again with another prompt
 /// when the pull ended first. Returns the pull, the namespace and the hashes.
@@ -76,16 +85,21 @@ async fn verify(d: &Daemon, hashes: &[Bytes], block: u64) -> usize {
 
 async fn ships_byte_exact(tls: &[&str]) {
     let (a, b) = (daemon("96 MiB", tls), daemon("96 MiB", tls));
+    ships_byte_exact_between(&a, &b, 1).await;
+}
+
+/// Pulls prompt `seed` of 3,000 blocks from `a` into `b`, checks every byte, pulls again.
+async fn ships_byte_exact_between(a: &Daemon, b: &Daemon, seed: u64) {
     let block = 16 * 1024;
-    let (ns, hashes) = save(&a, 1, 3000, block).await;
+    let (ns, hashes) = save(a, seed, 3000, block).await;
     // The receiver knows the namespace (its engine registered it) but holds nothing.
-    save(&b, 2, 1, block).await;
-    let r = pull(&b, &a, &ns, &hashes).await.unwrap();
+    save(b, seed + 1000, 1, block).await;
+    let r = pull(b, a, &ns, &hashes).await.unwrap();
     assert_eq!((r.pulled, r.present), (3000, 0));
-    assert_eq!(verify(&b, &hashes, block).await, 3000);
+    assert_eq!(verify(b, &hashes, block).await, 3000);
     assert_eq!(b.metric("kvtier_peer_pulled_blocks_total"), 3000.0);
     // Pulling again finds everything present; the offer pins were released.
-    let again = pull(&b, &a, &ns, &hashes).await.unwrap();
+    let again = pull(b, a, &ns, &hashes).await.unwrap();
     assert_eq!((again.pulled, again.present), (0, 3000));
 }
 
@@ -99,17 +113,30 @@ async fn thousands_of_blocks_ship_byte_exact_over_shared_memory_verifying_every_
     ships_byte_exact(&["shm", "--peer-verify", "full"]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_with_different_lane_counts_ship_byte_exact_both_ways() {
+    // A pull is striped over the puller's lanes; the source spreads them over its own.
+    let one = daemon("96 MiB", &["tcp", "--peer-net-devices", "lo", "--peer-lanes", "1", "--peer-verify", "full"]);
+    let three = daemon("96 MiB", &["tcp", "--peer-net-devices", "lo", "--peer-lanes", "3", "--peer-verify", "full"]);
+    ships_byte_exact_between(&one, &three, 1).await;
+    ships_byte_exact_between(&three, &one, 2).await;
+}
+
 /// Kills the sender of a 600 MiB pull (frozen once it is sending) and checks the puller kept
 /// nothing and freed every slot.
 async fn sender_killed_mid_transfer(tls: &[&str]) {
-    let (mut a, b) = (daemon("768 MiB", tls), daemon("768 MiB", tls));
+    let (mut a, mut b) = (daemon("768 MiB", tls), daemon("768 MiB", tls));
     save(&b, 2, 1, KILL_BLOCK).await;
+    connect_lanes(&b, &a).await;
     let used_before = b.metric("kvtier_host_used_bytes");
     let (puller, _, hashes) = pull_frozen_mid_way(&b, &a, &a).await;
     a.kill();
     let result = puller.await.unwrap();
     let err = result.expect_err("the pull cannot succeed with its sender gone mid-way");
-    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    if err.code() != tonic::Code::Aborted {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        panic!("{err:?}; the puller ended {:?}; its log:\n{}", b.exit_status(), b.log());
+    }
     assert!(err.message().contains("nothing kept"), "{err:?}");
     assert_eq!(verify(&b, &hashes, KILL_BLOCK).await, 0, "nothing partial is visible");
     eventually_within("its slots were freed", 20, || b.metric("kvtier_host_used_bytes") == used_before);
@@ -121,16 +148,16 @@ async fn a_sender_killed_mid_transfer_leaves_nothing_partial() {
     sender_killed_mid_transfer(&["tcp", "--peer-net-devices", "lo"]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sender_killed_mid_transfer_over_shared_memory_leaves_nothing_partial() {
-    sender_killed_mid_transfer(&["shm"]).await;
-}
+// No shared-memory variant: UCX 1.13 has no peer-failure handling over shared memory (its
+// sysv/posix/cma transports refuse UCP_ERR_HANDLING_MODE_PEER), and a sender killed while data
+// flows aborts the receiver inside UCX; docs/peer.md says so and the daemon warns.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puller_killed_mid_transfer_leaves_the_sender_serving() {
     let tls = ["tcp", "--peer-net-devices", "lo"];
     let (a, mut b) = (daemon("768 MiB", &tls), daemon("768 MiB", &tls));
     save(&b, 2, 1, KILL_BLOCK).await;
+    connect_lanes(&b, &a).await;
     let (puller, ns, hashes) = pull_frozen_mid_way(&b, &a, &b).await;
     b.kill();
     assert!(puller.await.unwrap().is_err());
@@ -187,20 +214,23 @@ async fn bad_shipments_are_refused_and_the_sender_carries_on() {
     let mut t = TransferServiceClient::new(channel(&a.grpc).await.unwrap());
     let offer = t.offer(pb::OfferRequest { namespace_id: ns.clone(), hashes: hashes.clone() }).await.unwrap();
     let offer = offer.into_inner().offer;
-    let ship = |offer, worker_address: Vec<u8>, blocks: Vec<u32>, verify| pb::ShipRequest {
+    let ship = |offer, workers: Vec<Vec<u8>>, blocks: Vec<u32>, verify| pb::ShipRequest {
         offer,
-        worker_address: worker_address.into(),
+        worker_addresses: workers.into_iter().map(Bytes::from).collect(),
         tag_base: 1 << 32,
         blocks,
         verify,
         seed: 7,
     };
+    let worker = || vec![1u8; 40];
     let refused = [
-        (ship(offer + 99, vec![1; 40], vec![0], 0), "no such offer"),
-        (ship(offer, vec![1; 40], vec![10], 0), "offer has no block 10"),
-        (ship(offer, vec![1; 40], vec![0], 9), "unknown verify mode"),
-        (ship(offer, vec![], vec![0], 0), "worker address"),
-        (ship(offer, vec![0x20; 10], vec![0, 1], 0), "worker address"),
+        (ship(offer + 99, vec![worker()], vec![0], 0), "no such offer"),
+        (ship(offer, vec![worker()], vec![10], 0), "offer has no block 10"),
+        (ship(offer, vec![worker()], vec![0], 9), "unknown verify mode"),
+        (ship(offer, vec![vec![]], vec![0], 0), "worker address 0"),
+        (ship(offer, vec![worker(), vec![0x20; 10]], vec![0, 1], 0), "worker address 1"),
+        (ship(offer, vec![], vec![0], 0), "0 worker addresses"),
+        (ship(offer, vec![worker(); 17], vec![0], 0), "17 worker addresses"),
     ];
     for (req, why) in refused {
         let err = t.ship(req).await.expect_err("refused");

@@ -137,6 +137,11 @@ impl Daemon {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// How the daemon ended, if it did (None: still running, or killed by [`kill`](Self::kill)).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// SIGKILLs the daemon and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -149,6 +149,9 @@ pub struct PeerConfig {
     /// What the fingerprints of pulled blocks cover: "sampled" (eight 4 KiB pages per block,
     /// chosen at random per pull) or "full" (every byte; costs a hash pass on both sides).
     pub verify: crate::fingerprint::Coverage,
+    /// UCX threads (each its own worker): a pull is striped over the puller's lanes, so the
+    /// copies landing its blocks run on that many cores.
+    pub lanes: usize,
 }
 
 impl Default for PeerConfig {
@@ -159,6 +162,7 @@ impl Default for PeerConfig {
             net_devices: String::new(),
             offer_timeout_secs: 60,
             verify: Default::default(),
+            lanes: 2,
         }
     }
 }
@@ -264,6 +268,11 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.server.max_inflight > 0, "server.max_inflight must be > 0");
         anyhow::ensure!(self.server.max_frame_bytes.as_u64() >= 1024, "server.max_frame_bytes must be >= 1 KiB");
+        anyhow::ensure!(
+            (1..=crate::peer::MAX_LANES).contains(&self.peer.lanes),
+            "peer.lanes must be in 1..={}",
+            crate::peer::MAX_LANES
+        );
         anyhow::ensure!(self.policy.eviction != PolicyKind::Belady, "belady needs the future: simulation only");
         let d = &self.disk;
         anyhow::ensure!((0.0..=0.5).contains(&d.reserve_fraction), "disk.reserve_fraction must be in 0..=0.5");

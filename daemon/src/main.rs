@@ -74,6 +74,9 @@ struct Args {
     /// What fingerprints of pulled blocks cover (peer.verify).
     #[arg(long, env = "KVTIER_PEER_VERIFY", value_enum)]
     peer_verify: Option<kvtier_daemon::fingerprint::Coverage>,
+    /// UCX threads a pull is striped over (peer.lanes).
+    #[arg(long, env = "KVTIER_PEER_LANES")]
+    peer_lanes: Option<usize>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -111,6 +114,9 @@ impl Args {
         }
         if let Some(v) = self.peer_verify {
             c.peer.verify = v;
+        }
+        if let Some(l) = self.peer_lanes {
+            c.peer.lanes = l;
         }
         if let Some(b) = self.device_backend {
             c.device.backend = b;

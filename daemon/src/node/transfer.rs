@@ -9,7 +9,7 @@ use crate::block::{BlockHash, NsIdx};
 use crate::cache::ClientId;
 use crate::fingerprint::{block_seed, fingerprint, Coverage};
 use crate::namespace::NamespaceId;
-use crate::peer::{Received, Span};
+use crate::peer::{Receipts, Received, Span, MAX_LANES};
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
@@ -57,14 +57,14 @@ pub struct Pulled {
 /// cannot be relied on to notice a dead receiver that no longer answers.
 struct AbortOnDrop<'a> {
     node: &'a Node,
-    worker: Vec<u8>,
+    workers: Vec<Vec<u8>>,
     armed: bool,
 }
 
 impl Drop for AbortOnDrop<'_> {
     fn drop(&mut self) {
         if let (true, Some(peer)) = (self.armed, self.node.peer.as_ref()) {
-            peer.abort_sends_to(std::mem::take(&mut self.worker));
+            peer.abort_sends_to(&self.workers);
         }
     }
 }
@@ -73,8 +73,8 @@ impl Drop for AbortOnDrop<'_> {
 pub struct Shipment {
     /// The offer.
     pub offer: u64,
-    /// The puller's UCX worker address.
-    pub worker_address: Vec<u8>,
+    /// The UCX worker addresses of the puller's lanes (message `j` to `j % len`).
+    pub worker_addresses: Vec<Vec<u8>>,
     /// Tag of message 0.
     pub tag_base: u64,
     /// Offered block indices, in message order.
@@ -117,6 +117,17 @@ async fn fingerprints(spans: Vec<(usize, Span)>, coverage: Coverage, seed: u64) 
             .collect()
     };
     tokio::task::spawn_blocking(work).await.unwrap_or_default()
+}
+
+/// Refuses a shipment's lane addresses unless there are 1..=MAX_LANES of plausible ones.
+fn check_lanes(addresses: &[Vec<u8>]) -> Result<(), String> {
+    if !(1..=MAX_LANES).contains(&addresses.len()) {
+        return Err(format!("{} worker addresses; a shipment names 1..={MAX_LANES}", addresses.len()));
+    }
+    for (i, a) in addresses.iter().enumerate() {
+        kvtier_ucx::check_worker_address(a).map_err(|e| format!("worker address {i}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Files one receive event (None: the UCX thread is gone, which ends the receive too).
@@ -196,7 +207,7 @@ impl Node {
     /// caller stops waiting (a puller gone): the offer stays pinned until UCX is done with it.
     pub async fn ship(self: &Arc<Self>, s: Shipment) -> Result<Vec<u64>, String> {
         self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
-        kvtier_ucx::check_worker_address(&s.worker_address).map_err(|e| e.to_string())?;
+        check_lanes(&s.worker_addresses)?;
         let spans: Vec<Span> = {
             let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
             let held = offers.get_mut(&s.offer).filter(|h| !h.released).ok_or("no such offer (released or expired)")?;
@@ -208,7 +219,7 @@ impl Node {
             held.shipping += 1;
             spans
         };
-        let mut puller_gone = AbortOnDrop { node: self, worker: s.worker_address.clone(), armed: true };
+        let mut puller_gone = AbortOnDrop { node: self, workers: s.worker_addresses.clone(), armed: true };
         let node = Arc::clone(self);
         let task = tokio::spawn(async move { node.send_pinned(s, spans).await });
         let result = task.await.map_err(|e| format!("shipment task: {e}"));
@@ -222,7 +233,7 @@ impl Node {
         let numbered = spans.iter().copied().enumerate().collect();
         let bytes = spans.iter().map(|s| s.1 as u64).sum();
         // SAFETY: the offer pins these slots until this shipment ends (release waits for it).
-        let send = unsafe { peer.send(s.worker_address, spans, s.tag_base, deadline) };
+        let send = unsafe { peer.send(&s.worker_addresses, spans, s.tag_base, deadline) };
         self.metrics.peer_shipments_in_flight.fetch_add(1, Relaxed);
         let (sent, sums) = tokio::join!(send, fingerprints(numbered, s.coverage, s.seed));
         self.metrics.peer_shipments_in_flight.fetch_sub(1, Relaxed);
@@ -349,12 +360,12 @@ impl Node {
         spans: Vec<Span>,
         coverage: Coverage,
         seed: u64,
-    ) -> Result<(), (String, Option<tokio::sync::mpsc::UnboundedReceiver<Received>>)> {
+    ) -> Result<(), (String, Option<Receipts>)> {
         // SAFETY: reserved slots of ours, invisible and unwritten until this pull ends.
         let (receiving, mut events) = unsafe { peer.receive(spans.clone()) }.map_err(|e| (e, None))?;
         let request = pb::ShipRequest {
             offer,
-            worker_address: Bytes::copy_from_slice(peer.worker_address()),
+            worker_addresses: receiving.lanes.iter().map(|a| Bytes::copy_from_slice(a)).collect(),
             tag_base: receiving.tag_base,
             blocks: wanted.to_vec(),
             verify: wire_verify(coverage) as i32,
@@ -375,7 +386,7 @@ impl Node {
                 ev = events.recv(), if !finished => note(ev, &mut arrived, &mut failure, &mut finished),
             }
             // Whatever else arrived meanwhile joins this batch.
-            while let Ok(ev) = events.try_recv() {
+            while let Some(ev) = events.try_recv() {
                 note(Some(ev), &mut arrived, &mut failure, &mut finished);
             }
             if !arrived.is_empty() && failure.is_none() {
@@ -386,7 +397,7 @@ impl Node {
             }
         }
         if let Some(e) = failure {
-            peer.cancel(receiving);
+            peer.cancel(&receiving);
             return Err((e, (!finished).then_some(events)));
         }
         let theirs = theirs.unwrap_or_default();

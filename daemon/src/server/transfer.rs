@@ -40,7 +40,7 @@ impl TransferService for TransferGrpc {
             .ok_or_else(|| Status::invalid_argument(format!("unknown verify mode {}", r.verify)))?;
         let shipment = Shipment {
             offer: r.offer,
-            worker_address: r.worker_address.to_vec(),
+            worker_addresses: r.worker_addresses.iter().map(|a| a.to_vec()).collect(),
             tag_base: r.tag_base,
             blocks: r.blocks,
             coverage,
