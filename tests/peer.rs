@@ -39,10 +39,9 @@ const KILL_BLOCK: u64 = 256 * 1024;
 
 type PullTask = tokio::task::JoinHandle<Result<pb::PullResponse, tonic::Status>>;
 
-/// Has `into` pull a small prompt from `from`, which connects every lane between them, as P/D
-/// pairs that talked before are: UCX 1.13 aborts a process whose peer dies while their
-/// connection is being set up (openucx/ucx#8175, see docs/peer.md), which is not what the kill
-/// tests are about.
+/// Has `into` pull a small prompt from `from`, which connects every lane between them (as P/D
+/// pairs that talked before are), so that the kill tests' victim dies while blocks flow, not
+/// while connections are being set up.
 async fn connect_lanes(into: &Daemon, from: &Daemon) {
     let (ns, hashes) = save(from, 9, 16, KILL_BLOCK).await;
     assert_eq!(pull(into, from, &ns, &hashes).await.unwrap().pulled, 16);
@@ -217,10 +216,15 @@ async fn bad_shipments_are_refused_and_the_sender_carries_on() {
     let ship = |offer, workers: Vec<Vec<u8>>, blocks: Vec<u32>, verify| pb::ShipRequest {
         offer,
         worker_addresses: workers.into_iter().map(Bytes::from).collect(),
+        lane_ports: vec![],
         tag_base: 1 << 32,
         blocks,
         verify,
         seed: 7,
+    };
+    let to_ports = |ports: Vec<u32>, workers: Vec<Vec<u8>>| pb::ShipRequest {
+        lane_ports: ports,
+        ..ship(offer, workers, vec![0], 0)
     };
     let worker = || vec![1u8; 40];
     let refused = [
@@ -229,8 +233,12 @@ async fn bad_shipments_are_refused_and_the_sender_carries_on() {
         (ship(offer, vec![worker()], vec![0], 9), "unknown verify mode"),
         (ship(offer, vec![vec![]], vec![0], 0), "worker address 0"),
         (ship(offer, vec![worker(), vec![0x20; 10]], vec![0, 1], 0), "worker address 1"),
-        (ship(offer, vec![], vec![0], 0), "0 worker addresses"),
-        (ship(offer, vec![worker(); 17], vec![0], 0), "17 worker addresses"),
+        (ship(offer, vec![], vec![0], 0), "0 lanes"),
+        (ship(offer, vec![worker(); 17], vec![0], 0), "17 lanes"),
+        (to_ports(vec![0], vec![]), "not a port"),
+        (to_ports(vec![70000], vec![]), "not a port"),
+        (to_ports(vec![7000; 17], vec![]), "17 lanes"),
+        (to_ports(vec![7000], vec![worker()]), "not both"),
     ];
     for (req, why) in refused {
         let err = t.ship(req).await.expect_err("refused");

@@ -152,6 +152,9 @@ pub struct PeerConfig {
     /// UCX threads (each its own worker): a pull is striped over the puller's lanes, so the
     /// copies landing its blocks run on that many cores.
     pub lanes: usize,
+    /// IP address the lanes' UCX listeners bind (ports picked by the system). Senders connect to
+    /// a lane at the IP address the puller's Ship call came from, on its port.
+    pub listen_ip: String,
 }
 
 impl Default for PeerConfig {
@@ -163,6 +166,7 @@ impl Default for PeerConfig {
             offer_timeout_secs: 60,
             verify: Default::default(),
             lanes: 2,
+            listen_ip: "0.0.0.0".into(),
         }
     }
 }
@@ -268,6 +272,11 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.server.max_inflight > 0, "server.max_inflight must be > 0");
         anyhow::ensure!(self.server.max_frame_bytes.as_u64() >= 1024, "server.max_frame_bytes must be >= 1 KiB");
+        anyhow::ensure!(
+            self.peer.listen_ip.parse::<std::net::IpAddr>().is_ok(),
+            "peer.listen_ip must be an IP address, not {:?}",
+            self.peer.listen_ip
+        );
         anyhow::ensure!(
             (1..=crate::peer::MAX_LANES).contains(&self.peer.lanes),
             "peer.lanes must be in 1..={}",

@@ -1,6 +1,6 @@
 //! kvtier's own thin UCX bindings: bindgen over the system's `<ucp/api/ucp.h>` ([`sys`]) and a
 //! small safe layer: [`Context`], [`Worker`] (address, progress), [`Endpoint`] (connect by worker
-//! address, put/get, flush), [`Region`] (registered memory and its packed remote key),
+//! address, or by socket address to a [`Listener`]; put/get, flush), [`Region`] (registered memory and its packed remote key),
 //! [`RemoteKey`], and tagged messages in flight by the thousand ([`Worker::tag_send`],
 //! [`Worker::tag_recv`], [`Worker::take_completions`]).
 //!
@@ -19,11 +19,13 @@ pub mod sys {
 
 mod context;
 mod endpoint;
+mod listener;
 mod memory;
 mod tagged;
 
 pub use context::{check_worker_address, Context, Worker};
 pub use endpoint::Endpoint;
+pub use listener::{ConnRequest, Listener};
 pub use memory::{Region, RemoteKey};
 pub use tagged::Completion;
 

@@ -9,7 +9,7 @@ use crate::block::{BlockHash, NsIdx};
 use crate::cache::ClientId;
 use crate::fingerprint::{block_seed, fingerprint, Coverage};
 use crate::namespace::NamespaceId;
-use crate::peer::{Receipts, Received, Span, MAX_LANES};
+use crate::peer::{Contact, Receipts, Received, Remote, Span, MAX_LANES};
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
@@ -57,14 +57,14 @@ pub struct Pulled {
 /// cannot be relied on to notice a dead receiver that no longer answers.
 struct AbortOnDrop<'a> {
     node: &'a Node,
-    workers: Vec<Vec<u8>>,
+    lanes: Vec<Remote>,
     armed: bool,
 }
 
 impl Drop for AbortOnDrop<'_> {
     fn drop(&mut self) {
         if let (true, Some(peer)) = (self.armed, self.node.peer.as_ref()) {
-            peer.abort_sends_to(&self.workers);
+            peer.abort_sends_to(&self.lanes);
         }
     }
 }
@@ -73,8 +73,8 @@ impl Drop for AbortOnDrop<'_> {
 pub struct Shipment {
     /// The offer.
     pub offer: u64,
-    /// The UCX worker addresses of the puller's lanes (message `j` to `j % len`).
-    pub worker_addresses: Vec<Vec<u8>>,
+    /// The puller's lanes (message `j` to `j % len`).
+    pub lanes: Vec<Remote>,
     /// Tag of message 0.
     pub tag_base: u64,
     /// Offered block indices, in message order.
@@ -119,13 +119,19 @@ async fn fingerprints(spans: Vec<(usize, Span)>, coverage: Coverage, seed: u64) 
     tokio::task::spawn_blocking(work).await.unwrap_or_default()
 }
 
-/// Refuses a shipment's lane addresses unless there are 1..=MAX_LANES of plausible ones.
-fn check_lanes(addresses: &[Vec<u8>]) -> Result<(), String> {
-    if !(1..=MAX_LANES).contains(&addresses.len()) {
-        return Err(format!("{} worker addresses; a shipment names 1..={MAX_LANES}", addresses.len()));
+/// Refuses a shipment's lanes unless there are 1..=MAX_LANES of plausible ones.
+fn check_lanes(lanes: &[Remote]) -> Result<(), String> {
+    if !(1..=MAX_LANES).contains(&lanes.len()) {
+        return Err(format!("{} lanes; a shipment names 1..={MAX_LANES}", lanes.len()));
     }
-    for (i, a) in addresses.iter().enumerate() {
-        kvtier_ucx::check_worker_address(a).map_err(|e| format!("worker address {i}: {e}"))?;
+    for (i, lane) in lanes.iter().enumerate() {
+        match lane {
+            Remote::Worker(a) => {
+                kvtier_ucx::check_worker_address(a).map_err(|e| format!("worker address {i}: {e}"))?;
+            }
+            Remote::Socket(at) if at.port() == 0 => return Err(format!("lane {i}: port 0")),
+            Remote::Socket(_) => {}
+        }
     }
     Ok(())
 }
@@ -207,7 +213,7 @@ impl Node {
     /// caller stops waiting (a puller gone): the offer stays pinned until UCX is done with it.
     pub async fn ship(self: &Arc<Self>, s: Shipment) -> Result<Vec<u64>, String> {
         self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
-        check_lanes(&s.worker_addresses)?;
+        check_lanes(&s.lanes)?;
         let spans: Vec<Span> = {
             let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
             let held = offers.get_mut(&s.offer).filter(|h| !h.released).ok_or("no such offer (released or expired)")?;
@@ -219,7 +225,7 @@ impl Node {
             held.shipping += 1;
             spans
         };
-        let mut puller_gone = AbortOnDrop { node: self, workers: s.worker_addresses.clone(), armed: true };
+        let mut puller_gone = AbortOnDrop { node: self, lanes: s.lanes.clone(), armed: true };
         let node = Arc::clone(self);
         let task = tokio::spawn(async move { node.send_pinned(s, spans).await });
         let result = task.await.map_err(|e| format!("shipment task: {e}"));
@@ -233,7 +239,7 @@ impl Node {
         let numbered = spans.iter().copied().enumerate().collect();
         let bytes = spans.iter().map(|s| s.1 as u64).sum();
         // SAFETY: the offer pins these slots until this shipment ends (release waits for it).
-        let send = unsafe { peer.send(&s.worker_addresses, spans, s.tag_base, deadline) };
+        let send = unsafe { peer.send(&s.lanes, spans, s.tag_base, deadline) };
         self.metrics.peer_shipments_in_flight.fetch_add(1, Relaxed);
         let (sent, sums) = tokio::join!(send, fingerprints(numbered, s.coverage, s.seed));
         self.metrics.peer_shipments_in_flight.fetch_sub(1, Relaxed);
@@ -363,9 +369,17 @@ impl Node {
     ) -> Result<(), (String, Option<Receipts>)> {
         // SAFETY: reserved slots of ours, invisible and unwritten until this pull ends.
         let (receiving, mut events) = unsafe { peer.receive(spans.clone()) }.map_err(|e| (e, None))?;
+        let (mut worker_addresses, mut lane_ports) = (Vec::new(), Vec::new());
+        for lane in &receiving.lanes {
+            match lane {
+                Contact::Port(port) => lane_ports.push(u32::from(*port)),
+                Contact::Worker(a) => worker_addresses.push(Bytes::copy_from_slice(a)),
+            }
+        }
         let request = pb::ShipRequest {
             offer,
-            worker_addresses: receiving.lanes.iter().map(|a| Bytes::copy_from_slice(a)).collect(),
+            worker_addresses,
+            lane_ports,
             tag_base: receiving.tag_base,
             blocks: wanted.to_vec(),
             verify: wire_verify(coverage) as i32,

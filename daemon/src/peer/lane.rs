@@ -1,0 +1,310 @@
+//! One lane: a thread owning a UCX context, a worker and (unless over shared memory only) a
+//! listener, running its share of every transfer as an event loop.
+
+use super::{token, Cmd, Contact, Received, Remote, Span};
+use kvtier_ucx::{Context, Endpoint, Listener, Worker};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+enum Kind {
+    Receive {
+        events: tmpsc::UnboundedSender<Received>,
+        /// (block index in the operation, its span) per message.
+        blocks: Vec<(usize, Span)>,
+    },
+    Send {
+        peer: Remote,
+        deadline: Instant,
+        /// When the endpoint was force-closed under it (deadline or abort).
+        forced_at: Option<Instant>,
+        done: oneshot::Sender<Result<(), String>>,
+        error: Option<String>,
+    },
+}
+
+/// One operation in flight on the UCX thread.
+struct Op {
+    kind: Kind,
+    /// Blocks still in flight.
+    pending: Vec<bool>,
+    left: usize,
+}
+
+/// The UCX thread's state.
+struct Engine<'w> {
+    worker: &'w Worker,
+    /// Endpoints we send through, by where they go.
+    endpoints: HashMap<Remote, Endpoint>,
+    /// Endpoints senders connected to our listener with (kept so their connections stay up).
+    accepted: VecDeque<Endpoint>,
+    ops: HashMap<u32, Op>,
+    detect_peer_failure: bool,
+}
+
+/// What a lane reports once started: how senders reach it.
+pub(super) type Ready = anyhow::Result<Contact>;
+
+/// Most connections a lane keeps accepted; past it, the oldest is closed (a sender that comes
+/// back reconnects). Bounds what peers that connect over and over can make us hold.
+const MAX_ACCEPTED: usize = 1024;
+
+/// Empty progress rounds of a busy worker before it naps.
+const IDLE_SPINS: u32 = 256;
+/// Its nap.
+const NAP_US: u64 = 20;
+/// How long UCX gets to finish the sends of a force-closed endpoint before they are answered.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// The lane's thread: sets up UCX (listening on `listen`, port picked by the system, when
+/// given), reports how to reach it on `ready`, then serves commands until `rx` closes.
+pub(super) fn run(
+    settings: Vec<(String, String)>,
+    detect_peer_failure: bool,
+    listen: Option<IpAddr>,
+    rx: mpsc::Receiver<Cmd>,
+    ready: mpsc::Sender<Ready>,
+) {
+    let setup = || -> anyhow::Result<(std::sync::Arc<Context>, Worker)> {
+        let pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let ctx = Context::new(&pairs)?;
+        let worker = Worker::new(&ctx)?;
+        Ok((ctx, worker))
+    };
+    let (_ctx, worker) = match setup() {
+        Ok(up) => up,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let listening = |at: IpAddr| -> anyhow::Result<(Listener<'_>, Contact)> {
+        let listener = worker.listen(SocketAddr::new(at, 0))?;
+        let port = listener.local_addr()?.port();
+        Ok((listener, Contact::Port(port)))
+    };
+    let (listener, contact) = match listen.map(listening) {
+        Some(Ok((listener, contact))) => (Some(listener), Ok(contact)),
+        Some(Err(e)) => (None, Err(e)),
+        None => (None, worker.address().map(Contact::Worker).map_err(Into::into)),
+    };
+    let failed = contact.is_err();
+    let _ = ready.send(contact);
+    if failed {
+        return;
+    }
+    let mut engine = Engine {
+        worker: &worker,
+        endpoints: HashMap::new(),
+        accepted: VecDeque::new(),
+        ops: HashMap::new(),
+        detect_peer_failure,
+    };
+    let mut idle = 0u32;
+    loop {
+        let busy = !engine.ops.is_empty();
+        let cmd = if busy {
+            rx.try_recv().map_err(|e| e == mpsc::TryRecvError::Disconnected)
+        } else {
+            rx.recv_timeout(Duration::from_micros(100)).map_err(|e| e == mpsc::RecvTimeoutError::Disconnected)
+        };
+        match cmd {
+            Ok(cmd) => engine.start(cmd),
+            Err(true) => break,
+            Err(false) => {}
+        }
+        // Bounded: a worker with a failing connection can report events forever.
+        let mut events = 0;
+        for _ in 0..64 {
+            match engine.worker.progress() {
+                0 => break,
+                n => events += n,
+            }
+        }
+        if let Some(listener) = &listener {
+            engine.accept(listener);
+        }
+        engine.complete();
+        // Busy but nothing happening (waiting on the peer): give the CPU to whoever will make
+        // something happen, often the peer daemon itself on a small machine.
+        idle = if events == 0 { idle + 1 } else { 0 };
+        if busy {
+            if idle > IDLE_SPINS {
+                std::thread::sleep(Duration::from_micros(NAP_US));
+            }
+            engine.expire(Instant::now());
+        }
+    }
+    engine.endpoints.clear();
+    engine.accepted.clear();
+}
+
+impl Engine<'_> {
+    /// Accepts the connections senders asked for.
+    fn accept(&mut self, listener: &Listener) {
+        for request in listener.take_requests() {
+            match self.worker.accept(request, true) {
+                Ok(ep) => self.accepted.push_back(ep),
+                Err(e) => tracing::warn!("peer connection refused: {e}"),
+            }
+            if self.accepted.len() > MAX_ACCEPTED {
+                self.accepted.pop_front();
+            }
+        }
+    }
+
+    fn start(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Receive { op, blocks, events } => {
+                let (mut pending, mut left) = (vec![false; blocks.len()], 0);
+                let tag_base = token(op, 0);
+                for (k, &(j, (addr, len))) in blocks.iter().enumerate() {
+                    // SAFETY: the caller of `Peer::receive` gave us these spans until Finished.
+                    match unsafe { self.worker.tag_recv(addr as *mut u8, len, None, tag_base + j as u64, token(op, k)) }
+                    {
+                        Ok(()) => {
+                            pending[k] = true;
+                            left += 1;
+                        }
+                        Err(e) => {
+                            let _ = events.send(Received::Block(j, Err(e.to_string())));
+                        }
+                    }
+                }
+                self.ops.insert(op, Op { kind: Kind::Receive { events, blocks }, pending, left });
+            }
+            Cmd::Cancel { op } => {
+                if let Some(state) = self.ops.get(&op) {
+                    for k in state.pending.iter().enumerate().filter(|p| *p.1).map(|p| p.0) {
+                        self.worker.cancel(token(op, k));
+                    }
+                }
+            }
+            Cmd::Abort { peer } => self.force(&peer, "aborted: the puller is gone", Instant::now()),
+            Cmd::Send { op, peer, messages, deadline, done } => {
+                let (mut pending, mut left, mut error) = (vec![false; messages.len()], 0, None);
+                match Self::endpoint(self.worker, &mut self.endpoints, &peer, self.detect_peer_failure) {
+                    Err(e) => error = Some(e),
+                    Ok(ep) => {
+                        for (k, &(tag, (addr, len))) in messages.iter().enumerate() {
+                            // SAFETY: the caller of `Peer::send` keeps the spans until done.
+                            match unsafe { self.worker.tag_send(ep, addr as *const u8, len, None, tag, token(op, k)) } {
+                                Ok(()) => {
+                                    pending[k] = true;
+                                    left += 1;
+                                }
+                                Err(e) => {
+                                    error = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                let kind = Kind::Send { peer, deadline, forced_at: None, done, error };
+                self.ops.insert(op, Op { kind, pending, left });
+            }
+        }
+    }
+
+    /// The endpoint to `peer` (connected on first use).
+    fn endpoint<'a>(
+        worker: &Worker,
+        endpoints: &'a mut HashMap<Remote, Endpoint>,
+        peer: &Remote,
+        detect_peer_failure: bool,
+    ) -> Result<&'a Endpoint, String> {
+        if !endpoints.contains_key(peer) {
+            let ep = match peer {
+                Remote::Socket(at) => worker.connect_to(*at, true),
+                Remote::Worker(address) => worker.connect(address, detect_peer_failure),
+            };
+            endpoints.insert(peer.clone(), ep.map_err(|e| e.to_string())?);
+        }
+        Ok(&endpoints[peer])
+    }
+
+    /// Routes completions to their operations and ends the operations with nothing in flight.
+    fn complete(&mut self) {
+        for c in self.worker.take_completions() {
+            let (op, k) = ((c.token >> 32) as u32, (c.token & 0xffff_ffff) as usize);
+            let Some(state) = self.ops.get_mut(&op) else { continue };
+            if !std::mem::replace(&mut state.pending[k], false) {
+                continue;
+            }
+            state.left -= 1;
+            let result = c.result.map_err(|e| e.to_string());
+            match &mut state.kind {
+                Kind::Receive { events, blocks } => {
+                    let (j, (_, want)) = blocks[k];
+                    let result = result.and_then(|()| {
+                        (c.length == want)
+                            .then_some(())
+                            .ok_or(format!("message of {} bytes, block is {want}", c.length))
+                    });
+                    let _ = events.send(Received::Block(j, result));
+                }
+                Kind::Send { error, .. } => {
+                    if let Err(e) = result {
+                        error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let finished: Vec<u32> = self.ops.iter().filter(|(_, s)| s.left == 0).map(|(&op, _)| op).collect();
+        for op in finished {
+            let Some(state) = self.ops.remove(&op) else { continue };
+            match state.kind {
+                Kind::Receive { events, .. } => {
+                    let _ = events.send(Received::Finished);
+                }
+                Kind::Send { peer, done, error, .. } => {
+                    if error.is_some() {
+                        // A failed endpoint is not reused.
+                        self.endpoints.remove(&peer);
+                    }
+                    let _ = done.send(error.map_or(Ok(()), Err));
+                }
+            }
+        }
+    }
+
+    /// Force-closes the endpoint to `peer`, failing its sends with `why`.
+    fn force(&mut self, peer: &Remote, why: &str, now: Instant) {
+        // Dropping the endpoint force-closes it: its sends complete with errors.
+        self.endpoints.remove(peer);
+        for state in self.ops.values_mut() {
+            if let Kind::Send { peer: p, forced_at, error, .. } = &mut state.kind {
+                if p == peer && forced_at.is_none() {
+                    error.get_or_insert_with(|| why.to_string());
+                    *forced_at = Some(now);
+                }
+            }
+        }
+    }
+
+    /// Sends past their deadline are forced; forced sends UCX has not finished within
+    /// [`GRACE`] are answered anyway (the endpoint is gone: nothing reads their memory).
+    fn expire(&mut self, now: Instant) {
+        let late: Vec<Remote> = (self.ops.values())
+            .filter_map(|s| match &s.kind {
+                Kind::Send { peer, deadline, forced_at: None, .. } if *deadline <= now => Some(peer.clone()),
+                _ => None,
+            })
+            .collect();
+        for peer in late {
+            self.force(&peer, "send deadline passed", now);
+        }
+        let given_up: Vec<u32> = (self.ops.iter())
+            .filter(|(_, s)| matches!(s.kind, Kind::Send { forced_at: Some(t), .. } if now - t >= GRACE))
+            .map(|(&op, _)| op)
+            .collect();
+        for op in given_up {
+            if let Some(Op { kind: Kind::Send { done, error, .. }, .. }) = self.ops.remove(&op) {
+                let _ = done.send(Err(error.unwrap_or_default()));
+            }
+        }
+    }
+}

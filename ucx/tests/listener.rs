@@ -1,0 +1,80 @@
+//! Real UCX client-server connections on loopback over TCP: a worker listens on a port, another
+//! connects knowing only that socket address, and tagged messages cross both ways byte-exact; a
+//! rejected connection fails its sender's operations.
+
+use kvtier_ucx::{Completion, Context, Endpoint, Listener, Worker};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const TCP: [(&str, &str); 2] = [("TLS", "tcp"), ("NET_DEVICES", "lo")];
+
+fn worker() -> Worker {
+    Worker::new(&Context::new(&TCP).unwrap()).unwrap()
+}
+
+/// Progresses both workers until `done` says so; panics after 30 s (a hang guard, not a timing
+/// assertion).
+fn until<T>(a: &Worker, b: &Worker, mut done: impl FnMut() -> Option<T>) -> T {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        a.progress();
+        b.progress();
+        if let Some(v) = done() {
+            return v;
+        }
+        assert!(Instant::now() < give_up, "UCX made no progress for 30 s");
+    }
+}
+
+/// Accepts the next connection request on `listener`.
+fn accept(server: &Worker, client: &Worker, listener: &Listener) -> Endpoint {
+    let request = until(server, client, || listener.take_requests().pop());
+    server.accept(request, true).unwrap()
+}
+
+/// Sends `data` over `ep` from `from` into a receive posted on `to`; returns what arrived.
+fn message(from: &Worker, ep: &Endpoint, to: &Worker, data: &[u8], tag: u64) -> Vec<u8> {
+    let mut got = vec![0u8; data.len()];
+    // SAFETY: `got` and `data` outlive their operations (both completed below).
+    unsafe { to.tag_recv(got.as_mut_ptr(), got.len(), None, tag, 1) }.unwrap();
+    unsafe { from.tag_send(ep, data.as_ptr(), data.len(), None, tag, 2) }.unwrap();
+    let (mut sent, mut received): (Vec<Completion>, Vec<Completion>) = (Vec::new(), Vec::new());
+    until(from, to, || {
+        sent.extend(from.take_completions());
+        received.extend(to.take_completions());
+        (!sent.is_empty() && !received.is_empty()).then_some(())
+    });
+    assert!(sent[0].result.is_ok() && received[0].result.is_ok(), "{sent:?} {received:?}");
+    assert_eq!(received[0].length, data.len());
+    got
+}
+
+#[test]
+fn a_peer_connects_by_socket_address_and_messages_cross_both_ways() {
+    let (server, client) = (worker(), worker());
+    let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let at: SocketAddr = listener.local_addr().unwrap();
+    assert!(at.ip().is_loopback() && at.port() != 0, "{at}");
+    let to_server = client.connect_to(at, true).unwrap();
+    let to_client = accept(&server, &client, &listener);
+    let data: Vec<u8> = (0..(1usize << 20) + 13).map(|i| (i * 7 + i / 251) as u8).collect();
+    assert_eq!(message(&client, &to_server, &server, &data, 42), data, "client to server");
+    let back: Vec<u8> = data.iter().rev().copied().collect();
+    assert_eq!(message(&server, &to_client, &client, &back, 43), back, "server to client");
+    drop((to_server, to_client));
+}
+
+#[test]
+fn a_rejected_connection_fails_its_senders_operations() {
+    let (server, client) = (worker(), worker());
+    let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let to_server = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
+    let request = until(&server, &client, || listener.take_requests().pop());
+    listener.reject(request);
+    let data = vec![5u8; 4096];
+    // SAFETY: `data` outlives the send (completed below).
+    unsafe { client.tag_send(&to_server, data.as_ptr(), data.len(), None, 1, 9) }.unwrap();
+    let done = until(&client, &server, || client.take_completions().pop());
+    assert!(done.result.is_err(), "a send over a rejected connection fails: {done:?}");
+    drop(to_server);
+}
