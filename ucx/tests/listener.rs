@@ -2,15 +2,14 @@
 //! connects knowing only that socket address, and tagged messages cross both ways byte-exact; a
 //! rejected connection fails its sender's operations.
 
-use kvtier_ucx::{Completion, Context, Endpoint, Listener, Worker};
+mod common;
+
+use common::pair;
+use kvtier_ucx::{Completion, Endpoint, Listener, Worker};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const TCP: [(&str, &str); 2] = [("TLS", "tcp"), ("NET_DEVICES", "lo")];
-
-fn worker() -> Worker {
-    Worker::new(&Context::new(&TCP).unwrap()).unwrap()
-}
 
 /// Progresses both workers until `done` says so; panics after 30 s (a hang guard, not a timing
 /// assertion).
@@ -51,7 +50,7 @@ fn message(from: &Worker, ep: &Endpoint, to: &Worker, data: &[u8], tag: u64) -> 
 
 #[test]
 fn a_peer_connects_by_socket_address_and_messages_cross_both_ways() {
-    let (server, client) = (worker(), worker());
+    let (server, client) = pair(&TCP);
     let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let at: SocketAddr = listener.local_addr().unwrap();
     assert!(at.ip().is_loopback() && at.port() != 0, "{at}");
@@ -66,7 +65,7 @@ fn a_peer_connects_by_socket_address_and_messages_cross_both_ways() {
 
 #[test]
 fn a_rejected_connection_fails_its_senders_operations() {
-    let (server, client) = (worker(), worker());
+    let (server, client) = pair(&TCP);
     let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let to_server = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
     let request = until(&server, &client, || listener.take_requests().pop());

@@ -1,19 +1,21 @@
 //! Real UCX: two workers (two contexts, as two daemons would have) on loopback, one writing into
 //! the other's registered memory and reading it back, over TCP and over shared memory.
 
-use kvtier_ucx::{check_worker_address, Context, Region, RemoteKey, Worker};
+mod common;
+
+use common::pair;
+use kvtier_ucx::{check_worker_address, Context, Region, RemoteKey};
 
 fn page_aligned(len: usize) -> Vec<u8> {
     vec![0u8; len]
 }
 
 fn round_trip(settings: &[(&str, &str)], detect_peer_failure: bool) {
-    let (a_ctx, b_ctx) = (Context::new(settings).unwrap(), Context::new(settings).unwrap());
-    let (a, b) = (Worker::new(&a_ctx).unwrap(), Worker::new(&b_ctx).unwrap());
+    let (a, b) = pair(settings);
     let len = 4 << 20;
     let mut target = page_aligned(len);
     // SAFETY: `target` outlives the region (dropped first below).
-    let region = unsafe { Region::map(&b_ctx, target.as_mut_ptr(), len) }.unwrap();
+    let region = unsafe { Region::map(b.context(), target.as_mut_ptr(), len) }.unwrap();
     let ep = a.connect(&b.address().unwrap(), detect_peer_failure).unwrap();
     let rkey = RemoteKey::unpack(&ep, &region.pack_rkey().unwrap()).unwrap();
     let data: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
@@ -50,16 +52,14 @@ fn bad_settings_are_errors_not_crashes() {
 
 #[test]
 fn shared_memory_cannot_promise_peer_failure_detection() {
-    let (a_ctx, b_ctx) = (Context::new(&[("TLS", "shm")]).unwrap(), Context::new(&[("TLS", "shm")]).unwrap());
-    let (a, b) = (Worker::new(&a_ctx).unwrap(), Worker::new(&b_ctx).unwrap());
+    let (a, b) = pair(&[("TLS", "shm")]);
     let err = a.connect(&b.address().unwrap(), true).err().expect("unreachable");
     assert_eq!((err.call, err.message.as_str()), ("ucp_ep_create", "Destination is unreachable"));
 }
 
 #[test]
 fn worker_addresses_from_elsewhere_are_checked_before_use() {
-    let ctx = Context::new(&[("TLS", "tcp"), ("NET_DEVICES", "lo")]).unwrap();
-    let (a, b) = (Worker::new(&ctx).unwrap(), Worker::new(&ctx).unwrap());
+    let (a, b) = pair(&[("TLS", "tcp"), ("NET_DEVICES", "lo")]);
     let (ua, ub) =
         (check_worker_address(&a.address().unwrap()).unwrap(), check_worker_address(&b.address().unwrap()).unwrap());
     assert_ne!(ua, ub, "each worker has its own id");

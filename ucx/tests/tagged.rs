@@ -2,12 +2,10 @@
 //! loopback: hundreds of large messages in flight, received byte-exact into their buffers; an
 //! unmatched receive cancelled; a short message reported with its length.
 
-use kvtier_ucx::{Completion, Context, Region, Worker};
+mod common;
 
-fn pair(settings: &[(&str, &str)]) -> (Worker, Worker) {
-    let (a, b) = (Context::new(settings).unwrap(), Context::new(settings).unwrap());
-    (Worker::new(&a).unwrap(), Worker::new(&b).unwrap())
-}
+use common::pair;
+use kvtier_ucx::{Completion, Region, Worker};
 
 /// Progresses both workers until `want` completions arrived on `w`.
 fn drain(w: &Worker, other: &Worker, want: usize) -> Vec<Completion> {

@@ -107,7 +107,10 @@ mod tests {
         }
         let worker = Bytes::from_static(b"some worker address");
         let local: SocketAddr = "127.0.0.1:5555".parse().unwrap();
-        assert_eq!(ship_lanes(&[], std::slice::from_ref(&worker), Some(local)), Ok(vec![Remote::Worker(worker.to_vec())]));
+        assert_eq!(
+            ship_lanes(&[], std::slice::from_ref(&worker), Some(local)),
+            Ok(vec![Remote::Worker(worker.to_vec())])
+        );
         assert_eq!(ship_lanes(&[], std::slice::from_ref(&worker), None), Ok(vec![Remote::Worker(worker.to_vec())]));
         assert!(ship_lanes(&[], std::slice::from_ref(&worker), Some(remote)).unwrap_err().contains("this host only"));
         assert!(ship_lanes(&[7000], &[worker], Some(local)).unwrap_err().contains("not both"));
