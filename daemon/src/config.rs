@@ -155,6 +155,8 @@ pub struct PeerConfig {
     /// IP address the lanes' UCX listeners bind (ports picked by the system). Senders connect to
     /// a lane at the IP address the puller's Ship call came from, on its port.
     pub listen_ip: String,
+    /// Port of lane 0's listener, lane `i` on `listen_port + i`; 0: ports picked by the system.
+    pub listen_port: u16,
 }
 
 impl Default for PeerConfig {
@@ -167,6 +169,7 @@ impl Default for PeerConfig {
             verify: Default::default(),
             lanes: 2,
             listen_ip: "0.0.0.0".into(),
+            listen_port: 0,
         }
     }
 }
@@ -276,6 +279,10 @@ impl Config {
             self.peer.listen_ip.parse::<std::net::IpAddr>().is_ok(),
             "peer.listen_ip must be an IP address, not {:?}",
             self.peer.listen_ip
+        );
+        anyhow::ensure!(
+            self.peer.listen_port == 0 || u32::from(self.peer.listen_port) + self.peer.lanes as u32 <= 65536,
+            "peer.listen_port + peer.lanes runs past port 65535"
         );
         anyhow::ensure!(
             (1..=crate::peer::MAX_LANES).contains(&self.peer.lanes),

@@ -4,7 +4,7 @@
 use super::{token, Cmd, Contact, Received, Remote, Span};
 use kvtier_ucx::{Context, Endpoint, Listener, Worker};
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tmpsc, oneshot};
@@ -58,12 +58,11 @@ const NAP_US: u64 = 20;
 /// How long UCX gets to finish the sends of a force-closed endpoint before they are answered.
 pub const GRACE: Duration = Duration::from_secs(1);
 
-/// The lane's thread: sets up UCX (listening on `listen`, port picked by the system, when
-/// given), reports how to reach it on `ready`, then serves commands until `rx` closes.
+/// The lane's thread: sets up UCX (listening on `listen`, when given), reports how to reach it on `ready`, then serves commands until `rx` closes.
 pub(super) fn run(
     settings: Vec<(String, String)>,
     detect_peer_failure: bool,
-    listen: Option<IpAddr>,
+    listen: Option<SocketAddr>,
     rx: mpsc::Receiver<Cmd>,
     ready: mpsc::Sender<Ready>,
 ) {
@@ -80,8 +79,8 @@ pub(super) fn run(
             return;
         }
     };
-    let listening = |at: IpAddr| -> anyhow::Result<(Listener<'_>, Contact)> {
-        let listener = worker.listen(SocketAddr::new(at, 0))?;
+    let listening = |at: SocketAddr| -> anyhow::Result<(Listener<'_>, Contact)> {
+        let listener = worker.listen(at)?;
         let port = listener.local_addr()?.port();
         Ok((listener, Contact::Port(port)))
     };

@@ -176,16 +176,21 @@ impl Peer {
             );
         }
         // Shared memory alone has no connection manager in UCX 1.13: no listeners then.
-        let listen: Option<IpAddr> = match detect {
-            true => Some(cfg.listen_ip.parse().map_err(|e| anyhow::anyhow!("peer.listen_ip: {e}"))?),
-            false => None,
-        };
+        let ip: IpAddr = cfg.listen_ip.parse().map_err(|e| anyhow::anyhow!("peer.listen_ip: {e}"))?;
         let (mut lanes, mut contacts) = (Vec::new(), Vec::new());
         for lane in 0..cfg.lanes.clamp(1, MAX_LANES) {
             let (tx, rx) = mpsc::channel();
             let (ready_tx, ready_rx) = mpsc::channel();
             let settings = settings.clone();
             let thread = std::thread::Builder::new().name(format!("kvtier-ucx-{lane}"));
+            // Lane i on listen_port + i (0: the system picks).
+            let port = match cfg.listen_port {
+                0 => 0,
+                first => {
+                    first.checked_add(lane as u16).ok_or_else(|| anyhow::anyhow!("peer.listen_port + lane > 65535"))?
+                }
+            };
+            let listen = detect.then_some(SocketAddr::new(ip, port));
             thread.spawn(move || lane::run(settings, detect, listen, rx, ready_tx))?;
             let contact = ready_rx.recv().map_err(|_| anyhow::anyhow!("UCX thread died at start"))??;
             lanes.push(tx);
@@ -307,6 +312,33 @@ mod tests {
         for tls in ["", "tcp", "shm,tcp", "rc,ud", "rc_x,sm", "^shm"] {
             assert!(!shared_memory_only(tls), "{tls}");
         }
+    }
+
+    /// A port `p` with `p + 1` free too (both just bound and released).
+    fn two_free_ports() -> u16 {
+        loop {
+            let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            if first < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", first + 1)).is_ok() {
+                return first;
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_listen_on_the_configured_ports_or_any() {
+        let tcp = PeerConfig {
+            tls: "tcp".into(),
+            net_devices: "lo".into(),
+            listen_ip: "127.0.0.1".into(),
+            ..Default::default()
+        };
+        let first = two_free_ports();
+        let fixed = Peer::start(&PeerConfig { listen_port: first, ..tcp.clone() }).unwrap();
+        assert_eq!(fixed.contacts(), [Contact::Port(first), Contact::Port(first + 1)]);
+        let any = Peer::start(&tcp).unwrap();
+        assert!(any.contacts().iter().all(|c| matches!(c, Contact::Port(p) if *p != 0)), "{:?}", any.contacts());
+        let shm = Peer::start(&PeerConfig { tls: "shm".into(), lanes: 1, ..Default::default() }).unwrap();
+        assert!(matches!(shm.contacts(), [Contact::Worker(_)]), "shared memory only: worker addresses");
     }
 
     #[test]
