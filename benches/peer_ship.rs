@@ -74,9 +74,21 @@ fn buffer(huge: bool) -> memmap2::MmapMut {
     m
 }
 
+/// How a reference sender reaches its receiver: as the daemon's lanes are reached.
+enum Reach {
+    /// A listener's port on loopback (TCP: client-server endpoints).
+    Port(u16),
+    /// A worker address (shared memory, which has no connection manager in UCX 1.13).
+    Address(Vec<u8>),
+}
+
+/// Tag of the one-byte message each reference pair exchanges before the clock starts.
+const HELLO: u64 = u64::MAX;
+
 /// UCX tagged-message bandwidth in bytes/s over `lanes` pairs of workers (threads) of this
 /// process, message `i` from and into offset `i * size` of its side's buffer, striped over the
-/// pairs as kvtier stripes a pull over its lanes: best of ROUNDS.
+/// pairs as kvtier stripes a pull over its lanes, connected as the daemon's lanes are: best of
+/// ROUNDS.
 fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool, lanes: usize) -> f64 {
     let (count, size) = ((BYTES / size) as usize, size as usize);
     let (mut target, data) = (buffer(huge), buffer(huge));
@@ -88,10 +100,27 @@ fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool, lanes: usize) 
         let mut threads = Vec::new();
         for lane in 0..lanes {
             let (rc, sc) = (Context::new(settings).unwrap(), Context::new(settings).unwrap());
-            let receiver = Worker::new(&rc).unwrap();
-            let address = receiver.address().unwrap();
+            let (reach_tx, reach_rx) = std::sync::mpsc::channel();
             let go = Arc::clone(&start);
             threads.push(std::thread::spawn(move || {
+                let receiver = Worker::new(&rc).unwrap();
+                let listener = detect.then(|| receiver.listen("127.0.0.1:0".parse().unwrap()).unwrap());
+                reach_tx
+                    .send(match &listener {
+                        Some(l) => Reach::Port(l.local_addr().unwrap().port()),
+                        None => Reach::Address(receiver.address().unwrap()),
+                    })
+                    .unwrap();
+                let mut hello = [0u8; 1];
+                // SAFETY: `hello` outlives the receive (completed in the loop below).
+                unsafe { receiver.tag_recv(hello.as_mut_ptr(), 1, None, HELLO, HELLO) }.unwrap();
+                let mut accepted = Vec::new();
+                while receiver.take_completions().is_empty() {
+                    receiver.progress();
+                    for request in listener.iter().flat_map(|l| l.take_requests()) {
+                        accepted.push(receiver.accept(request, true).unwrap());
+                    }
+                }
                 let mine: Vec<usize> = (lane..count).step_by(lanes).collect();
                 for &i in &mine {
                     // SAFETY: `target` outlives the receive (drained below, joined before it drops).
@@ -99,11 +128,20 @@ fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool, lanes: usize) 
                 }
                 go.wait();
                 drain(&receiver, mine.len());
+                drop(accepted);
             }));
             let go = Arc::clone(&start);
             threads.push(std::thread::spawn(move || {
                 let sender = Worker::new(&sc).unwrap();
-                let ep = sender.connect(&address, detect).unwrap();
+                let ep = match reach_rx.recv().unwrap() {
+                    Reach::Port(port) => sender.connect_to(([127, 0, 0, 1], port).into(), true),
+                    Reach::Address(address) => sender.connect(&address, false),
+                }
+                .unwrap();
+                let hello = [1u8];
+                // SAFETY: `hello` outlives the send (drained right after).
+                unsafe { sender.tag_send(&ep, hello.as_ptr(), 1, None, HELLO, HELLO) }.unwrap();
+                drain(&sender, 1);
                 go.wait();
                 let mine: Vec<usize> = (lane..count).step_by(lanes).collect();
                 for &i in &mine {

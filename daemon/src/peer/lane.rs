@@ -47,8 +47,9 @@ struct Engine<'w> {
 /// What a lane reports once started: how senders reach it.
 pub(super) type Ready = anyhow::Result<Contact>;
 
-/// Most connections a lane keeps accepted; past it, the oldest is closed (a sender that comes
-/// back reconnects). Bounds what peers that connect over and over can make us hold.
+/// Most connections a lane keeps accepted; past it, the oldest is closed (a shipment still using
+/// it fails, and its sender connects anew next time). Bounds what peers that connect over and
+/// over can make us hold.
 const MAX_ACCEPTED: usize = 1024;
 
 /// Empty progress rounds of a busy worker before it naps.
