@@ -332,6 +332,20 @@ mod tests {
     }
 
     #[test]
+    fn peer_lanes_and_listeners_are_checked() {
+        let refused = |toml: &str, why: &str| {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(why), "{toml}: {err}");
+        };
+        refused("[peer]\nlanes = 0\n", "peer.lanes");
+        refused("[peer]\nlanes = 17\n", "peer.lanes");
+        refused("[peer]\nlisten_ip = \"eth0\"\n", "peer.listen_ip");
+        refused("[peer]\nlisten_port = 65535\n", "past port 65535");
+        let c = Config::from_toml("[peer]\nlanes = 4\nlisten_ip = \"::\"\nlisten_port = 65532\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn pool_smaller_than_a_slab_is_refused() {
         let c = Config::from_toml("[pool]\nbytes = \"1 MiB\"\n").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("smaller than one slab"));
