@@ -177,7 +177,8 @@ fn drain(worker: &Worker, n: usize) {
 }
 
 /// kvtier pull bandwidth in bytes/s between two daemons: BYTES split into `prompts` prompts
-/// pulled at once (one Pull each); best of ROUNDS.
+/// pulled at once (one Pull each); best of ROUNDS. Every round's prompts are saved on the source
+/// first, so that no pull shares the machine with the benchmark making and saving data.
 async fn kvtier(flags: &[&str], size: u64, huge: bool, prompts: usize) -> f64 {
     let mut args = vec!["--pool-bytes", "1 GiB", "--slab-bytes", "8 MiB", "--peer"];
     args.extend(flags);
@@ -186,12 +187,12 @@ async fn kvtier(flags: &[&str], size: u64, huge: bool, prompts: usize) -> f64 {
     }
     let (a, b) = (Daemon::start(&args), Daemon::start(&args));
     let n = (BYTES / size) as usize / prompts;
-    let mut best = 0f64;
+    let mut ca = a.client("bench-ship").await;
+    let ns = ca.register(namespace("bench-ship", size)).await.unwrap();
+    let mut cb = b.client("bench-ship").await;
+    cb.register(namespace("bench-ship", size)).await.unwrap();
+    let mut rounds = Vec::new();
     for round in 0..ROUNDS {
-        let mut ca = a.client("bench-ship").await;
-        let ns = ca.register(namespace("bench-ship", size)).await.unwrap();
-        let mut cb = b.client("bench-ship").await;
-        cb.register(namespace("bench-ship", size)).await.unwrap();
         let mut requests = Vec::new();
         for p in 0..prompts as u64 {
             let hashes = testdata::chained_hashes((size * 10 + round) * 1000 + p, n);
@@ -199,7 +200,11 @@ async fn kvtier(flags: &[&str], size: u64, huge: bool, prompts: usize) -> f64 {
             ca.save(&ns, &hashes, &blocks.iter().map(|b| &b[..]).collect::<Vec<_>>()).await.unwrap();
             requests.push(pb::PullRequest { source: a.grpc.clone(), namespace_id: ns.id.clone(), hashes });
         }
-        let channel = channel(&b.grpc).await.unwrap();
+        rounds.push(requests);
+    }
+    let channel = channel(&b.grpc).await.unwrap();
+    let mut best = 0f64;
+    for requests in rounds {
         let started = Instant::now();
         let pulls: Vec<_> = requests
             .into_iter()
