@@ -104,6 +104,12 @@ impl Worker {
         Endpoint::connect(self, remote, detect_peer_failure)
     }
 
+    /// Endpoints of this worker (made with peer-failure detection) that UCX reported failed
+    /// since the last call, by [`Endpoint::id`]: close them (drop) and stop using them.
+    pub fn take_failed_endpoints(&self) -> Vec<usize> {
+        std::mem::take(&mut self.ops.borrow_mut().failed)
+    }
+
     /// The context this worker belongs to.
     pub fn context(&self) -> &Arc<Context> {
         &self.ctx

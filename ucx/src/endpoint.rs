@@ -11,9 +11,13 @@ pub struct Endpoint {
 // SAFETY: used with its worker, one thread at a time.
 unsafe impl Send for Endpoint {}
 
-/// Called by UCX when an endpoint fails. Its operations complete with the error too, which is
-/// how callers learn of it; installed so that UCX does not log each failure as unhandled.
-unsafe extern "C" fn failed(_: *mut std::ffi::c_void, _: sys::ucp_ep_h, _: sys::ucs_status_t) {}
+/// Called by UCX when an endpoint fails (its operations complete with the error too): queues the
+/// endpoint for [`Worker::take_failed_endpoints`].
+unsafe extern "C" fn failed(ops: *mut std::ffi::c_void, ep: sys::ucp_ep_h, _: sys::ucs_status_t) {
+    // SAFETY: `ops` is the worker's queue, which outlives its endpoints' callbacks.
+    let ops = unsafe { &*ops.cast::<std::cell::RefCell<crate::tagged::Ops>>() };
+    ops.borrow_mut().failed.push(ep as usize);
+}
 
 /// Waits for a request by progressing `workers` (all of them: over emulated transports the peer
 /// must progress too when it lives on this thread), then frees it.
@@ -34,15 +38,16 @@ fn wait(call: &'static str, req: Option<sys::ucs_status_ptr_t>, workers: &[&Work
 
 impl Endpoint {
     pub(crate) fn connect(worker: &Worker, remote: &[u8], detect_peer_failure: bool) -> Result<Self> {
-        let mut params = Self::params(detect_peer_failure);
+        let mut params = Self::params(worker, detect_peer_failure);
         params.field_mask |= sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_REMOTE_ADDRESS as u64;
         params.address = remote.as_ptr().cast();
         // SAFETY: the address bytes outlive the call (UCX copies what it needs).
         unsafe { Self::create(worker, &params) }
     }
 
-    /// Endpoint parameters with the error handling mode set (and a handler, for PEER).
-    pub(crate) fn params(detect_peer_failure: bool) -> sys::ucp_ep_params_t {
+    /// Endpoint parameters of `worker` with the error handling mode set (and, for PEER, a
+    /// handler queuing failures on the worker).
+    pub(crate) fn params(worker: &Worker, detect_peer_failure: bool) -> sys::ucp_ep_params_t {
         // SAFETY: all-zero is a valid parameter block; the fields set are named in the mask.
         let mut params: sys::ucp_ep_params_t = unsafe { std::mem::zeroed() };
         params.field_mask = sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE as u64;
@@ -50,7 +55,8 @@ impl Endpoint {
         if detect_peer_failure {
             params.err_mode = sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER;
             params.field_mask |= sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER as u64;
-            params.err_handler = sys::ucp_err_handler_t { cb: Some(failed), arg: ptr::null_mut() };
+            let ops: *const std::cell::RefCell<crate::tagged::Ops> = &*worker.ops;
+            params.err_handler = sys::ucp_err_handler_t { cb: Some(failed), arg: ops.cast_mut().cast() };
         }
         params
     }
@@ -64,6 +70,11 @@ impl Endpoint {
         // SAFETY: valid worker; the caller vouches for the parameters.
         check("ucp_ep_create", unsafe { sys::ucp_ep_create(worker.raw, params, &mut raw) })?;
         Ok(Self { raw })
+    }
+
+    /// What identifies this endpoint in [`Worker::take_failed_endpoints`].
+    pub fn id(&self) -> usize {
+        self.raw as usize
     }
 
     fn param() -> sys::ucp_request_param_t {

@@ -69,7 +69,7 @@ impl Worker {
 
     /// Accepts `request` (from one of this worker's listeners) as an endpoint to its peer.
     pub fn accept(&self, mut request: ConnRequest, detect_peer_failure: bool) -> Result<Endpoint> {
-        let mut params = Endpoint::params(detect_peer_failure);
+        let mut params = Endpoint::params(self, detect_peer_failure);
         params.field_mask |= sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_CONN_REQUEST as u64;
         // Answered either way: UCX consumes the request even when creating the endpoint fails.
         params.conn_request = std::mem::replace(&mut request.raw, ptr::null_mut());
@@ -81,7 +81,7 @@ impl Worker {
     /// progress; operations posted meanwhile wait for it.
     pub fn connect_to(&self, at: SocketAddr, detect_peer_failure: bool) -> Result<Endpoint> {
         let at = SockaddrStorage::from(at);
-        let mut params = Endpoint::params(detect_peer_failure);
+        let mut params = Endpoint::params(self, detect_peer_failure);
         params.field_mask |= (sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_FLAGS
             | sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_SOCK_ADDR) as u64;
         params.flags = sys::ucp_ep_params_flags_field_UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;

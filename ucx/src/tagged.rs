@@ -27,6 +27,8 @@ pub struct Completion {
 pub(crate) struct Ops {
     pub(crate) pending: HashMap<u64, *mut c_void>,
     done: Vec<(Completion, *mut c_void)>,
+    /// Endpoints UCX reported failed (by [`Endpoint::id`](crate::Endpoint::id)), not yet taken.
+    pub(crate) failed: Vec<usize>,
 }
 
 /// What a callback gets as `user_data`: where to queue, the token, and the posted length.

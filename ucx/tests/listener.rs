@@ -1,6 +1,7 @@
 //! Real UCX client-server connections on loopback over TCP: a worker listens on a port, another
 //! connects knowing only that socket address, and tagged messages cross both ways byte-exact; a
-//! rejected connection fails its sender's operations.
+//! rejected connection fails its sender's operations; failed endpoints are reported on both
+//! sides.
 
 mod common;
 
@@ -75,5 +76,20 @@ fn a_rejected_connection_fails_its_senders_operations() {
     unsafe { client.tag_send(&to_server, data.as_ptr(), data.len(), None, 1, 9) }.unwrap();
     let done = until(&client, &server, || client.take_completions().pop());
     assert!(done.result.is_err(), "a send over a rejected connection fails: {done:?}");
+    let failed = until(&client, &server, || Some(client.take_failed_endpoints()).filter(|f| !f.is_empty()));
+    assert_eq!(failed, [to_server.id()], "the endpoint is reported failed");
     drop(to_server);
+}
+
+#[test]
+fn an_accepted_connection_whose_peer_closes_is_reported_failed() {
+    let (server, client) = pair(&TCP);
+    let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let to_server = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
+    let to_client = accept(&server, &client, &listener);
+    assert_eq!(message(&client, &to_server, &server, &[9u8; 100], 5), [9u8; 100]);
+    drop(to_server);
+    let failed = until(&server, &client, || Some(server.take_failed_endpoints()).filter(|f| !f.is_empty()));
+    assert_eq!(failed, [to_client.id()], "the server learns its peer is gone");
+    drop(to_client);
 }

@@ -47,9 +47,9 @@ struct Engine<'w> {
 /// What a lane reports once started: how senders reach it.
 pub(super) type Ready = anyhow::Result<Contact>;
 
-/// Most connections a lane keeps accepted; past it, the oldest is closed (a shipment still using
-/// it fails, and its sender connects anew next time). Bounds what peers that connect over and
-/// over can make us hold.
+/// Most connections a lane keeps accepted (failed ones are closed as UCX reports them); past it,
+/// the oldest is closed (a shipment still using it fails, and its sender connects anew next
+/// time). Bounds what peers that connect over and over can make us hold.
 const MAX_ACCEPTED: usize = 1024;
 
 /// Empty progress rounds of a busy worker before it naps.
@@ -123,6 +123,7 @@ pub(super) fn run(
                 n => events += n,
             }
         }
+        engine.drop_failed();
         if let Some(listener) = &listener {
             engine.accept(listener);
         }
@@ -142,6 +143,16 @@ pub(super) fn run(
 }
 
 impl Engine<'_> {
+    /// Closes the endpoints UCX reported failed (their operations fail on their own): a peer
+    /// gone, or a connection lost. A sender reconnects on its next shipment.
+    fn drop_failed(&mut self) {
+        let failed = self.worker.take_failed_endpoints();
+        if !failed.is_empty() {
+            self.accepted.retain(|ep| !failed.contains(&ep.id()));
+            self.endpoints.retain(|_, ep| !failed.contains(&ep.id()));
+        }
+    }
+
     /// Accepts the connections senders asked for.
     fn accept(&mut self, listener: &Listener) {
         for request in listener.take_requests() {
