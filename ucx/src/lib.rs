@@ -1,6 +1,7 @@
 //! kvtier's own thin UCX bindings: bindgen over the system's `<ucp/api/ucp.h>` ([`sys`]) and a
 //! small safe layer: [`Context`], [`Worker`] (address, progress), [`Endpoint`] (connect by worker
-//! address, or by socket address to a [`Listener`]; put/get, flush), [`Region`] (registered memory and its packed remote key),
+//! address, or by socket address to a [`Listener`]; put/get, flush; failures reported by
+//! [`Worker::take_failed_endpoints`]), [`Region`] (registered memory and its packed remote key),
 //! [`RemoteKey`], and tagged messages in flight by the thousand ([`Worker::tag_send`],
 //! [`Worker::tag_recv`], [`Worker::take_completions`]).
 //!
