@@ -12,17 +12,19 @@ use std::net::SocketAddr;
 use std::ptr;
 
 /// A connection a peer asked for, to accept ([`Worker::accept`]) or reject
-/// ([`Listener::reject`]); one dropped unanswered is rejected.
-pub struct ConnRequest {
+/// ([`Listener::reject`]); one dropped unanswered is rejected. It borrows its listener, which
+/// must still exist to answer it.
+pub struct ConnRequest<'l> {
     raw: sys::ucp_conn_request_h,
     listener: sys::ucp_listener_h,
+    of: PhantomData<&'l ()>,
 }
 
-impl Drop for ConnRequest {
+impl Drop for ConnRequest<'_> {
     fn drop(&mut self) {
         if !self.raw.is_null() {
-            // SAFETY: an unanswered request of a live listener (requests never outlive theirs:
-            // the listener rejects what is queued before it is destroyed).
+            // SAFETY: an unanswered request of a live listener (the borrow; and the listener
+            // rejects what is still queued before it is destroyed).
             unsafe { sys::ucp_listener_reject(self.listener, self.raw) };
         }
     }
@@ -68,7 +70,7 @@ impl Worker {
     }
 
     /// Accepts `request` (from one of this worker's listeners) as an endpoint to its peer.
-    pub fn accept(&self, mut request: ConnRequest, detect_peer_failure: bool) -> Result<Endpoint> {
+    pub fn accept(&self, mut request: ConnRequest<'_>, detect_peer_failure: bool) -> Result<Endpoint> {
         let mut params = Endpoint::params(self, detect_peer_failure);
         params.field_mask |= sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_CONN_REQUEST as u64;
         // Answered either way: UCX consumes the request even when creating the endpoint fails.
@@ -111,13 +113,13 @@ impl Listener<'_> {
     }
 
     /// Connection requests that arrived since the last call (while the worker progressed).
-    pub fn take_requests(&self) -> Vec<ConnRequest> {
+    pub fn take_requests(&self) -> Vec<ConnRequest<'_>> {
         let raw = self.raw;
-        self.arrived.borrow_mut().drain(..).map(|r| ConnRequest { raw: r, listener: raw }).collect()
+        self.arrived.borrow_mut().drain(..).map(|r| ConnRequest { raw: r, listener: raw, of: PhantomData }).collect()
     }
 
     /// Turns `request` down: its peer's endpoint fails.
-    pub fn reject(&self, request: ConnRequest) {
+    pub fn reject(&self, request: ConnRequest<'_>) {
         drop(request);
     }
 }
