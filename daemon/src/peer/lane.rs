@@ -17,6 +17,8 @@ enum Kind {
     },
     Send {
         peer: Remote,
+        /// The endpoint its messages went out on ([`Endpoint::id`]; None: none could be made).
+        endpoint: Option<usize>,
         deadline: Instant,
         /// When the endpoint was force-closed under it (deadline or abort).
         forced_at: Option<Instant>,
@@ -59,7 +61,8 @@ const NAP_US: u64 = 20;
 /// How long UCX gets to finish the sends of a force-closed endpoint before they are answered.
 pub const GRACE: Duration = Duration::from_secs(1);
 
-/// The lane's thread: sets up UCX (listening on `listen`, when given), reports how to reach it on `ready`, then serves commands until `rx` closes.
+/// The lane's thread: sets up UCX (listening on `listen`, when given), reports how to reach it
+/// on `ready`, then serves commands until `rx` closes.
 pub(super) fn run(
     settings: Vec<(String, String)>,
     detect_peer_failure: bool,
@@ -195,10 +198,11 @@ impl Engine<'_> {
             }
             Cmd::Abort { peer } => self.force(&peer, "aborted: the puller is gone", Instant::now()),
             Cmd::Send { op, peer, messages, deadline, done } => {
-                let (mut pending, mut left, mut error) = (vec![false; messages.len()], 0, None);
+                let (mut pending, mut left, mut error, mut endpoint) = (vec![false; messages.len()], 0, None, None);
                 match Self::endpoint(self.worker, &mut self.endpoints, &peer, self.detect_peer_failure) {
                     Err(e) => error = Some(e),
                     Ok(ep) => {
+                        endpoint = Some(ep.id());
                         for (k, &(tag, (addr, len))) in messages.iter().enumerate() {
                             // SAFETY: the caller of `Peer::send` keeps the spans until done.
                             match unsafe { self.worker.tag_send(ep, addr as *const u8, len, None, tag, token(op, k)) } {
@@ -214,7 +218,7 @@ impl Engine<'_> {
                         }
                     }
                 }
-                let kind = Kind::Send { peer, deadline, forced_at: None, done, error };
+                let kind = Kind::Send { peer, endpoint, deadline, forced_at: None, done, error };
                 self.ops.insert(op, Op { kind, pending, left });
             }
         }
@@ -271,9 +275,10 @@ impl Engine<'_> {
                 Kind::Receive { events, .. } => {
                     let _ = events.send(Received::Finished);
                 }
-                Kind::Send { peer, done, error, .. } => {
-                    if error.is_some() {
-                        // A failed endpoint is not reused.
+                Kind::Send { peer, endpoint, done, error, .. } => {
+                    // A failed endpoint is not reused; one made since (after UCX reported this
+                    // one failed) is another's and stays.
+                    if error.is_some() && self.endpoints.get(&peer).map(Endpoint::id) == endpoint {
                         self.endpoints.remove(&peer);
                     }
                     let _ = done.send(error.map_or(Ok(()), Err));
