@@ -152,7 +152,6 @@ impl Worker {
     /// # Safety
     /// The buffer must stay valid and unchanged until this token's completion was taken, and
     /// lie inside `region` when one is given.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tag_send(
         &self,
         ep: &Endpoint,

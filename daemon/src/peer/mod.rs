@@ -224,7 +224,7 @@ impl Peer {
             if tx.send(cmd).is_err() {
                 // A lane thread is gone (the daemon is stopping). No sender ever learns these
                 // tags, so the receives posted on other lanes can only end cancelled.
-                self.cancel(&Receiving { tag_base: 0, lanes: Vec::new(), op });
+                self.cancel_op(op);
                 return Err(STOPPED.to_string());
             }
         }
@@ -234,8 +234,12 @@ impl Peer {
 
     /// Cancels what of `r` no sender has started filling yet (its `Finished` follows).
     pub fn cancel(&self, r: &Receiving) {
+        self.cancel_op(r.op);
+    }
+
+    fn cancel_op(&self, op: u32) {
         for tx in &self.lanes {
-            let _ = tx.send(Cmd::Cancel { op: r.op });
+            let _ = tx.send(Cmd::Cancel { op });
         }
     }
 
