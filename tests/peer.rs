@@ -244,6 +244,10 @@ async fn bad_shipments_are_refused_and_the_sender_carries_on() {
         let err = t.ship(req).await.expect_err("refused");
         assert!(err.message().contains(why), "{why}: {err:?}");
     }
+    // A lane port nobody listens on: the connection fails, and so does the shipment.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = t.ship(to_ports(vec![u32::from(closed)], vec![])).await.expect_err("nobody listens");
+    assert!(err.message().contains("connect"), "{err:?}");
     assert!(a.is_running(), "the sender survived every bad shipment");
     save(&b, 2, 1, block).await;
     let r = pull(&b, &a, &ns, &hashes).await.unwrap();

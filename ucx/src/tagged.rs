@@ -168,6 +168,20 @@ impl Worker {
         self.posted(call, token, slot, p, len)
     }
 
+    /// Flushes `ep` (an endpoint of this worker) in the background; it completes as `token` once
+    /// every operation issued on it before completed at the peer. On an endpoint just created
+    /// that is also once its connection is set up: UCX picks a message's protocol when it is
+    /// posted, and messages posted before then go eager (copied through bounce buffers on the
+    /// receiver) rather than rendezvous, whatever their size.
+    pub fn flush_endpoint(&self, ep: &Endpoint, token: u64) -> Result<()> {
+        let call = "ucp_ep_flush_nbx";
+        let (mut param, slot) = self.param(call, token, 0, None)?;
+        param.cb.send = Some(send_done);
+        // SAFETY: valid endpoint of this worker; the slot is reclaimed by the callback or below.
+        let p = unsafe { sys::ucp_ep_flush_nbx(ep.raw, &param) };
+        self.posted(call, token, slot, p, 0)
+    }
+
     /// Asks UCX to cancel operation `token` if it is still in flight: a receive no sender has
     /// matched completes as cancelled on a later progress; one being filled completes normally.
     pub fn cancel(&self, token: u64) {

@@ -93,3 +93,28 @@ fn an_accepted_connection_whose_peer_closes_is_reported_failed() {
     assert_eq!(failed, [to_client.id()], "the server learns its peer is gone");
     drop(to_client);
 }
+
+#[test]
+fn a_new_endpoints_flush_completes_once_its_connection_is_up_or_failed() {
+    let (server, client) = pair(&TCP);
+    let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let to_server = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
+    client.flush_endpoint(&to_server, 7).unwrap();
+    let request = until(&server, &client, || listener.take_requests().pop());
+    for _ in 0..1000 {
+        client.progress();
+    }
+    assert!(client.take_completions().is_empty(), "no connection yet: the flush waits (sends would go eager)");
+    let to_client = server.accept(request, true).unwrap();
+    let done = until(&client, &server, || client.take_completions().pop());
+    assert_eq!((done.token, done.result), (7, Ok(())), "accepted: the connection is up");
+    assert_eq!(message(&client, &to_server, &server, &[3u8; 5000], 8), [3u8; 5000]);
+
+    let refused = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
+    client.flush_endpoint(&refused, 9).unwrap();
+    listener.reject(until(&server, &client, || listener.take_requests().pop()));
+    let done = until(&client, &server, || client.take_completions().pop());
+    assert_eq!(done.token, 9);
+    assert!(done.result.is_err(), "rejected: the flush fails ({done:?})");
+    drop((to_server, to_client, refused));
+}

@@ -17,8 +17,11 @@ enum Kind {
     },
     Send {
         peer: Remote,
-        /// The endpoint its messages went out on ([`Endpoint::id`]; None: none could be made).
+        /// The endpoint its messages go out on ([`Endpoint::id`]; None: none could be made).
         endpoint: Option<usize>,
+        /// Messages (index in the operation, tag, span) held back until that endpoint's
+        /// connection is up.
+        queued: Vec<(usize, u64, Span)>,
         deadline: Instant,
         /// When the endpoint was force-closed under it (deadline or abort).
         forced_at: Option<Instant>,
@@ -35,11 +38,23 @@ struct Op {
     left: usize,
 }
 
+/// An endpoint we send through.
+struct Conn {
+    ep: Endpoint,
+    /// Whether its connection is set up (its first flush completed): until then sends wait,
+    /// since UCX would send them eager, copied through bounce buffers, whatever their size.
+    ready: bool,
+}
+
 /// The UCX thread's state.
 struct Engine<'w> {
     worker: &'w Worker,
     /// Endpoints we send through, by where they go.
-    endpoints: HashMap<Remote, Endpoint>,
+    endpoints: HashMap<Remote, Conn>,
+    /// Flushes of new endpoints in flight, by token: (where it goes, [`Endpoint::id`]).
+    connecting: HashMap<u64, (Remote, usize)>,
+    /// Number of the next connection flush (its token is `token(0, n)`).
+    next_flush: u32,
     /// Endpoints senders connected to our listener with (kept so their connections stay up).
     accepted: VecDeque<Endpoint>,
     ops: HashMap<u32, Op>,
@@ -101,6 +116,8 @@ pub(super) fn run(
     let mut engine = Engine {
         worker: &worker,
         endpoints: HashMap::new(),
+        connecting: HashMap::new(),
+        next_flush: 0,
         accepted: VecDeque::new(),
         ops: HashMap::new(),
         detect_peer_failure,
@@ -152,7 +169,10 @@ impl Engine<'_> {
         let failed = self.worker.take_failed_endpoints();
         if !failed.is_empty() {
             self.accepted.retain(|ep| !failed.contains(&ep.id()));
-            self.endpoints.retain(|_, ep| !failed.contains(&ep.id()));
+            self.endpoints.retain(|_, c| !failed.contains(&c.ep.id()));
+            for id in failed {
+                self.fail_queued(id, "connection to the puller failed (gone or unreachable)");
+            }
         }
     }
 
@@ -198,53 +218,110 @@ impl Engine<'_> {
             }
             Cmd::Abort { peer } => self.force(&peer, "aborted: the puller is gone", Instant::now()),
             Cmd::Send { op, peer, messages, deadline, done } => {
-                let (mut pending, mut left, mut error, mut endpoint) = (vec![false; messages.len()], 0, None, None);
-                match Self::endpoint(self.worker, &mut self.endpoints, &peer, self.detect_peer_failure) {
+                let (mut error, mut endpoint, mut ready) = (None, None, false);
+                match self.endpoint(&peer) {
                     Err(e) => error = Some(e),
-                    Ok(ep) => {
-                        endpoint = Some(ep.id());
-                        for (k, &(tag, (addr, len))) in messages.iter().enumerate() {
-                            // SAFETY: the caller of `Peer::send` keeps the spans until done.
-                            match unsafe { self.worker.tag_send(ep, addr as *const u8, len, None, tag, token(op, k)) } {
-                                Ok(()) => {
-                                    pending[k] = true;
-                                    left += 1;
-                                }
-                                Err(e) => {
-                                    error = Some(e.to_string());
-                                    break;
-                                }
-                            }
-                        }
-                    }
+                    Ok(conn) => (endpoint, ready) = (Some(conn.ep.id()), conn.ready),
                 }
-                let kind = Kind::Send { peer, endpoint, deadline, forced_at: None, done, error };
-                self.ops.insert(op, Op { kind, pending, left });
+                let queued = match error {
+                    None => messages.iter().enumerate().map(|(k, &(tag, span))| (k, tag, span)).collect(),
+                    Some(_) => Vec::new(),
+                };
+                let kind = Kind::Send { peer: peer.clone(), endpoint, queued, deadline, forced_at: None, done, error };
+                let mut state = Op { kind, pending: vec![false; messages.len()], left: 0 };
+                if ready {
+                    self.post_queued(op, &mut state, &peer);
+                }
+                self.ops.insert(op, state);
             }
         }
     }
 
-    /// The endpoint to `peer` (connected on first use).
-    fn endpoint<'a>(
-        worker: &Worker,
-        endpoints: &'a mut HashMap<Remote, Endpoint>,
-        peer: &Remote,
-        detect_peer_failure: bool,
-    ) -> Result<&'a Endpoint, String> {
-        if !endpoints.contains_key(peer) {
-            let ep = match peer {
-                Remote::Socket(at) => worker.connect_to(*at, true),
-                Remote::Worker(address) => worker.connect(address, detect_peer_failure),
-            };
-            endpoints.insert(peer.clone(), ep.map_err(|e| e.to_string())?);
+    /// Posts the sends `state` (operation `op`) holds back, over the endpoint to `peer`.
+    fn post_queued(&self, op: u32, state: &mut Op, peer: &Remote) {
+        let Kind::Send { queued, error, .. } = &mut state.kind else { return };
+        let Some(conn) = self.endpoints.get(peer) else { return };
+        for (k, tag, (addr, len)) in std::mem::take(queued) {
+            // SAFETY: the caller of `Peer::send` keeps the spans until done.
+            match unsafe { self.worker.tag_send(&conn.ep, addr as *const u8, len, None, tag, token(op, k)) } {
+                Ok(()) => {
+                    state.pending[k] = true;
+                    state.left += 1;
+                }
+                Err(e) => {
+                    error.get_or_insert(e.to_string());
+                    break;
+                }
+            }
         }
-        Ok(&endpoints[peer])
+    }
+
+    /// Fails the sends held back for endpoint `id` (its connection never came up).
+    fn fail_queued(&mut self, id: usize, why: &str) {
+        for state in self.ops.values_mut() {
+            if let Kind::Send { endpoint: Some(e), queued, error, .. } = &mut state.kind {
+                if *e == id && !queued.is_empty() {
+                    queued.clear();
+                    error.get_or_insert_with(|| why.to_string());
+                }
+            }
+        }
+    }
+
+    /// A connection flush completed: the endpoint is ready and its held-back sends go out, or
+    /// it failed and so do they.
+    fn connected(&mut self, flush: u64, result: Result<(), String>) {
+        let Some((peer, id)) = self.connecting.remove(&flush) else { return };
+        let Some(conn) = self.endpoints.get_mut(&peer).filter(|c| c.ep.id() == id) else {
+            // Closed meanwhile (failed, forced): its sends were failed then.
+            return self.fail_queued(id, "connection closed");
+        };
+        if let Err(e) = result {
+            tracing::debug!(?peer, "peer connection failed: {e}");
+            self.endpoints.remove(&peer);
+            return self.fail_queued(id, &format!("connecting: {e}"));
+        }
+        conn.ready = true;
+        let waiting: Vec<u32> = (self.ops.iter())
+            .filter(|(_, s)| matches!(&s.kind, Kind::Send { endpoint: Some(e), queued, .. } if *e == id && !queued.is_empty()))
+            .map(|(&op, _)| op)
+            .collect();
+        for op in waiting {
+            let Some(mut state) = self.ops.remove(&op) else { continue };
+            self.post_queued(op, &mut state, &peer);
+            self.ops.insert(op, state);
+        }
+    }
+
+    /// The endpoint to `peer`, connected on first use (and flushed, to learn when it is up).
+    fn endpoint(&mut self, peer: &Remote) -> Result<&Conn, String> {
+        if !self.endpoints.contains_key(peer) {
+            tracing::debug!(?peer, "peer lane connecting");
+            let ep = match peer {
+                Remote::Socket(at) => self.worker.connect_to(*at, true),
+                Remote::Worker(address) => self.worker.connect(address, self.detect_peer_failure),
+            }
+            .map_err(|e| e.to_string())?;
+            let flush = token(0, self.next_flush as usize);
+            self.next_flush = self.next_flush.wrapping_add(1);
+            // Unflushable: send at once (eager, slower, still correct).
+            let ready = self.worker.flush_endpoint(&ep, flush).is_err();
+            if !ready {
+                self.connecting.insert(flush, (peer.clone(), ep.id()));
+            }
+            self.endpoints.insert(peer.clone(), Conn { ep, ready });
+        }
+        Ok(&self.endpoints[peer])
     }
 
     /// Routes completions to their operations and ends the operations with nothing in flight.
     fn complete(&mut self) {
         for c in self.worker.take_completions() {
             let (op, k) = ((c.token >> 32) as u32, (c.token & 0xffff_ffff) as usize);
+            if op == 0 {
+                self.connected(c.token, c.result.map_err(|e| e.to_string()));
+                continue;
+            }
             let Some(state) = self.ops.get_mut(&op) else { continue };
             if !std::mem::replace(&mut state.pending[k], false) {
                 continue;
@@ -268,7 +345,10 @@ impl Engine<'_> {
                 }
             }
         }
-        let finished: Vec<u32> = self.ops.iter().filter(|(_, s)| s.left == 0).map(|(&op, _)| op).collect();
+        let finished: Vec<u32> = (self.ops.iter())
+            .filter(|(_, s)| s.left == 0 && !matches!(&s.kind, Kind::Send { queued, .. } if !queued.is_empty()))
+            .map(|(&op, _)| op)
+            .collect();
         for op in finished {
             let Some(state) = self.ops.remove(&op) else { continue };
             match state.kind {
@@ -278,7 +358,7 @@ impl Engine<'_> {
                 Kind::Send { peer, endpoint, done, error, .. } => {
                     // A failed endpoint is not reused; one made since (after UCX reported this
                     // one failed) is another's and stays.
-                    if error.is_some() && self.endpoints.get(&peer).map(Endpoint::id) == endpoint {
+                    if error.is_some() && self.endpoints.get(&peer).map(|c| c.ep.id()) == endpoint {
                         self.endpoints.remove(&peer);
                     }
                     let _ = done.send(error.map_or(Ok(()), Err));
@@ -292,8 +372,9 @@ impl Engine<'_> {
         // Dropping the endpoint force-closes it: its sends complete with errors.
         self.endpoints.remove(peer);
         for state in self.ops.values_mut() {
-            if let Kind::Send { peer: p, forced_at, error, .. } = &mut state.kind {
+            if let Kind::Send { peer: p, forced_at, error, queued, .. } = &mut state.kind {
                 if p == peer && forced_at.is_none() {
+                    queued.clear();
                     error.get_or_insert_with(|| why.to_string());
                     *forced_at = Some(now);
                 }
