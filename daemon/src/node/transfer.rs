@@ -291,7 +291,13 @@ impl Node {
             let n = (offer.blocks as usize).min(hashes.len());
             self.receive(&mut client, offer.offer, ns, &hashes[..n], block_bytes).await
         };
-        let _ = client.release_offer(pb::ReleaseOfferRequest { offer: offer.offer }).await;
+        // Released in the background: the pulled blocks are ours already, and a source that
+        // stalls now must not hold the pull (the offer also expires on its own).
+        let expiry = Duration::from_secs(self.config.peer.offer_timeout_secs);
+        let release = pb::ReleaseOfferRequest { offer: offer.offer };
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(expiry, client.release_offer(release)).await;
+        });
         result
     }
 
