@@ -274,6 +274,7 @@ impl Node {
             let n = c.namespace(ns);
             (n.id, n.block_bytes)
         };
+        let started = Instant::now();
         let mut client = self.source_client(source).await?;
         let request = pb::OfferRequest {
             namespace_id: Bytes::copy_from_slice(&id.0),
@@ -285,6 +286,7 @@ impl Node {
         if offer.offer == 0 {
             return Ok(Pulled::default());
         }
+        let offered = started.elapsed();
         let result = if offer.block_bytes != block_bytes {
             Err(format!("source blocks are {} bytes, ours {block_bytes}", offer.block_bytes))
         } else {
@@ -298,6 +300,8 @@ impl Node {
         tokio::spawn(async move {
             let _ = tokio::time::timeout(expiry, client.release_offer(release)).await;
         });
+        let (offer_us, total_us) = (offered.as_micros(), started.elapsed().as_micros());
+        tracing::debug!(source, offer_us, total_us, outcome = ?result, "pull finished");
         result
     }
 
