@@ -26,6 +26,13 @@ fn until<T>(a: &Worker, b: &Worker, mut done: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A listener of `server` on a loopback port, and `client`'s endpoint connecting to it.
+fn dial<'s>(server: &'s Worker, client: &Worker) -> (Listener<'s>, Endpoint) {
+    let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
+    (listener, ep)
+}
+
 /// Accepts the next connection request on `listener`.
 fn accept(server: &Worker, client: &Worker, listener: &Listener) -> Endpoint {
     let request = until(server, client, || listener.take_requests().pop());
@@ -67,8 +74,7 @@ fn a_peer_connects_by_socket_address_and_messages_cross_both_ways() {
 #[test]
 fn a_rejected_connection_fails_its_senders_operations() {
     let (server, client) = pair(&TCP);
-    let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    let to_server = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
+    let (listener, to_server) = dial(&server, &client);
     let request = until(&server, &client, || listener.take_requests().pop());
     listener.reject(request);
     let data = vec![5u8; 4096];
@@ -84,8 +90,7 @@ fn a_rejected_connection_fails_its_senders_operations() {
 #[test]
 fn an_accepted_connection_whose_peer_closes_is_reported_failed() {
     let (server, client) = pair(&TCP);
-    let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    let to_server = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
+    let (listener, to_server) = dial(&server, &client);
     let to_client = accept(&server, &client, &listener);
     assert_eq!(message(&client, &to_server, &server, &[9u8; 100], 5), [9u8; 100]);
     drop(to_server);
@@ -97,8 +102,7 @@ fn an_accepted_connection_whose_peer_closes_is_reported_failed() {
 #[test]
 fn a_new_endpoints_flush_completes_once_its_connection_is_up_or_failed() {
     let (server, client) = pair(&TCP);
-    let listener = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    let to_server = client.connect_to(listener.local_addr().unwrap(), true).unwrap();
+    let (listener, to_server) = dial(&server, &client);
     client.flush_endpoint(&to_server, 7).unwrap();
     let request = until(&server, &client, || listener.take_requests().pop());
     for _ in 0..1000 {

@@ -229,21 +229,20 @@ impl Engine<'_> {
                 };
                 let kind = Kind::Send { peer: peer.clone(), endpoint, queued, deadline, forced_at: None, done, error };
                 let mut state = Op { kind, pending: vec![false; messages.len()], left: 0 };
-                if ready {
-                    self.post_queued(op, &mut state, &peer);
+                if let Some(conn) = self.endpoints.get(&peer).filter(|_| ready) {
+                    Self::post_queued(self.worker, conn, op, &mut state);
                 }
                 self.ops.insert(op, state);
             }
         }
     }
 
-    /// Posts the sends `state` (operation `op`) holds back, over the endpoint to `peer`.
-    fn post_queued(&self, op: u32, state: &mut Op, peer: &Remote) {
+    /// Posts the sends `state` (operation `op`) holds back, over `conn`.
+    fn post_queued(worker: &Worker, conn: &Conn, op: u32, state: &mut Op) {
         let Kind::Send { queued, error, .. } = &mut state.kind else { return };
-        let Some(conn) = self.endpoints.get(peer) else { return };
         for (k, tag, (addr, len)) in std::mem::take(queued) {
             // SAFETY: the caller of `Peer::send` keeps the spans until done.
-            match unsafe { self.worker.tag_send(&conn.ep, addr as *const u8, len, None, tag, token(op, k)) } {
+            match unsafe { worker.tag_send(&conn.ep, addr as *const u8, len, None, tag, token(op, k)) } {
                 Ok(()) => {
                     state.pending[k] = true;
                     state.left += 1;
@@ -282,14 +281,11 @@ impl Engine<'_> {
             return self.fail_queued(id, &format!("connecting: {e}"));
         }
         conn.ready = true;
-        let waiting: Vec<u32> = (self.ops.iter())
-            .filter(|(_, s)| matches!(&s.kind, Kind::Send { endpoint: Some(e), queued, .. } if *e == id && !queued.is_empty()))
-            .map(|(&op, _)| op)
-            .collect();
-        for op in waiting {
-            let Some(mut state) = self.ops.remove(&op) else { continue };
-            self.post_queued(op, &mut state, &peer);
-            self.ops.insert(op, state);
+        let conn = &self.endpoints[&peer];
+        for (&op, state) in self.ops.iter_mut() {
+            if matches!(state.kind, Kind::Send { endpoint: Some(e), .. } if e == id) {
+                Self::post_queued(self.worker, conn, op, state);
+            }
         }
     }
 
