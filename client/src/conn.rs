@@ -244,6 +244,31 @@ impl Client {
         }
     }
 
+    /// Registers the engine's KV tensors for daemon-side copies (when `hello().device_dma`); the
+    /// reply's `error` says why the daemon cannot reach them, if it cannot.
+    pub async fn register_kv_cache(&mut self, r: pb::RegisterKvCache) -> Result<pb::RegisterKvCacheReply> {
+        match self.call(request::Op::RegisterKvCache(r)).await? {
+            response::Result::RegisterKvCache(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Has the daemon copy engine blocks into the pool and commit them.
+    pub async fn save_kv(&mut self, r: pb::SaveKv) -> Result<pb::SaveKvReply> {
+        match self.call(request::Op::SaveKv(r)).await? {
+            response::Result::SaveKv(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Has the daemon copy the held prefix into engine blocks.
+    pub async fn load_kv(&mut self, r: pb::LoadKv) -> Result<pb::LoadKvReply> {
+        match self.call(request::Op::LoadKv(r)).await? {
+            response::Result::LoadKv(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Daemon statistics.
     pub async fn stats(&mut self) -> Result<pb::StatsReply> {
         match self.call(request::Op::Stats(pb::Stats {})).await? {

@@ -30,11 +30,17 @@ pub enum Op {
     Prefetch,
     /// Pull.
     Pull,
+    /// RegisterKvCache.
+    RegisterKvCache,
+    /// SaveKv.
+    SaveKv,
+    /// LoadKv.
+    LoadKv,
 }
 
 impl Op {
     /// Every op, in metric order.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 14] = [
         Op::Hello,
         Op::Register,
         Op::Lookup,
@@ -46,6 +52,9 @@ impl Op {
         Op::Stats,
         Op::Prefetch,
         Op::Pull,
+        Op::RegisterKvCache,
+        Op::SaveKv,
+        Op::LoadKv,
     ];
 
     /// Label value.
@@ -62,6 +71,9 @@ impl Op {
             Op::Stats => "stats",
             Op::Prefetch => "prefetch",
             Op::Pull => "pull",
+            Op::RegisterKvCache => "register_kv_cache",
+            Op::SaveKv => "save_kv",
+            Op::LoadKv => "load_kv",
         }
     }
 }
@@ -137,6 +149,10 @@ pub struct Metrics {
     pub peer_ship_failures: AtomicU64,
     /// Shipments sending now.
     pub peer_shipments_in_flight: AtomicU64,
+    /// Bytes the daemon copied itself from engines into the pool [0] and back [1] (SaveKv, LoadKv).
+    pub device_copied_bytes: [AtomicU64; 2],
+    /// Daemon-side copies that failed (nothing committed; loads became misses).
+    pub device_copy_failures: AtomicU64,
     /// Disk writes (demotion and write-back), submit to completion, per block.
     pub disk_write_latency: Histogram,
     /// Disk reads (promotion), submit to verified, per block.
@@ -290,6 +306,24 @@ impl Metrics {
             "Pulls reading from a peer now.",
             "gauge",
             self.peer_pulls_in_flight.load(Relaxed),
+        );
+        gauge(
+            "kvtier_device_saved_bytes_total",
+            "Bytes the daemon copied from engines' KV tensors into the pool (SaveKv).",
+            "counter",
+            self.device_copied_bytes[0].load(Relaxed),
+        );
+        gauge(
+            "kvtier_device_loaded_bytes_total",
+            "Bytes the daemon copied from the pool into engines' KV tensors (LoadKv).",
+            "counter",
+            self.device_copied_bytes[1].load(Relaxed),
+        );
+        gauge(
+            "kvtier_device_copy_failures_total",
+            "Daemon-side copies of engine memory that failed.",
+            "counter",
+            self.device_copy_failures.load(Relaxed),
         );
         gauge(
             "kvtier_connections_refused_total",

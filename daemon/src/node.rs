@@ -2,9 +2,11 @@
 //! tier's mechanism and the metrics. Servers translate wire messages into calls on [`Node`] and
 //! nothing more.
 
+mod kv_copy;
 mod tiering;
 mod transfer;
 
+pub use kv_copy::{KvCache, KvCopyError, Saved};
 pub use transfer::{verify_from_wire, Offer, Pulled, Shipment};
 
 use crate::alloc::SlabAllocator;

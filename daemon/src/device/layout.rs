@@ -150,7 +150,7 @@ impl KvLayout {
 
     /// Bytes of one kvtier block (every layer and part of one engine block).
     pub fn block_bytes(&self) -> u64 {
-        self.layers.len() as u64 * self.kv_parts as u64 * self.chunk_bytes
+        (self.layers.len() as u64).saturating_mul(self.kv_parts as u64).saturating_mul(self.chunk_bytes)
     }
 
     /// Checks that every chunk of every block lies inside its tensor.
@@ -161,8 +161,11 @@ impl KvLayout {
         }
         for (i, l) in self.layers.iter().enumerate() {
             let bytes = *self.tensor_bytes.get(l.tensor as usize).ok_or(LayoutError::NoSuchTensor(i))?;
-            let last = l.offset + (self.num_blocks - 1) * l.block_stride + (self.kv_parts as u64 - 1) * l.kv_stride;
-            let end = last + self.chunk_bytes;
+            let end = (self.num_blocks - 1)
+                .checked_mul(l.block_stride)
+                .and_then(|b| b.checked_add((self.kv_parts as u64 - 1).checked_mul(l.kv_stride)?))
+                .and_then(|b| b.checked_add(l.offset)?.checked_add(self.chunk_bytes))
+                .ok_or(LayoutError::Malformed("offsets overflow 64 bits"))?;
             if end > bytes {
                 return Err(LayoutError::OutOfTensor { layer: i, tensor: l.tensor, end, bytes });
             }
@@ -286,8 +289,15 @@ mod tests {
         missing.layers[0].tensor = 9;
         assert_eq!(missing.validate(), Err(LayoutError::NoSuchTensor(0)));
         assert!(KvLayout::flash_attention(0, 4, 8).validate().is_err());
-        let mut parts = l;
+        let mut parts = l.clone();
         parts.kv_parts = 3;
         assert!(parts.validate().is_err());
+        // Hostile sizes (a connector's registration) are refused, never overflow.
+        let mut huge = l;
+        huge.num_blocks = u64::MAX;
+        huge.layers[0].block_stride = u64::MAX / 2;
+        huge.chunk_bytes = u64::MAX;
+        assert_eq!(huge.validate(), Err(LayoutError::Malformed("offsets overflow 64 bits")));
+        assert_eq!(huge.block_bytes(), u64::MAX);
     }
 }

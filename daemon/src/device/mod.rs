@@ -1,11 +1,13 @@
 //! Device backends: how blocks move between an engine's KV memory and the pool.
 //!
 //! `host`: the connector copies through its own mapping of the pool (CPU engines, and GPU engines
-//! without a backend). `cuda` and `rocm` load their driver at run time (so the daemon builds and
-//! runs on machines without one) and refuse to start, with a message saying what is missing, when
-//! it is not there. [`layout`] is the pure index math for vLLM's KV layouts that their
-//! gather/scatter kernels execute.
+//! without a backend). `cma`: the daemon copies CPU engines' KV tensors itself, many blocks and
+//! layers per system call (process_vm_readv/writev). `cuda` and `rocm` load their driver at run
+//! time (so the daemon builds and runs on machines without one) and refuse to start, with a
+//! message saying what is missing, when it is not there. [`layout`] is the pure index math for
+//! vLLM's KV layouts that every daemon-side copy executes.
 
+mod cma;
 pub mod cuda;
 pub mod gather;
 mod host;
@@ -13,8 +15,11 @@ pub mod layout;
 pub mod rocm;
 
 use crate::pool::HostPool;
+use gather::Direction;
+use layout::Segment;
 use serde::{Deserialize, Serialize};
 
+pub use cma::CmaBackend;
 pub use host::HostBackend;
 
 /// Why a backend could not be opened.
@@ -26,6 +31,9 @@ pub enum DeviceError {
     /// The driver is there but refused (no device, init failed, registration failed).
     #[error("{0}")]
     Driver(String),
+    /// Engine memory that cannot be reached or copied (gone, unmapped, not permitted).
+    #[error("{0}")]
+    Memory(String),
 }
 
 /// The backends a daemon can be configured with.
@@ -34,6 +42,8 @@ pub enum DeviceError {
 pub enum BackendKind {
     /// Connectors copy through the shared pool mapping.
     Host,
+    /// The daemon copies CPU engines' KV memory itself (cross-memory attach).
+    Cma,
     /// NVIDIA GPUs through the CUDA driver API (libcuda, NVRTC).
     Cuda,
     /// AMD GPUs through HIP (libamdhip64, hiprtc).
@@ -48,12 +58,40 @@ pub trait DeviceBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Whether the daemon copies engine memory itself (DMA); otherwise the connector copies.
     fn offers_dma(&self) -> bool;
+    /// Opens the KV tensors that engine process `pid` (as SO_PEERCRED names it) registered, for
+    /// [`EngineMemory::copy`]. Backends without daemon-side copies refuse.
+    fn import(&self, pid: Option<i32>, tensors: &[EngineTensor]) -> Result<Box<dyn EngineMemory>, DeviceError> {
+        let _ = (pid, tensors);
+        Err(DeviceError::Memory(format!("device backend \"{}\" does not copy engine memory", self.name())))
+    }
+}
+
+/// One engine KV tensor as a connector registers it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineTensor {
+    /// Address in the engine process (host-memory engines).
+    pub address: u64,
+    /// IPC memory handle of the allocation holding it (GPU engines).
+    pub ipc_handle: Vec<u8>,
+    /// Byte offset of the tensor in that allocation.
+    pub ipc_offset: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// An engine's registered KV tensors, opened by a backend.
+pub trait EngineMemory: Send + Sync {
+    /// Executes `plan` (engine tensor offsets; pool side as the daemon's host addresses of pool
+    /// bytes) in direction `dir`, returning once every byte has been copied. On error, part of
+    /// the plan may have been copied.
+    fn copy(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError>;
 }
 
 /// Opens the configured backend over `pool`.
 pub fn open(kind: BackendKind, pool: &HostPool) -> Result<Box<dyn DeviceBackend>, DeviceError> {
     match kind {
         BackendKind::Host => Ok(Box::new(HostBackend)),
+        BackendKind::Cma => Ok(Box::new(CmaBackend)),
         BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::open(pool)?)),
         BackendKind::Rocm => Ok(Box::new(rocm::RocmBackend::open(pool)?)),
         BackendKind::Auto => cuda::CudaBackend::open(pool)

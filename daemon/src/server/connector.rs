@@ -76,7 +76,7 @@ async fn connection(node: Arc<Node>, mut stream: UnixStream) {
         let _ = stream.write_all(&frame_of(&reply.into_response(0))).await;
         return;
     }
-    let session = Session::new(node.new_client());
+    let session = Session::new(node.new_client(), cred.pid());
     let client = session.client;
     node.metrics.connections_total.fetch_add(1, Relaxed);
     node.metrics.connected_clients.fetch_add(1, Relaxed);

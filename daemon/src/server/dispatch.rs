@@ -2,9 +2,11 @@
 
 use crate::block::{BlockHash, NsIdx};
 use crate::cache::{CacheError, ClientId};
+use crate::device::layout::{KvLayout, LayerPlacement};
+use crate::device::EngineTensor;
 use crate::metrics::Op;
 use crate::namespace::NamespaceId;
-use crate::node::{Node, ReservedAt};
+use crate::node::{KvCache, KvCopyError, Node, ReservedAt};
 use bytes::Bytes;
 use kvtier_proto::v1::{self as pb, request, response, ErrorCode, ReserveStatus};
 use kvtier_proto::PROTOCOL_VERSION;
@@ -46,20 +48,33 @@ impl From<CacheError> for Fatal {
     }
 }
 
+/// Most KV caches one connection may register (one per engine worker and namespace).
+const MAX_KV_CACHES: usize = 64;
+
 /// What one connection has established so far.
 pub struct Session {
     /// Owner id of the connection's reservations and pins.
     pub client: ClientId,
+    /// The connected process (SO_PEERCRED), whose memory daemon-side copies reach.
+    pub pid: Option<i32>,
     /// Whether Hello was received.
     pub greeted: bool,
     /// Namespaces registered on this connection, by handle.
     pub handles: Vec<NsIdx>,
+    /// KV caches registered for daemon-side copies, by id.
+    pub kv_caches: Vec<KvCache>,
 }
 
 impl Session {
-    /// A session for a new connection.
-    pub fn new(client: ClientId) -> Self {
-        Self { client, greeted: false, handles: Vec::new() }
+    /// A session for a new connection from process `pid`.
+    pub fn new(client: ClientId, pid: Option<i32>) -> Self {
+        Self { client, pid, greeted: false, handles: Vec::new(), kv_caches: Vec::new() }
+    }
+
+    fn kv_cache(&self, id: u32) -> Result<&KvCache, Fatal> {
+        self.kv_caches.get(id as usize).ok_or_else(|| {
+            Fatal::new(ErrorCode::UnknownId, format!("KV cache {id} was not registered on this connection"))
+        })
     }
 
     fn ns(&self, handle: u32) -> Result<NsIdx, Fatal> {
@@ -86,6 +101,9 @@ pub fn op_of(op: &request::Op) -> Op {
         request::Op::Stats(_) => Op::Stats,
         request::Op::Prefetch(_) => Op::Prefetch,
         request::Op::Pull(_) => Op::Pull,
+        request::Op::RegisterKvCache(_) => Op::RegisterKvCache,
+        request::Op::SaveKv(_) => Op::SaveKv,
+        request::Op::LoadKv(_) => Op::LoadKv,
     }
 }
 
@@ -211,6 +229,83 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             Ok(A::Release(pb::ReleaseReply {}))
         }
         R::Stats(_) => Ok(A::Stats(stats_reply(node))),
+        R::RegisterKvCache(r) => {
+            let ns = s.ns(r.handle)?;
+            if s.kv_caches.len() >= MAX_KV_CACHES {
+                return Err(Fatal::new(ErrorCode::BadArgument, format!("more than {MAX_KV_CACHES} KV caches")));
+            }
+            let (layout, tensors) = kv_layout(r);
+            let reply = match node.register_kv_cache(ns, s.pid, layout, &tensors) {
+                Ok(cache) => {
+                    s.kv_caches.push(cache);
+                    pb::RegisterKvCacheReply { cache: s.kv_caches.len() as u32 - 1, error: String::new() }
+                }
+                Err(KvCopyError::Memory(error)) => pb::RegisterKvCacheReply { cache: 0, error },
+                Err(e) => return Err(kv_fatal(e)),
+            };
+            Ok(A::RegisterKvCache(reply))
+        }
+        R::SaveKv(r) => {
+            let hs = hashes(node, &r.hashes)?;
+            let parent = match r.parent.is_empty() {
+                true => None,
+                false => Some(hashes(node, std::slice::from_ref(&r.parent))?[0]),
+            };
+            let reply = match node.save_kv(s.client, s.kv_cache(r.cache)?, &hs, &r.block_ids, parent).await {
+                Ok(o) => pb::SaveKvReply {
+                    saved: o.saved as u32,
+                    present: o.present as u32,
+                    no_space: o.no_space as u32,
+                    error: String::new(),
+                },
+                Err(KvCopyError::Memory(error)) => pb::SaveKvReply { error, ..Default::default() },
+                Err(e) => return Err(kv_fatal(e)),
+            };
+            Ok(A::SaveKv(reply))
+        }
+        R::LoadKv(r) => {
+            let hs = hashes(node, &r.hashes)?;
+            let reply = match node.load_kv(s.client, s.kv_cache(r.cache)?, &hs, &r.block_ids).await {
+                Ok(n) => pb::LoadKvReply { loaded: n as u32, error: String::new() },
+                Err(KvCopyError::Memory(error)) => pb::LoadKvReply { loaded: 0, error },
+                Err(e) => return Err(kv_fatal(e)),
+            };
+            Ok(A::LoadKv(reply))
+        }
+    }
+}
+
+/// The layout and tensors of a RegisterKvCache, as the device module describes them.
+fn kv_layout(r: pb::RegisterKvCache) -> (KvLayout, Vec<EngineTensor>) {
+    let layout = KvLayout {
+        tensor_bytes: r.tensors.iter().map(|t| t.bytes).collect(),
+        layers: (r.layers.iter())
+            .map(|l| LayerPlacement {
+                tensor: l.tensor,
+                offset: l.offset,
+                block_stride: l.block_stride,
+                kv_stride: l.kv_stride,
+            })
+            .collect(),
+        num_blocks: r.num_blocks,
+        kv_parts: r.kv_parts,
+        chunk_bytes: r.chunk_bytes,
+    };
+    let tensors = (r.tensors.into_iter())
+        .map(|t| EngineTensor {
+            address: t.address,
+            ipc_handle: t.ipc_handle.to_vec(),
+            ipc_offset: t.ipc_offset,
+            bytes: t.bytes,
+        })
+        .collect();
+    (layout, tensors)
+}
+
+fn kv_fatal(e: KvCopyError) -> Fatal {
+    match e {
+        KvCopyError::Cache(c) => c.into(),
+        other => Fatal::new(ErrorCode::BadArgument, other.to_string()),
     }
 }
 

@@ -1,0 +1,259 @@
+//! The `cma` backend: the daemon copies CPU engines' KV tensors itself with Linux cross-memory
+//! attach (`process_vm_readv` / `process_vm_writev`), up to 1024 contiguous segments (every layer
+//! of many blocks) per system call, one copy, no engine thread involved.
+//!
+//! The engine process is the one at the other end of the connector socket (SO_PEERCRED), never an
+//! id from a message; it is held as a pidfd from registration on and checked alive before every
+//! copy, so a recycled pid is never written. Reaching another process's memory takes the same
+//! rights as ptrace: the engine's uid, or CAP_SYS_PTRACE across users and containers, and the
+//! engine's pid visible in the daemon's PID namespace. Registration probes every tensor, so a
+//! daemon without those rights says so then and the connector keeps copying itself.
+
+use super::gather::Direction;
+use super::layout::Segment;
+use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Most iovecs one `process_vm_*` call takes (`IOV_MAX` on Linux).
+const IOV_MAX: usize = 1024;
+
+/// Daemon-side copies of host-memory engines.
+pub struct CmaBackend;
+
+impl DeviceBackend for CmaBackend {
+    fn name(&self) -> &'static str {
+        "cma"
+    }
+
+    fn offers_dma(&self) -> bool {
+        true
+    }
+
+    fn import(&self, pid: Option<i32>, tensors: &[EngineTensor]) -> Result<Box<dyn EngineMemory>, DeviceError> {
+        let pid = pid.filter(|&p| p > 0).ok_or_else(|| {
+            DeviceError::Memory(
+                "the engine's process is not visible to the daemon (another PID namespace: run the daemon \
+                 in the host's PID namespace)"
+                    .into(),
+            )
+        })?;
+        let mut ranges = Vec::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if t.address == 0 || t.bytes == 0 || t.address.checked_add(t.bytes).is_none() {
+                return Err(DeviceError::Memory(format!(
+                    "tensor {i}: address {:#x} and size {} do not name memory",
+                    t.address, t.bytes
+                )));
+            }
+            ranges.push((t.address, t.bytes));
+        }
+        let memory = CmaMemory { pid, pidfd: pidfd_open(pid)?, tensors: ranges };
+        memory.probe()?;
+        Ok(Box::new(memory))
+    }
+}
+
+/// A registered engine's tensors: (address, bytes) in process `pid`.
+struct CmaMemory {
+    pid: i32,
+    pidfd: OwnedFd,
+    tensors: Vec<(u64, u64)>,
+}
+
+fn pidfd_open(pid: i32) -> Result<OwnedFd, DeviceError> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(DeviceError::Memory(format!("engine process {pid}: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+impl CmaMemory {
+    /// Fails once the engine process has exited (its pid may then name another process).
+    fn alive(&self) -> Result<(), DeviceError> {
+        let mut fds = [libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        // SAFETY: one valid pollfd, no waiting.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+        match ready {
+            0 => Ok(()),
+            _ => Err(DeviceError::Memory(format!("engine process {} has exited", self.pid))),
+        }
+    }
+
+    /// Reads the first and the last byte of every tensor.
+    fn probe(&self) -> Result<(), DeviceError> {
+        let mut scratch = vec![0u8; 2 * self.tensors.len()];
+        let base = scratch.as_mut_ptr() as u64;
+        let plan: Vec<Segment> = (0..self.tensors.len() as u32)
+            .flat_map(|t| {
+                let last = self.tensors[t as usize].1 - 1;
+                [(0, 0), (last, 1)].map(|(at, k)| Segment {
+                    tensor: t,
+                    engine_offset: at,
+                    pool_offset: base + 2 * t as u64 + k,
+                    bytes: 1,
+                })
+            })
+            .collect();
+        self.copy(&plan, Direction::ToPool)
+    }
+
+    fn error(&self, e: std::io::Error) -> DeviceError {
+        let why = match e.raw_os_error() {
+            Some(libc::EPERM) => format!(
+                "not permitted to reach engine process {}'s memory (the daemon needs the engine's uid or \
+                 CAP_SYS_PTRACE)",
+                self.pid
+            ),
+            Some(libc::ESRCH) => format!("engine process {} has exited", self.pid),
+            Some(libc::EFAULT) => format!("engine process {}: a registered tensor is no longer mapped", self.pid),
+            _ => format!("copying engine process {}'s memory: {e}", self.pid),
+        };
+        DeviceError::Memory(why)
+    }
+}
+
+/// The (pool, engine) iovec pairs of `plan` over tensors `(address, bytes)`, refusing any segment
+/// outside its tensor.
+fn iovecs(plan: &[Segment], tensors: &[(u64, u64)]) -> Result<(Vec<libc::iovec>, Vec<libc::iovec>), DeviceError> {
+    let mut pool = Vec::with_capacity(plan.len());
+    let mut engine = Vec::with_capacity(plan.len());
+    for s in plan {
+        let &(address, bytes) = tensors
+            .get(s.tensor as usize)
+            .ok_or_else(|| DeviceError::Memory(format!("copy names tensor {} of {}", s.tensor, tensors.len())))?;
+        if s.engine_offset.checked_add(s.bytes).is_none_or(|end| end > bytes) {
+            return Err(DeviceError::Memory(format!(
+                "copy of {} bytes at {} lies outside tensor {} ({bytes} bytes)",
+                s.bytes, s.engine_offset, s.tensor
+            )));
+        }
+        let len = s.bytes as usize;
+        pool.push(libc::iovec { iov_base: s.pool_offset as *mut libc::c_void, iov_len: len });
+        engine.push(libc::iovec { iov_base: (address + s.engine_offset) as *mut libc::c_void, iov_len: len });
+    }
+    Ok((pool, engine))
+}
+
+impl EngineMemory for CmaMemory {
+    fn copy(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
+        self.alive()?;
+        for batch in plan.chunks(IOV_MAX) {
+            let (pool, engine) = iovecs(batch, &self.tensors)?;
+            let want: usize = pool.iter().map(|v| v.iov_len).sum();
+            // SAFETY: the pool iovecs are the daemon's own pool bytes the caller holds reserved or
+            // pinned; the engine side is another process's memory, which the kernel checks.
+            let done = unsafe {
+                match dir {
+                    Direction::ToPool => libc::process_vm_readv(
+                        self.pid,
+                        pool.as_ptr(),
+                        pool.len() as _,
+                        engine.as_ptr(),
+                        engine.len() as _,
+                        0,
+                    ),
+                    Direction::ToEngine => libc::process_vm_writev(
+                        self.pid,
+                        pool.as_ptr(),
+                        pool.len() as _,
+                        engine.as_ptr(),
+                        engine.len() as _,
+                        0,
+                    ),
+                }
+            };
+            if done < 0 {
+                return Err(self.error(std::io::Error::last_os_error()));
+            }
+            if done as usize != want {
+                return Err(self.error(std::io::Error::from_raw_os_error(libc::EFAULT)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Option<i32> {
+        Some(std::process::id() as i32)
+    }
+
+    fn tensor(bytes: &[u8]) -> EngineTensor {
+        EngineTensor { address: bytes.as_ptr() as u64, bytes: bytes.len() as u64, ..Default::default() }
+    }
+
+    #[test]
+    fn copies_thousands_of_segments_both_ways_in_own_memory() {
+        let engine: Vec<Vec<u8>> = (0..3).map(|t| (0..65536u32).map(|i| (i * 7 + t) as u8).collect()).collect();
+        let memory = CmaBackend.import(me(), &engine.iter().map(|e| tensor(e)).collect::<Vec<_>>()).unwrap();
+        // 3000 segments of 16 bytes (three system calls), every one from a different place.
+        let mut pool = vec![0u8; 3000 * 16];
+        let plan: Vec<Segment> = (0..3000u64)
+            .map(|k| Segment {
+                tensor: (k % 3) as u32,
+                engine_offset: (k * 21) % 65000,
+                pool_offset: pool.as_mut_ptr() as u64 + k * 16,
+                bytes: 16,
+            })
+            .collect();
+        memory.copy(&plan, Direction::ToPool).unwrap();
+        for (k, s) in plan.iter().enumerate() {
+            let at = s.engine_offset as usize;
+            assert_eq!(pool[k * 16..k * 16 + 16], engine[s.tensor as usize][at..at + 16], "segment {k}");
+        }
+        let mut back: Vec<Vec<u8>> = (0..3).map(|_| vec![0u8; 65536]).collect();
+        let memory = CmaBackend.import(me(), &back.iter().map(|e| tensor(e)).collect::<Vec<_>>()).unwrap();
+        memory.copy(&plan, Direction::ToEngine).unwrap();
+        for s in &plan {
+            let r = s.engine_offset as usize..(s.engine_offset + 16) as usize;
+            assert_eq!(back[s.tensor as usize][r.clone()], engine[s.tensor as usize][r]);
+        }
+        back.clear();
+    }
+
+    #[test]
+    fn refuses_segments_outside_their_tensor_and_unknown_tensors() {
+        let t = vec![0u8; 4096];
+        let memory = CmaBackend.import(me(), &[tensor(&t)]).unwrap();
+        let mut pool = [0u8; 64];
+        let at = pool.as_mut_ptr() as u64;
+        let seg = |tensor, engine_offset| Segment { tensor, engine_offset, pool_offset: at, bytes: 64 };
+        let err = memory.copy(&[seg(0, 4090)], Direction::ToPool).unwrap_err();
+        assert!(err.to_string().contains("outside tensor 0"), "{err}");
+        let err = memory.copy(&[seg(1, 0)], Direction::ToPool).unwrap_err();
+        assert!(err.to_string().contains("tensor 1 of 1"), "{err}");
+        let err = memory.copy(&[seg(0, u64::MAX - 8)], Direction::ToPool).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+    }
+
+    #[test]
+    fn unmapped_memory_gone_processes_and_hidden_pids_are_refused_at_registration() {
+        let page = 4096;
+        // SAFETY: a private anonymous mapping, unmapped again before use.
+        let addr = unsafe {
+            let p =
+                libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            libc::munmap(p, page);
+            p as u64
+        };
+        let gone = EngineTensor { address: addr, bytes: page as u64, ..Default::default() };
+        let err = CmaBackend.import(me(), &[gone]).err().expect("unmapped memory refused");
+        assert!(err.to_string().contains("no longer mapped"), "{err}");
+        let err = CmaBackend.import(None, &[]).err().expect("no pid refused");
+        assert!(err.to_string().contains("PID namespace"), "{err}");
+        let zero = EngineTensor::default();
+        assert!(CmaBackend.import(me(), &[zero]).is_err());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        // Reaped: its pid names nothing (or, rarely, a new process; either way not this one).
+        assert!(CmaBackend.import(Some(pid), &[tensor(&[1u8; 8])]).is_err());
+    }
+}
