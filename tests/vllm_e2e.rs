@@ -1,7 +1,8 @@
 //! End to end with the real vLLM (CPU build) and a tiny random-weight model built by the test:
 //! a second vLLM process loads its shared prefix from kvtierd and generates exactly the tokens of
 //! a run without kvtier; a killed daemon costs nothing but the cache; a restarted one is found
-//! again; a prefix kept only on disk across a daemon restart is promoted and loaded exactly; a
+//! again; the daemon copying vLLM's KV tensors itself (backend "cma") gives the same tokens; a
+//! prefix kept only on disk across a daemon restart is promoted and loaded exactly; a
 //! decode instance gets its prompt shipped from a prefill instance's daemon over UCX. The
 //! vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
@@ -166,6 +167,26 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     let loaded_blocks = stats["loaded_bytes"].as_u64().unwrap()
         / (stats["saved_bytes"].as_u64().unwrap() / stats["tiers"][0]["blocks"].as_u64().unwrap());
     assert!(loaded_blocks >= 4 * held_tokens / BLOCK as u64, "each of 4 prompts loaded the prefix: {stats}");
+
+    // Daemon-side copies (backend "cma"): the connector registers vLLM's KV tensors once and the
+    // daemon copies every layer of every block itself, with the same outputs.
+    let cma = ["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--device-backend", "cma"];
+    let dma = Daemon::start_with_metrics(&cma, true);
+    let (out, _) = run_batch(&py, &model, &one, Some(&dma.socket));
+    assert_eq!(out[0], reference[0]);
+    let dma_stats = work.path().join("dma-stats");
+    let dma_arg = dma_stats.to_str().unwrap();
+    let (out, cached) = run_batch_with(&py, &model, &prompts_file, Some(&dma.socket), &["--stats-file", dma_arg]);
+    assert_eq!(out, reference, "outputs with the daemon copying the KV blocks");
+    assert!(cached.iter().all(|&c| c == held_tokens), "every prompt loaded the prefix: {cached:?}");
+    let worker: Value = serde_json::from_str(&std::fs::read_to_string(format!("{dma_arg}.worker")).unwrap()).unwrap();
+    assert_eq!(worker["daemon_copy_errors"].as_u64(), Some(0), "{worker}");
+    assert_eq!(worker["loaded_tokens"].as_u64(), Some(4 * held_tokens), "{worker}");
+    assert!(worker["daemon_copied_blocks"].as_u64() >= Some(4 * held_tokens / BLOCK as u64), "{worker}");
+    let prompt_bytes = dma.metric("kvtier_device_saved_bytes_total");
+    assert!(prompt_bytes > 0.0, "the first run's prompt was saved by the daemon");
+    assert!(dma.metric("kvtier_device_loaded_bytes_total") >= 4.0 * prompt_bytes, "loaded by the daemon");
+    drop(dma);
 
     // Daemon SIGKILLed: the same outputs, no error, nothing cached.
     d.kill();

@@ -24,6 +24,8 @@ def _enum(name):
 Request = _message("Request")
 Response = _message("Response")
 NamespaceDescriptor = _message("NamespaceDescriptor")
+KvTensor = _message("KvTensor")
+KvLayerPlacement = _message("KvLayerPlacement")
 
 ErrorCode = _enum("ErrorCode")
 ReserveStatus = _enum("ReserveStatus")

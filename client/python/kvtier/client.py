@@ -233,6 +233,38 @@ class Client:
         """Unpins a lease's blocks."""
         self.call("release", lease=lease)
 
+    def register_kv_cache(self, ns, tensors, layers, num_blocks, chunk_bytes, kv_parts=2):
+        """Registers engine KV tensors for daemon-side copies (when `hello.device_dma`).
+
+        `tensors`: `(address, bytes)` of each tensor in this process; `layers`: per layer
+        `(tensor index, offset, block_stride, kv_stride)` in bytes. Returns `(cache, error)`:
+        `error` is empty when the daemon can reach the memory, else why it cannot.
+        """
+        r = self.call(
+            "register_kv_cache",
+            handle=ns.handle,
+            tensors=[pb.KvTensor(address=a, bytes=n) for a, n in tensors],
+            layers=[pb.KvLayerPlacement(tensor=t, offset=o, block_stride=b, kv_stride=k) for t, o, b, k in layers],
+            num_blocks=num_blocks,
+            kv_parts=kv_parts,
+            chunk_bytes=chunk_bytes,
+        )
+        return r.cache, r.error
+
+    def save_kv(self, cache, hashes, block_ids, parent=None):
+        """The daemon copies engine blocks `block_ids` into the pool under `hashes` and commits.
+        Returns the SaveKvReply (`saved`, `present`, `no_space`, `error`)."""
+        fields = {"cache": cache, "hashes": list(hashes), "block_ids": list(block_ids)}
+        if parent:
+            fields["parent"] = parent
+        return self.call("save_kv", **fields)
+
+    def load_kv(self, cache, hashes, block_ids):
+        """The daemon copies the held prefix of `hashes` into engine blocks `block_ids`.
+        Returns `(loaded, error)`."""
+        r = self.call("load_kv", cache=cache, hashes=list(hashes), block_ids=list(block_ids))
+        return r.loaded, r.error
+
     def stats(self):
         """The daemon's StatsReply."""
         return self.call("stats")

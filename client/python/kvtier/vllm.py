@@ -12,7 +12,11 @@ prompt's full blocks in the step that finishes its prefill. Worker side: loads s
 the forward pass (acquire, copy from the shared pool into the KV cache, release); saves run on a
 background thread after the forward pass (reserve, copy, commit), and the request's blocks are held
 until the save is reported finished. Copies go through the pool mapping received over the socket,
-so they work for CPU tensors (and GPU tensors through torch).
+so they work for CPU tensors (and GPU tensors through torch). When the daemon offers daemon-side
+copies (`device_dma`, backend "cma") and the KV tensors are plain contiguous host memory, the
+connector registers them once and each save or load is one request: the daemon copies every layer
+of every block itself (`SaveKv` / `LoadKv`); any refusal or failed copy falls back to copying
+through the pool. `"device_copy": "off"` in kv_connector_extra_config keeps the connector copying.
 
 Failure never costs correctness: a daemon that is absent, killed or restarted means zero matched
 tokens, or blocks reported through `get_block_ids_with_load_errors` (vLLM recomputes them). The
@@ -77,7 +81,8 @@ class KvTierStats(KVConnectorStats):
     prefill instance's daemon (P/D), per interval."""
 
     def __post_init__(self):
-        for k in ("matched_tokens", "loaded_tokens", "saved_tokens", "load_errors", "pulled_blocks", "pull_errors"):
+        for k in ("matched_tokens", "loaded_tokens", "saved_tokens", "load_errors", "pulled_blocks", "pull_errors",
+                  "daemon_copied_blocks", "daemon_copy_errors"):
             self.data.setdefault(k, 0)
 
     def reset(self):
@@ -108,6 +113,7 @@ class _Daemon:
         self.descriptor = descriptor
         self.client = None
         self.namespaces = {}
+        self.kv_caches = {}  # salt -> the daemon's id of our registered KV cache, or None
         self.retry_at = 0.0
         self.backoff = 0.1
         self.down_logged = False
@@ -124,10 +130,8 @@ class _Daemon:
             return None
         if self.down_logged:
             logger.info("kvtier: reconnected to kvtierd at %s", self.socket_path)
-        # A daemon that offers DMA (device_dma) could copy engine memory itself; the connector
-        # does not use that path yet and always copies through its mapping of the pool.
         logger.debug(
-            "kvtier: daemon device backend %r (dma %s); copying through the shared pool",
+            "kvtier: daemon device backend %r (daemon-side copies offered: %s)",
             self.client.hello.device_backend or "host",
             self.client.hello.device_dma,
         )
@@ -143,11 +147,28 @@ class _Daemon:
             self.namespaces[salt] = client.register(dict(self.descriptor, cache_salt=salt or ""))
         return client, self.namespaces[salt]
 
+    def kv_cache(self, salt, layout):
+        """`(client, namespace, cache)`: `cache` is the daemon's id of our KV tensors registered
+        for daemon-side copies, or None when the connector copies (no layout, not offered, or
+        refused: the refusal is logged once per connection)."""
+        client, ns = self.namespace(salt)
+        if client is None or layout is None or not client.hello.device_dma:
+            return client, ns, None
+        if salt not in self.kv_caches:
+            cache, error = client.register_kv_cache(ns, **layout)
+            if error:
+                logger.warning("kvtier: kvtierd cannot copy this engine's KV memory (%s); copying through the pool",
+                               error)
+                cache = None
+            self.kv_caches[salt] = cache
+        return client, ns, self.kv_caches[salt]
+
     def fail(self, error):
         if self.client is not None:
             self.client.close()
         self.client = None
         self.namespaces = {}
+        self.kv_caches = {}
         self.retry_at = time.monotonic() + self.backoff
         self.backoff = min(self.backoff * 2, _MAX_BACKOFF_S)
         if not self.down_logged:
@@ -183,6 +204,8 @@ class KvTierConnector(KVConnectorBase_V1):
         # hands it to the decode request (kv_transfer_params); the decode instance's daemon pulls
         # the prompt's blocks from there before the lookup.
         self._transfer_source = extra.get("transfer_source")
+        self._device_copy = extra.get("device_copy", "auto") != "off"
+        self._dma_layout = None  # set by register_kv_caches when the daemon may copy
         self._pulled = set()
         self._stats_lock = threading.Lock()
         _warn_if_hashes_are_private(vllm_config)
@@ -356,8 +379,10 @@ class KvTierConnector(KVConnectorBase_V1):
             self._block_bytes = per_block
             self._daemon.descriptor = dict(self._descriptor, block_bytes=per_block)
         self._layers = layers
-        logger.info("kvtier: %d KV layers, %d bytes per block, daemon at %s",
-                    len(layers), per_block, self._daemon.socket_path)
+        self._dma_layout = _dma_layout(layers) if self._device_copy else None
+        logger.info("kvtier: %d KV layers, %d bytes per block, daemon at %s%s",
+                    len(layers), per_block, self._daemon.socket_path,
+                    "" if self._dma_layout else " (the connector copies)")
 
     def _copy_block(self, view, block_id, to_pool):
         """Copies one block between the KV cache (all layers) and a pool slot's memoryview."""
@@ -378,16 +403,11 @@ class KvTierConnector(KVConnectorBase_V1):
         for job in meta.loads:
             loaded = 0
             try:
-                client, ns = self._daemon.namespace(job.cache_salt)
+                client, ns, cache = self._daemon.kv_cache(job.cache_salt, self._dma_layout)
                 if client is not None:
-                    lease, slots = client.acquire(ns, job.hashes)
-                    try:
-                        for block_id, slot in zip(job.block_ids, slots):
-                            self._copy_block(client.view(slot, self._block_bytes), block_id, to_pool=False)
-                            loaded += 1
-                    finally:
-                        if lease:
-                            client.release(lease)
+                    loaded = self._daemon_copy(client, cache, job, save=False)
+                    if loaded is None:
+                        loaded = self._load_by_copy(client, ns, job)
             except (OSError, KvTierError) as e:
                 self._daemon.fail(e)
             failed = job.block_ids[loaded:]
@@ -397,6 +417,37 @@ class KvTierConnector(KVConnectorBase_V1):
             if failed:
                 logger.debug("kvtier: %d of %d blocks of %s not loaded; vLLM recomputes them",
                              len(failed), len(job.block_ids), job.req_id)
+
+    def _daemon_copy(self, client, cache, job, save):
+        """Has the daemon save or load `job` if our KV cache is registered with it (`cache` not
+        None); returns the blocks moved, or None if not tried or failed: the connector copies."""
+        if cache is None:
+            return None
+        if save:
+            reply = client.save_kv(cache, job.hashes, job.block_ids)
+            blocks, error = reply.saved, reply.error
+        else:
+            blocks, error = client.load_kv(cache, job.hashes, job.block_ids)
+        if error:
+            logger.debug("kvtier: daemon-side %s of %s failed (copying instead): %s",
+                         "save" if save else "load", job.req_id, error)
+            self._count("daemon_copy_errors", 1)
+            return None
+        self._count("daemon_copied_blocks", blocks)
+        return blocks
+
+    def _load_by_copy(self, client, ns, job):
+        """Loads the held prefix of `job` through the pool mapping; returns the blocks loaded."""
+        loaded = 0
+        lease, slots = client.acquire(ns, job.hashes)
+        try:
+            for block_id, slot in zip(job.block_ids, slots):
+                self._copy_block(client.view(slot, self._block_bytes), block_id, to_pool=False)
+                loaded += 1
+        finally:
+            if lease:
+                client.release(lease)
+        return loaded
 
     def wait_for_layer_load(self, layer_name):
         return
@@ -436,25 +487,32 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def _save(self, job):
         try:
-            client, ns = self._daemon.namespace(job.cache_salt)
+            client, ns, cache = self._daemon.kv_cache(job.cache_salt, self._dma_layout)
             if client is None:
                 return
-            reservation, outcomes = client.reserve(ns, job.hashes)
-            stored = 0
-            try:
-                for block_id, outcome in zip(job.block_ids, outcomes):
-                    if not isinstance(outcome, str):
-                        self._copy_block(client.view(outcome, self._block_bytes), block_id, to_pool=True)
-                        stored += 1
-            except BaseException:
-                if reservation:
-                    client.abort(reservation)
-                raise
-            if reservation:
-                client.commit(reservation)
-            self._count("saved_tokens", stored * self._block_size)
+            saved = self._daemon_copy(client, cache, job, save=True)
+            if saved is None:
+                saved = self._save_by_copy(client, ns, job)
+            self._count("saved_tokens", saved * self._block_size)
         except (OSError, KvTierError) as e:
             self._daemon.fail(e)
+
+    def _save_by_copy(self, client, ns, job):
+        """Saves `job` through the pool mapping (reserve, copy, commit); returns the blocks stored."""
+        reservation, outcomes = client.reserve(ns, job.hashes)
+        stored = 0
+        try:
+            for block_id, outcome in zip(job.block_ids, outcomes):
+                if not isinstance(outcome, str):
+                    self._copy_block(client.view(outcome, self._block_bytes), block_id, to_pool=True)
+                    stored += 1
+        except BaseException:
+            if reservation:
+                client.abort(reservation)
+            raise
+        if reservation:
+            client.commit(reservation)
+        return stored
 
     def get_finished(self, finished_req_ids):
         with self._lock:
@@ -501,6 +559,34 @@ def _block_dim(t, num_blocks):
 
 def _block_slice(t, dim, block_id):
     return t.select(dim, block_id)
+
+
+def _dma_layout(layers):
+    """How the daemon finds each block of contiguous host-memory KV tensors, in the byte order of
+    `_copy_block` (per layer, the block's slice as two halves, K then V), as keyword arguments of
+    `Client.register_kv_cache`; None if the tensors are not plain host memory of that shape."""
+    tensors, placements, chunk = [], [], None
+    for _, t, dim in layers:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        el = t.element_size()
+        block = _block_slice(t, dim, 0)
+        half, odd = divmod(block.numel() * el, 2)
+        if odd or chunk not in (None, half):
+            return None
+        if block.is_contiguous():
+            kv_stride = half  # [blocks, ...]: one contiguous run per block, cut in two
+        elif dim == 1 and t.shape[0] == 2 and block[0].is_contiguous():
+            kv_stride = t.stride(0) * el  # [2, blocks, ...]: K and V apart
+        else:
+            return None
+        chunk = half
+        placements.append((len(tensors), 0, t.stride(dim) * el, kv_stride))
+        tensors.append((t.data_ptr(), t.numel() * el))
+    if not tensors:
+        return None
+    num_blocks = layers[0][1].shape[layers[0][2]]
+    return dict(tensors=tensors, layers=placements, num_blocks=num_blocks, chunk_bytes=chunk)
 
 
 def _namespace_descriptor(vllm_config, kv_cache_config):
