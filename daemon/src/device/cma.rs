@@ -137,9 +137,30 @@ fn iovecs(plan: &[Segment], tensors: &[(u64, u64)]) -> Result<(Vec<libc::iovec>,
     Ok((pool, engine))
 }
 
-impl EngineMemory for CmaMemory {
-    fn copy(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
-        self.alive()?;
+/// Bytes below which a copy runs on one thread.
+const PARALLEL_BYTES: u64 = 8 << 20;
+
+/// `plan` cut into at most `parts` runs of about equal bytes (whole segments each).
+fn split(plan: &[Segment], parts: usize) -> Vec<&[Segment]> {
+    let total: u64 = plan.iter().map(|s| s.bytes).sum();
+    let share = total.div_ceil(parts.max(1) as u64).max(1);
+    let (mut out, mut start, mut acc) = (Vec::new(), 0, 0);
+    for (i, s) in plan.iter().enumerate() {
+        acc += s.bytes;
+        if acc >= share {
+            out.push(&plan[start..=i]);
+            (start, acc) = (i + 1, 0);
+        }
+    }
+    if start < plan.len() {
+        out.push(&plan[start..]);
+    }
+    out
+}
+
+impl CmaMemory {
+    /// Copies `plan` on this thread, up to IOV_MAX segments per system call.
+    fn copy_serial(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
         for batch in plan.chunks(IOV_MAX) {
             let (pool, engine) = iovecs(batch, &self.tensors)?;
             let want: usize = pool.iter().map(|v| v.iov_len).sum();
@@ -173,6 +194,24 @@ impl EngineMemory for CmaMemory {
             }
         }
         Ok(())
+    }
+}
+
+impl EngineMemory for CmaMemory {
+    /// Large copies run on as many threads as there are CPUs (each system call copies with one).
+    fn copy(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
+        self.alive()?;
+        let bytes: u64 = plan.iter().map(|s| s.bytes).sum();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let parts = (bytes / PARALLEL_BYTES).clamp(1, cpus as u64) as usize;
+        if parts == 1 {
+            return self.copy_serial(plan, dir);
+        }
+        std::thread::scope(|scope| {
+            let runs: Vec<_> =
+                (split(plan, parts).into_iter()).map(|run| scope.spawn(move || self.copy_serial(run, dir))).collect();
+            runs.into_iter().try_for_each(|r| r.join().expect("copy thread"))
+        })
     }
 }
 
@@ -215,6 +254,28 @@ mod tests {
             assert_eq!(back[s.tensor as usize][r.clone()], engine[s.tensor as usize][r]);
         }
         back.clear();
+    }
+
+    #[test]
+    fn large_copies_split_into_runs_of_about_equal_bytes_covering_the_plan() {
+        let seg = |bytes| Segment { tensor: 0, engine_offset: 0, pool_offset: 0, bytes };
+        let plan: Vec<Segment> = [4, 4, 4, 4, 1, 1, 1, 1, 8].map(seg).to_vec();
+        let runs = split(&plan, 2);
+        assert_eq!(runs.iter().map(|r| r.len()).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(runs.iter().map(|r| r.iter().map(|s| s.bytes).sum::<u64>()).collect::<Vec<_>>(), [16, 12]);
+        assert_eq!(split(&plan, 1), [&plan[..]]);
+        assert_eq!(split(&plan, 100).len(), plan.len(), "never more runs than segments");
+        assert!(split(&[], 4).is_empty());
+        // A copy big enough to run on several threads lands byte-exact.
+        let engine: Vec<u8> = (0..(24u32 << 20)).map(|i| (i >> 3) as u8 ^ i as u8).collect();
+        let memory = CmaBackend.import(me(), &[tensor(&engine)]).unwrap();
+        let mut pool = vec![0u8; engine.len()];
+        let base = pool.as_mut_ptr() as u64;
+        let plan: Vec<Segment> = (0..(24u64 << 20) / 65536)
+            .map(|k| Segment { tensor: 0, engine_offset: k * 65536, pool_offset: base + k * 65536, bytes: 65536 })
+            .collect();
+        memory.copy(&plan, Direction::ToPool).unwrap();
+        assert!(pool == engine);
     }
 
     #[test]
