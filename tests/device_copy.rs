@@ -232,7 +232,7 @@ async fn unreachable_memory_is_a_soft_error_and_a_failed_copy_leaves_nothing_vis
 
 #[tokio::test]
 async fn a_daemon_that_does_not_copy_says_so_at_registration() {
-    let d = Daemon::start(&[]);
+    let d = Daemon::start(&["--device-backend", "host"]);
     let engine = Engine::new(2);
     let mut c = d.client("engine").await;
     assert_eq!((c.hello().device_backend.as_str(), c.hello().device_dma), ("host", false));

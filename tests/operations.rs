@@ -159,11 +159,13 @@ fn gpu_backends_without_their_driver_refuse_to_start_with_a_clear_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_backend_falls_back_to_the_host_copy_path() {
-    let d = Daemon::start(&["--device-backend", "auto"]);
-    let c = d.client("device-probe").await;
-    let gpu = kvtier_daemon::device::cuda::driver_present() || kvtier_daemon::device::rocm::driver_present();
-    let hello = c.hello();
-    assert_eq!(hello.device_backend == "host", !gpu, "{hello:?}");
-    assert!(!hello.device_dma, "engine-memory DMA is not offered yet: clients copy");
+async fn auto_backend_falls_back_to_daemon_side_host_copies() {
+    for args in [&["--device-backend", "auto"][..], &[]] {
+        let d = Daemon::start(args);
+        let c = d.client("device-probe").await;
+        let gpu = kvtier_daemon::device::cuda::driver_present() || kvtier_daemon::device::rocm::driver_present();
+        let hello = c.hello();
+        assert_eq!(hello.device_backend == "cma", !gpu, "auto is the default: {args:?} {hello:?}");
+        assert_eq!(hello.device_dma, !gpu, "GPU engine-memory DMA is not offered yet; cma copies host memory");
+    }
 }

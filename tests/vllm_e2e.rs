@@ -143,7 +143,9 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert_eq!(cached, vec![0; 4]);
 
     // Two vLLM processes one after the other: the second loads the shared prefix from kvtierd.
-    let mut d = Daemon::start(&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB"]);
+    // Backend "host": the connector copies through its pool mapping (the default, "auto", has the
+    // daemon copy instead: the phases from the disk tier on, and the "cma" phase below).
+    let mut d = Daemon::start(&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--device-backend", "host"]);
     let one = work.path().join("one.json");
     std::fs::write(&one, serde_json::to_string(&prompts()[..1]).unwrap()).unwrap();
     let (out, cached) = run_batch(&py, &model, &one, Some(&d.socket));

@@ -178,14 +178,15 @@ impl Default for PeerConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceConfig {
-    /// "host" (connectors copy), "cuda", "rocm" (the daemon refuses to start without that
-    /// driver), or "auto" (the first present of cuda, rocm, host).
+    /// "auto" (default: cuda or rocm if their driver is present, else cma), "cma" (the daemon
+    /// copies CPU engines' KV tensors itself), "host" (connectors always copy), "cuda", "rocm"
+    /// (the daemon refuses to start without that driver).
     pub backend: BackendKind,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self { backend: BackendKind::Host }
+        Self { backend: BackendKind::Auto }
     }
 }
 

@@ -59,7 +59,7 @@ struct Args {
     /// Unix socket of the router feed (gRPC), "" disables it.
     #[arg(long, env = "KVTIER_GRPC_SOCKET")]
     grpc_socket: Option<String>,
-    /// Device backend: host, cuda, rocm or auto.
+    /// Device backend: auto (default), cma, host, cuda or rocm.
     #[arg(long, env = "KVTIER_DEVICE_BACKEND")]
     device_backend: Option<BackendKind>,
     /// Enable the peer tier (UCX daemon-to-daemon shipping).

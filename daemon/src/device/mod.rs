@@ -48,7 +48,7 @@ pub enum BackendKind {
     Cuda,
     /// AMD GPUs through HIP (libamdhip64, hiprtc).
     Rocm,
-    /// CUDA if its driver is present, else ROCm if present, else host.
+    /// CUDA if its driver is present, else ROCm if present, else cma (the default).
     Auto,
 }
 
@@ -97,7 +97,7 @@ pub fn open(kind: BackendKind, pool: &HostPool) -> Result<Box<dyn DeviceBackend>
         BackendKind::Auto => cuda::CudaBackend::open(pool)
             .map(|b| Box::new(b) as Box<dyn DeviceBackend>)
             .or_else(|_| rocm::RocmBackend::open(pool).map(|b| Box::new(b) as Box<dyn DeviceBackend>))
-            .or_else(|_| Ok(Box::new(HostBackend))),
+            .or_else(|_| Ok(Box::new(CmaBackend))),
     }
 }
 
@@ -128,7 +128,7 @@ mod tests {
             assert!(matches!(&err, DeviceError::NoDriver(m) if m.contains("libamdhip64")), "{err}");
         }
         if !cuda::driver_present() && !rocm::driver_present() {
-            assert_eq!(open(BackendKind::Auto, &pool).unwrap().name(), "host");
+            assert_eq!(open(BackendKind::Auto, &pool).unwrap().name(), "cma");
         }
     }
 
