@@ -3,13 +3,16 @@
 //! Opening it checks that `libcuda` and NVRTC are present (cudarc panics on a missing library, so
 //! this is checked first), creates a context on device 0, page-locks the pool with
 //! `cuMemHostRegister` so the GPU can DMA to and from it, and compiles the gather/scatter kernel
-//! (`kernel.cu`) with NVRTC. The engine-memory data path (IPC handles, kernel launches ordered by
-//! IPC events) builds on this; see `docs/gpu.md` for what is verified where.
+//! (`kernel.cu`) with NVRTC. [`DeviceBackend::import`] opens an engine's KV tensors from their
+//! CUDA IPC memory handles; each copy is one `kvtier_copy` launch. See `docs/gpu.md` for what is
+//! verified where.
 
-use super::gather::KernelArgs;
-use super::{DeviceBackend, DeviceError};
+use super::gather::{kernel_args, Direction, KernelArgs};
+use super::layout::Segment;
+use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
 use crate::pool::HostPool;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Threads per thread block of `kvtier_copy` (each block copies one piece).
@@ -33,13 +36,19 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// Bytes of a CUDA IPC memory handle.
+const IPC_HANDLE_BYTES: usize = 64;
+
+/// Largest piece one thread block of `kvtier_copy` copies.
+const MAX_PIECE: u64 = 256 << 10;
+
 /// An open CUDA device with the pool registered and the copy kernel loaded.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     copy: CudaFunction,
     /// Registered pool segments: (host address, bytes, device address).
-    registered: Vec<(usize, usize, u64)>,
+    registered: Arc<Vec<(usize, usize, u64)>>,
 }
 
 fn driver_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DeviceError + '_ {
@@ -68,7 +77,7 @@ impl CudaBackend {
             stream: ctx.new_stream().map_err(driver_err("creating a stream"))?,
             copy: Self::compile(&ctx)?,
             ctx,
-            registered: Vec::new(),
+            registered: Arc::new(Vec::new()),
         };
         for seg in pool.segments() {
             let (host, len) = (seg.as_ptr() as usize, seg.len() as usize);
@@ -80,7 +89,7 @@ impl CudaBackend {
             let mut device: sys::CUdeviceptr = 0;
             // SAFETY: `host` was registered with DEVICEMAP just above (kept for unregistering).
             let mapped = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, host as *mut _, 0) }.result();
-            backend.registered.push((host, len, device));
+            Arc::get_mut(&mut backend.registered).expect("not shared yet").push((host, len, device));
             mapped.map_err(driver_err("cuMemHostGetDevicePointer of the pool"))?;
         }
         Ok(backend)
@@ -105,32 +114,14 @@ impl CudaBackend {
 
     /// Device address of the pool byte at host address `host`, if the pool holds it.
     pub fn pool_device_address(&self, host: usize) -> Option<u64> {
-        let &(base, _, device) = self.registered.iter().find(|&&(b, l, _)| host >= b && host < b + l)?;
-        Some(device + (host - base) as u64)
+        pool_device_address(&self.registered, host)
     }
 
     /// Queues one `kvtier_copy` of `args` on the backend's stream, after `after` (the engine's
     /// event) when given, and returns an event recorded behind it: nothing here waits on the
     /// GPU. The caller keeps both ends' memory valid until that event completed.
     pub fn launch(&self, args: &KernelArgs, after: Option<&CudaEvent>) -> Result<CudaEvent, DeviceError> {
-        if let Some(event) = after {
-            self.stream.wait(event).map_err(driver_err("waiting on the engine's event"))?;
-        }
-        let done = self.ctx.new_event(None).map_err(driver_err("creating an event"))?;
-        if !args.is_empty() {
-            let upload = |v: &Vec<u64>| self.stream.clone_htod(v).map_err(driver_err("uploading copy arguments"));
-            let (src, dst, bytes) = (upload(&args.src)?, upload(&args.dst)?, upload(&args.bytes)?);
-            let n = args.len() as i32;
-            let cfg =
-                LaunchConfig { grid_dim: (args.len() as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-            let mut launch = self.stream.launch_builder(&self.copy);
-            launch.arg(&src).arg(&dst).arg(&bytes).arg(&n);
-            // SAFETY: the kernel's signature is (u64*, u64*, u64*, int); the addresses are the
-            // caller's engine memory and our registered pool, valid until `done` completes.
-            unsafe { launch.launch(cfg) }.map_err(driver_err("launching kvtier_copy"))?;
-        }
-        done.record(&self.stream).map_err(driver_err("recording the copy's event"))?;
-        Ok(done)
+        launch(&self.ctx, &self.stream, &self.copy, args, after)
     }
 
     /// The device's name, for logs.
@@ -139,10 +130,127 @@ impl CudaBackend {
     }
 }
 
+fn pool_device_address(registered: &[(usize, usize, u64)], host: usize) -> Option<u64> {
+    let &(base, _, device) = registered.iter().find(|&&(b, l, _)| host >= b && host < b + l)?;
+    Some(device + (host - base) as u64)
+}
+
+fn launch(
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    copy: &CudaFunction,
+    args: &KernelArgs,
+    after: Option<&CudaEvent>,
+) -> Result<CudaEvent, DeviceError> {
+    if let Some(event) = after {
+        stream.wait(event).map_err(driver_err("waiting on the engine's event"))?;
+    }
+    let done = ctx.new_event(None).map_err(driver_err("creating an event"))?;
+    if !args.is_empty() {
+        let upload = |v: &Vec<u64>| stream.clone_htod(v).map_err(driver_err("uploading copy arguments"));
+        let (src, dst, bytes) = (upload(&args.src)?, upload(&args.dst)?, upload(&args.bytes)?);
+        let n = args.len() as i32;
+        let cfg = LaunchConfig { grid_dim: (args.len() as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = stream.launch_builder(copy);
+        launch.arg(&src).arg(&dst).arg(&bytes).arg(&n);
+        // SAFETY: the kernel's signature is (u64*, u64*, u64*, int); the addresses are the
+        // caller's engine memory and our registered pool, valid until `done` completes.
+        unsafe { launch.launch(cfg) }.map_err(driver_err("launching kvtier_copy"))?;
+    }
+    done.record(stream).map_err(driver_err("recording the copy's event"))?;
+    Ok(done)
+}
+
+/// An engine's KV tensors opened from CUDA IPC handles in the daemon's context.
+struct CudaMemory {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    copy: CudaFunction,
+    registered: Arc<Vec<(usize, usize, u64)>>,
+    /// Device address of each tensor.
+    tensors: Vec<u64>,
+    /// Allocations opened with cuIpcOpenMemHandle, closed on drop.
+    opened: Vec<u64>,
+}
+
+impl CudaBackend {
+    fn open_tensors(&self, tensors: &[EngineTensor], memory: &mut CudaMemory) -> Result<(), DeviceError> {
+        let mut by_handle: HashMap<&[u8], (u64, usize)> = HashMap::new();
+        for (i, t) in tensors.iter().enumerate() {
+            if t.ipc_handle.len() != IPC_HANDLE_BYTES {
+                return Err(DeviceError::Memory(format!(
+                    "tensor {i}: a CUDA IPC memory handle has {IPC_HANDLE_BYTES} bytes, not {}",
+                    t.ipc_handle.len()
+                )));
+            }
+            let (base, size) = match by_handle.get(&t.ipc_handle[..]) {
+                Some(&opened) => opened,
+                None => {
+                    let mut handle = sys::CUipcMemHandle_st { reserved: [0; IPC_HANDLE_BYTES] };
+                    for (d, &s) in handle.reserved.iter_mut().zip(&t.ipc_handle) {
+                        *d = s as _;
+                    }
+                    let mut base: sys::CUdeviceptr = 0;
+                    let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+                    // SAFETY: a handle of the right size; the context is bound to this thread.
+                    unsafe { sys::cuIpcOpenMemHandle_v2(&mut base, handle, flags) }
+                        .result()
+                        .map_err(|e| DeviceError::Memory(format!("tensor {i}: opening its CUDA IPC handle: {e:?}")))?;
+                    memory.opened.push(base);
+                    let (mut start, mut size) = (0, 0);
+                    // SAFETY: `base` was just mapped into this context.
+                    unsafe { sys::cuMemGetAddressRange_v2(&mut start, &mut size, base) }
+                        .result()
+                        .map_err(driver_err("sizing an opened allocation"))?;
+                    by_handle.insert(&t.ipc_handle[..], (base, size));
+                    (base, size)
+                }
+            };
+            if t.ipc_offset.checked_add(t.bytes).is_none_or(|end| end > size as u64) {
+                return Err(DeviceError::Memory(format!(
+                    "tensor {i}: {} bytes at offset {} exceed its allocation of {size}",
+                    t.bytes, t.ipc_offset
+                )));
+            }
+            memory.tensors.push(base + t.ipc_offset);
+        }
+        Ok(())
+    }
+}
+
+impl EngineMemory for CudaMemory {
+    /// One `kvtier_copy` launch over the whole plan, waited for on this (blocking) thread.
+    fn copy(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
+        self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+        let on_device = (plan.iter())
+            .map(|s| {
+                let pool = pool_device_address(&self.registered, s.pool_offset as usize)
+                    .ok_or_else(|| DeviceError::Memory("a slot outside the registered pool".into()))?;
+                Ok(Segment { pool_offset: pool, ..*s })
+            })
+            .collect::<Result<Vec<_>, DeviceError>>()?;
+        let args =
+            kernel_args(&on_device, &self.tensors, dir, MAX_PIECE).map_err(|e| DeviceError::Memory(e.to_string()))?;
+        let done = launch(&self.ctx, &self.stream, &self.copy, &args, None)?;
+        done.synchronize().map_err(driver_err("waiting for kvtier_copy"))
+    }
+}
+
+impl Drop for CudaMemory {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
+        for &p in &self.opened {
+            // SAFETY: opened by cuIpcOpenMemHandle in this context; no copy uses it any more.
+            let _ = unsafe { sys::cuIpcCloseMemHandle(p) };
+        }
+    }
+}
+
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.stream.synchronize();
-        for &(p, _, _) in &self.registered {
+        for &(p, _, _) in self.registered.iter() {
             // SAFETY: registered in `open`, still mapped.
             let _ = unsafe { sys::cuMemHostUnregister(p as *mut _) };
         }
@@ -155,8 +263,23 @@ impl DeviceBackend for CudaBackend {
     }
 
     fn offers_dma(&self) -> bool {
-        // The IPC data path is not wired into the protocol yet: connectors keep copying.
+        // Not offered until the IPC path has run on a GPU (`gpu_tests` below, docs/gpu.md):
+        // connectors keep copying, so no unverified copy can serve wrong bytes.
         false
+    }
+
+    fn import(&self, _pid: Option<i32>, tensors: &[EngineTensor]) -> Result<Box<dyn EngineMemory>, DeviceError> {
+        self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+        let mut memory = CudaMemory {
+            ctx: Arc::clone(&self.ctx),
+            stream: Arc::clone(&self.stream),
+            copy: self.copy.clone(),
+            registered: Arc::clone(&self.registered),
+            tensors: Vec::new(),
+            opened: Vec::new(),
+        };
+        self.open_tensors(tensors, &mut memory)?;
+        Ok(Box::new(memory))
     }
 }
 
@@ -164,10 +287,122 @@ impl DeviceBackend for CudaBackend {
 #[cfg(test)]
 mod gpu_tests {
     use super::*;
-    use crate::device::gather::{kernel_args, Direction};
     use crate::device::layout::KvLayout;
     use crate::pool::{LockMode, PoolGeometry};
     use cudarc::driver::DevicePtr;
+    use std::io::{BufRead, BufReader, Write};
+
+    /// The engine's KV cache of the IPC test: FlashAttention layout, 4 layers, 64 blocks.
+    fn ipc_layout() -> KvLayout {
+        KvLayout::flash_attention(4, 64, 16 * 8 * 128 * 2)
+    }
+
+    fn pattern(t: usize, n: u64) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(13) ^ (t as u8) ^ (i >> 9) as u8).collect()
+    }
+
+    /// Saved from engine blocks SAVED, loaded back into engine blocks LOADED.
+    const SAVED: [u64; 3] = [9, 3, 4];
+    const LOADED: [u64; 3] = [20, 21, 22];
+
+    /// The engine process of the IPC test: allocates its KV tensors with cuMemAlloc (IPC-able),
+    /// prints their handles, and after the daemon's copies checks that exactly the loaded blocks
+    /// changed, to the saved blocks' bytes.
+    fn ipc_engine() {
+        let layout = ipc_layout();
+        let ctx = CudaContext::new(0).unwrap();
+        ctx.bind_to_thread().unwrap();
+        let mut tensors = Vec::new();
+        for (t, &n) in layout.tensor_bytes.iter().enumerate() {
+            let mut d: sys::CUdeviceptr = 0;
+            let host = pattern(t, n);
+            let mut h = sys::CUipcMemHandle_st { reserved: [0; IPC_HANDLE_BYTES] };
+            // SAFETY: plain allocation, upload and handle export of our own memory.
+            unsafe {
+                sys::cuMemAlloc_v2(&mut d, n as usize).result().unwrap();
+                sys::cuMemcpyHtoD_v2(d, host.as_ptr() as *const _, n as usize).result().unwrap();
+                sys::cuIpcGetMemHandle(&mut h, d).result().unwrap();
+            }
+            let hex: String = h.reserved.iter().map(|&c| format!("{:02x}", c as u8)).collect();
+            println!("HANDLE {hex}");
+            tensors.push(d);
+        }
+        println!("READY");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).unwrap();
+        for (t, (&d, &n)) in tensors.iter().zip(&layout.tensor_bytes).enumerate() {
+            let mut want = pattern(t, n);
+            for (&from, &to) in SAVED.iter().zip(&LOADED) {
+                for part in 0..2 {
+                    let at = |b: u64| ((part * 64 + b) * layout.chunk_bytes) as usize;
+                    want.copy_within(at(from)..at(from) + layout.chunk_bytes as usize, at(to));
+                }
+            }
+            let mut got = vec![0u8; n as usize];
+            // SAFETY: downloads our own allocation.
+            unsafe { sys::cuMemcpyDtoH_v2(got.as_mut_ptr() as *mut _, d, n as usize) }.result().unwrap();
+            println!("{}", if got == want { "VERIFIED".to_string() } else { format!("MISMATCH in tensor {t}") });
+        }
+    }
+
+    #[test]
+    fn engine_tensors_of_another_process_save_and_load_through_ipc_handles() {
+        if std::env::var_os("KVTIER_IPC_ENGINE").is_some() {
+            return ipc_engine();
+        }
+        if !driver_present() || !nvrtc_present() {
+            eprintln!("skipped: no CUDA driver and NVRTC on this machine");
+            return;
+        }
+        let name = "device::cuda::gpu_tests::engine_tensors_of_another_process_save_and_load_through_ipc_handles";
+        let mut engine = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+            .env("KVTIER_IPC_ENGINE", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(engine.stdout.take().unwrap()).lines().map(Result::unwrap);
+        let layout = ipc_layout();
+        let mut tensors = Vec::new();
+        for line in lines.by_ref() {
+            if line == "READY" {
+                break;
+            }
+            if let Some(hex) = line.strip_prefix("HANDLE ") {
+                let handle = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap());
+                let t = tensors.len();
+                let bytes = layout.tensor_bytes[t];
+                tensors.push(EngineTensor { ipc_handle: handle.collect(), bytes, ..Default::default() });
+            }
+        }
+        assert_eq!(tensors.len(), layout.tensor_bytes.len(), "the engine exported every tensor");
+        let pool =
+            HostPool::create(PoolGeometry::plan(64 << 20, 64 << 20, 4 << 20).unwrap(), false, LockMode::BestEffort)
+                .unwrap();
+        let backend = CudaBackend::open(&pool).unwrap();
+        let memory = backend.import(None, &tensors).expect("IPC handles open");
+        let base = pool.segments()[0].as_ptr() as u64;
+        let slots: Vec<u64> = (0..3).map(|k| base + k * layout.block_bytes()).collect();
+        let save: Vec<(u64, u64)> = SAVED.iter().copied().zip(slots.iter().copied()).collect();
+        memory.copy(&layout.plan(&save).unwrap(), Direction::ToPool).unwrap();
+        // SAFETY: the copy completed; the pool is ours.
+        let pooled = unsafe { std::slice::from_raw_parts(base as *const u8, 3 * layout.block_bytes() as usize) };
+        for s in layout.plan(&save).unwrap() {
+            let at = (s.pool_offset - base) as usize;
+            let want = &pattern(s.tensor as usize, layout.tensor_bytes[s.tensor as usize])
+                [s.engine_offset as usize..(s.engine_offset + s.bytes) as usize];
+            assert!(&pooled[at..at + s.bytes as usize] == want, "pool holds the engine's chunk {s:?}");
+        }
+        let load: Vec<(u64, u64)> = LOADED.iter().copied().zip(slots.iter().copied()).collect();
+        memory.copy(&layout.plan(&load).unwrap(), Direction::ToEngine).unwrap();
+        writeln!(engine.stdin.as_mut().unwrap(), "VERIFY").unwrap();
+        let verdicts: Vec<String> = lines.filter(|l| l == "VERIFIED" || l.starts_with("MISMATCH")).collect();
+        assert_eq!(verdicts, vec!["VERIFIED"; 4], "the engine sees exactly the loaded blocks");
+        assert!(engine.wait().unwrap().success());
+        let err = backend.import(None, &[EngineTensor { ipc_handle: vec![0; 8], bytes: 1, ..Default::default() }]);
+        assert!(err.is_err(), "a malformed handle is refused");
+    }
 
     #[test]
     fn gather_and_scatter_through_the_pool_on_a_real_gpu() {
