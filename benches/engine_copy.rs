@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use kvtier_client::{testdata, Client, Namespace, Reservation, Slot};
 use kvtier_proto::v1 as pb;
-use kvtier_tests::{namespace, Daemon};
+use kvtier_tests::{flash_attention_kv_cache, namespace, Daemon};
 use std::time::Instant;
 
 /// Layers of the modelled engine (a Llama-8B-sized KV cache: 32 layers, K and V).
@@ -47,23 +47,8 @@ impl Engine {
     }
 
     fn registration(&self, handle: u32) -> pb::RegisterKvCache {
-        pb::RegisterKvCache {
-            handle,
-            tensors: (self.tensors.iter())
-                .map(|t| pb::KvTensor { address: t.as_ptr() as u64, bytes: t.len() as u64, ..Default::default() })
-                .collect(),
-            layers: (0..LAYERS as u32)
-                .map(|l| pb::KvLayerPlacement {
-                    tensor: l,
-                    offset: 0,
-                    block_stride: self.chunk,
-                    kv_stride: self.blocks * self.chunk,
-                })
-                .collect(),
-            num_blocks: self.blocks,
-            kv_parts: 2,
-            chunk_bytes: self.chunk,
-        }
+        let tensors: Vec<&[u8]> = self.tensors.iter().map(|t| &t[..]).collect();
+        flash_attention_kv_cache(handle, &tensors, self.blocks, self.chunk)
     }
 
     /// Each (layer, part) chunk of `block` with its offset in a kvtier block.

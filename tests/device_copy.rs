@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use kvtier_client::{testdata, Client, ClientError, Namespace};
 use kvtier_proto::v1::{self as pb, ErrorCode};
-use kvtier_tests::{namespace, refs, Daemon};
+use kvtier_tests::{flash_attention_kv_cache, namespace, refs, Daemon};
 
 const LAYERS: usize = 4;
 const BLOCKS: u64 = 32;
@@ -48,18 +48,8 @@ impl Engine {
     }
 
     fn registration(&self, handle: u32) -> pb::RegisterKvCache {
-        pb::RegisterKvCache {
-            handle,
-            tensors: (self.tensors.iter())
-                .map(|t| pb::KvTensor { address: t.as_ptr() as u64, bytes: t.len() as u64, ..Default::default() })
-                .collect(),
-            layers: (0..LAYERS as u32)
-                .map(|l| pb::KvLayerPlacement { tensor: l, offset: 0, block_stride: CHUNK, kv_stride: BLOCKS * CHUNK })
-                .collect(),
-            num_blocks: BLOCKS,
-            kv_parts: 2,
-            chunk_bytes: CHUNK,
-        }
+        let tensors: Vec<&[u8]> = self.tensors.iter().map(|t| &t[..]).collect();
+        flash_attention_kv_cache(handle, &tensors, BLOCKS, CHUNK)
     }
 }
 

@@ -183,6 +183,29 @@ fn free_local_addr() -> String {
     l.local_addr().expect("addr").to_string()
 }
 
+/// Registration of KV tensors in this process, one per layer, in vLLM's FlashAttention layout
+/// (`[2, blocks, chunk]` per layer), for daemon-side copies.
+pub fn flash_attention_kv_cache(
+    handle: u32,
+    tensors: &[&[u8]],
+    blocks: u64,
+    chunk: u64,
+) -> kvtier_proto::v1::RegisterKvCache {
+    use kvtier_proto::v1 as pb;
+    pb::RegisterKvCache {
+        handle,
+        tensors: (tensors.iter())
+            .map(|t| pb::KvTensor { address: t.as_ptr() as u64, bytes: t.len() as u64, ..Default::default() })
+            .collect(),
+        layers: (0..tensors.len() as u32)
+            .map(|l| pb::KvLayerPlacement { tensor: l, offset: 0, block_stride: chunk, kv_stride: blocks * chunk })
+            .collect(),
+        num_blocks: blocks,
+        kv_parts: 2,
+        chunk_bytes: chunk,
+    }
+}
+
 /// A namespace descriptor for tests.
 pub fn namespace(model: &str, block_bytes: u64) -> kvtier_client::NamespaceDescriptor {
     kvtier_client::NamespaceDescriptor {
