@@ -157,6 +157,20 @@ async fn bad_registrations_and_requests_close_only_their_connection() {
     expect_fatal(&d, &engine, ErrorCode::BadArgument, |_, c| Op::SaveKv(save(c, &h, &[0, BLOCKS]))).await;
     expect_fatal(&d, &engine, ErrorCode::BadArgument, |_, c| Op::LoadKv(load(c, &h, &[0]))).await;
     expect_fatal(&d, &engine, ErrorCode::UnknownId, |_, c| Op::SaveKv(save(c + 1, &h, &[0, 1]))).await;
+    // A request whose plan would be too big (129 blocks x 65,536 one-byte chunks).
+    let mut wide = d.client("wide").await;
+    let ns = wide.register(namespace("wide", 65536)).await.unwrap();
+    let tensor = vec![0u8; 400];
+    let mut reg = flash_attention_kv_cache(ns.handle, &[&tensor], 200, 1);
+    reg.layers = vec![reg.layers[0]; 32768];
+    assert_eq!(wide.register_kv_cache(reg).await.unwrap().error, "");
+    let many = testdata::chained_hashes(2, 129);
+    match wide.save_kv(save(0, &many, &vec![0; 129])).await {
+        Err(ClientError::Daemon { code: ErrorCode::BadArgument, reason }) => {
+            assert!(reason.contains("split"), "{reason}")
+        }
+        other => panic!("expected BAD_ARGUMENT, got {other:?}"),
+    }
     // The daemon and the bystander carried on.
     assert!(bystander.stats().await.is_ok());
     assert!(d.client("after").await.stats().await.is_ok());

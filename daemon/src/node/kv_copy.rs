@@ -152,10 +152,21 @@ impl Node {
     }
 }
 
-/// Parallel lists of equal length, every block id inside the engine's cache.
+/// Most chunks one SaveKv or LoadKv may copy (blocks x layers x parts): bounds the plan a request
+/// makes the daemon build (32 bytes a chunk). 8192 blocks of a 128-layer model fit.
+const MAX_CHUNKS_PER_REQUEST: u64 = 1 << 22;
+
+/// Parallel lists of equal length, every block id inside the engine's cache, a bounded plan.
 fn check_blocks(cache: &KvCache, hashes: &[BlockHash], block_ids: &[u64]) -> Result<(), KvCopyError> {
     if hashes.len() != block_ids.len() {
         return Err(KvCopyError::Invalid(format!("{} hashes but {} block ids", hashes.len(), block_ids.len())));
+    }
+    let per_block = cache.layout.layers.len() as u64 * cache.layout.kv_parts as u64;
+    if block_ids.len() as u64 * per_block > MAX_CHUNKS_PER_REQUEST {
+        return Err(KvCopyError::Invalid(format!(
+            "{} blocks of {per_block} chunks in one request, limit {MAX_CHUNKS_PER_REQUEST} chunks: split it",
+            block_ids.len()
+        )));
     }
     match block_ids.iter().find(|&&b| b >= cache.layout.num_blocks) {
         Some(b) => Err(KvCopyError::Invalid(format!("engine block {b} of {}", cache.layout.num_blocks))),
