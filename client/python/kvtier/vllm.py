@@ -114,6 +114,8 @@ class _Daemon:
         self.client = None
         self.namespaces = {}
         self.kv_caches = {}  # salt -> the daemon's id of our registered KV cache, or None
+        # The loading (main) and saving threads register namespaces and KV caches on first use.
+        self.registering = threading.Lock()
         self.retry_at = 0.0
         self.backoff = 0.1
         self.down_logged = False
@@ -143,9 +145,11 @@ class _Daemon:
         client = self.get()
         if client is None:
             return None, None
-        if salt not in self.namespaces:
-            self.namespaces[salt] = client.register(dict(self.descriptor, cache_salt=salt or ""))
-        return client, self.namespaces[salt]
+        with self.registering:
+            ns = self.namespaces.get(salt)
+            if ns is None:
+                ns = self.namespaces[salt] = client.register(dict(self.descriptor, cache_salt=salt or ""))
+            return client, ns
 
     def kv_cache(self, salt, layout):
         """`(client, namespace, cache)`: `cache` is the daemon's id of our KV tensors registered
@@ -154,14 +158,17 @@ class _Daemon:
         client, ns = self.namespace(salt)
         if client is None or layout is None or not client.hello.device_dma:
             return client, ns, None
-        if salt not in self.kv_caches:
+        with self.registering:
+            known = self.kv_caches.get(salt, False)  # a cache id, or None: refused
+            if known is not False:
+                return client, ns, known
             cache, error = client.register_kv_cache(ns, **layout)
             if error:
                 logger.warning("kvtier: kvtierd cannot copy this engine's KV memory (%s); copying through the pool",
                                error)
                 cache = None
             self.kv_caches[salt] = cache
-        return client, ns, self.kv_caches[salt]
+            return client, ns, cache
 
     def fail(self, error):
         if self.client is not None:
