@@ -59,6 +59,8 @@ fn metrics_and_status_show_the_host_tier() {
     let status = ok_stdout(&d.kvtier(&["status"]));
     assert!(status.contains("10 blocks"), "{status}");
     assert!(status.contains("32.0 MiB"), "{status}");
+    let gpu = kvtier_daemon::device::cuda::driver_present() || kvtier_daemon::device::rocm::driver_present();
+    assert!(gpu || status.contains("device backend: cma, the daemon copies engine KV memory"), "{status}");
     let m = d.http_get("/metrics");
     for line in [
         "kvtier_host_capacity_bytes 33554432",

@@ -17,6 +17,7 @@ pub struct StatusArgs {
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect("status").await?;
     let s = c.stats().await?;
+    let (backend, dma) = (c.hello().device_backend.clone(), c.hello().device_dma);
     if args.json {
         let tiers: Vec<_> = s
             .tiers
@@ -34,12 +35,18 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             "disk_hit_blocks": s.disk_hit_blocks, "demoted_blocks": s.demoted_blocks,
             "promoted_blocks": s.promoted_blocks, "disk_written_bytes": s.disk_written_bytes,
             "not_admitted_blocks": s.not_admitted_blocks, "corrupt_blocks": s.corrupt_blocks,
-            "disk_failure": s.disk_failure,
+            "disk_failure": s.disk_failure, "device_backend": backend, "device_dma": dma,
         });
         println!("{v}");
         return Ok(());
     }
-    println!("kvtierd {} at {} (eviction: {})", s.daemon_version, args.conn.socket.display(), s.eviction_policy);
+    let copies = if dma { "the daemon copies engine KV memory" } else { "connectors copy" };
+    println!(
+        "kvtierd {} at {} (eviction: {}; device backend: {backend}, {copies})",
+        s.daemon_version,
+        args.conn.socket.display(),
+        s.eviction_policy
+    );
     for t in &s.tiers {
         let pct = 100.0 * t.used_bytes as f64 / t.capacity_bytes.max(1) as f64;
         println!(
