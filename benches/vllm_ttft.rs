@@ -77,9 +77,10 @@ fn main() {
     );
     println!("  {:<44} {:>9.3} s   {:>6.1}x faster than recompute", "repeat, vLLM's own prefix cache", p, r / p);
     println!(
-        "  kvtier / vLLM prefix cache: {:.2}x the time; goal >= 5x faster than recompute: {}",
-        k / p,
-        if r / k >= 5.0 { "met" } else { "NOT met" }
+        "  kvtier (default backend, the daemon copies) / vLLM prefix cache: {:.2}x the time; goal >= 5x faster \
+         than recompute: {}",
+        c / p,
+        if r / c.max(k) >= 5.0 { "met" } else { "NOT met" }
     );
 
     let peer =
