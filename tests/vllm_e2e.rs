@@ -171,11 +171,15 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert!(loaded_blocks >= 4 * held_tokens / BLOCK as u64, "each of 4 prompts loaded the prefix: {stats}");
 
     // Daemon-side copies (backend "cma"): the connector registers vLLM's KV tensors once and the
-    // daemon copies every layer of every block itself, with the same outputs.
+    // daemon copies every layer of every block itself, with the same outputs. The first run saves
+    // in pieces of one block each (one SaveKv per block, each naming its parent).
     let cma = ["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--device-backend", "cma"];
     let dma = Daemon::start_with_metrics(&cma, true);
-    let (out, _) = run_batch(&py, &model, &one, Some(&dma.socket));
+    let (out, _) = run_batch_with(&py, &model, &one, Some(&dma.socket), &["--save-piece-bytes", "1"]);
     assert_eq!(out[0], reference[0]);
+    let save_requests = dma.metric("kvtier_request_duration_seconds_count{op=\"save_kv\"}");
+    assert_eq!(save_requests, (held_tokens / BLOCK as u64) as f64, "one SaveKv per block");
+    assert_eq!(daemon_stats(&dma)["tiers"][0]["blocks"].as_u64(), Some(held_tokens / BLOCK as u64));
     let dma_stats = work.path().join("dma-stats");
     let dma_arg = dma_stats.to_str().unwrap();
     let (out, cached) = run_batch_with(&py, &model, &prompts_file, Some(&dma.socket), &["--stats-file", dma_arg]);

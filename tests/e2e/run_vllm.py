@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--transfer-source", help="prefill role: this daemon's TransferService address")
     ap.add_argument("--emit-params", help="write each output's kv_transfer_params (a JSON list) here")
     ap.add_argument("--params", help="decode role: JSON list of kv_transfer_params, one per prompt")
+    ap.add_argument("--save-piece-bytes", type=int, help="the connector's save_piece_bytes")
     a = ap.parse_args()
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = a.kv_cache_gib
 
@@ -48,6 +49,7 @@ def main():
                 "socket": a.socket,
                 **({"stats_file": a.stats_file} if a.stats_file else {}),
                 **({"transfer_source": a.transfer_source} if a.transfer_source else {}),
+                **({"save_piece_bytes": a.save_piece_bytes} if a.save_piece_bytes else {}),
             },
         )
     llm = LLM(model=a.model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True,

@@ -16,7 +16,8 @@ so they work for CPU tensors (and GPU tensors through torch). When the daemon of
 copies (`device_dma`, backend "cma") and the KV tensors are plain contiguous host memory, the
 connector registers them once and each save or load is one request: the daemon copies every layer
 of every block itself (`SaveKv` / `LoadKv`); any refusal or failed copy falls back to copying
-through the pool. `"device_copy": "off"` in kv_connector_extra_config keeps the connector copying.
+through the pool. `"device_copy": "off"` in kv_connector_extra_config keeps the connector copying;
+saves go in requests of at most `"save_piece_bytes"` (32 MiB), so a load waits for one at most.
 
 Failure never costs correctness: a daemon that is absent, killed or restarted means zero matched
 tokens, or blocks reported through `get_block_ids_with_load_errors` (vLLM recomputes them). The
@@ -47,6 +48,8 @@ from .client import Client, KvTierError, default_socket
 logger = logging.getLogger("vllm.kvtier")
 
 _MAX_BACKOFF_S = 5.0
+# Bytes one daemon-side save request copies at most by default (`save_piece_bytes`).
+_SAVE_PIECE_BYTES = 32 << 20
 
 
 # -- metadata passed from the scheduler to the workers ---------------------------------------
@@ -212,6 +215,7 @@ class KvTierConnector(KVConnectorBase_V1):
         # the prompt's blocks from there before the lookup.
         self._transfer_source = extra.get("transfer_source")
         self._device_copy = extra.get("device_copy", "auto") != "off"
+        self._save_piece_bytes = int(extra.get("save_piece_bytes", _SAVE_PIECE_BYTES))
         self._dma_layout = None  # set by register_kv_caches when the daemon may copy
         self._pulled = set()
         self._stats_lock = threading.Lock()
@@ -431,17 +435,29 @@ class KvTierConnector(KVConnectorBase_V1):
         if cache is None:
             return None
         if save:
-            reply = client.save_kv(cache, job.hashes, job.block_ids)
-            blocks, error = reply.saved, reply.error
+            blocks, error = self._save_in_pieces(client, cache, job)
         else:
             blocks, error = client.load_kv(cache, job.hashes, job.block_ids)
+        self._count("daemon_copied_blocks", blocks)  # a failed save may have committed pieces
         if error:
             logger.debug("kvtier: daemon-side %s of %s failed (copying instead): %s",
                          "save" if save else "load", job.req_id, error)
             self._count("daemon_copy_errors", 1)
             return None
-        self._count("daemon_copied_blocks", blocks)
         return blocks
+
+    def _save_in_pieces(self, client, cache, job):
+        """SaveKv in pieces of about `save_piece_bytes`: loads share this connection, and one
+        waits for at most one piece of a long save. Returns `(blocks saved, error)`."""
+        step = max(1, self._save_piece_bytes // max(self._block_bytes, 1))
+        saved = 0
+        for at in range(0, len(job.hashes), step):
+            parent = job.hashes[at - 1] if at else None
+            reply = client.save_kv(cache, job.hashes[at : at + step], job.block_ids[at : at + step], parent)
+            if reply.error:
+                return saved, reply.error
+            saved += reply.saved
+        return saved, ""
 
     def _load_by_copy(self, client, ns, job):
         """Loads the held prefix of `job` through the pool mapping; returns the blocks loaded."""
