@@ -224,6 +224,7 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
 
     // With a disk tier: the prefix saved by one vLLM survives a daemon restart on disk only, is
     // promoted (prefetched by the scheduler, verified) and loaded by the next vLLM, exactly.
+    // (Saved through the default backend, loaded through the connector's copy.)
     let spill = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(); // O_DIRECT: not tmpfs
     let spill_arg = spill.path().to_str().unwrap();
     let disk =
@@ -235,7 +236,10 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
         daemon_stats(&d)["tiers"][1]["blocks"].as_u64() >= Some(held_tokens / BLOCK as u64)
     });
     d.terminate();
-    d.restart();
+    // Saved by the daemon copying out of vLLM (the default backend, cma), loaded by the
+    // connector's own copy (host): both paths put the same bytes in a slot.
+    let disk_host = [&disk[..], &["--device-backend", "host"]].concat();
+    d.restart_with(&disk_host);
     let stats = daemon_stats(&d);
     assert_eq!(stats["tiers"][0]["blocks"].as_u64(), Some(0), "the pool starts empty: {stats}");
     let (out, cached) = run_batch(&py, &model, &prompts_file, Some(&d.socket));
