@@ -100,6 +100,30 @@ impl CmaMemory {
         self.copy(&plan, Direction::ToPool)
     }
 
+    /// Copies `plan` on this thread, up to IOV_MAX segments per system call.
+    fn copy_serial(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
+        // Both take (pid, local iovecs, remote iovecs, flags); the direction picks which way.
+        let transfer = match dir {
+            Direction::ToPool => libc::process_vm_readv,
+            Direction::ToEngine => libc::process_vm_writev,
+        };
+        for batch in plan.chunks(IOV_MAX) {
+            let (pool, engine) = iovecs(batch, &self.tensors)?;
+            let want: usize = pool.iter().map(|v| v.iov_len).sum();
+            // SAFETY: the pool iovecs are the daemon's own pool bytes the caller holds reserved or
+            // pinned; the engine side is another process's memory, which the kernel checks.
+            let done =
+                unsafe { transfer(self.pid, pool.as_ptr(), pool.len() as _, engine.as_ptr(), engine.len() as _, 0) };
+            if done < 0 {
+                return Err(self.error(std::io::Error::last_os_error()));
+            }
+            if done as usize != want {
+                return Err(self.error(std::io::Error::from_raw_os_error(libc::EFAULT)));
+            }
+        }
+        Ok(())
+    }
+
     fn error(&self, e: std::io::Error) -> DeviceError {
         let why = match e.raw_os_error() {
             Some(libc::EPERM) => format!(
@@ -156,45 +180,6 @@ fn split(plan: &[Segment], parts: usize) -> Vec<&[Segment]> {
         out.push(&plan[start..]);
     }
     out
-}
-
-impl CmaMemory {
-    /// Copies `plan` on this thread, up to IOV_MAX segments per system call.
-    fn copy_serial(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
-        for batch in plan.chunks(IOV_MAX) {
-            let (pool, engine) = iovecs(batch, &self.tensors)?;
-            let want: usize = pool.iter().map(|v| v.iov_len).sum();
-            // SAFETY: the pool iovecs are the daemon's own pool bytes the caller holds reserved or
-            // pinned; the engine side is another process's memory, which the kernel checks.
-            let done = unsafe {
-                match dir {
-                    Direction::ToPool => libc::process_vm_readv(
-                        self.pid,
-                        pool.as_ptr(),
-                        pool.len() as _,
-                        engine.as_ptr(),
-                        engine.len() as _,
-                        0,
-                    ),
-                    Direction::ToEngine => libc::process_vm_writev(
-                        self.pid,
-                        pool.as_ptr(),
-                        pool.len() as _,
-                        engine.as_ptr(),
-                        engine.len() as _,
-                        0,
-                    ),
-                }
-            };
-            if done < 0 {
-                return Err(self.error(std::io::Error::last_os_error()));
-            }
-            if done as usize != want {
-                return Err(self.error(std::io::Error::from_raw_os_error(libc::EFAULT)));
-            }
-        }
-        Ok(())
-    }
 }
 
 impl EngineMemory for CmaMemory {

@@ -122,6 +122,14 @@ fn hashes(node: &Node, raw: &[Bytes]) -> Result<Vec<BlockHash>, Fatal> {
         .collect()
 }
 
+/// The optional parent hash of a Reserve or SaveKv (empty: none), validated like any hash.
+fn parent(node: &Node, raw: &Bytes) -> Result<Option<BlockHash>, Fatal> {
+    match raw.is_empty() {
+        true => Ok(None),
+        false => Ok(Some(hashes(node, std::slice::from_ref(raw))?[0])),
+    }
+}
+
 /// Executes one request. `Ok` carries the result to send; `Err` is fatal for the connection.
 pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Result<response::Result, Fatal> {
     use request::Op as R;
@@ -192,10 +200,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::Reserve(r) => {
             let ns = s.ns(r.handle)?;
             let hs = hashes(node, &r.hashes)?;
-            let parent = match r.parent.is_empty() {
-                true => None,
-                false => Some(hashes(node, std::slice::from_ref(&r.parent))?[0]),
-            };
+            let parent = parent(node, &r.parent)?;
             let (reservation, outcomes) = node.reserve(s.client, ns, &hs, parent)?;
             let mut reply = pb::ReserveReply { reservation, ..Default::default() };
             for o in outcomes {
@@ -247,10 +252,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         }
         R::SaveKv(r) => {
             let hs = hashes(node, &r.hashes)?;
-            let parent = match r.parent.is_empty() {
-                true => None,
-                false => Some(hashes(node, std::slice::from_ref(&r.parent))?[0]),
-            };
+            let parent = parent(node, &r.parent)?;
             let reply = match node.save_kv(s.client, s.kv_cache(r.cache)?, &hs, &r.block_ids, parent).await {
                 Ok(o) => pb::SaveKvReply {
                     saved: o.saved as u32,
