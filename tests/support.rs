@@ -157,13 +157,8 @@ impl Daemon {
 
     /// GET `path` from the metrics endpoint; returns the body.
     pub fn http_get(&self, path: &str) -> String {
-        use std::io::Write;
         let addr = self.metrics.as_ref().expect("metrics enabled");
-        let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(out)
+        http_get(addr, path).unwrap_or_else(|| panic!("GET {path} from {addr}"))
     }
 
     /// Connects the Rust client.
@@ -178,7 +173,18 @@ impl Drop for Daemon {
     }
 }
 
-fn free_local_addr() -> String {
+/// GET `path` from the HTTP server at `addr`: the body (None: not reachable).
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(out))
+}
+
+/// A free TCP address on loopback (`127.0.0.1:PORT`).
+pub fn free_local_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
     l.local_addr().expect("addr").to_string()
 }
@@ -293,6 +299,8 @@ pub fn kill_group(child: &Child) {
 /// kills whatever its process group left behind. Returns (success, stdout, stderr).
 pub fn run_to_end(mut cmd: Command, dir: &Path) -> (bool, String, String) {
     let (out, err) = (dir.join("vllm.stdout"), dir.join("vllm.stderr"));
+    // vLLM's ZeroMQ sockets go here, not into /tmp, where nothing would remove them.
+    cmd.env("VLLM_RPC_BASE_PATH", dir);
     cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(std::fs::File::create(&err).unwrap());
     let mut child = cmd.spawn().expect("spawn vLLM");
     let status = child.wait().expect("wait for vLLM");
@@ -461,11 +469,7 @@ impl RouterProc {
 
     /// Value of an unlabelled metric of the router (0 if absent).
     pub fn metric(&self, name: &str) -> f64 {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(&self.metrics).expect("router metrics");
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        let out = http_get(&self.metrics, "/metrics").expect("router metrics");
         let prefix = format!("{name} ");
         out.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
     }

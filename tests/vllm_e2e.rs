@@ -66,6 +66,8 @@ impl Interactive {
                 "--interactive",
             ],
         )
+        // vLLM's ZeroMQ sockets beside the daemon's, removed with it.
+        .env("VLLM_RPC_BASE_PATH", socket.parent().unwrap())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -345,7 +345,10 @@ impl Metrics {
             self.latency[op as usize].render(&mut o, name, &format!("op=\"{}\"", op.name()));
         }
         let name = "kvtier_peer_pull_seconds";
-        let _ = writeln!(o, "# HELP {name} Time of the RMA reads of one pull.\n# TYPE {name} histogram");
+        let _ = writeln!(
+            o,
+            "# HELP {name} Time of one successful pull: its blocks shipped and verified.\n# TYPE {name} histogram"
+        );
         self.peer_pull_latency.render(&mut o, name, "dir=\"in\"");
         if disk.is_some() {
             let name = "kvtier_disk_move_seconds";

@@ -1,9 +1,11 @@
 //! `kvtier router`: the thin cluster router. Follows the daemons' router feeds and answers
-//! `kvtier.v1.RouterService` (Route, Score) plus Prometheus metrics.
+//! `kvtier.v1.RouterService` (Route, Score) and `grpc.health.v1`, plus Prometheus metrics and
+//! `/healthz`.
 
 use kvtier_client::router::feed::{discover, Shared};
 use kvtier_client::router::score::Weights;
-use kvtier_client::router::service::{grpc, Router};
+use kvtier_client::router::service::{grpc, Router, RouterGrpc};
+use kvtier_proto::v1::router_service_server::RouterServiceServer;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +60,9 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", args.metrics_listen))?;
         let r = Arc::clone(&router);
-        let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { r.render_metrics() }));
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(move || async move { r.render_metrics() }))
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
         tokio::spawn(async move { axum::serve(tcp, app).await });
     }
     let tcp = tokio::net::TcpListener::bind(&args.listen)
@@ -70,7 +74,10 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         args.daemons.len(),
         args.dns.as_ref().map(|d| format!(" and {d}")).unwrap_or_default()
     );
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<RouterServiceServer<RouterGrpc>>().await;
     tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(grpc(router))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true)))
         .await?;

@@ -1,0 +1,449 @@
+//! The deployment (`deploy/`) against the real binaries: the ConfigMap's configuration starts a
+//! real kvtierd, the router runs with its Deployment's arguments, every port, path and flag the
+//! manifests name agrees with that configuration and the binaries, the Grafana dashboard's
+//! queries name metrics and labels the daemon and the router export, and the image installs
+//! every library the binaries link.
+
+use kvtier_daemon::config::Config;
+use kvtier_daemon::device::BackendKind;
+use kvtier_tests::{bin, eventually, http_get, ok_stdout, repo, Daemon, RouterProc};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// The documents of `deploy/kubernetes/<file>`.
+fn manifests(file: &str) -> Vec<Yaml> {
+    let path = repo().join("deploy/kubernetes").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The object of `kind` named `name` among `docs`.
+fn object<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// The items of a YAML list (none if it is not one).
+fn items(y: &Yaml) -> &[Yaml] {
+    y.as_vec().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// The strings of a YAML list.
+fn strings(y: &Yaml) -> Vec<String> {
+    items(y).iter().map(|s| s.as_str().expect("a string").to_string()).collect()
+}
+
+/// The first container of a workload's pod template.
+fn container(workload: &Yaml) -> &Yaml {
+    &workload["spec"]["template"]["spec"]["containers"][0]
+}
+
+/// A container's port by name.
+fn container_port(c: &Yaml, name: &str) -> i64 {
+    items(&c["ports"])
+        .iter()
+        .find(|p| p["name"].as_str() == Some(name))
+        .and_then(|p| p["containerPort"].as_i64())
+        .unwrap_or_else(|| panic!("no container port {name}"))
+}
+
+/// A Service's port by name.
+fn service_port(svc: &Yaml, name: &str) -> i64 {
+    items(&svc["spec"]["ports"])
+        .iter()
+        .find(|p| p["name"].as_str() == Some(name))
+        .and_then(|p| p["port"].as_i64())
+        .unwrap_or_else(|| panic!("no service port {name}"))
+}
+
+/// The port of `host:port`.
+fn port_of(addr: &str) -> i64 {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or_else(|| panic!("no port in {addr}"))
+}
+
+/// The value after `flag` in `args`.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let i = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+    &args[i + 1]
+}
+
+/// Bytes of a Kubernetes quantity such as "66Gi".
+fn quantity_bytes(q: &str) -> u64 {
+    let units = [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("Ti", 1 << 40)];
+    let (digits, unit) = units.iter().find_map(|&(u, n)| q.strip_suffix(u).map(|d| (d, n))).unwrap_or((q, 1));
+    digits.parse::<u64>().unwrap_or_else(|_| panic!("quantity {q}")) * unit
+}
+
+/// The daemon's configuration as the ConfigMap holds it, written to `dir`, parsed by the daemon's
+/// own loader (unknown keys refused).
+fn config_map_config(dir: &Path) -> (PathBuf, Config) {
+    let docs = manifests("kvtierd.yaml");
+    let cm = object(&docs, "ConfigMap", "kvtierd-config");
+    let path = dir.join("kvtierd.toml");
+    std::fs::write(&path, cm["data"]["kvtierd.toml"].as_str().expect("kvtierd.toml in the ConfigMap")).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("the ConfigMap's kvtierd.toml: {e:#}"));
+    (path, config)
+}
+
+/// The volume mounted at a path holding `path`: (its volume, its mount path).
+fn mount_holding<'a>(pod: &'a Yaml, c: &'a Yaml, path: &Path) -> (&'a Yaml, String) {
+    let mount = items(&c["volumeMounts"])
+        .iter()
+        .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("nothing mounted over {}", path.display()));
+    let name = mount["name"].as_str().unwrap();
+    let volume = items(&pod["volumes"]).iter().find(|v| v["name"].as_str() == Some(name)).expect("the volume");
+    (volume, mount["mountPath"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn kustomization_lists_every_manifest_and_every_object_is_well_formed() {
+    let dir = repo().join("deploy/kubernetes");
+    let kustomization = &manifests("kustomization.yaml")[0];
+    let listed: BTreeSet<String> = strings(&kustomization["resources"]).into_iter().collect();
+    let present: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(listed, present, "kustomization.yaml resources vs the manifests in deploy/kubernetes");
+    let docs: Vec<Yaml> = listed.iter().flat_map(|f| manifests(f)).collect();
+    let workloads: Vec<&Yaml> =
+        docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("DaemonSet" | "Deployment"))).collect();
+    for d in &docs {
+        let (kind, name) = (d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap());
+        assert!(d["apiVersion"].as_str().is_some(), "{kind} {name}: apiVersion");
+        if kind != "Namespace" {
+            assert_eq!(d["metadata"]["namespace"].as_str(), Some("kvtier"), "{kind} {name}: namespace");
+        }
+        if matches!(kind, "DaemonSet" | "Deployment") {
+            let labels = d["spec"]["template"]["metadata"]["labels"].as_hash().expect("template labels");
+            for (k, v) in d["spec"]["selector"]["matchLabels"].as_hash().expect("selector") {
+                assert_eq!(labels.get(k), Some(v), "{kind} {name}: its selector matches its pods");
+            }
+        }
+        if kind == "Service" {
+            // Some workload's pods carry the selector's labels and serve every port.
+            let selector = d["spec"]["selector"].as_hash().expect("selector");
+            let w = workloads
+                .iter()
+                .find(|w| {
+                    let labels = w["spec"]["template"]["metadata"]["labels"].as_hash().unwrap();
+                    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                })
+                .unwrap_or_else(|| panic!("Service {name} selects no workload"));
+            for p in items(&d["spec"]["ports"]) {
+                let port = p["port"].as_i64().unwrap();
+                let served = items(&container(w)["ports"]).iter().any(|c| c["containerPort"].as_i64() == Some(port));
+                assert!(served, "Service {name} port {port}: no container port");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_daemon_set_matches_its_configuration_and_the_engines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (path, config) = config_map_config(tmp.path());
+    let docs = manifests("kvtierd.yaml");
+    let ds = object(&docs, "DaemonSet", "kvtierd");
+    let (pod, c) = (&ds["spec"]["template"]["spec"], container(ds));
+
+    // The real daemon accepts the file as the DaemonSet passes it.
+    let args = strings(&c["args"]);
+    let mounted = Path::new(flag_value(&args, "--config"));
+    let (volume, _) = mount_holding(pod, c, mounted);
+    assert_eq!(volume["configMap"]["name"].as_str(), Some("kvtierd-config"));
+    assert_eq!(mounted.file_name().unwrap(), "kvtierd.toml");
+    let mut local = args.clone();
+    local[1 + args.iter().position(|a| a == "--config").unwrap()] = path.display().to_string();
+    ok_stdout(&Command::new(bin("kvtierd")).args(&local).arg("--print-config").output().unwrap());
+
+    // Sockets on the host directory engines mount; spill directories on host paths.
+    let (run, run_mount) = mount_holding(pod, c, &config.server.socket);
+    let run_host = run["hostPath"]["path"].as_str().expect("the socket directory is a hostPath");
+    assert_eq!(run_host, run_mount, "engines see the socket where the daemon's config names it");
+    mount_holding(pod, c, &config.grpc.socket);
+    assert!(!config.disk.dirs.is_empty(), "the DaemonSet runs a disk tier");
+    for d in &config.disk.dirs {
+        assert!(mount_holding(pod, c, d).0["hostPath"]["path"].as_str().is_some(), "{}: a host path", d.display());
+    }
+
+    // Ports: configuration = container ports = probes = annotations = the Service.
+    let svc = object(&docs, "Service", "kvtierd");
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    let metrics = port_of(&config.metrics.listen);
+    assert_eq!(container_port(c, "metrics"), metrics);
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"].as_i64(), Some(metrics));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+    assert_eq!(c["startupProbe"]["httpGet"]["port"].as_i64(), Some(metrics));
+    assert_eq!(annotations["prometheus.io/port"].as_str(), Some(metrics.to_string().as_str()));
+    assert_eq!(service_port(svc, "metrics"), metrics);
+    let grpc = port_of(&config.grpc.listen);
+    assert_eq!(container_port(c, "grpc"), grpc);
+    assert_eq!(c["readinessProbe"]["grpc"]["port"].as_i64(), Some(grpc), "grpc.health.v1 is on the feed port");
+    assert_eq!(service_port(svc, "grpc"), grpc);
+    let router = object(&manifests("router.yaml"), "Deployment", "kvtier-router").clone();
+    let dns = flag_value(&strings(&container(&router)["args"]), "--dns").to_string();
+    assert_eq!(dns, format!("kvtierd.kvtier.svc.cluster.local:{grpc}"), "the router resolves the daemons' Service");
+    assert!(config.peer.enabled, "the DaemonSet ships P/D blocks");
+    assert!(config.peer.listen_port > 0, "lane ports must be fixed to be opened between nodes");
+    for lane in 0..config.peer.lanes {
+        assert_eq!(container_port(c, &format!("ucx-lane-{lane}")), (config.peer.listen_port as usize + lane) as i64);
+    }
+
+    // What the configuration needs of the pod.
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true), "engines name the node's address as transfer source");
+    let caps = strings(&c["securityContext"]["capabilities"]["add"]);
+    assert!(caps.contains(&"IPC_LOCK".to_string()), "mlock of the pool");
+    if matches!(config.device.backend, BackendKind::Auto | BackendKind::Cma) {
+        assert_eq!(pod["hostPID"].as_bool(), Some(true), "the daemon's copies need engines' pids");
+        assert!(caps.contains(&"SYS_PTRACE".to_string()), "process_vm_readv of another uid's engine");
+    }
+    assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() as u64 > config.disk.shutdown_flush_secs);
+    let limits = &c["resources"]["limits"];
+    let pool = config.pool.bytes.as_u64();
+    if config.pool.hugetlb {
+        assert!(quantity_bytes(limits["hugepages-2Mi"].as_str().expect("hugepages-2Mi limit")) >= pool);
+    } else {
+        let memory = quantity_bytes(limits["memory"].as_str().expect("a memory limit"));
+        assert!(memory >= pool + (1 << 30), "the pool ({pool} B) is charged to the pod: limit {memory} B");
+    }
+    assert_eq!(c["resources"]["requests"], *limits, "Guaranteed QoS: the pool is locked memory");
+
+    // The engine example connects to that socket and names this daemon as its transfer source.
+    let engine = &manifests("examples/vllm.yaml")[0];
+    let (epod, ec) = (&engine["spec"]["template"]["spec"], container(engine));
+    let (evol, emount) = mount_holding(epod, ec, &config.server.socket);
+    assert_eq!(evol["hostPath"]["path"].as_str(), Some(run_host));
+    assert_eq!(emount, run_mount);
+    let eargs = strings(&ec["args"]);
+    let kv: serde_json::Value = serde_json::from_str(flag_value(&eargs, "--kv-transfer-config")).unwrap();
+    let extra = &kv["kv_connector_extra_config"];
+    assert_eq!(extra["socket"].as_str().map(PathBuf::from), Some(config.server.socket.clone()));
+    assert_eq!(extra["transfer_source"].as_str(), Some(format!("$(HOST_IP):{grpc}").as_str()));
+    let module = kv["kv_connector_module_path"].as_str().unwrap().replace('.', "/");
+    let source = std::fs::read_to_string(repo().join("client/python").join(module + ".py")).unwrap();
+    assert!(source.contains(&format!("class {}", kv["kv_connector"].as_str().unwrap())));
+    let host_ip = items(&ec["env"]).iter().find(|e| e["name"].as_str() == Some("HOST_IP")).expect("HOST_IP");
+    assert_eq!(host_ip["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("status.hostIP"));
+}
+
+/// Metric families of Prometheus text: name -> (type, label names seen on its samples).
+fn families(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
+    let mut out: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            out.entry(name.into()).or_default().0 = kind.into();
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let name_end = line.find(['{', ' ']).unwrap();
+            let mut name = &line[..name_end];
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) =
+                    name.strip_suffix(suffix).filter(|b| out.get(*b).is_some_and(|f| f.0 == "histogram"))
+                {
+                    name = base;
+                }
+            }
+            if let Some(labels) = line[name_end..].strip_prefix('{').and_then(|l| l.split_once('}')).map(|l| l.0) {
+                let entry = out.entry(name.into()).or_default();
+                entry.1.extend(labels.split(',').filter_map(|kv| kv.split_once('=')).map(|kv| kv.0.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Metric names and grouping labels of a PromQL expression and its legend.
+fn query_names(expr: &str, legend: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let ident = |s: &str| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>();
+    let metrics = expr.match_indices("kvtier_").map(|(i, _)| ident(&expr[i..])).collect();
+    let mut labels = BTreeSet::new();
+    for (i, _) in expr.match_indices("by (") {
+        let inside = &expr[i + 4..i + 4 + expr[i + 4..].find(')').unwrap()];
+        labels.extend(inside.split(',').map(|l| l.trim().to_string()));
+    }
+    for part in legend.split("{{").skip(1) {
+        labels.insert(part.split("}}").next().unwrap().trim().to_string());
+    }
+    for implicit in ["le", "instance", "job"] {
+        labels.remove(implicit);
+    }
+    (metrics, labels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_daemon_and_router_serve_and_export_every_metric_the_dashboard_queries() {
+    // kvtierd with the ConfigMap's configuration; what is the node's here is the test's: pool
+    // size, spill directory, sockets and ports (flags win over the file).
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, mut config) = config_map_config(tmp.path());
+    config.peer.listen_port = 0;
+    let path = tmp.path().join("local.toml");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let spill = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(); // O_DIRECT: not tmpfs
+    let d = Daemon::start_with_metrics(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--pool-bytes",
+            "64 MiB",
+            "--disk-dir",
+            spill.path().to_str().unwrap(),
+            "--disk-bytes-per-dir",
+            "64 MiB",
+        ],
+        true,
+    );
+    assert_eq!(d.http_get("/healthz").trim(), "ok");
+    ok_stdout(&d.kvtier(&["put", "--count", "8"]));
+    ok_stdout(&d.kvtier(&["get", "--count", "8"]));
+    // A malformed frame: one error counted, by code.
+    let mut bad = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    bad.write_all(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    let _ = bad.read(&mut [0u8; 256]);
+    eventually("the error counted", || d.http_get("/metrics").contains("kvtier_errors_total{"));
+
+    // The router with the Deployment's arguments, following that daemon.
+    let deployment = object(&manifests("router.yaml"), "Deployment", "kvtier-router").clone();
+    let c = container(&deployment);
+    assert_eq!(strings(&c["command"]), ["kvtier"]);
+    let args = strings(&c["args"]);
+    assert_eq!(args[0], "router");
+    assert_eq!(container_port(c, "grpc"), port_of(flag_value(&args, "--listen")));
+    assert_eq!(container_port(c, "metrics"), port_of(flag_value(&args, "--metrics-listen")));
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"].as_i64(), Some(container_port(c, "metrics")));
+    assert_eq!(c["readinessProbe"]["grpc"]["port"].as_i64(), Some(container_port(c, "grpc")));
+    // Its other flags as they are, but for where the daemons are: this one, through DNS too.
+    let mut rest: Vec<String> = Vec::new();
+    let mut it = args[1..].iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} without a value"));
+        match flag.as_str() {
+            "--listen" | "--metrics-listen" => {}
+            "--dns" => rest.extend([flag.clone(), format!("localhost:{}", port_of(&d.grpc))]),
+            _ => rest.extend([flag.clone(), value.clone()]),
+        }
+    }
+    let router = RouterProc::start(&[], &rest.iter().map(String::as_str).collect::<Vec<_>>());
+    let (listen, metrics) = (router.addr.clone(), router.metrics.clone());
+    eventually("the router follows the daemon", || {
+        http_get(&metrics, "/metrics").is_some_and(|m| m.contains("kvtier_router_endpoints_healthy 1"))
+    });
+    assert_eq!(http_get(&metrics, "/healthz").as_deref().map(str::trim), Some("ok"));
+    let channel = kvtier_client::router::feed::channel(&listen).await.unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    // Every query of the dashboard names exported families, grouped by labels they carry.
+    let mut exported = families(&d.http_get("/metrics"));
+    exported.extend(families(&http_get(&metrics, "/metrics").unwrap()));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/kvtier.json")).unwrap()).unwrap();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let (expr, legend) = (target["expr"].as_str().unwrap(), target["legendFormat"].as_str().unwrap_or(""));
+            let (names, labels) = query_names(expr, legend);
+            assert!(!names.is_empty(), "{expr}: no kvtier metric");
+            let mut carried = BTreeSet::new();
+            for name in &names {
+                let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+                let family = exported.get(name.as_str()).or_else(|| exported.get(base));
+                let family = family.unwrap_or_else(|| panic!("{expr}: {name} is not exported"));
+                if name != base {
+                    assert_eq!(family.0, "histogram", "{expr}: {name} of a {}", family.0);
+                }
+                carried.extend(family.1.iter().cloned());
+            }
+            for label in labels {
+                assert!(carried.contains(&label), "{expr}: no label {label} on {names:?}");
+            }
+            queries += 1;
+        }
+    }
+    assert!(queries >= 20, "{queries} queries");
+}
+
+/// Packages whose files the dynamic libraries `binary` links are in (`ldd`, `dpkg -S`).
+fn linked_packages(binary: &Path) -> BTreeSet<String> {
+    let ldd = ok_stdout(&Command::new("ldd").arg(binary).output().expect("ldd"));
+    let mut out = BTreeSet::new();
+    for lib in ldd.lines().filter_map(|l| l.split("=> ").nth(1)).filter_map(|l| l.split_whitespace().next()) {
+        let real = std::fs::canonicalize(lib).unwrap();
+        let owner = [real.as_path(), Path::new(lib)].iter().find_map(|p| {
+            let o = Command::new("dpkg").arg("-S").arg(p).output().ok()?;
+            o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+        });
+        let owner = owner.unwrap_or_else(|| panic!("{lib}: in no Debian package"));
+        out.insert(owner.split(':').next().unwrap().to_string());
+    }
+    out
+}
+
+/// Packages of a Debian base image: the essential ones and everything they depend on.
+fn base_image_packages() -> BTreeSet<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package}\t${Essential}\t${Pre-Depends}, ${Depends}\n"])
+        .output()
+        .expect("dpkg-query");
+    let mut deps = BTreeMap::new();
+    let mut queue = VecDeque::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut f = line.split('\t');
+        let (name, essential, depends) = (f.next().unwrap(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        let names: Vec<String> = depends
+            .split([',', '|'])
+            .map(|d| d.trim().split([' ', ':']).next().unwrap().to_string())
+            .filter(|d| !d.is_empty())
+            .collect();
+        deps.insert(name.to_string(), names);
+        if essential == "yes" {
+            queue.push_back(name.to_string());
+        }
+    }
+    let mut seen = BTreeSet::new();
+    while let Some(p) = queue.pop_front() {
+        if seen.insert(p.clone()) {
+            queue.extend(deps.get(&p).into_iter().flatten().cloned());
+        }
+    }
+    seen
+}
+
+#[test]
+fn the_image_installs_every_library_the_binaries_link_and_ships_the_binaries_the_manifests_run() {
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
+    let install = runtime.split("apt-get install").nth(1).expect("the runtime stage installs packages");
+    let installed: BTreeSet<&str> =
+        install.split("&&").next().unwrap().split_whitespace().filter(|w| !w.starts_with('-') && *w != "\\").collect();
+    let base = base_image_packages();
+    for name in ["kvtierd", "kvtier"] {
+        for package in linked_packages(&bin(name)) {
+            assert!(
+                installed.contains(package.as_str()) || base.contains(&package),
+                "{name} links a library of {package}: neither in the base image nor installed ({installed:?})"
+            );
+        }
+        assert!(runtime.contains(&format!("target/release/{name} ")), "the image copies {name}");
+    }
+    for (file, kind, workload) in
+        [("kvtierd.yaml", "DaemonSet", "kvtierd"), ("router.yaml", "Deployment", "kvtier-router")]
+    {
+        let command = strings(&container(object(&manifests(file), kind, workload))["command"]);
+        assert!(["kvtierd", "kvtier"].contains(&command[0].as_str()), "{workload} runs {command:?}");
+    }
+    let engine = std::fs::read_to_string(repo().join("deploy/engine.Dockerfile")).unwrap();
+    let copied = engine.lines().find_map(|l| l.strip_prefix("COPY ")).expect("the connector is copied");
+    assert!(repo().join(copied.split_whitespace().next().unwrap()).join("pyproject.toml").exists());
+}
