@@ -146,6 +146,24 @@ fn kustomization_lists_every_manifest_and_every_object_is_well_formed() {
 }
 
 #[test]
+fn the_pod_monitor_scrapes_every_workload_where_its_annotations_point() {
+    let monitor = &manifests("examples/podmonitor.yaml")[0];
+    let selector = monitor["spec"]["selector"]["matchLabels"].as_hash().unwrap();
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    for (file, kind, name) in [("kvtierd.yaml", "DaemonSet", "kvtierd"), ("router.yaml", "Deployment", "kvtier-router")]
+    {
+        let docs = manifests(file);
+        let template = &object(&docs, kind, name)["spec"]["template"];
+        let labels = template["metadata"]["labels"].as_hash().unwrap();
+        assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)), "the PodMonitor selects {name}");
+        let port = container_port(container(object(&docs, kind, name)), endpoint["port"].as_str().unwrap());
+        let annotations = &template["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/port"].as_str(), Some(port.to_string().as_str()), "{name}");
+        assert_eq!(annotations["prometheus.io/path"].as_str(), endpoint["path"].as_str(), "{name}");
+    }
+}
+
+#[test]
 fn the_daemon_set_matches_its_configuration_and_the_engines() {
     let tmp = tempfile::tempdir().unwrap();
     let (path, config) = config_map_config(tmp.path());

@@ -1,8 +1,10 @@
-//! Operating the daemon: configuration layering, metrics, status, and the trace simulator CLI.
+//! Operating the daemon: configuration layering, metrics, status, `kvtier top`, and the trace
+//! simulator CLI.
 
 use kvtier_tests::{bin, ok_stdout, Daemon};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{ChildStdout, Command, Stdio};
 
 fn kvtierd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(bin("kvtierd"));
@@ -77,6 +79,55 @@ fn metrics_and_status_show_the_host_tier() {
         d.http_get("/metrics").contains("kvtier_connected_clients 0\n")
     });
     assert_eq!(d.http_get("/healthz").trim(), "ok");
+}
+
+/// The next `kvtier top --json` line.
+fn top_line(lines: &mut Lines<BufReader<ChildStdout>>) -> serde_json::Value {
+    serde_json::from_str(&lines.next().expect("kvtier top ended").unwrap()).unwrap()
+}
+
+/// Sums `field` of the deltas of `top`'s lines until it reaches `want` (a refresh every 0.1 s;
+/// the last of them may also count whatever else happened since).
+fn top_deltas_reach(lines: &mut Lines<BufReader<ChildStdout>>, fields: &[&str], want: &[u64]) -> Vec<u64> {
+    let mut sums = vec![0; fields.len()];
+    while sums.iter().zip(want).any(|(s, w)| s < w) {
+        let v = top_line(lines);
+        for (sum, f) in sums.iter_mut().zip(fields) {
+            *sum += v["delta"][f].as_u64().expect("a delta");
+        }
+    }
+    sums
+}
+
+#[test]
+fn top_reports_each_intervals_traffic_and_follows_a_restarted_daemon() {
+    let mut d = Daemon::start(&[]);
+    let mut top = Command::new(bin("kvtier"))
+        .args(["top", "--json", "--interval", "0.1"])
+        .env("KVTIER_SOCKET", &d.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(top.stdout.take().unwrap()).lines();
+    let first = top_line(&mut lines);
+    assert!(first["delta"].is_null(), "the first refresh has no interval: {first}");
+    assert_eq!(first["tiers"][0]["tier"], "TIER_HOST");
+
+    // 16 blocks of 64 KiB saved, then loaded: exactly that, in the intervals that follow.
+    ok_stdout(&d.kvtier(&["put", "--count", "16"]));
+    ok_stdout(&d.kvtier(&["get", "--count", "16"]));
+    let sums = top_deltas_reach(&mut lines, &["saved_bytes", "loaded_bytes"], &[16 << 16, 16 << 16]);
+    assert_eq!(sums, [16 << 16, 16 << 16]);
+
+    // The daemon restarts: top reconnects, starts a new baseline, and counts from there.
+    d.restart();
+    while !top_line(&mut lines)["delta"].is_null() {}
+    ok_stdout(&d.kvtier(&["put", "--count", "8", "--seed", "2"]));
+    let sums = top_deltas_reach(&mut lines, &["saved_bytes"], &[8 << 16]);
+    assert_eq!(sums, [8 << 16]);
+    let _ = top.kill();
+    let _ = top.wait();
 }
 
 #[test]

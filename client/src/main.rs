@@ -1,4 +1,4 @@
-//! `kvtier`: command-line tool for kvtierd: status, lookup, put/get, bench, sim.
+//! `kvtier`: command-line tool for kvtierd: status, top, lookup, put/get, bench, sim, router.
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Show the daemon's tiers, clients and counters.
     Status(cli::status::StatusArgs),
+    /// Live view of the daemon: tiers and, per second, hits, misses, bytes moved, evictions.
+    Top(cli::top::TopArgs),
     /// How many leading blocks of a prompt the daemon holds.
     Lookup(cli::blocks::LookupArgs),
     /// Save a prompt of deterministic test blocks.
@@ -48,6 +50,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Status(a) => cli::status::run(a).await,
+            Command::Top(a) => cli::top::run(a).await,
             Command::Lookup(a) => cli::blocks::lookup(a).await,
             Command::Put(a) => cli::blocks::put(a).await,
             Command::Get(a) => cli::blocks::get(a).await,

@@ -31,7 +31,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
 
 import torch
 
@@ -63,7 +62,6 @@ class _Transfer:
     cache_salt: str
     block_ids: list
     hashes: list
-    parent: Optional[bytes] = None
 
 
 @dataclass

@@ -62,3 +62,21 @@ pub struct BlocksArgs {
 pub fn rate(bytes: u64, secs: f64) -> String {
     format!("{:.2} GB/s", bytes as f64 / secs.max(1e-12) / 1e9)
 }
+
+/// One tier of a Stats reply as `kvtier status --json` and `kvtier top --json` print it.
+pub fn tier_json(t: &kvtier_proto::v1::TierStats) -> serde_json::Value {
+    serde_json::json!({"tier": t.tier().as_str_name(), "capacity_bytes": t.capacity_bytes,
+        "used_bytes": t.used_bytes, "blocks": t.blocks})
+}
+
+/// One tier of a Stats reply as a line: name, use of capacity, blocks.
+pub fn tier_line(t: &kvtier_proto::v1::TierStats) -> String {
+    let pct = 100.0 * t.used_bytes as f64 / t.capacity_bytes.max(1) as f64;
+    format!(
+        "  {:<5} {:>10} / {:>10} used ({pct:.1}%), {} blocks",
+        t.tier().as_str_name().trim_start_matches("TIER_").to_lowercase(),
+        bytesize::ByteSize(t.used_bytes).to_string(),
+        bytesize::ByteSize(t.capacity_bytes).to_string(),
+        t.blocks
+    )
+}

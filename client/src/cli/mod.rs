@@ -6,3 +6,4 @@ pub mod common;
 pub mod router;
 pub mod sim;
 pub mod status;
+pub mod top;

@@ -1,6 +1,6 @@
 //! `kvtier status`: the daemon's tiers, clients and counters.
 
-use super::common::ConnectArgs;
+use super::common::{tier_json, tier_line, ConnectArgs};
 use bytesize::ByteSize;
 
 /// Arguments of `kvtier status`.
@@ -19,14 +19,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let s = c.stats().await?;
     let (backend, dma) = (c.hello().device_backend.clone(), c.hello().device_dma);
     if args.json {
-        let tiers: Vec<_> = s
-            .tiers
-            .iter()
-            .map(|t| {
-                serde_json::json!({"tier": t.tier().as_str_name(), "capacity_bytes": t.capacity_bytes,
-                    "used_bytes": t.used_bytes, "blocks": t.blocks})
-            })
-            .collect();
+        let tiers: Vec<_> = s.tiers.iter().map(tier_json).collect();
         let v = serde_json::json!({
             "daemon_version": s.daemon_version, "eviction_policy": s.eviction_policy, "tiers": tiers,
             "namespaces": s.namespaces, "clients": s.clients, "hit_blocks": s.hit_blocks,
@@ -48,14 +41,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         s.eviction_policy
     );
     for t in &s.tiers {
-        let pct = 100.0 * t.used_bytes as f64 / t.capacity_bytes.max(1) as f64;
-        println!(
-            "  {:<5} {:>10} / {:>10} used ({pct:.1}%), {} blocks",
-            t.tier().as_str_name().trim_start_matches("TIER_").to_lowercase(),
-            ByteSize(t.used_bytes).to_string(),
-            ByteSize(t.capacity_bytes).to_string(),
-            t.blocks
-        );
+        println!("{}", tier_line(t));
     }
     let lookups = s.hit_blocks + s.miss_blocks;
     println!(
