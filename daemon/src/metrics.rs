@@ -159,6 +159,15 @@ pub struct Metrics {
     pub disk_read_latency: Histogram,
 }
 
+/// What the mechanism reports at render time (pool, disk rings), next to the counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Readings {
+    /// Whether the pool is mlock'd.
+    pub pool_locked: bool,
+    /// Disk transfers submitted and not yet done, over all spill files.
+    pub disk_queued_ios: u64,
+}
+
 impl Metrics {
     /// Records the time one op took.
     pub fn observe(&self, op: Op, d: Duration) {
@@ -170,8 +179,8 @@ impl Metrics {
         self.errors[(code.max(0) as usize).min(15)].fetch_add(1, Relaxed);
     }
 
-    /// Prometheus text exposition of these counters and `cache`.
-    pub fn render(&self, cache: &CacheStats, disk: Option<&DiskStats>, pool_locked: bool) -> String {
+    /// Prometheus text exposition of these counters, `cache`, `disk` and the mechanism's readings.
+    pub fn render(&self, cache: &CacheStats, disk: Option<&DiskStats>, now: &Readings) -> String {
         let mut o = String::with_capacity(8192);
         let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
@@ -180,7 +189,7 @@ impl Metrics {
         gauge("kvtier_host_used_bytes", "Bytes of host pool slots in use.", "gauge", cache.used_bytes);
         gauge("kvtier_host_blocks", "Committed blocks in the host tier.", "gauge", cache.blocks);
         gauge("kvtier_host_reserved_blocks", "Blocks reserved and not yet committed.", "gauge", cache.reserved_blocks);
-        gauge("kvtier_host_pool_locked", "1 if the pool is mlock'd.", "gauge", pool_locked as u64);
+        gauge("kvtier_host_pool_locked", "1 if the pool is mlock'd.", "gauge", now.pool_locked as u64);
         gauge("kvtier_namespaces", "Registered namespaces.", "gauge", cache.namespaces);
         gauge("kvtier_hit_blocks_total", "Blocks found by lookups.", "counter", cache.hit_blocks);
         gauge("kvtier_miss_blocks_total", "Blocks asked by lookups and not found.", "counter", cache.miss_blocks);
@@ -205,6 +214,12 @@ impl Metrics {
             gauge("kvtier_disk_used_bytes", "Bytes of spill slots in use.", "gauge", d.used_bytes);
             gauge("kvtier_disk_blocks", "Blocks with a disk copy.", "gauge", d.blocks);
             gauge("kvtier_disk_cold_bytes", "Pool bytes queued to be dropped first.", "gauge", d.cold_bytes);
+            gauge(
+                "kvtier_disk_queued_ios",
+                "Disk reads and writes submitted and not yet done (waiting for a ring entry or in the kernel).",
+                "gauge",
+                now.disk_queued_ios,
+            );
             gauge("kvtier_disk_demoted_blocks_total", "Blocks written to disk.", "counter", d.demoted_blocks);
             gauge(
                 "kvtier_disk_written_bytes_total",
@@ -385,7 +400,7 @@ mod tests {
     fn renders_cache_and_error_counters() {
         let m = Metrics::default();
         m.error(kvtier_proto::v1::ErrorCode::Malformed as i32);
-        let text = m.render(&CacheStats { capacity_bytes: 7, ..Default::default() }, None, true);
+        let text = m.render(&CacheStats { capacity_bytes: 7, ..Default::default() }, None, &Readings::default());
         assert!(text.contains("kvtier_host_capacity_bytes 7\n"));
         assert!(text.contains("kvtier_errors_total{code=\"MALFORMED\"} 1\n"));
     }

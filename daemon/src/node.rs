@@ -336,6 +336,10 @@ impl Node {
 
     /// Prometheus text of everything.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&self.stats(), self.disk_stats().as_ref(), self.pool.is_locked())
+        let now = crate::metrics::Readings {
+            pool_locked: self.pool.is_locked(),
+            disk_queued_ios: self.disk.as_ref().map_or(0, DiskTier::queued_ios),
+        };
+        self.metrics.render(&self.stats(), self.disk_stats().as_ref(), &now)
     }
 }

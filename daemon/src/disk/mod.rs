@@ -223,6 +223,11 @@ impl DiskTier {
         dev.ring.submit(IoOp { dir, buf_index: segment as u16, addr, len: len as u32, offset })
     }
 
+    /// Transfers submitted to the spill files' rings and not yet done.
+    pub fn queued_ios(&self) -> u64 {
+        self.devices.iter().map(|d| d.ring.queued()).sum()
+    }
+
     /// Hands `changes` to the persister thread (applied in order, group-committed).
     pub fn persist(&self, cache: &BlockCache, changes: Vec<DiskChange>) {
         if changes.is_empty() {

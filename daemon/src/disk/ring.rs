@@ -9,7 +9,8 @@ use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use tokio::sync::oneshot;
 
 /// Direction of one transfer.
@@ -38,13 +39,33 @@ pub struct IoOp {
 
 struct Pending {
     op: IoOp,
-    done: oneshot::Sender<io::Result<()>>,
+    /// Taken when answered.
+    done: Option<oneshot::Sender<io::Result<()>>>,
+    /// The ring's count of transfers queued or in flight: this one leaves it when dropped
+    /// (answered, or never sent).
+    queued: Arc<AtomicU64>,
+}
+
+impl Pending {
+    /// Answers the submitter (who may have stopped waiting).
+    fn answer(mut self, outcome: io::Result<()>) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(outcome);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Handle to a ring thread. Dropping it lets the thread finish its in-flight work and exit.
 pub struct Ring {
     tx: mpsc::Sender<Pending>,
     thread: Option<std::thread::JoinHandle<()>>,
+    queued: Arc<AtomicU64>,
 }
 
 /// A registered memory region: (start address, length).
@@ -64,14 +85,15 @@ impl Ring {
         let thread = std::thread::Builder::new()
             .name(format!("kvtier-ring-{name}"))
             .spawn(move || drive(ring, rx, depth.max(1) as usize))?;
-        Ok(Ring { tx, thread: Some(thread) })
+        Ok(Ring { tx, thread: Some(thread), queued: Arc::new(AtomicU64::new(0)) })
     }
 
     /// Queues one transfer now; the returned future resolves when it completed (a short
     /// transfer is an error). Queue many, then await them, to keep the device busy.
     pub fn submit(&self, op: IoOp) -> impl std::future::Future<Output = io::Result<()>> + Send + 'static {
         let (done, rx) = oneshot::channel();
-        let sent = self.tx.send(Pending { op, done }).is_ok();
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self.tx.send(Pending { op, done: Some(done), queued: Arc::clone(&self.queued) }).is_ok();
         async move {
             let stopped = || io::Error::other("disk ring stopped");
             if !sent {
@@ -79,6 +101,13 @@ impl Ring {
             }
             rx.await.map_err(|_| stopped())?
         }
+    }
+}
+
+impl Ring {
+    /// Transfers submitted and not yet answered: waiting for a ring entry or in the kernel.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -133,7 +162,7 @@ fn drive(mut ring: IoUring, rx: mpsc::Receiver<Pending>, depth: usize) {
             // the memory is the pool, registered for the ring's life).
             let pushed = unsafe { ring.submission().push(&sqe_of(&p.op, next_id)) };
             if pushed.is_err() {
-                let _ = p.done.send(Err(io::Error::other("submission queue full")));
+                p.answer(Err(io::Error::other("submission queue full")));
                 continue;
             }
             inflight.insert(next_id, p);
@@ -149,7 +178,7 @@ fn drive(mut ring: IoUring, rx: mpsc::Receiver<Pending>, depth: usize) {
                 continue;
             }
             for (_, p) in inflight.drain() {
-                let _ = p.done.send(Err(io::Error::new(e.kind(), format!("io_uring submit: {e}"))));
+                p.answer(Err(io::Error::new(e.kind(), format!("io_uring submit: {e}"))));
             }
             continue;
         }
@@ -166,7 +195,44 @@ fn drive(mut ring: IoUring, rx: mpsc::Receiver<Pending>, depth: usize) {
             } else {
                 Ok(())
             };
-            let _ = p.done.send(outcome);
+            p.answer(outcome);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[tokio::test]
+    async fn queued_counts_transfers_until_they_are_answered() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let mut buf = vec![7u8; 1 << 20];
+        let base = buf.as_mut_ptr() as usize;
+        let ring = Ring::start(file.as_raw_fd(), &[(base, buf.len())], 4, "test").unwrap();
+        let op = |i: usize| IoOp {
+            dir: Dir::Write,
+            buf_index: 0,
+            addr: base + i * 4096,
+            len: 4096,
+            offset: (i * 4096) as u64,
+        };
+        let writes: Vec<_> = (0..64).map(|i| ring.submit(op(i))).collect();
+        assert!(ring.queued() <= 64);
+        for w in writes {
+            w.await.unwrap();
+        }
+        assert_eq!(ring.queued(), 0);
+        // A submitter that stops waiting: its transfer still leaves the count when done.
+        drop((0..8).map(|i| ring.submit(op(i))).collect::<Vec<_>>());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ring.queued() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(ring.queued(), 0);
+        drop(ring);
+        drop(buf);
     }
 }
