@@ -132,6 +132,20 @@ fn a_slot_overwritten_with_garbage_is_not_served_and_is_counted() {
     assert_eq!(d.metric("kvtier_disk_corrupt_blocks_total"), 1.0);
 }
 
+/// (model, blocks with a host copy, disk-only blocks) of each namespace, from `kvtier status`.
+fn namespace_usage(d: &Daemon) -> Vec<(String, u64, u64)> {
+    let json: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
+    (json["namespace_usage"].as_array().unwrap().iter())
+        .map(|u| {
+            (
+                u["model"].as_str().unwrap().to_string(),
+                u["host_blocks"].as_u64().unwrap(),
+                u["disk_blocks"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn restart_with_a_smaller_moved_or_recut_spill_file() {
     let spill = spill_dir();
@@ -145,8 +159,10 @@ fn restart_with_a_smaller_moved_or_recut_spill_file() {
     restart(&mut d, &first, "4 MiB", &[]);
     assert!(d.log().contains("resized from 63 to 3 slabs"), "{}", d.log());
     assert_eq!(d.metric("kvtier_disk_restored_blocks"), 45.0);
+    assert_eq!(namespace_usage(&d), [(String::new(), 0, 45)], "restored, not registered since");
     let loaded = get(&d, 1, 100);
     assert!((1..=45).contains(&loaded), "{loaded}");
+    assert_eq!(namespace_usage(&d), [("kvtier-cli-test".to_string(), loaded as u64, 45 - loaded as u64)]);
     d.terminate();
 
     // Moved: the directory (spill file and index together) is found at its new place.

@@ -79,6 +79,19 @@ fn metrics_and_status_show_the_host_tier() {
         d.http_get("/metrics").contains("kvtier_connected_clients 0\n")
     });
     assert_eq!(d.http_get("/healthz").trim(), "ok");
+
+    // Per namespace: another model's blocks are counted apart.
+    ok_stdout(&d.kvtier(&["put", "--count", "4", "--block-bytes", "16384", "--model", "other"]));
+    let json: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
+    let usage: Vec<(&str, u64, u64, u64)> = (json["namespace_usage"].as_array().unwrap().iter())
+        .map(|u| {
+            let n = |k: &str| u[k].as_u64().unwrap();
+            (u["model"].as_str().unwrap(), n("block_bytes"), n("host_blocks"), n("disk_blocks"))
+        })
+        .collect();
+    assert_eq!(usage, [("kvtier-cli-test", 8192, 10, 0), ("other", 16384, 4, 0)]);
+    let status = ok_stdout(&d.kvtier(&["status"]));
+    assert!(status.contains("namespace other ["), "{status}");
 }
 
 /// The next `kvtier top --json` line.

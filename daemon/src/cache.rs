@@ -495,7 +495,7 @@ impl BlockCache {
                     if let Some(d) = &mut self.disk {
                         d.admission.dropped(disk::fingerprint(&key));
                     }
-                    self.remove_visible(h);
+                    self.remove_visible(h, TierKind::Host);
                 }
             }
             TierSel::Disk => {
@@ -504,16 +504,16 @@ impl BlockCache {
                 let (key, in_host) = (e.key, e.slot.is_some());
                 self.disk_mut().forget(key, slot);
                 if !in_host {
-                    self.remove_visible(h);
+                    self.remove_visible(h, TierKind::Disk);
                 }
             }
         }
     }
 
-    /// Removes a committed entry from the index, telling routers.
-    fn remove_visible(&mut self, h: Handle) {
+    /// Removes a committed entry from the index, telling routers where it was last.
+    fn remove_visible(&mut self, h: Handle, from: TierKind) {
         let e = self.index.remove(h);
-        self.events.push(e.key, EventKind::Removed);
+        self.events.push(e.key, EventKind::Removed { from });
     }
 
     /// The router feed's event log.

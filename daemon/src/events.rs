@@ -3,9 +3,11 @@
 //! The cache appends an event whenever a block becomes visible, changes its best tier, or stops
 //! being held; routers replay them to keep a global index. The log keeps the newest `capacity`
 //! events: a consumer that resumes from an older sequence is told to re-snapshot, so a slow or
-//! absent consumer costs the daemon nothing beyond this bound.
+//! absent consumer costs the daemon nothing beyond this bound. The log also keeps what the events
+//! add up to per namespace (blocks whose best tier is the host pool, and disk-only blocks): the
+//! node's view a router replaying them would have.
 
-use crate::block::{BlockHash, BlockKey};
+use crate::block::{BlockHash, BlockKey, NsIdx};
 use crate::cache::TierKind;
 use std::collections::VecDeque;
 
@@ -27,7 +29,10 @@ pub enum EventKind {
         to: TierKind,
     },
     /// No longer held anywhere.
-    Removed,
+    Removed {
+        /// Where it was last.
+        from: TierKind,
+    },
 }
 
 /// One numbered event.
@@ -52,11 +57,12 @@ pub struct Resync {
 ///
 /// ```
 /// use kvtier_daemon::block::{BlockHash, BlockKey, NsIdx};
+/// use kvtier_daemon::cache::TierKind;
 /// use kvtier_daemon::events::{EventKind, EventLog};
 /// let mut log = EventLog::new(2);
 /// let key = BlockKey { ns: NsIdx(0), hash: BlockHash::from_u64(1) };
 /// for _ in 0..3 {
-///     log.push(key, EventKind::Removed);
+///     log.push(key, EventKind::Removed { from: TierKind::Host });
 /// }
 /// assert_eq!(log.last_sequence(), 3);
 /// assert_eq!(log.since(1).unwrap().len(), 2);
@@ -66,21 +72,55 @@ pub struct EventLog {
     events: VecDeque<Event>,
     capacity: usize,
     next: u64,
+    /// Per namespace (by index): [best tier host, disk only] block counts.
+    held: Vec<[u64; 2]>,
+}
+
+/// Blocks of one namespace by where they are best served from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// With a copy in the host pool.
+    pub host: u64,
+    /// Only on disk.
+    pub disk: u64,
 }
 
 impl EventLog {
     /// A log retaining the newest `capacity` events.
     pub fn new(capacity: usize) -> Self {
-        Self { events: VecDeque::new(), capacity: capacity.max(1), next: 1 }
+        Self { events: VecDeque::new(), capacity: capacity.max(1), next: 1, held: Vec::new() }
     }
 
     /// Appends an event; the oldest goes if the log is full.
     pub fn push(&mut self, key: BlockKey, kind: EventKind) {
+        match kind {
+            EventKind::Stored { tier, .. } => self.count(key.ns, tier, true),
+            EventKind::TierChanged { from, to } => {
+                self.count(key.ns, from, false);
+                self.count(key.ns, to, true);
+            }
+            EventKind::Removed { from } => self.count(key.ns, from, false),
+        }
         if self.events.len() == self.capacity {
             self.events.pop_front();
         }
         self.events.push_back(Event { sequence: self.next, key, kind });
         self.next += 1;
+    }
+
+    fn count(&mut self, ns: NsIdx, tier: TierKind, up: bool) {
+        let i = ns.0 as usize;
+        if self.held.len() <= i {
+            self.held.resize(i + 1, [0; 2]);
+        }
+        let n = &mut self.held[i][(tier == TierKind::Disk) as usize];
+        *n = if up { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Blocks of `ns` the events add up to, by best tier.
+    pub fn held(&self, ns: NsIdx) -> Held {
+        let [host, disk] = self.held.get(ns.0 as usize).copied().unwrap_or_default();
+        Held { host, disk }
     }
 
     /// Sequence of the newest event (0 before any).
@@ -127,7 +167,7 @@ mod tests {
     fn sequences_have_no_gaps_and_resume_exactly() {
         let mut log = EventLog::new(100);
         for i in 0..10 {
-            log.push(key(i), EventKind::Removed);
+            log.push(key(i), EventKind::Removed { from: TierKind::Host });
         }
         let after4 = log.since(4).unwrap();
         assert_eq!(after4.iter().map(|e| e.sequence).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
@@ -140,7 +180,7 @@ mod tests {
     fn a_consumer_behind_the_retained_window_must_resync() {
         let mut log = EventLog::new(3);
         for i in 0..10 {
-            log.push(key(i), EventKind::Removed);
+            log.push(key(i), EventKind::Removed { from: TierKind::Host });
         }
         assert_eq!(log.len(), 3);
         assert_eq!(log.since(7).unwrap().len(), 3);

@@ -73,6 +73,21 @@ pub struct Node {
     /// Connector requests served, for the load signal.
     pub requests_total: AtomicU64,
     load: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+    /// Model of each registered namespace, by index (what Stats shows of it).
+    models: Mutex<Vec<String>>,
+}
+
+/// What one registered namespace holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceUsage {
+    /// The model of its descriptor.
+    pub model: String,
+    /// Its id (a hash of the whole descriptor, tenant salt included).
+    pub id: NamespaceId,
+    /// Bytes per block.
+    pub block_bytes: u64,
+    /// Committed blocks by best tier.
+    pub held: crate::events::Held,
 }
 
 /// The cache, locked; on unlock, routers watching the event feed are woken if it grew.
@@ -157,6 +172,7 @@ impl Node {
             events: tokio::sync::watch::Sender::new(0),
             requests_total: AtomicU64::new(0),
             load: Mutex::new(std::collections::VecDeque::new()),
+            models: Mutex::new(Vec::new()),
         })
     }
 
@@ -241,10 +257,37 @@ impl Node {
     }
 
     /// Registers a namespace; returns its index, id and block size.
-    pub fn register(&self, id: NamespaceId, block_bytes: u64) -> Result<(NsIdx, u64), CacheError> {
+    pub fn register(&self, id: NamespaceId, block_bytes: u64, model: &str) -> Result<(NsIdx, u64), CacheError> {
         let mut c = self.cache();
         let ns = c.register(id, block_bytes)?;
+        let mut models = self.models.lock().expect("models lock");
+        let i = ns.0 as usize;
+        if models.len() <= i {
+            models.resize(i + 1, String::new());
+        }
+        // Restored from disk at start (no model known) until a client registers it.
+        if models[i].is_empty() {
+            models[i] = model.to_string();
+        }
         Ok((ns, c.namespace(ns).stride))
+    }
+
+    /// What each namespace holds, in registration order (those restored from disk first; their
+    /// model is empty until a client registers them again).
+    pub fn namespace_usage(&self) -> Vec<NamespaceUsage> {
+        let c = self.cache();
+        let models = self.models.lock().expect("models lock");
+        (0..c.stats().namespaces as usize)
+            .map(|i| {
+                let info = c.namespace(NsIdx(i as u16));
+                NamespaceUsage {
+                    model: models.get(i).cloned().unwrap_or_default(),
+                    id: info.id,
+                    block_bytes: info.block_bytes,
+                    held: c.events().held(NsIdx(i as u16)),
+                }
+            })
+            .collect()
     }
 
     /// Longest held prefix, with the tier of each block.

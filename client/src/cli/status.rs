@@ -29,6 +29,9 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             "promoted_blocks": s.promoted_blocks, "disk_written_bytes": s.disk_written_bytes,
             "not_admitted_blocks": s.not_admitted_blocks, "corrupt_blocks": s.corrupt_blocks,
             "disk_failure": s.disk_failure, "device_backend": backend, "device_dma": dma,
+            "namespace_usage": s.namespace_usage.iter().map(|u| serde_json::json!({"model": u.model,
+                "id_prefix": u.id_prefix, "block_bytes": u.block_bytes, "host_blocks": u.host_blocks,
+                "disk_blocks": u.disk_blocks})).collect::<Vec<_>>(),
         });
         println!("{v}");
         return Ok(());
@@ -69,5 +72,41 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     if !s.disk_failure.is_empty() {
         println!("  disk tier OFF: {}", s.disk_failure);
     }
+    for u in &s.namespace_usage {
+        println!("{}", namespace_line(u));
+    }
     Ok(())
+}
+
+/// One namespace's line: model, id prefix, what it holds in each tier.
+fn namespace_line(u: &kvtier_proto::v1::NamespaceUsage) -> String {
+    let bytes = |blocks: u64| ByteSize(blocks * u.block_bytes).to_string();
+    format!(
+        "  namespace {} [{}]: host {} blocks ({}), disk only {} blocks ({}), {} per block",
+        if u.model.is_empty() { "(restored from disk, not registered since)" } else { &u.model },
+        u.id_prefix,
+        u.host_blocks,
+        bytes(u.host_blocks),
+        u.disk_blocks,
+        bytes(u.disk_blocks),
+        ByteSize(u.block_bytes)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_namespace_line_shows_its_blocks_and_bytes_per_tier() {
+        let u = kvtier_proto::v1::NamespaceUsage {
+            model: "m".into(),
+            id_prefix: "0a1b2c3d".into(),
+            block_bytes: 1 << 20,
+            host_blocks: 3,
+            disk_blocks: 2,
+        };
+        assert_eq!(
+            super::namespace_line(&u),
+            "  namespace m [0a1b2c3d]: host 3 blocks (3.0 MiB), disk only 2 blocks (2.0 MiB), 1.0 MiB per block"
+        );
+    }
 }

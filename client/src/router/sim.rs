@@ -81,7 +81,7 @@ fn follow(index: &mut GlobalIndex, id: NodeId, n: &mut Node) {
         let tier = match e.kind {
             EventKind::Stored { tier, .. } => Some(tier),
             EventKind::TierChanged { to, .. } => Some(to),
-            EventKind::Removed => None,
+            EventKind::Removed { .. } => None,
         };
         index.set(id, &NS_ID, e.key.hash, tier);
     }

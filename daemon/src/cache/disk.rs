@@ -511,7 +511,7 @@ impl BlockCache {
             self.disk_mut().tier.policy(e.key.ns).remove(p.handle);
             self.drop_copy(TierSel::Disk, p.handle);
         } else {
-            self.remove_visible(p.handle);
+            self.remove_visible(p.handle, TierKind::Disk);
         }
     }
 
@@ -532,7 +532,7 @@ impl BlockCache {
             self.index.get_mut(h).disk = SlotId::NONE;
             // A promotion in flight finishes (as a failure) and removes the entry then.
             if e.slot.is_none() {
-                self.remove_visible(h);
+                self.remove_visible(h, TierKind::Disk);
             }
         }
         let d = self.disk_mut();

@@ -405,7 +405,7 @@ mod disk_tier {
 mod router_events {
     use super::*;
     use crate::cache::{DiskSetup, PromotionOutcome, TierKind};
-    use crate::events::EventKind;
+    use crate::events::{EventKind, Held};
     use crate::policy::AdmissionKind;
     use std::collections::HashMap;
 
@@ -416,8 +416,17 @@ mod router_events {
             match e.kind {
                 EventKind::Stored { tier, .. } => assert!(view.insert(e.key, tier).is_none(), "stored twice: {e:?}"),
                 EventKind::TierChanged { from, to } => assert_eq!(view.insert(e.key, to), Some(from), "{e:?}"),
-                EventKind::Removed => assert!(view.remove(&e.key).is_some(), "removed unknown: {e:?}"),
+                EventKind::Removed { from } => assert_eq!(view.remove(&e.key), Some(from), "{e:?}"),
             }
+        }
+        // What the log adds up to per namespace is what the replay holds.
+        let mut held: HashMap<NsIdx, Held> = HashMap::new();
+        for (key, tier) in &view {
+            let h = held.entry(key.ns).or_default();
+            *if *tier == TierKind::Host { &mut h.host } else { &mut h.disk } += 1;
+        }
+        for ns in (0..4).map(NsIdx) {
+            assert_eq!(c.events().held(ns), held.get(&ns).copied().unwrap_or_default(), "{ns:?}");
         }
         view
     }

@@ -161,7 +161,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::Register(r) => {
             let desc = r.namespace.ok_or_else(|| Fatal::new(ErrorCode::BadArgument, "Register without a namespace"))?;
             let id = NamespaceId::of(&desc);
-            let (ns, stride) = node.register(id, desc.block_bytes)?;
+            let (ns, stride) = node.register(id, desc.block_bytes, &desc.model)?;
             let handle = match s.handles.iter().position(|&h| h == ns) {
                 Some(i) => i,
                 None => {
@@ -335,5 +335,14 @@ fn stats_reply(node: &Node) -> pb::StatsReply {
         loaded_bytes: st.loaded_bytes,
         eviction_policy: node.policy_name().into(),
         daemon_version: env!("CARGO_PKG_VERSION").into(),
+        namespace_usage: (node.namespace_usage().into_iter())
+            .map(|u| pb::NamespaceUsage {
+                model: u.model,
+                id_prefix: u.id.0[..4].iter().map(|b| format!("{b:02x}")).collect(),
+                block_bytes: u.block_bytes,
+                host_blocks: u.held.host,
+                disk_blocks: u.held.disk,
+            })
+            .collect(),
     }
 }

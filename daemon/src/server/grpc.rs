@@ -60,7 +60,7 @@ fn to_pb(c: &BlockCache, e: &Event) -> pb::BlockEvent {
             ev.from_tier = wire_tier(from) as i32;
             ev.tier = wire_tier(to) as i32;
         }
-        EventKind::Removed => {
+        EventKind::Removed { .. } => {
             ev.kind = pb::block_event::Kind::Removed as i32;
             ev.tier = pb::Tier::Unspecified as i32;
         }
