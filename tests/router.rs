@@ -188,8 +188,71 @@ async fn bad_feed_requests_get_clear_errors_and_the_daemon_carries_on() {
     let q = pb::PrefixQuery { namespace_id: Bytes::from(vec![9u8; 16]), hashes: hashes.clone() };
     assert_eq!(c.lookup(pb::BatchLookupRequest { queries: vec![q] }).await.unwrap().into_inner().matches[0].matched, 0);
     assert_eq!(held(&d, &ns, &hashes).await, 4);
+    // Prefetch: the same checks, a bound on its length, and nothing to do for an unknown namespace.
+    let short = pb::PrefixQuery { namespace_id: Bytes::from_static(b"short"), hashes: hashes.clone() };
+    assert!(c.prefetch(short).await.unwrap_err().message().contains("namespace_id"));
+    let long = pb::PrefixQuery { namespace_id: ns.clone(), hashes: testdata::chained_hashes(5, 8193) };
+    assert!(c.prefetch(long).await.unwrap_err().message().contains("8193 hashes"));
+    let q = pb::PrefixQuery { namespace_id: Bytes::from(vec![9u8; 16]), hashes: hashes.clone() };
+    assert_eq!(c.prefetch(q).await.unwrap().into_inner().promoting, 0);
     let router = RouterProc::start(&[&d.grpc], &[]);
     let mut r = RouterServiceClient::new(channel(&router.addr).await.unwrap());
     let err = r.route(pb::RouteRequest { namespace_id: Bytes::from_static(b"x"), hashes: vec![] }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+/// Tiers of the held prefix of `hashes` on `d` (its own gRPC Lookup).
+async fn tiers(d: &Daemon, ns: &Bytes, hashes: &[Bytes]) -> Vec<i32> {
+    let mut c = CacheServiceClient::new(channel(&d.grpc).await.unwrap());
+    let q = pb::PrefixQuery { namespace_id: ns.clone(), hashes: hashes.to_vec() };
+    c.lookup(pb::BatchLookupRequest { queries: vec![q] }).await.unwrap().into_inner().matches.remove(0).tiers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_routed_to_its_disk_is_read_back_before_the_request_arrives() {
+    // A 4 MiB pool over a disk tier: a prompt saved first ends up on disk only once others follow.
+    let spill = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(); // O_DIRECT: not tmpfs
+    let disk = ["--disk-dir", spill.path().to_str().unwrap(), "--disk-bytes-per-dir", "64 MiB"];
+    let flags = [&disk[..], &["--disk-admission", "always", "--pool-bytes", "4 MiB", "--slab-bytes", "1 MiB"]].concat();
+    let d = Daemon::start_with_metrics(&flags, true);
+    let (ns, hashes) = save(&d, 1, 32).await;
+    for seed in 2..12 {
+        save(&d, seed, 32).await;
+    }
+    let disk_only = pb::Tier::Disk as i32;
+    eventually_within("the first prompt is on disk only", 60, || {
+        block_on(tiers(&d, &ns, &hashes)) == vec![disk_only; 32]
+    });
+
+    // Without prefetching, routing changes nothing there.
+    let quiet = RouterProc::start(&[d.grpc.as_str()], &["--prefetch", "false"]);
+    eventually_within("the router sees the prefix on disk", 20, || {
+        block_on(scores(&quiet, &ns, &hashes)).iter().any(|e| e.matched_blocks == 32 && e.host_blocks == 0)
+    });
+    assert_eq!(route(&quiet, &ns, &hashes).await.matched_blocks, 32);
+    let metrics = kvtier_tests::http_get(&quiet.metrics, "/metrics").unwrap();
+    assert!(metrics.contains("kvtier_router_prefetches_total{outcome=\"sent\"} 0"), "{metrics}");
+
+    // The default router has the chosen daemon read it back into memory.
+    let r = RouterProc::start(&[d.grpc.as_str()], &[]);
+    eventually_within("the router sees the prefix on disk", 20, || {
+        block_on(scores(&r, &ns, &hashes)).iter().any(|e| e.matched_blocks == 32 && e.host_blocks == 0)
+    });
+    let res = route(&r, &ns, &hashes).await;
+    assert_eq!((res.endpoint.as_str(), res.matched_blocks), (d.grpc.as_str(), 32));
+    eventually_within("the prefix is back in the host tier", 30, || {
+        block_on(tiers(&d, &ns, &hashes)) == vec![pb::Tier::Host as i32; 32]
+    });
+    assert!(d.metric("kvtier_disk_promoted_blocks_total") >= 32.0);
+    eventually_within("the prefetch counted", 10, || {
+        kvtier_tests::http_get(&r.metrics, "/metrics")
+            .is_some_and(|m| m.contains("kvtier_router_prefetches_total{outcome=\"sent\"} 1"))
+    });
+    // Bytes promoted ahead are the bytes saved.
+    let mut c = d.client("router-test").await;
+    let handle = c.register(namespace("router-test", BLOCK)).await.unwrap();
+    let mut got = Vec::new();
+    c.load(&handle, &hashes, |_, b| got.push(b.to_vec())).await.unwrap();
+    let want: Vec<Vec<u8>> = hashes.iter().map(|h| testdata::block(h, BLOCK as usize)).collect();
+    assert_eq!(got, want);
 }

@@ -39,6 +39,10 @@ pub struct RouterArgs {
     /// Penalty of the busiest node relative to holding the whole prompt.
     #[arg(long, default_value_t = Weights::default().load)]
     pub load_weight: f64,
+    /// Have the chosen node start reading a prefix it holds only partly in memory back from
+    /// its disk while the request travels there.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefetch: bool,
 }
 
 /// Runs the router until the process is stopped.
@@ -54,7 +58,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     if let Some(name) = args.dns.clone() {
         tokio::spawn(discover(Arc::clone(&shared), name, Duration::from_secs(args.dns_interval_secs)));
     }
-    let router = Router::new(shared, Weights { disk: args.disk_weight, load: args.load_weight });
+    let router = Router::new(shared, Weights { disk: args.disk_weight, load: args.load_weight }, args.prefetch);
     if !args.metrics_listen.is_empty() {
         let tcp = tokio::net::TcpListener::bind(&args.metrics_listen)
             .await

@@ -2,10 +2,12 @@
 //! index and sends each request where its prefix already is, balanced against load.
 //!
 //! Pure parts ([`index`], [`score`], [`sim`]) are shared with `kvtier sim --nodes`; [`feed`]
-//! follows the daemons and [`service`] answers `kvtier.v1.RouterService`.
+//! follows the daemons, [`service`] answers `kvtier.v1.RouterService`, and [`prefetch`] warms
+//! the chosen node when part of the prefix is only on its disk.
 
 pub mod feed;
 pub mod index;
+pub mod prefetch;
 pub mod score;
 pub mod service;
 pub mod sim;

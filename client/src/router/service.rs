@@ -2,6 +2,7 @@
 //! decisions come from [`super::score`] over the followed index.
 
 use super::feed::Shared;
+use super::prefetch::Prefetcher;
 use super::score::{pick, score, Reason, Weights};
 use kvtier_daemon::block::BlockHash;
 use kvtier_daemon::metrics::Histogram;
@@ -22,11 +23,13 @@ pub struct Router {
     by_load: AtomicU64,
     no_endpoint: AtomicU64,
     latency: Histogram,
+    prefetcher: Arc<Prefetcher>,
 }
 
 impl Router {
-    /// A router deciding over `shared` with `weights`.
-    pub fn new(shared: Arc<Shared>, weights: Weights) -> Arc<Self> {
+    /// A router deciding over `shared` with `weights`; with `prefetch`, a request sent to a node
+    /// holding part of its prefix only on disk has that node start reading it back.
+    pub fn new(shared: Arc<Shared>, weights: Weights, prefetch: bool) -> Arc<Self> {
         Arc::new(Self {
             shared,
             weights,
@@ -35,6 +38,7 @@ impl Router {
             by_load: AtomicU64::new(0),
             no_endpoint: AtomicU64::new(0),
             latency: Histogram::default(),
+            prefetcher: Prefetcher::new(prefetch),
         })
     }
 
@@ -90,8 +94,12 @@ impl Router {
             Reason::Prefix => self.by_prefix.fetch_add(1, Relaxed),
             Reason::LeastLoaded => self.by_load.fetch_add(1, Relaxed),
         };
-        let matched = scored.iter().find(|s| s.node == node).map_or(0, |s| s.matched);
+        let (matched, host) = scored.iter().find(|s| s.node == node).map_or((0, 0), |s| (s.matched, s.host));
         let endpoint = self.shared.nodes()[node as usize].endpoint.clone();
+        if self.prefetcher.wanted(matched, host) {
+            let prefix = req.hashes[..matched as usize].to_vec();
+            self.prefetcher.send(endpoint.clone(), req.namespace_id.clone(), prefix);
+        }
         Ok(pb::RouteResponse { endpoint, matched_blocks: matched, reason: reason.name().into() })
     }
 
@@ -142,6 +150,11 @@ impl Router {
         let _ = writeln!(o, "kvtier_router_decisions_total{{reason=\"prefix\"}} {}", self.by_prefix.load(Relaxed));
         let _ = writeln!(o, "kvtier_router_decisions_total{{reason=\"least-loaded\"}} {}", self.by_load.load(Relaxed));
         let _ = writeln!(o, "kvtier_router_decisions_total{{reason=\"none\"}} {}", self.no_endpoint.load(Relaxed));
+        let p = &self.prefetcher;
+        let _ = writeln!(o, "# HELP kvtier_router_prefetches_total Prefetches of disk-only prefixes on the chosen node, by outcome.\n# TYPE kvtier_router_prefetches_total counter");
+        for (outcome, n) in [("sent", &p.sent), ("failed", &p.failed), ("skipped", &p.skipped)] {
+            let _ = writeln!(o, "kvtier_router_prefetches_total{{outcome=\"{outcome}\"}} {}", n.load(Relaxed));
+        }
         let name = "kvtier_router_decision_seconds";
         let _ = writeln!(o, "# HELP {name} Time to decide one Route.\n# TYPE {name} histogram");
         self.latency.render(&mut o, name, "op=\"route\"");

@@ -187,6 +187,17 @@ impl CacheService for FeedService {
         }))
     }
 
+    async fn prefetch(&self, req: Request<pb::PrefixQuery>) -> Result<Response<pb::PrefetchResponse>, Status> {
+        let (id, hashes) = parse_query(req.get_ref())?;
+        let most = self.node.config.server.max_hashes_per_request as usize;
+        if hashes.len() > most {
+            return Err(Status::invalid_argument(format!("{} hashes, limit {most}", hashes.len())));
+        }
+        let ns = self.node.cache().find_namespace(&id);
+        let promoting = ns.map_or(0, |ns| self.node.prefetch(ns, hashes));
+        Ok(Response::new(pb::PrefetchResponse { promoting: promoting as u32 }))
+    }
+
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
         let detail = match self.node.disk_failure() {
             Some(why) => format!("host tier serving; disk tier off: {why}"),
