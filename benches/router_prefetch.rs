@@ -132,7 +132,7 @@ async fn main() {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "router prefetch: load of a {} MiB prompt ({BLOCKS} x {} MiB blocks) held only on disk; median of {ROUNDS}",
-        BLOCKS as u64 * BLOCK >> 20,
+        (BLOCKS as u64 * BLOCK) >> 20,
         BLOCK >> 20
     );
     println!("  cold (the load waits for the disk): {:8.2} ms", ms(cold));
