@@ -79,7 +79,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 /// One namespace's line: model, id prefix, what it holds in each tier.
-fn namespace_line(u: &kvtier_proto::v1::NamespaceUsage) -> String {
+pub fn namespace_line(u: &kvtier_proto::v1::NamespaceUsage) -> String {
     let bytes = |blocks: u64| ByteSize(blocks * u.block_bytes).to_string();
     format!(
         "  namespace {} [{}]: host {} blocks ({}), disk only {} blocks ({}), {} per block",

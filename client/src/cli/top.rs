@@ -106,6 +106,9 @@ pub fn screen(s: &StatsReply, delta: Option<&Delta>) -> String {
     if !s.disk_failure.is_empty() {
         let _ = writeln!(o, "  disk tier OFF: {}", s.disk_failure);
     }
+    for u in &s.namespace_usage {
+        let _ = writeln!(o, "{}", super::status::namespace_line(u));
+    }
     let Some(d) = delta else {
         let _ = writeln!(o, "  (rates after the next refresh)");
         return o;
