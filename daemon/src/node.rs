@@ -256,7 +256,7 @@ impl Node {
         ClientId(self.next_client.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Registers a namespace; returns its index, id and block size.
+    /// Registers a namespace (`model`: what Stats shows of it); returns its index and slot stride.
     pub fn register(&self, id: NamespaceId, block_bytes: u64, model: &str) -> Result<(NsIdx, u64), CacheError> {
         let mut c = self.cache();
         let ns = c.register(id, block_bytes)?;
