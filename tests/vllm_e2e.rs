@@ -196,6 +196,20 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert!(dma.metric("kvtier_device_loaded_bytes_total") >= 4.0 * prompt_bytes, "loaded by the daemon");
     drop(dma);
 
+    // Daemon frozen (SIGSTOP: connections are accepted by the kernel, nothing is answered): the
+    // same outputs, nothing cached, and the connector gives up on it after a short timeout,
+    // then leaves it alone (30 s) instead of waiting on every request.
+    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGSTOP).unwrap();
+    let frozen_stats = work.path().join("frozen-stats");
+    let frozen_arg = frozen_stats.to_str().unwrap();
+    let frozen = run_batch_with(&py, &model, &prompts_file, Some(&d.socket), &["--stats-file", frozen_arg]);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT).unwrap();
+    assert_eq!(frozen, (reference.clone(), vec![0; 4]), "outputs with the daemon frozen, nothing loaded");
+    let scheduler: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{frozen_arg}.scheduler")).unwrap()).unwrap();
+    assert!(scheduler["daemon_timeouts"].as_u64() >= Some(1), "the scheduler timed out on it: {scheduler}");
+
     // Daemon SIGKILLed: the same outputs, no error, nothing cached.
     d.kill();
     assert!(!d.socket.exists() || std::os::unix::net::UnixStream::connect(&d.socket).is_err());

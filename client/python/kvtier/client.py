@@ -58,10 +58,13 @@ def default_socket():
 class Client:
     """One connection to kvtierd with the pool mapped. Calls are serialized by a lock."""
 
-    def __init__(self, path=None, name="kvtier-python", timeout=10.0):
+    def __init__(self, path=None, name="kvtier-python", timeout=10.0, hello_timeout=1.0):
+        """Connects and says Hello within `hello_timeout` seconds (a live daemon answers in
+        milliseconds; one that accepts but never answers is stuck); later calls wait at most
+        `timeout` seconds unless they say otherwise. Timeouts raise `TimeoutError`."""
         self.path = path or default_socket()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        self._sock.settimeout(min(timeout, hello_timeout))
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._next_id = 1
@@ -72,6 +75,7 @@ class Client:
         except BaseException:
             self.close()
             raise
+        self._sock.settimeout(timeout)
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -132,29 +136,41 @@ class Client:
             for fd in fds:
                 os.close(fd)
 
-    def call_many(self, ops):
-        """Sends `(op_name, fields)` requests back to back and returns their replies in order.
+    def call_many(self, ops, timeout=None):
+        """Sends `(op_name, fields)` requests back to back and returns their replies in order,
+        waiting at most `timeout` seconds for each read (default: the connection's). After a
+        timeout the connection is out of step with the daemon: close it.
 
         `fields` is a dict of the op message's fields, e.g. `("lookup", {"handle": 0, "hashes": [...]})`.
         """
         with self._lock:
-            reqs = []
-            for op, fields in ops:
-                req = pb.Request(id=self._next_id)
-                self._next_id += 1
-                msg = getattr(req, op)
-                msg.SetInParent()
-                for k, v in fields.items():
-                    field = getattr(msg, k)
-                    if isinstance(v, (list, tuple)):
-                        field.extend(v)
-                    elif hasattr(field, "CopyFrom"):
-                        field.CopyFrom(v)
-                    else:
-                        setattr(msg, k, v)
-                reqs.append(req)
-            self._send(reqs)
-            return [self._recv_response() for _ in reqs]
+            if timeout is None:
+                return self._call_locked(ops)
+            usual = self._sock.gettimeout()
+            self._sock.settimeout(timeout)
+            try:
+                return self._call_locked(ops)
+            finally:
+                self._sock.settimeout(usual)
+
+    def _call_locked(self, ops):
+        reqs = []
+        for op, fields in ops:
+            req = pb.Request(id=self._next_id)
+            self._next_id += 1
+            msg = getattr(req, op)
+            msg.SetInParent()
+            for k, v in fields.items():
+                field = getattr(msg, k)
+                if isinstance(v, (list, tuple)):
+                    field.extend(v)
+                elif hasattr(field, "CopyFrom"):
+                    field.CopyFrom(v)
+                else:
+                    setattr(msg, k, v)
+            reqs.append(req)
+        self._send(reqs)
+        return [self._recv_response() for _ in reqs]
 
     def call(self, op, **fields):
         """Sends one request and returns its reply's result message."""
@@ -189,11 +205,12 @@ class Client:
         r = self.call("pull", handle=ns.handle, source=source, hashes=list(hashes))
         return r.pulled, r.present, r.error
 
-    def lookup_and_prefetch(self, ns, hashes):
+    def lookup_and_prefetch(self, ns, hashes, timeout=None):
         """Lookup and prefetch pipelined in one round trip: `(matched, blocks being promoted)`."""
         hashes = list(hashes)
         look, pre = self.call_many(
-            [("lookup", {"handle": ns.handle, "hashes": hashes}), ("prefetch", {"handle": ns.handle, "hashes": hashes})]
+            [("lookup", {"handle": ns.handle, "hashes": hashes}), ("prefetch", {"handle": ns.handle, "hashes": hashes})],
+            timeout,
         )
         return look.lookup.matched, pre.prefetch.queued
 

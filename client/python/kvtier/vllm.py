@@ -47,6 +47,12 @@ from .client import Client, KvTierError, default_socket
 logger = logging.getLogger("vllm.kvtier")
 
 _MAX_BACKOFF_S = 5.0
+# A daemon that accepts but does not answer (stopped, stuck): not asked again for this long, so
+# the engine pays one short timeout per period instead of one per request.
+_STUCK_BACKOFF_S = 30.0
+# The scheduler's lookup is answered in well under a millisecond by a live daemon; it waits no
+# longer than this (vLLM's scheduling loop is blocked meanwhile).
+_LOOKUP_TIMEOUT_S = 1.0
 # Bytes one daemon-side save request copies at most by default (`save_piece_bytes`).
 _SAVE_PIECE_BYTES = 32 << 20
 
@@ -78,12 +84,12 @@ class KvTierMetadata(KVConnectorMetadata):
 
 @dataclass
 class KvTierStats(KVConnectorStats):
-    """Tokens matched, loaded and saved, blocks that failed to load, and blocks pulled from a
-    prefill instance's daemon (P/D), per interval."""
+    """Tokens matched, loaded and saved, blocks that failed to load, blocks pulled from a
+    prefill instance's daemon (P/D), and calls the daemon did not answer in time, per interval."""
 
     def __post_init__(self):
         for k in ("matched_tokens", "loaded_tokens", "saved_tokens", "load_errors", "pulled_blocks", "pull_errors",
-                  "daemon_copied_blocks", "daemon_copy_errors"):
+                  "daemon_copied_blocks", "daemon_copy_errors", "daemon_timeouts"):
             self.data.setdefault(k, 0)
 
     def reset(self):
@@ -108,8 +114,9 @@ class KvTierStats(KVConnectorStats):
 class _Daemon:
     """A lazily (re)connected client. `get()` returns None while the daemon is unavailable."""
 
-    def __init__(self, socket_path, name, descriptor):
+    def __init__(self, socket_path, name, descriptor, on_timeout=lambda: None):
         self.socket_path = socket_path
+        self.on_timeout = on_timeout  # called for each call the daemon did not answer in time
         self.name = name
         self.descriptor = descriptor
         self.client = None
@@ -177,13 +184,18 @@ class _Daemon:
         self.client = None
         self.namespaces = {}
         self.kv_caches = {}
-        self.retry_at = time.monotonic() + self.backoff
+        stuck = isinstance(error, TimeoutError)
+        if stuck:
+            self.on_timeout()
+        self.retry_at = time.monotonic() + (_STUCK_BACKOFF_S if stuck else self.backoff)
         self.backoff = min(self.backoff * 2, _MAX_BACKOFF_S)
-        if not self.down_logged:
+        if not self.down_logged or stuck:
             logger.warning(
-                "kvtier: kvtierd unavailable at %s (%s); running without it, retrying in the background",
+                "kvtier: kvtierd %s at %s (%s); running without it, retrying in %.1f s",
+                "not answering" if stuck else "unavailable",
                 self.socket_path,
                 error,
+                self.retry_at - time.monotonic(),
             )
             self.down_logged = True
 
@@ -203,7 +215,7 @@ class KvTierConnector(KVConnectorBase_V1):
         self._descriptor, block_bytes = _namespace_descriptor(vllm_config, kv_cache_config)
         self._block_bytes = block_bytes
         name = f"vllm-{role.name.lower()}-{os.getpid()}"
-        self._daemon = _Daemon(socket_path, name, self._descriptor)
+        self._daemon = _Daemon(socket_path, name, self._descriptor, lambda: self._count("daemon_timeouts", 1))
         self._stats = KvTierStats()
         # Totals since start, written to `stats_file` (if configured) as they change.
         self._totals = KvTierStats()
@@ -279,7 +291,8 @@ class KvTierConnector(KVConnectorBase_V1):
             self._pull_from_prefill(client, ns, request, n)
             # Blocks only on disk start moving into the pool now, while vLLM schedules; the
             # worker's load finds them there (or waits for the rest).
-            matched, _ = client.lookup_and_prefetch(ns, [bytes(h) for h in request.block_hashes[:n]])
+            hashes = [bytes(h) for h in request.block_hashes[:n]]
+            matched, _ = client.lookup_and_prefetch(ns, hashes, timeout=_LOOKUP_TIMEOUT_S)
         except (OSError, KvTierError) as e:
             self._daemon.fail(e)
             return 0, False
