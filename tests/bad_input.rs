@@ -158,6 +158,25 @@ async fn each_bad_message_closes_only_its_connection() {
 }
 
 #[test]
+fn an_allowlisted_uid_other_than_the_daemons_is_served() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let d = Daemon::start(&["--allowed-uid", "4242"]);
+    // Its directory open to others (a test temp dir is private), as /run/kvtier is.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(kvtier_tests::bin("kvtier"))
+        .arg("status")
+        .env("KVTIER_SOCKET", &d.socket)
+        .uid(4242)
+        .gid(4242)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "uid 4242 is allowlisted: {text}");
+    assert!(text.contains("kvtierd"), "{text}");
+}
+
+#[test]
 fn uid_outside_the_allowlist_is_refused() {
     let d = Daemon::start(&["--allowed-uid", "4242"]);
     let mut s = connect(&d);

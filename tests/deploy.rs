@@ -117,8 +117,14 @@ fn kustomization_lists_every_manifest_and_every_object_is_well_formed() {
     for d in &docs {
         let (kind, name) = (d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap());
         assert!(d["apiVersion"].as_str().is_some(), "{kind} {name}: apiVersion");
-        if kind != "Namespace" {
+        if !matches!(kind, "Namespace" | "PriorityClass") {
             assert_eq!(d["metadata"]["namespace"].as_str(), Some("kvtier"), "{kind} {name}: namespace");
+        }
+        if let Some(class) = d["spec"]["template"]["spec"]["priorityClassName"].as_str() {
+            let defined = docs
+                .iter()
+                .any(|p| p["kind"].as_str() == Some("PriorityClass") && p["metadata"]["name"].as_str() == Some(class));
+            assert!(defined, "{kind} {name}: priority class {class} is not in the kustomization");
         }
         if matches!(kind, "DaemonSet" | "Deployment") {
             let labels = d["spec"]["template"]["metadata"]["labels"].as_hash().expect("template labels");

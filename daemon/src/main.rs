@@ -189,6 +189,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     node.start_background();
     grpc::serve(Arc::clone(&node)).await?;
     let listener = connector::bind(&cfg.server.socket)?;
+    if !cfg.server.allowed_uids.is_empty() {
+        // The allowlist decides who may talk to us (SO_PEERCRED); the file mode must not stop
+        // the uids it names first.
+        connector::open_to_all(&cfg.server.socket)?;
+    }
     let socket = cfg.server.socket.clone();
     let geometry = node.pool().geometry();
     info!(

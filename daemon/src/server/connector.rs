@@ -36,6 +36,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     UnixListener::bind(path).map_err(|e| anyhow::anyhow!("binding {}: {e}", path.display()))
 }
 
+/// Lets every uid connect to the socket at `path` (mode 0666): for an explicit
+/// `server.allowed_uids`, which then alone decides who is served.
+pub fn open_to_all(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| anyhow::anyhow!("making {} connectable for allowed_uids: {e}", path.display()))
+}
+
 /// Accepts connections until the listener fails; each runs in its own task.
 pub async fn serve(node: Arc<Node>, listener: UnixListener) {
     loop {
