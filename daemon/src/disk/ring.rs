@@ -41,23 +41,32 @@ struct Pending {
     op: IoOp,
     /// Taken when answered.
     done: Option<oneshot::Sender<io::Result<()>>>,
-    /// The ring's count of transfers queued or in flight: this one leaves it when dropped
-    /// (answered, or never sent).
+    /// The ring's count of transfers queued or in flight: this one leaves it just before it is
+    /// answered (so the submitter never sees itself counted), or when dropped unanswered.
     queued: Arc<AtomicU64>,
 }
 
 impl Pending {
     /// Answers the submitter (who may have stopped waiting).
     fn answer(mut self, outcome: io::Result<()>) {
-        if let Some(done) = self.done.take() {
+        if let Some(done) = self.leave() {
             let _ = done.send(outcome);
         }
+    }
+
+    /// Leaves the count (once); the answer channel, if not taken yet.
+    fn leave(&mut self) -> Option<oneshot::Sender<io::Result<()>>> {
+        let done = self.done.take();
+        if done.is_some() {
+            self.queued.fetch_sub(1, Ordering::Release);
+        }
+        done
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.leave();
     }
 }
 
@@ -107,7 +116,7 @@ impl Ring {
 impl Ring {
     /// Transfers submitted and not yet answered: waiting for a ring entry or in the kernel.
     pub fn queued(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.load(Ordering::Acquire)
     }
 }
 
