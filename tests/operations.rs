@@ -103,7 +103,11 @@ fn top_line(lines: &mut Lines<BufReader<ChildStdout>>) -> serde_json::Value {
 /// the last of them may also count whatever else happened since).
 fn top_deltas_reach(lines: &mut Lines<BufReader<ChildStdout>>, fields: &[&str], want: &[u64]) -> Vec<u64> {
     let mut sums = vec![0; fields.len()];
-    while sums.iter().zip(want).any(|(s, w)| s < w) {
+    for refreshes in 0.. {
+        if sums.iter().zip(want).all(|(s, w)| s >= w) {
+            break;
+        }
+        assert!(refreshes < 600, "60 s of refreshes and only {sums:?} of {want:?}");
         let v = top_line(lines);
         for (sum, f) in sums.iter_mut().zip(fields) {
             *sum += v["delta"][f].as_u64().expect("a delta");
@@ -116,7 +120,8 @@ fn top_deltas_reach(lines: &mut Lines<BufReader<ChildStdout>>, fields: &[&str], 
 fn top_reports_each_intervals_traffic_and_follows_a_restarted_daemon() {
     let mut d = Daemon::start(&[]);
     let mut top = Command::new(bin("kvtier"))
-        .args(["top", "--json", "--interval", "0.1"])
+        // Bounded: if it ever stops printing, the test ends when it does (5 minutes at most).
+        .args(["top", "--json", "--interval", "0.1", "--count", "3000"])
         .env("KVTIER_SOCKET", &d.socket)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
