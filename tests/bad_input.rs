@@ -162,9 +162,13 @@ fn an_allowlisted_uid_other_than_the_daemons_is_served() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     let d = Daemon::start(&["--allowed-uid", "4242"]);
-    // Its directory open to others (a test temp dir is private), as /run/kvtier is.
+    // Its directory open to others (a test temp dir is private), as /run/kvtier is; the CLI
+    // copied there too (the build's directory may be private, e.g. under /root).
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = std::process::Command::new(kvtier_tests::bin("kvtier"))
+    let cli = d.dir.path().join("kvtier");
+    std::fs::copy(kvtier_tests::bin("kvtier"), &cli).unwrap();
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&cli)
         .arg("status")
         .env("KVTIER_SOCKET", &d.socket)
         .uid(4242)
