@@ -284,9 +284,35 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     );
     let emitted: Value = serde_json::from_str(&std::fs::read_to_string(&params).unwrap()).unwrap();
     assert_eq!(emitted[0]["kvtier_source"].as_str(), Some(prefill.grpc.as_str()), "{emitted}");
-    let (out, cached) = run_batch_with(&py, &model, &prompts_file, Some(&decode.socket), &["--params", params_arg]);
+    let pd_stats = work.path().join("pd-stats");
+    let pd_arg = pd_stats.to_str().unwrap();
+    let decode_args = ["--params", params_arg, "--stats-file", pd_arg];
+    let (out, cached) = run_batch_with(&py, &model, &prompts_file, Some(&decode.socket), &decode_args);
     assert_eq!(out, reference, "decode outputs equal a single-instance run");
     assert!(cached.iter().all(|&c| c >= held_tokens), "the prompts were loaded, not recomputed: {cached:?}");
+    // Pulled and loaded by the worker in the background (vLLM's asynchronous load), not in the
+    // scheduler's lookup.
+    let worker: Value = serde_json::from_str(&std::fs::read_to_string(format!("{pd_arg}.worker")).unwrap()).unwrap();
+    assert_eq!(worker["pull_errors"].as_u64(), Some(0), "{worker}");
+    assert!(worker["pulled_blocks"].as_u64() >= Some(held_tokens / BLOCK as u64), "{worker}");
+    assert_eq!(worker["load_errors"].as_u64(), Some(0), "{worker}");
     let shipped = daemon_stats(&decode)["saved_bytes"].as_u64().unwrap();
     assert!(shipped > 0, "blocks arrived through the peer tier");
+
+    // The prefill daemon gone: a fresh decode daemon's pulls fail, the parked request's blocks
+    // are reported as load errors, and vLLM recomputes them: the same outputs.
+    drop(prefill);
+    let lonely = Daemon::start(&peer);
+    let failed_stats = work.path().join("pd-failed-stats");
+    let failed_arg = failed_stats.to_str().unwrap();
+    let args = ["--params", params_arg, "--stats-file", failed_arg];
+    let (out, cached) = run_batch_with(&py, &model, &prompts_file, Some(&lonely.socket), &args);
+    assert_eq!(out, reference, "decode outputs with the prefill daemon gone");
+    // The first prompt had nothing anywhere; the others then load the shared prefix the decode
+    // instance saved itself after recomputing it.
+    assert_eq!(cached[0], 0, "{cached:?}");
+    let worker: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{failed_arg}.worker")).unwrap()).unwrap();
+    assert!(worker["pull_errors"].as_u64() >= Some(1), "{worker}");
+    assert!(worker["load_errors"].as_u64() >= Some(held_tokens / BLOCK as u64), "{worker}");
 }

@@ -31,6 +31,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -68,6 +69,9 @@ class _Transfer:
     cache_salt: str
     block_ids: list
     hashes: list
+    # P/D decode side: the prefill daemon to pull the blocks from first; such a load runs in the
+    # background and is reported through get_finished (vLLM's asynchronous load).
+    source: Optional[str] = None
 
 
 @dataclass
@@ -240,6 +244,8 @@ class KvTierConnector(KVConnectorBase_V1):
             self._pending_loads = {}  # req_id -> _Transfer, planned in update_state_after_alloc
             self._prefilled = set()  # req ids whose prompt save was planned
             self._saving = set()  # req ids with a save not yet reported finished
+            self._pulling = {}  # req_id -> prefill daemon, for P/D loads not yet planned
+            self._loading = set()  # req ids with an asynchronous (P/D) load not yet reported done
         else:
             self._layers = []  # [(name, tensor, block_dim)]
             self._load_errors = set()
@@ -251,6 +257,14 @@ class KvTierConnector(KVConnectorBase_V1):
             self._idle = threading.Condition(self._lock)
             self._saver = threading.Thread(target=self._save_loop, name="kvtier-save", daemon=True)
             self._saver.start()
+            # P/D loads: pulled and loaded in the background over a connection of their own, so
+            # that a long pull never holds up this worker's other loads and saves.
+            self._puller = _Daemon(socket_path, name + "-pull", self._descriptor,
+                                   lambda: self._count("daemon_timeouts", 1))
+            self._pulls = queue.Queue()
+            self._pulls_done = set()
+            self._pull_thread = threading.Thread(target=self._pull_loop, name="kvtier-pull", daemon=True)
+            self._pull_thread.start()
 
     @property
     def requires_kv_delivery(self):
@@ -284,11 +298,17 @@ class KvTierConnector(KVConnectorBase_V1):
         first = num_computed_tokens // self._block_size
         if n <= first:
             return 0, False
+        source = self._prefill_source(request)
+        if source is not None:
+            # Decode side of P/D: the worker pulls the prompt from the prefill daemon and loads
+            # it in the background; vLLM schedules other requests meanwhile (and recomputes
+            # whatever does not arrive).
+            self._pulling[request.request_id] = source
+            return (n - first) * self._block_size, True
         try:
             client, ns = self._daemon.namespace(request.cache_salt)
             if client is None:
                 return 0, False
-            self._pull_from_prefill(client, ns, request, n)
             # Blocks only on disk start moving into the pool now, while vLLM schedules; the
             # worker's load finds them there (or waits for the rest).
             hashes = [bytes(h) for h in request.block_hashes[:n]]
@@ -298,25 +318,18 @@ class KvTierConnector(KVConnectorBase_V1):
             return 0, False
         return max(0, matched * self._block_size - num_computed_tokens), False
 
-    def _pull_from_prefill(self, client, ns, request, n):
-        """Decode side of P/D: once per request, has our daemon pull the prompt's blocks from
-        the prefill instance's daemon. A failure only means recompute."""
+    def _prefill_source(self, request):
+        """The prefill daemon to pull `request`'s prompt from (P/D decode side), until its load
+        is planned; None otherwise."""
+        if request.request_id in self._pulling:
+            return self._pulling[request.request_id]
+        if request.request_id in self._pulled:
+            return None
         params = getattr(request, "kv_transfer_params", None) or {}
         source = params.get("kvtier_source")
-        if not source or request.request_id in self._pulled:
-            return
-        self._pulled.add(request.request_id)
-        try:
-            pulled, _, error = client.pull(ns, source, [bytes(h) for h in request.block_hashes[:n]])
-        except (OSError, KvTierError):
-            raise  # the caller's connection handling: a miss and a reconnect
-        except Exception as e:  # never let the engine fail because of us
-            pulled, error = 0, repr(e)
-        if error:
-            logger.warning("kvtier: pulling request %s from %s failed (recomputing): %s",
-                           request.request_id, source, error)
-            self._count("pull_errors", 1)
-        self._count("pulled_blocks", pulled)
+        if source:
+            self._pulled.add(request.request_id)
+        return source or None
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
         self._requests[request.request_id] = request
@@ -328,8 +341,11 @@ class KvTierConnector(KVConnectorBase_V1):
         first = self._local.get(request.request_id, 0) // self._block_size
         last = first + num_external_tokens // self._block_size
         hashes = [bytes(h) for h in request.block_hashes[first:last]]
+        source = self._pulling.pop(request.request_id, None)
+        if source is not None:
+            self._loading.add(request.request_id)
         self._pending_loads[request.request_id] = _Transfer(
-            request.request_id, request.cache_salt or "", list(block_ids[first:last]), hashes
+            request.request_id, request.cache_salt or "", list(block_ids[first:last]), hashes, source
         )
 
     def build_connector_meta(self, scheduler_output):
@@ -369,6 +385,7 @@ class KvTierConnector(KVConnectorBase_V1):
         self._saving.add(req_id)
 
     def _forget(self, req_id):
+        self._pulling.pop(req_id, None)
         self._requests.pop(req_id, None)
         self._local.pop(req_id, None)
         self._block_ids.pop(req_id, None)
@@ -377,13 +394,16 @@ class KvTierConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output):
         for req_id in connector_output.finished_sending or ():
             self._saving.discard(req_id)
+        for req_id in connector_output.finished_recving or ():
+            self._loading.discard(req_id)
 
     def request_finished(self, request, block_ids):
         self._pulled.discard(request.request_id)
         # Prefill side of P/D: tell the decode request where to pull this prompt's blocks from.
         params = {"kvtier_source": self._transfer_source} if self._transfer_source else None
-        # Hold the blocks while their save may still be reading them.
-        return request.request_id in self._saving, params
+        # Hold the blocks while their save may still be reading them, or a P/D load writing them.
+        held = request.request_id in self._saving or request.request_id in self._loading
+        return held, params
 
     # ---------------------------------------------------------------- worker side
 
@@ -400,6 +420,7 @@ class KvTierConnector(KVConnectorBase_V1):
                            per_block, self._block_bytes, per_block)
             self._block_bytes = per_block
             self._daemon.descriptor = dict(self._descriptor, block_bytes=per_block)
+            self._puller.descriptor = self._daemon.descriptor
         self._layers = layers
         self._dma_layout = _dma_layout(layers) if self._device_copy else None
         logger.info("kvtier: %d KV layers, %d bytes per block, daemon at %s%s",
@@ -423,22 +444,67 @@ class KvTierConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context, **kwargs):
         meta = self._get_connector_metadata()
         for job in meta.loads:
-            loaded = 0
-            try:
-                client, ns, cache = self._daemon.kv_cache(job.cache_salt, self._dma_layout)
-                if client is not None:
-                    loaded = self._daemon_copy(client, cache, job, save=False)
-                    if loaded is None:
-                        loaded = self._load_by_copy(client, ns, job)
-            except (OSError, KvTierError) as e:
-                self._daemon.fail(e)
-            failed = job.block_ids[loaded:]
+            if job.source is not None:
+                self._pulls.put(job)
+            else:
+                self._load(self._daemon, job)
+
+    def _load(self, daemon, job):
+        """Loads `job`'s held prefix into its blocks over `daemon`'s connection; the rest is
+        reported as load errors (vLLM recomputes them)."""
+        loaded = 0
+        try:
+            client, ns, cache = daemon.kv_cache(job.cache_salt, self._dma_layout)
+            if client is not None:
+                loaded = self._daemon_copy(client, cache, job, save=False)
+                if loaded is None:
+                    loaded = self._load_by_copy(client, ns, job)
+        except (OSError, KvTierError) as e:
+            daemon.fail(e)
+        failed = job.block_ids[loaded:]
+        with self._lock:
             self._load_errors.update(failed)
-            self._count("loaded_tokens", loaded * self._block_size)
-            self._count("load_errors", len(failed))
-            if failed:
-                logger.debug("kvtier: %d of %d blocks of %s not loaded; vLLM recomputes them",
-                             len(failed), len(job.block_ids), job.req_id)
+        self._count("loaded_tokens", loaded * self._block_size)
+        self._count("load_errors", len(failed))
+        if failed:
+            logger.debug("kvtier: %d of %d blocks of %s not loaded; vLLM recomputes them",
+                         len(failed), len(job.block_ids), job.req_id)
+
+    def _pull_loop(self):
+        while True:
+            job = self._pulls.get()
+            if job is None:
+                return
+            try:
+                self._pull(job)
+            except Exception as e:  # never let the engine fail because of us
+                logger.warning("kvtier: P/D load of %s failed (recomputing): %r", job.req_id, e)
+                with self._lock:
+                    self._load_errors.update(job.block_ids)
+            finally:
+                # Load errors first, then done: vLLM sees both in the same step at the latest.
+                with self._lock:
+                    self._pulls_done.add(job.req_id)
+
+    def _pull(self, job):
+        """Decode side of P/D: has our daemon pull `job`'s blocks from the prefill daemon, then
+        loads them. A failure only means recompute."""
+        pulled, error = 0, ""
+        try:
+            client, ns = self._puller.namespace(job.cache_salt)
+            if client is None:
+                error = "kvtierd unavailable"
+            else:
+                pulled, _, error = client.pull(ns, job.source, job.hashes)
+        except (OSError, KvTierError) as e:
+            self._puller.fail(e)
+            error = repr(e)
+        if error:
+            logger.warning("kvtier: pulling request %s from %s failed (recomputing): %s",
+                           job.req_id, job.source, error)
+            self._count("pull_errors", 1)
+        self._count("pulled_blocks", pulled)
+        self._load(self._puller, job)
 
     def _daemon_copy(self, client, cache, job, save):
         """Has the daemon save or load `job` if our KV cache is registered with it (`cache` not
@@ -554,10 +620,12 @@ class KvTierConnector(KVConnectorBase_V1):
             done = self._finished & self._saves_done
             self._finished -= done
             self._saves_done -= done
-        return (done or None), None
+            received, self._pulls_done = self._pulls_done, set()
+        return (done or None), (received or None)
 
     def get_block_ids_with_load_errors(self):
-        errors, self._load_errors = self._load_errors, set()
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
     def get_kv_connector_stats(self):
@@ -576,6 +644,7 @@ class KvTierConnector(KVConnectorBase_V1):
             # Let queued saves land (bounded), so a finished run's prompts are not lost.
             self._wait_idle(timeout=30)
             self._saves.put(None)
+            self._pulls.put(None)
         if self._daemon.client is not None:
             self._daemon.client.close()
 
