@@ -26,8 +26,8 @@ pub struct TopArgs {
     json: bool,
 }
 
-/// What changed between two samples of a daemon's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// What changed between two samples of a daemon's counters (`--json` prints it as is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Delta {
     /// Seconds between the samples.
     pub secs: f64,
@@ -146,13 +146,6 @@ pub fn screen(s: &StatsReply, delta: Option<&Delta>) -> String {
 /// One `--json` line: the totals and, after the first sample, the interval's deltas.
 fn json_line(s: &StatsReply, delta: Option<&Delta>) -> serde_json::Value {
     let tiers: Vec<_> = s.tiers.iter().map(tier_json).collect();
-    let delta = delta.map(|d| {
-        serde_json::json!({"secs": d.secs, "hit_blocks": d.hit_blocks, "disk_hit_blocks": d.disk_hit_blocks,
-            "miss_blocks": d.miss_blocks, "saved_bytes": d.saved_bytes, "loaded_bytes": d.loaded_bytes,
-            "evicted_blocks": d.evicted_blocks, "demoted_blocks": d.demoted_blocks,
-            "promoted_blocks": d.promoted_blocks, "disk_written_bytes": d.disk_written_bytes,
-            "corrupt_blocks": d.corrupt_blocks})
-    });
     serde_json::json!({"tiers": tiers, "clients": s.clients, "namespaces": s.namespaces,
         "hit_blocks": s.hit_blocks, "miss_blocks": s.miss_blocks, "saved_bytes": s.saved_bytes,
         "loaded_bytes": s.loaded_bytes, "disk_failure": s.disk_failure, "delta": delta})
