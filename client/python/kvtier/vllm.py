@@ -219,7 +219,7 @@ class KvTierConnector(KVConnectorBase_V1):
         self._descriptor, block_bytes = _namespace_descriptor(vllm_config, kv_cache_config)
         self._block_bytes = block_bytes
         name = f"vllm-{role.name.lower()}-{os.getpid()}"
-        self._daemon = _Daemon(socket_path, name, self._descriptor, lambda: self._count("daemon_timeouts", 1))
+        self._daemon = _Daemon(socket_path, name, self._descriptor, self._daemon_timed_out)
         self._stats = KvTierStats()
         # Totals since start, written to `stats_file` (if configured) as they change.
         self._totals = KvTierStats()
@@ -259,8 +259,7 @@ class KvTierConnector(KVConnectorBase_V1):
             self._saver.start()
             # P/D loads: pulled and loaded in the background over a connection of their own, so
             # that a long pull never holds up this worker's other loads and saves.
-            self._puller = _Daemon(socket_path, name + "-pull", self._descriptor,
-                                   lambda: self._count("daemon_timeouts", 1))
+            self._puller = _Daemon(socket_path, name + "-pull", self._descriptor, self._daemon_timed_out)
             self._pulls = queue.Queue()
             self._pulls_done = set()
             self._pull_thread = threading.Thread(target=self._pull_loop, name="kvtier-pull", daemon=True)
@@ -270,6 +269,9 @@ class KvTierConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self):
         # A best-effort cache: a dropped save is just a future cache miss.
         return False
+
+    def _daemon_timed_out(self):
+        self._count("daemon_timeouts", 1)
 
     def _count(self, key, n):
         with self._stats_lock:
