@@ -42,22 +42,23 @@ fn container(workload: &Yaml) -> &Yaml {
     &workload["spec"]["template"]["spec"]["containers"][0]
 }
 
-/// A container's port by name.
-fn container_port(c: &Yaml, name: &str) -> i64 {
-    items(&c["ports"])
+/// The number (`field`) of the port named `name` in a list of ports.
+fn named_port(ports: &Yaml, name: &str, field: &str) -> i64 {
+    items(ports)
         .iter()
         .find(|p| p["name"].as_str() == Some(name))
-        .and_then(|p| p["containerPort"].as_i64())
-        .unwrap_or_else(|| panic!("no container port {name}"))
+        .and_then(|p| p[field].as_i64())
+        .unwrap_or_else(|| panic!("no {field} named {name}"))
+}
+
+/// A container's port by name.
+fn container_port(c: &Yaml, name: &str) -> i64 {
+    named_port(&c["ports"], name, "containerPort")
 }
 
 /// A Service's port by name.
 fn service_port(svc: &Yaml, name: &str) -> i64 {
-    items(&svc["spec"]["ports"])
-        .iter()
-        .find(|p| p["name"].as_str() == Some(name))
-        .and_then(|p| p["port"].as_i64())
-        .unwrap_or_else(|| panic!("no service port {name}"))
+    named_port(&svc["spec"]["ports"], name, "port")
 }
 
 /// The port of `host:port`.
