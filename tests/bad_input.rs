@@ -4,7 +4,7 @@
 use kvtier_client::testdata;
 use kvtier_proto::frame::encode;
 use kvtier_proto::v1::{self as pb, request::Op, response, ErrorCode};
-use kvtier_tests::{blocks_for, namespace, refs, Daemon};
+use kvtier_tests::{blocks_for, namespace, ok_stdout, refs, Daemon};
 use prost::Message;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -161,23 +161,29 @@ async fn each_bad_message_closes_only_its_connection() {
 fn an_allowlisted_uid_other_than_the_daemons_is_served() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let d = Daemon::start(&["--allowed-uid", "4242"]);
+    let d = Daemon::start(&["--allowed-uid", "4242", "--allowed-uid", "0"]);
     // Its directory open to others (a test temp dir is private), as /run/kvtier is; the CLI
     // copied there too (the build's directory may be private, e.g. under /root).
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let cli = d.dir.path().join("kvtier");
     std::fs::copy(kvtier_tests::bin("kvtier"), &cli).unwrap();
     std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = std::process::Command::new(&cli)
-        .arg("status")
-        .env("KVTIER_SOCKET", &d.socket)
-        .uid(4242)
-        .gid(4242)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "uid 4242 is allowlisted: {text}");
+    let as_4242 = |args: &[&str]| {
+        let out =
+            std::process::Command::new(&cli).args(args).env("KVTIER_SOCKET", &d.socket).uid(4242).gid(4242).output();
+        let out = out.unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, text) = as_4242(&["status"]);
+    assert!(ok, "uid 4242 is allowlisted: {text}");
     assert!(text.contains("kvtierd"), "{text}");
+    // Served, but not an administrator: its Discard is refused and nothing is removed.
+    ok_stdout(&d.kvtier(&["put", "--count", "4"]));
+    let (ok, text) = as_4242(&["discard", "--all"]);
+    assert!(!ok && text.contains("admin request"), "{text}");
+    assert!(ok_stdout(&d.kvtier(&["lookup", "--count", "4"])).contains("matched 4"));
+    let root = ok_stdout(&d.kvtier(&["discard", "--all"]));
+    assert!(root.contains("discarded 4 blocks"), "{root}");
 }
 
 #[test]

@@ -193,6 +193,10 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
     let run_host = run["hostPath"]["path"].as_str().expect("the socket directory is a hostPath");
     assert_eq!(run_host, run_mount, "engines see the socket where the daemon's config names it");
     mount_holding(pod, c, &config.grpc.socket);
+    let env = c["env"].as_vec().expect("the container sets its environment");
+    let cli_socket = env.iter().find(|e| e["name"].as_str() == Some("KVTIER_SOCKET")).map(|e| &e["value"]);
+    let cli_socket = cli_socket.and_then(|v| v.as_str()).map(PathBuf::from);
+    assert_eq!(cli_socket.as_ref(), Some(&config.server.socket), "`kubectl exec ... kvtier status` finds the daemon");
     assert!(!config.disk.dirs.is_empty(), "the DaemonSet runs a disk tier");
     for d in &config.disk.dirs {
         assert!(mount_holding(pod, c, d).0["hostPath"]["path"].as_str().is_some(), "{}: a host path", d.display());

@@ -258,3 +258,46 @@ fn two_spill_directories_share_the_writes_and_both_come_back() {
     assert_eq!(d.metric("kvtier_disk_restored_blocks"), 100.0);
     assert_eq!(get(&d, 1, 100), 100);
 }
+
+fn discard(d: &Daemon, selection: &[&str]) -> serde_json::Value {
+    let out = ok_stdout(&d.kvtier(&[&["discard", "--json"], selection].concat()));
+    serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap()
+}
+
+#[test]
+fn discard_removes_one_model_from_both_tiers_and_for_good() {
+    let spill = spill_dir();
+    let mut d = start(spill.path(), "64 MiB");
+    put(&d, 1, 100);
+    ok_stdout(&d.kvtier(&["put", "--model", "other", "--seed", "2", "--count", "20"]));
+    wait_on_disk(&d, 120.0);
+
+    let r = discard(&d, &["--model", "kvtier-cli-test"]);
+    assert_eq!((r["namespaces"].as_u64(), r["busy_blocks"].as_u64()), (Some(1), Some(0)), "{r}");
+    assert_eq!(r["host_blocks"].as_u64().unwrap() + r["disk_blocks"].as_u64().unwrap(), 100, "{r}");
+    assert_eq!(get(&d, 1, 100), 0, "nothing of the discarded model is served");
+    assert_eq!(d.metric("kvtier_discarded_blocks_total"), 100.0);
+    eventually("its disk copies freed", || d.metric("kvtier_disk_blocks") == 20.0);
+    let usage = namespace_usage(&d);
+    assert_eq!(usage, [("kvtier-cli-test".to_string(), 0, 0), ("other".to_string(), 20, 0)]);
+    let nothing = d.kvtier(&["discard", "--model", "no-such-model"]);
+    assert!(!nothing.status.success() && String::from_utf8_lossy(&nothing.stderr).contains("no namespace matches"));
+
+    // The disk index forgot them: a restart restores only the other model's blocks.
+    d.terminate();
+    restart(&mut d, spill.path(), "64 MiB", &[]);
+    assert_eq!(d.metric("kvtier_disk_restored_blocks"), 20.0);
+    assert_eq!(get(&d, 1, 100), 0);
+    let args = ["--model", "other", "--seed", "2", "--count", "20"];
+    assert_eq!(ok_stdout(&d.kvtier(&[&["get"], &args[..]].concat())).split_whitespace().nth(1), Some("20"));
+
+    // By id prefix, as `kvtier status` shows it; the freed room takes new blocks.
+    let json: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
+    let usage = json["namespace_usage"].as_array().unwrap();
+    let other = usage.iter().find(|u| u["model"] == "other").unwrap()["id_prefix"].as_str().unwrap().to_string();
+    let r = discard(&d, &["--namespace", &other]);
+    assert_eq!((r["namespaces"].as_u64(), r["host_blocks"].as_u64()), (Some(1), Some(20)), "{r}");
+    assert_eq!(ok_stdout(&d.kvtier(&[&["get"], &args[..]].concat())).split_whitespace().nth(1), Some("0"));
+    put(&d, 3, 100);
+    assert_eq!(get(&d, 3, 100), 100);
+}

@@ -9,7 +9,7 @@ use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_proto::v1::router_service_client::RouterServiceClient;
-use kvtier_tests::{eventually_within, namespace, Daemon, RouterProc, TcpProxy};
+use kvtier_tests::{eventually_within, namespace, ok_stdout, Daemon, RouterProc, TcpProxy};
 
 const BLOCK: u64 = 16 * 1024;
 
@@ -67,6 +67,12 @@ async fn blocks_saved_on_one_daemon_draw_its_prefix_there() {
     assert_eq!(unknown.reason, "least-loaded");
     assert!(ds.iter().any(|d| d.grpc == unknown.endpoint), "{unknown:?}");
     assert!(r.metric("kvtier_router_index_blocks") >= 32.0);
+
+    // An operator discards the model on daemon 2: routers stop sending its prefix there.
+    let out = ok_stdout(&ds[1].kvtier(&["discard", "--model", "router-test"]));
+    assert!(out.contains("discarded 32 blocks"), "{out}");
+    eventually_within("the router forgets the discarded blocks", 20, || router_sees(&r, &ds[1].grpc, &ns, &hashes, 0));
+    assert_eq!(route(&r, &ns, &hashes).await.reason, "least-loaded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -269,6 +269,15 @@ impl Client {
         }
     }
 
+    /// Admin: removes the blocks of the namespaces `r` selects from every tier (root or the
+    /// daemon's uid only).
+    pub async fn discard(&mut self, r: pb::Discard) -> Result<pb::DiscardReply> {
+        match self.call(request::Op::Discard(r)).await? {
+            response::Result::Discard(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Daemon statistics.
     pub async fn stats(&mut self) -> Result<pb::StatsReply> {
         match self.call(request::Op::Stats(pb::Stats {})).await? {

@@ -1,4 +1,4 @@
-//! `kvtier`: command-line tool for kvtierd: status, top, lookup, put/get, bench, sim, router.
+//! `kvtier`: command-line tool for kvtierd: status, top, lookup, put/get, discard, bench, sim, router.
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +24,8 @@ enum Command {
     Put(cli::blocks::PutArgs),
     /// Load a prompt of test blocks and verify every byte.
     Get(cli::blocks::GetArgs),
+    /// Admin: remove namespaces' blocks from every tier (a retired model, a tenant gone).
+    Discard(cli::discard::DiscardArgs),
     /// Host-tier save/load bandwidth against memcpy of the same bytes.
     Bench(cli::bench::BenchArgs),
     /// Replay a request trace through the real index and eviction policies.
@@ -54,6 +56,7 @@ fn main() -> std::process::ExitCode {
             Command::Lookup(a) => cli::blocks::lookup(a).await,
             Command::Put(a) => cli::blocks::put(a).await,
             Command::Get(a) => cli::blocks::get(a).await,
+            Command::Discard(a) => cli::discard::run(a).await,
             Command::Bench(a) => cli::bench::run(a).await,
             Command::Sim(a) => cli::sim::run(a),
             Command::Router(a) => cli::router::run(a).await,

@@ -96,6 +96,28 @@ pub struct CacheStats {
     pub saved_bytes: u64,
     /// Bytes handed out by acquire.
     pub loaded_bytes: u64,
+    /// Blocks removed on an operator's request ([`BlockCache::discard`]), from every tier.
+    pub discarded_blocks: u64,
+}
+
+/// What [`BlockCache::discard`] did, in blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Discarded {
+    /// Removed blocks that were served from the host pool (some had a disk copy too).
+    pub host: u64,
+    /// Removed blocks that were on disk only.
+    pub disk: u64,
+    /// Committed blocks left in place because they were in use (read by a client or a peer,
+    /// being written to or read from disk): asking again later removes them.
+    pub busy: u64,
+}
+
+impl std::ops::AddAssign for Discarded {
+    fn add_assign(&mut self, o: Self) {
+        self.host += o.host;
+        self.disk += o.disk;
+        self.busy += o.busy;
+    }
 }
 
 /// Tells an offline policy when a block is next used (trace simulation only).
@@ -514,6 +536,49 @@ impl BlockCache {
     fn remove_visible(&mut self, h: Handle, from: TierKind) {
         let e = self.index.remove(h);
         self.events.push(e.key, EventKind::Removed { from });
+    }
+
+    /// Removes every committed block of `ns` that nobody is using, from every tier, as if it
+    /// had never been saved (an operator's purge: a retired model, a tenant gone). Routers are
+    /// told, and the disk index forgets the disk copies. Blocks in use are counted `busy` and
+    /// left; saves still reserved commit afterwards.
+    pub fn discard(&mut self, ns: NsIdx) -> Discarded {
+        let committed: Vec<Handle> = self
+            .index
+            .iter()
+            .filter(|(_, e)| e.key.ns == ns && e.state == EntryState::Committed)
+            .map(|(h, _)| h)
+            .collect();
+        let mut out = Discarded::default();
+        for h in committed {
+            let e = *self.index.get(h);
+            // Pins also cover disk writes and promotions in flight (DEMOTING, PROMOTING).
+            if e.pins > 0 {
+                out.busy += 1;
+                continue;
+            }
+            let from = if self.servable_from_host(h) { TierKind::Host } else { TierKind::Disk };
+            if e.slot.is_some() {
+                match e.flags & flags::COLD != 0 {
+                    true => self.leave_cold(h),
+                    false => self.host.policy(ns).remove(h),
+                }
+                self.host.alloc.free(e.slot);
+                self.stats.blocks -= 1;
+            }
+            if e.disk.is_some() {
+                let d = self.disk_mut();
+                d.tier.policy(ns).remove(h);
+                d.free_slot(e.key, e.disk);
+            }
+            self.remove_visible(h, from);
+            match from {
+                TierKind::Host => out.host += 1,
+                TierKind::Disk => out.disk += 1,
+            }
+        }
+        self.stats.discarded_blocks += out.host + out.disk;
+        out
     }
 
     /// The router feed's event log.

@@ -36,11 +36,13 @@ pub enum Op {
     SaveKv,
     /// LoadKv.
     LoadKv,
+    /// Discard.
+    Discard,
 }
 
 impl Op {
     /// Every op, in metric order.
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 15] = [
         Op::Hello,
         Op::Register,
         Op::Lookup,
@@ -55,6 +57,7 @@ impl Op {
         Op::RegisterKvCache,
         Op::SaveKv,
         Op::LoadKv,
+        Op::Discard,
     ];
 
     /// Label value.
@@ -74,6 +77,7 @@ impl Op {
             Op::RegisterKvCache => "register_kv_cache",
             Op::SaveKv => "save_kv",
             Op::LoadKv => "load_kv",
+            Op::Discard => "discard",
         }
     }
 }
@@ -194,6 +198,12 @@ impl Metrics {
         gauge("kvtier_hit_blocks_total", "Blocks found by lookups.", "counter", cache.hit_blocks);
         gauge("kvtier_miss_blocks_total", "Blocks asked by lookups and not found.", "counter", cache.miss_blocks);
         gauge("kvtier_evicted_blocks_total", "Blocks evicted from the host tier.", "counter", cache.evicted_blocks);
+        gauge(
+            "kvtier_discarded_blocks_total",
+            "Blocks removed by an operator's Discard, from every tier.",
+            "counter",
+            cache.discarded_blocks,
+        );
         gauge("kvtier_saved_bytes_total", "Bytes committed into the host tier.", "counter", cache.saved_bytes);
         gauge("kvtier_loaded_bytes_total", "Bytes handed out for loading.", "counter", cache.loaded_bytes);
         gauge(

@@ -88,3 +88,80 @@ impl NamespaceTable {
         self.infos.is_empty()
     }
 }
+
+/// Which namespaces an operator's request names: all of them, or those matching a model name
+/// and/or an id prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamespaceSelector {
+    /// Every namespace.
+    All,
+    /// Namespaces matching every criterion given (at least one is).
+    Matching {
+        /// The model name they were registered with.
+        model: Option<String>,
+        /// Leading bytes of their id.
+        id_prefix: Option<Vec<u8>>,
+    },
+}
+
+impl NamespaceSelector {
+    /// Builds a selector from the wire's fields (empty means not given); refuses one that
+    /// selects nothing by accident or mixes `all` with criteria.
+    ///
+    /// ```
+    /// use kvtier_daemon::namespace::NamespaceSelector;
+    /// assert!(NamespaceSelector::new("", &[], false).is_err());
+    /// assert_eq!(NamespaceSelector::new("", &[], true), Ok(NamespaceSelector::All));
+    /// ```
+    pub fn new(model: &str, id_prefix: &[u8], all: bool) -> Result<Self, String> {
+        let model = (!model.is_empty()).then(|| model.to_string());
+        let id_prefix = (!id_prefix.is_empty()).then(|| id_prefix.to_vec());
+        if id_prefix.as_ref().is_some_and(|p| p.len() > 16) {
+            return Err(format!("an id prefix has at most 16 bytes, not {}", id_prefix.map_or(0, |p| p.len())));
+        }
+        match (all, model.is_some() || id_prefix.is_some()) {
+            (true, true) => Err("select all namespaces or some by model/id, not both".into()),
+            (true, false) => Ok(Self::All),
+            (false, false) => Err("select namespaces: all, or by model and/or id prefix".into()),
+            (false, true) => Ok(Self::Matching { model, id_prefix }),
+        }
+    }
+
+    /// Whether the namespace `id`, registered with `model` (empty if unknown), is selected.
+    pub fn selects(&self, model: &str, id: &NamespaceId) -> bool {
+        match self {
+            Self::All => true,
+            Self::Matching { model: m, id_prefix: p } => {
+                m.as_ref().is_none_or(|m| m == model) && p.as_ref().is_none_or(|p| id.0.starts_with(p))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_match_model_and_id_prefix_together() {
+        let id = NamespaceId([0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let by = |model: &str, prefix: &[u8]| NamespaceSelector::new(model, prefix, false).unwrap();
+        assert!(by("llama", &[]).selects("llama", &id));
+        assert!(!by("llama", &[]).selects("qwen", &id));
+        assert!(!by("llama", &[]).selects("", &id), "a namespace restored from disk has no model yet");
+        assert!(by("", &[0xab]).selects("", &id));
+        assert!(by("", &id.0).selects("qwen", &id), "a whole id is a prefix");
+        assert!(!by("", &[0xab, 0xce]).selects("qwen", &id));
+        assert!(by("qwen", &[0xab, 0xcd]).selects("qwen", &id));
+        assert!(!by("llama", &[0xab, 0xcd]).selects("qwen", &id), "both criteria must match");
+        assert!(NamespaceSelector::All.selects("", &id));
+    }
+
+    #[test]
+    fn selectors_refuse_ambiguous_requests() {
+        assert!(NamespaceSelector::new("", &[], false).is_err(), "nothing selected is not everything");
+        assert!(NamespaceSelector::new("m", &[], true).is_err());
+        assert!(NamespaceSelector::new("", &[1], true).is_err());
+        assert!(NamespaceSelector::new("", &[0; 17], false).is_err());
+    }
+}

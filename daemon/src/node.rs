@@ -290,6 +290,28 @@ impl Node {
             .collect()
     }
 
+    /// Removes every unused block of the namespaces `selector` names from every tier (see
+    /// [`crate::cache::BlockCache::discard`]) and persists the disk index's removals; returns
+    /// how many namespaces were selected and what was removed.
+    pub fn discard(&self, selector: &crate::namespace::NamespaceSelector) -> (u32, crate::cache::Discarded) {
+        let mut c = self.cache();
+        let models = self.models.lock().expect("models lock").clone();
+        let (mut selected, mut out) = (0, crate::cache::Discarded::default());
+        for i in 0..c.stats().namespaces as usize {
+            let ns = NsIdx(i as u16);
+            if selector.selects(models.get(i).map_or("", String::as_str), &c.namespace(ns).id) {
+                selected += 1;
+                out += c.discard(ns);
+            }
+        }
+        if let Some(disk) = &self.disk {
+            let changes = c.take_disk_changes();
+            disk.persist(&c, changes);
+        }
+        tracing::info!(?selector, selected, host = out.host, disk = out.disk, busy = out.busy, "blocks discarded");
+        (selected, out)
+    }
+
     /// Longest held prefix, with the tier of each block.
     pub fn lookup(&self, ns: NsIdx, hashes: &[BlockHash]) -> Vec<TierKind> {
         self.cache().lookup_tiers(ns, hashes)

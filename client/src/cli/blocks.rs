@@ -1,6 +1,6 @@
 //! `kvtier lookup`, `kvtier put` and `kvtier get`: test blocks through the shared pool.
 
-use super::common::{BlocksArgs, ConnectArgs, NamespaceArgs};
+use super::common::{parse_hex, BlocksArgs, ConnectArgs, NamespaceArgs};
 use kvtier_client::{testdata, Reservation};
 
 /// Arguments of `kvtier lookup`.
@@ -36,12 +36,6 @@ pub struct PutArgs {
     /// (prints `reserved N` first), e.g. to kill the client mid-save.
     #[arg(long)]
     pause_before_commit: Option<u64>,
-}
-
-fn parse_hex(s: &str) -> anyhow::Result<kvtier_client::Bytes> {
-    anyhow::ensure!(s.len().is_multiple_of(2), "hash {s:?} has an odd number of hex digits");
-    let v: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16)).collect::<Result<_, _>>()?;
-    Ok(v.into())
 }
 
 /// Prints how many leading hashes the daemon holds.

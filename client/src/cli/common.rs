@@ -80,3 +80,10 @@ pub fn tier_line(t: &kvtier_proto::v1::TierStats) -> String {
         t.blocks
     )
 }
+
+/// Bytes from hex digits (an even number of them).
+pub fn parse_hex(s: &str) -> anyhow::Result<kvtier_client::Bytes> {
+    anyhow::ensure!(s.len().is_multiple_of(2), "{s:?} has an odd number of hex digits");
+    let v: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16)).collect::<Result<_, _>>()?;
+    Ok(v.into())
+}

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod blocks;
 pub mod common;
+pub mod discard;
 pub mod router;
 pub mod sim;
 pub mod status;

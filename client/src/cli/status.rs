@@ -24,6 +24,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             "daemon_version": s.daemon_version, "eviction_policy": s.eviction_policy, "tiers": tiers,
             "namespaces": s.namespaces, "clients": s.clients, "hit_blocks": s.hit_blocks,
             "miss_blocks": s.miss_blocks, "evicted_blocks": s.evicted_blocks,
+            "discarded_blocks": s.discarded_blocks,
             "saved_bytes": s.saved_bytes, "loaded_bytes": s.loaded_bytes,
             "disk_hit_blocks": s.disk_hit_blocks, "demoted_blocks": s.demoted_blocks,
             "promoted_blocks": s.promoted_blocks, "disk_written_bytes": s.disk_written_bytes,

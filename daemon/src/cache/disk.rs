@@ -194,14 +194,19 @@ impl DiskState {
         self.cold.push(VecDeque::new());
     }
 
-    /// Frees the disk slot of `key` and records the removal.
+    /// Frees the disk slot of `key` to make room and records the removal.
     pub fn forget(&mut self, key: BlockKey, slot: SlotId) {
+        self.free_slot(key, slot);
+        self.stats.evicted_blocks += 1;
+    }
+
+    /// Frees the disk slot of `key` and records the removal for the persistent index.
+    pub fn free_slot(&mut self, key: BlockKey, slot: SlotId) {
         self.tier.alloc.free(slot);
         if self.stats.enabled {
             self.changes.push(DiskChange::Removed { key, slot });
         }
         self.stats.blocks -= 1;
-        self.stats.evicted_blocks += 1;
     }
 
     pub fn heap_bytes(&self) -> usize {

@@ -191,6 +191,37 @@ fn slot_locations_are_distinct_and_inside_the_pool() {
     assert!(locs.iter().all(|&(seg, off)| seg < 2 && off < 2 * 4 * 4096));
 }
 
+#[test]
+fn discard_removes_a_namespace_and_leaves_busy_blocks_for_later() {
+    let (mut c, ns) = cache(2, PolicyKind::Lru);
+    let other = c.register(NamespaceId([2; 16]), 4096).unwrap();
+    save(&mut c, ns, &hs(0..4));
+    save(&mut c, other, &hs(0..2));
+    let (lease, _) = c.acquire(B, ns, &hs(1..2)).unwrap();
+    assert_eq!(c.discard(ns), Discarded { host: 3, disk: 0, busy: 1 });
+    assert_eq!(c.lookup(ns, &hs(0..4)), 0);
+    assert_eq!(c.peek_prefix(ns, &hs(1..2)), 1, "the block being read stays until released");
+    assert_eq!(c.lookup(other, &hs(0..2)), 2, "other namespaces keep theirs");
+    c.release(B, lease).unwrap();
+    assert_eq!(c.discard(ns), Discarded { host: 1, disk: 0, busy: 0 });
+    assert_eq!(c.discard(ns), Discarded::default());
+    let st = c.stats();
+    assert_eq!((st.blocks, st.used_bytes, st.discarded_blocks, st.evicted_blocks), (2, 2 * 4096, 4, 0));
+    assert_eq!((c.events().held(ns).host, c.events().held(other).host), (0, 2));
+    // The freed slots and the policy are whole again: the namespace fills its share anew.
+    assert!(save(&mut c, ns, &hs(10..16)).iter().all(|r| matches!(r, Reserved::Slot(_))));
+    assert_eq!(c.lookup(ns, &hs(10..16)), 6);
+}
+
+#[test]
+fn discard_leaves_reservations_to_commit() {
+    let (mut c, ns) = cache(1, PolicyKind::Lru);
+    let (id, _) = c.reserve(A, ns, &hs(0..2), None).unwrap();
+    assert_eq!(c.discard(ns), Discarded::default());
+    assert_eq!(c.commit(A, id).unwrap(), 2);
+    assert_eq!(c.discard(ns).host, 2);
+}
+
 mod disk_tier {
     use super::*;
     use crate::cache::{DiskChange, DiskSetup, PromotionOutcome, TierKind};
@@ -312,6 +343,52 @@ mod disk_tier {
         }
         let plan = c.plan_demotions(usize::MAX);
         assert!(plan.iter().any(|d| d.key.hash == h(1)), "{plan:?}");
+    }
+
+    #[test]
+    fn discard_forgets_host_cold_and_disk_copies() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..8));
+        demote_all(&mut c);
+        // Block 0's host copy makes room (disk only now); block 1's stays, cold.
+        save(&mut c, ns, &hs(8..9));
+        assert!(c.disk_stats().unwrap().cold_bytes > 0);
+        c.take_disk_changes();
+        let before = c.events().held(ns);
+        let out = c.discard(ns);
+        assert_eq!((out.host, out.disk, out.busy), (before.host, before.disk, 0));
+        assert_eq!((out.host, out.disk), (8, 1));
+        assert_eq!(c.lookup(ns, &hs(0..10)), 0);
+        let changes = c.take_disk_changes();
+        assert!(changes.len() == 8 && changes.iter().all(|c| matches!(c, DiskChange::Removed { .. })), "{changes:?}");
+        let st = c.disk_stats().unwrap();
+        assert_eq!((st.blocks, st.used_bytes, st.cold_bytes, st.evicted_blocks), (0, 0, 0, 0));
+        assert_eq!((c.stats().blocks, c.stats().used_bytes), (0, 0));
+        // Both tiers work as before: save, demote, promote.
+        save(&mut c, ns, &hs(20..28));
+        demote_all(&mut c);
+        save(&mut c, ns, &hs(28..30));
+        assert_eq!(promote_all(&mut c, ns, &hs(20..22), PromotionOutcome::Verified), 2);
+        assert_eq!(c.lookup(ns, &hs(20..30)), 10);
+    }
+
+    #[test]
+    fn blocks_moving_between_tiers_are_busy() {
+        let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..8));
+        let writes = c.plan_demotions(usize::MAX);
+        assert_eq!(c.discard(ns).busy, writes.len() as u64);
+        for d in &writes {
+            c.complete_demotion(d, Some(1));
+        }
+        save(&mut c, ns, &hs(0..8));
+        demote_all(&mut c);
+        save(&mut c, ns, &hs(8..10));
+        let plan = c.begin_promotions(ns, &hs(0..1));
+        assert_eq!(c.discard(ns).busy, 1);
+        c.complete_promotion(&plan.started[0], PromotionOutcome::Verified);
+        assert_eq!(c.discard(ns), Discarded { host: 1, disk: 0, busy: 0 });
+        assert_eq!(c.disk_stats().unwrap().blocks, 0);
     }
 
     #[test]

@@ -60,10 +60,15 @@ pub async fn serve(node: Arc<Node>, listener: UnixListener) {
     }
 }
 
+/// Whether `uid` may send admin requests: root and the daemon's own uid.
+fn uid_admin(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::getuid().as_raw()
+}
+
 fn uid_allowed(node: &Node, uid: u32) -> bool {
     let allowed = &node.config.server.allowed_uids;
     if allowed.is_empty() {
-        uid == 0 || uid == nix::unistd::getuid().as_raw()
+        uid_admin(uid)
     } else {
         allowed.contains(&uid)
     }
@@ -84,7 +89,7 @@ async fn connection(node: Arc<Node>, mut stream: UnixStream) {
         let _ = stream.write_all(&frame_of(&reply.into_response(0))).await;
         return;
     }
-    let session = Session::new(node.new_client(), cred.pid());
+    let session = Session::new(node.new_client(), cred.pid(), uid_admin(cred.uid()));
     let client = session.client;
     node.metrics.connections_total.fetch_add(1, Relaxed);
     node.metrics.connected_clients.fetch_add(1, Relaxed);

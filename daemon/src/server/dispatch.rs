@@ -5,7 +5,7 @@ use crate::cache::{CacheError, ClientId};
 use crate::device::layout::{KvLayout, LayerPlacement};
 use crate::device::EngineTensor;
 use crate::metrics::Op;
-use crate::namespace::NamespaceId;
+use crate::namespace::{NamespaceId, NamespaceSelector};
 use crate::node::{KvCache, KvCopyError, Node, ReservedAt};
 use bytes::Bytes;
 use kvtier_proto::v1::{self as pb, request, response, ErrorCode, ReserveStatus};
@@ -57,6 +57,8 @@ pub struct Session {
     pub client: ClientId,
     /// The connected process (SO_PEERCRED), whose memory daemon-side copies reach.
     pub pid: Option<i32>,
+    /// Whether the connected process may send admin requests (root or the daemon's own uid).
+    pub admin: bool,
     /// Whether Hello was received.
     pub greeted: bool,
     /// Namespaces registered on this connection, by handle.
@@ -66,9 +68,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for a new connection from process `pid`.
-    pub fn new(client: ClientId, pid: Option<i32>) -> Self {
-        Self { client, pid, greeted: false, handles: Vec::new(), kv_caches: Vec::new() }
+    /// A session for a new connection from process `pid` (`admin`: see [`Session::admin`]).
+    pub fn new(client: ClientId, pid: Option<i32>, admin: bool) -> Self {
+        Self { client, pid, admin, greeted: false, handles: Vec::new(), kv_caches: Vec::new() }
     }
 
     fn kv_cache(&self, id: u32) -> Result<&KvCache, Fatal> {
@@ -104,6 +106,7 @@ pub fn op_of(op: &request::Op) -> Op {
         request::Op::RegisterKvCache(_) => Op::RegisterKvCache,
         request::Op::SaveKv(_) => Op::SaveKv,
         request::Op::LoadKv(_) => Op::LoadKv,
+        request::Op::Discard(_) => Op::Discard,
     }
 }
 
@@ -191,6 +194,23 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
                 Err(error) => pb::PullReply { error, ..Default::default() },
             };
             Ok(A::Pull(reply))
+        }
+        R::Discard(d) => {
+            if !s.admin {
+                return Err(Fatal::new(
+                    ErrorCode::PermissionDenied,
+                    "Discard is an admin request: root or the daemon's uid",
+                ));
+            }
+            let selector = NamespaceSelector::new(&d.model, &d.id_prefix, d.all)
+                .map_err(|e| Fatal::new(ErrorCode::BadArgument, e))?;
+            let (namespaces, out) = node.discard(&selector);
+            Ok(A::Discard(pb::DiscardReply {
+                namespaces,
+                host_blocks: out.host,
+                disk_blocks: out.disk,
+                busy_blocks: out.busy,
+            }))
         }
         R::Prefetch(p) => {
             let ns = s.ns(p.handle)?;
@@ -331,6 +351,7 @@ fn stats_reply(node: &Node) -> pb::StatsReply {
         hit_blocks: st.hit_blocks,
         miss_blocks: st.miss_blocks,
         evicted_blocks: st.evicted_blocks,
+        discarded_blocks: st.discarded_blocks,
         saved_bytes: st.saved_bytes,
         loaded_bytes: st.loaded_bytes,
         eviction_policy: node.policy_name().into(),
