@@ -240,3 +240,33 @@ async fn auto_backend_falls_back_to_daemon_side_host_copies() {
         assert_eq!(hello.device_dma, !gpu, "GPU engine-memory DMA is not offered yet; cma copies host memory");
     }
 }
+
+fn clients_json(d: &Daemon) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["clients", "--json"]))).unwrap();
+    v["clients"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_lists_each_connection_with_what_it_registered_and_holds() {
+    let d = Daemon::start_with_metrics(&[], true);
+    let mut engine = d.client("engine-a").await;
+    let ns = engine.register(kvtier_tests::namespace("model-a", 4096)).await.unwrap();
+    engine.reserve(&ns, &kvtier_client::testdata::chained_hashes(1, 3), None).await.unwrap();
+    let listed = clients_json(&d);
+    assert_eq!(listed.len(), 2, "the engine and the CLI itself: {listed:?}");
+    let e = listed.iter().find(|c| c["name"] == "engine-a").unwrap();
+    assert_eq!(e["pid"].as_u64(), Some(u64::from(std::process::id())), "{e}");
+    assert_eq!((e["uid"].as_u64(), e["held_blocks"].as_u64(), e["requests"].as_u64()), (Some(0), Some(3), Some(3)));
+    assert_eq!((e["namespaces"][0]["model"].as_str(), e["kv_caches"].as_u64()), (Some("model-a"), Some(0)));
+    let cli = listed.iter().find(|c| c["name"] == "kvtier-clients").unwrap();
+    assert_eq!(cli["requests"].as_u64(), Some(2), "Hello and Clients: {cli}");
+    assert!(cli["id"].as_u64() > e["id"].as_u64(), "oldest first");
+
+    let table = ok_stdout(&d.kvtier(&["clients"]));
+    assert!(table.lines().any(|l| l.contains("engine-a") && l.contains("model-a/")), "{table}");
+    drop(engine);
+    kvtier_tests::eventually("a closed connection leaves the list", || {
+        clients_json(&d).iter().all(|c| c["name"] != "engine-a")
+    });
+    assert_eq!(d.metric("kvtier_host_reserved_blocks"), 0.0, "its reservation went with it");
+}

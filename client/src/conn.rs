@@ -278,6 +278,14 @@ impl Client {
         }
     }
 
+    /// Admin: the daemon's connections (root or the daemon's uid only).
+    pub async fn clients(&mut self) -> Result<pb::ClientsReply> {
+        match self.call(request::Op::Clients(pb::Clients {})).await? {
+            response::Result::Clients(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Daemon statistics.
     pub async fn stats(&mut self) -> Result<pb::StatsReply> {
         match self.call(request::Op::Stats(pb::Stats {})).await? {

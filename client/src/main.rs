@@ -1,4 +1,4 @@
-//! `kvtier`: command-line tool for kvtierd: status, top, lookup, put/get, discard, bench, sim, router.
+//! `kvtier`: command-line tool for kvtierd: status, top, clients, lookup, put/get, discard, bench, sim, router.
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +18,8 @@ enum Command {
     Status(cli::status::StatusArgs),
     /// Live view of the daemon: tiers and, per second, hits, misses, bytes moved, evictions.
     Top(cli::top::TopArgs),
+    /// Admin: the daemon's connections: engines and tools, what they registered and hold.
+    Clients(cli::clients::ClientsArgs),
     /// How many leading blocks of a prompt the daemon holds.
     Lookup(cli::blocks::LookupArgs),
     /// Save a prompt of deterministic test blocks.
@@ -53,6 +55,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Status(a) => cli::status::run(a).await,
             Command::Top(a) => cli::top::run(a).await,
+            Command::Clients(a) => cli::clients::run(a).await,
             Command::Lookup(a) => cli::blocks::lookup(a).await,
             Command::Put(a) => cli::blocks::put(a).await,
             Command::Get(a) => cli::blocks::get(a).await,

@@ -684,6 +684,11 @@ impl BlockCache {
         Ok(())
     }
 
+    /// Blocks `client` has reserved or pinned now.
+    pub fn held_by(&self, client: ClientId) -> usize {
+        self.held_by_client.get(&client).copied().unwrap_or(0)
+    }
+
     /// Releases everything a client held: aborts its reservations, drops its pins.
     pub fn disconnect(&mut self, client: ClientId) {
         let owned = |m: &HashMap<u64, Held>| -> Vec<u64> {

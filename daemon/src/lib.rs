@@ -9,6 +9,7 @@
 pub mod alloc;
 pub mod block;
 pub mod cache;
+pub mod clients;
 pub mod config;
 pub mod device;
 pub mod disk;

@@ -38,11 +38,13 @@ pub enum Op {
     LoadKv,
     /// Discard.
     Discard,
+    /// Clients.
+    Clients,
 }
 
 impl Op {
     /// Every op, in metric order.
-    pub const ALL: [Op; 15] = [
+    pub const ALL: [Op; 16] = [
         Op::Hello,
         Op::Register,
         Op::Lookup,
@@ -58,6 +60,7 @@ impl Op {
         Op::SaveKv,
         Op::LoadKv,
         Op::Discard,
+        Op::Clients,
     ];
 
     /// Label value.
@@ -78,6 +81,7 @@ impl Op {
             Op::SaveKv => "save_kv",
             Op::LoadKv => "load_kv",
             Op::Discard => "discard",
+            Op::Clients => "clients",
         }
     }
 }

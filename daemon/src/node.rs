@@ -75,6 +75,8 @@ pub struct Node {
     load: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
     /// Model of each registered namespace, by index (what Stats shows of it).
     models: Mutex<Vec<String>>,
+    /// The connector socket's live connections (for the admin view).
+    pub connections: crate::clients::Connections,
 }
 
 /// What one registered namespace holds.
@@ -173,6 +175,7 @@ impl Node {
             requests_total: AtomicU64::new(0),
             load: Mutex::new(std::collections::VecDeque::new()),
             models: Mutex::new(Vec::new()),
+            connections: Default::default(),
         })
     }
 

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod blocks;
+pub mod clients;
 pub mod common;
 pub mod discard;
 pub mod router;

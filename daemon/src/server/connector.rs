@@ -89,7 +89,8 @@ async fn connection(node: Arc<Node>, mut stream: UnixStream) {
         let _ = stream.write_all(&frame_of(&reply.into_response(0))).await;
         return;
     }
-    let session = Session::new(node.new_client(), cred.pid(), uid_admin(cred.uid()));
+    let registered = node.connections.open(node.new_client(), cred.pid(), cred.uid());
+    let session = Session::new(Arc::clone(&registered.record), uid_admin(cred.uid()));
     let client = session.client;
     node.metrics.connections_total.fetch_add(1, Relaxed);
     node.metrics.connected_clients.fetch_add(1, Relaxed);
@@ -162,6 +163,7 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, mut session: Session) ->
             };
             let kind = op_of(&op);
             node.requests_total.fetch_add(1, Relaxed);
+            session.record.requested();
             let started = Instant::now();
             let result = dispatch(node, &mut session, op).await;
             node.metrics.observe(kind, started.elapsed());

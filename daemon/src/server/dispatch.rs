@@ -2,6 +2,7 @@
 
 use crate::block::{BlockHash, NsIdx};
 use crate::cache::{CacheError, ClientId};
+use crate::clients::Connection;
 use crate::device::layout::{KvLayout, LayerPlacement};
 use crate::device::EngineTensor;
 use crate::metrics::Op;
@@ -55,8 +56,9 @@ const MAX_KV_CACHES: usize = 64;
 pub struct Session {
     /// Owner id of the connection's reservations and pins.
     pub client: ClientId,
-    /// The connected process (SO_PEERCRED), whose memory daemon-side copies reach.
-    pub pid: Option<i32>,
+    /// The connected process (SO_PEERCRED, whose memory daemon-side copies reach) and what
+    /// the admin view shows of the connection.
+    pub record: Arc<Connection>,
     /// Whether the connected process may send admin requests (root or the daemon's own uid).
     pub admin: bool,
     /// Whether Hello was received.
@@ -68,9 +70,19 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for a new connection from process `pid` (`admin`: see [`Session::admin`]).
-    pub fn new(client: ClientId, pid: Option<i32>, admin: bool) -> Self {
-        Self { client, pid, admin, greeted: false, handles: Vec::new(), kv_caches: Vec::new() }
+    /// A session for a new connection (`admin`: see [`Session::admin`]).
+    pub fn new(record: Arc<Connection>, admin: bool) -> Self {
+        Self { client: record.client, record, admin, greeted: false, handles: Vec::new(), kv_caches: Vec::new() }
+    }
+
+    fn admin_only(&self, what: &str) -> Result<(), Fatal> {
+        match self.admin {
+            true => Ok(()),
+            false => Err(Fatal::new(
+                ErrorCode::PermissionDenied,
+                format!("{what} is an admin request: root or the daemon's uid"),
+            )),
+        }
     }
 
     fn kv_cache(&self, id: u32) -> Result<&KvCache, Fatal> {
@@ -107,6 +119,7 @@ pub fn op_of(op: &request::Op) -> Op {
         request::Op::SaveKv(_) => Op::SaveKv,
         request::Op::LoadKv(_) => Op::LoadKv,
         request::Op::Discard(_) => Op::Discard,
+        request::Op::Clients(_) => Op::Clients,
     }
 }
 
@@ -149,6 +162,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
                 ));
             }
             s.greeted = true;
+            s.record.named(&h.client_name);
             let segments = node.pool().segments().iter().map(|seg| pb::SegmentInfo { bytes: seg.len() }).collect();
             Ok(A::Hello(pb::HelloReply {
                 protocol_version: h.protocol_version.min(PROTOCOL_VERSION),
@@ -165,6 +179,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             let desc = r.namespace.ok_or_else(|| Fatal::new(ErrorCode::BadArgument, "Register without a namespace"))?;
             let id = NamespaceId::of(&desc);
             let (ns, stride) = node.register(id, desc.block_bytes, &desc.model)?;
+            s.record.registered(ns);
             let handle = match s.handles.iter().position(|&h| h == ns) {
                 Some(i) => i,
                 None => {
@@ -196,12 +211,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             Ok(A::Pull(reply))
         }
         R::Discard(d) => {
-            if !s.admin {
-                return Err(Fatal::new(
-                    ErrorCode::PermissionDenied,
-                    "Discard is an admin request: root or the daemon's uid",
-                ));
-            }
+            s.admin_only("Discard")?;
             let selector = NamespaceSelector::new(&d.model, &d.id_prefix, d.all)
                 .map_err(|e| Fatal::new(ErrorCode::BadArgument, e))?;
             let (namespaces, out) = node.discard(&selector);
@@ -211,6 +221,10 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
                 disk_blocks: out.disk,
                 busy_blocks: out.busy,
             }))
+        }
+        R::Clients(_) => {
+            s.admin_only("Clients")?;
+            Ok(A::Clients(clients_reply(node)))
         }
         R::Prefetch(p) => {
             let ns = s.ns(p.handle)?;
@@ -260,9 +274,10 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
                 return Err(Fatal::new(ErrorCode::BadArgument, format!("more than {MAX_KV_CACHES} KV caches")));
             }
             let (layout, tensors) = kv_layout(r);
-            let reply = match node.register_kv_cache(ns, s.pid, layout, &tensors) {
+            let reply = match node.register_kv_cache(ns, s.record.pid, layout, &tensors) {
                 Ok(cache) => {
                     s.kv_caches.push(cache);
+                    s.record.registered_kv_cache();
                     pb::RegisterKvCacheReply { cache: s.kv_caches.len() as u32 - 1, error: String::new() }
                 }
                 Err(KvCopyError::Memory(error)) => pb::RegisterKvCacheReply { cache: 0, error },
@@ -331,6 +346,40 @@ fn kv_fatal(e: KvCopyError) -> Fatal {
     }
 }
 
+/// The first 4 bytes of a namespace id in hex, as Stats and Clients show it.
+fn id_prefix(id: &NamespaceId) -> String {
+    id.0[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn clients_reply(node: &Node) -> pb::ClientsReply {
+    let usage = node.namespace_usage();
+    let connections = node.connections.list();
+    let held: Vec<usize> = {
+        let c = node.cache();
+        connections.iter().map(|conn| c.held_by(conn.client)).collect()
+    };
+    let clients = (connections.iter().zip(held))
+        .map(|(conn, held)| {
+            let a = conn.activity();
+            let namespaces = (a.namespaces.iter().filter_map(|ns| usage.get(ns.0 as usize)))
+                .map(|u| pb::NamespaceRef { model: u.model.clone(), id_prefix: id_prefix(&u.id) })
+                .collect();
+            pb::ClientInfo {
+                id: conn.client.0,
+                name: a.name,
+                pid: conn.pid.unwrap_or(0),
+                uid: conn.uid,
+                connected_secs: conn.since.elapsed().as_secs(),
+                requests: a.requests,
+                held_blocks: held as u64,
+                kv_caches: a.kv_caches,
+                namespaces,
+            }
+        })
+        .collect();
+    pb::ClientsReply { clients }
+}
+
 fn stats_reply(node: &Node) -> pb::StatsReply {
     use std::sync::atomic::Ordering::Relaxed;
     let st = node.stats();
@@ -359,7 +408,7 @@ fn stats_reply(node: &Node) -> pb::StatsReply {
         namespace_usage: (node.namespace_usage().into_iter())
             .map(|u| pb::NamespaceUsage {
                 model: u.model,
-                id_prefix: u.id.0[..4].iter().map(|b| format!("{b:02x}")).collect(),
+                id_prefix: id_prefix(&u.id),
                 block_bytes: u.block_bytes,
                 host_blocks: u.held.host,
                 disk_blocks: u.held.disk,

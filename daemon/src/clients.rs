@@ -1,0 +1,143 @@
+//! Who is connected to the connector socket, for the admin view (`kvtier clients`): each
+//! connection's task keeps its own record up to date; the registry lists the live ones.
+
+use crate::block::NsIdx;
+use crate::cache::ClientId;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// One connection as the admin view shows it.
+#[derive(Debug)]
+pub struct Connection {
+    /// Owner id of the connection's reservations and pins.
+    pub client: ClientId,
+    /// The connected process (SO_PEERCRED).
+    pub pid: Option<i32>,
+    /// Its uid (SO_PEERCRED).
+    pub uid: u32,
+    /// When it connected.
+    pub since: Instant,
+    name: Mutex<String>,
+    namespaces: Mutex<Vec<NsIdx>>,
+    kv_caches: AtomicU32,
+    requests: AtomicU64,
+}
+
+/// What a connection has done so far (a consistent copy of its counters).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// The name it gave in Hello (empty before).
+    pub name: String,
+    /// Namespaces it registered, in order.
+    pub namespaces: Vec<NsIdx>,
+    /// KV caches it registered for daemon-side copies.
+    pub kv_caches: u32,
+    /// Requests it sent.
+    pub requests: u64,
+}
+
+impl Connection {
+    /// Records the name from Hello.
+    pub fn named(&self, name: &str) {
+        *self.name.lock().unwrap_or_else(|e| e.into_inner()) = name.to_string();
+    }
+
+    /// Records a namespace registration (once per namespace).
+    pub fn registered(&self, ns: NsIdx) {
+        let mut v = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.contains(&ns) {
+            v.push(ns);
+        }
+    }
+
+    /// Records a KV cache registered for daemon-side copies.
+    pub fn registered_kv_cache(&self) {
+        self.kv_caches.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request.
+    pub fn requested(&self) {
+        self.requests.fetch_add(1, Relaxed);
+    }
+
+    /// Its activity so far.
+    pub fn activity(&self) -> Activity {
+        Activity {
+            name: self.name.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            namespaces: self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            kv_caches: self.kv_caches.load(Relaxed),
+            requests: self.requests.load(Relaxed),
+        }
+    }
+}
+
+/// The live connections, by client id.
+#[derive(Default)]
+pub struct Connections {
+    live: Mutex<BTreeMap<u64, Arc<Connection>>>,
+}
+
+/// A connection's place in the registry: dropping it (the connection ended) removes it.
+pub struct Registered<'a> {
+    registry: &'a Connections,
+    /// The connection's record.
+    pub record: Arc<Connection>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.registry.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.record.client.0);
+    }
+}
+
+impl Connections {
+    /// Adds a new connection; it stays listed while the returned value lives.
+    pub fn open(&self, client: ClientId, pid: Option<i32>, uid: u32) -> Registered<'_> {
+        let record = Arc::new(Connection {
+            client,
+            pid,
+            uid,
+            since: Instant::now(),
+            name: Mutex::default(),
+            namespaces: Mutex::default(),
+            kv_caches: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+        });
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(client.0, Arc::clone(&record));
+        Registered { registry: self, record }
+    }
+
+    /// The live connections, oldest first.
+    pub fn list(&self) -> Vec<Arc<Connection>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_listed_while_open_with_their_activity() {
+        let reg = Connections::default();
+        let a = reg.open(ClientId(7), Some(100), 0);
+        {
+            let b = reg.open(ClientId(3), None, 4242);
+            b.record.named("engine");
+            let ids: Vec<u64> = reg.list().iter().map(|c| c.client.0).collect();
+            assert_eq!(ids, [3, 7]);
+        }
+        assert_eq!(reg.list().len(), 1, "a closed connection leaves the list");
+        a.record.named("vllm");
+        a.record.registered(NsIdx(2));
+        a.record.registered(NsIdx(2));
+        a.record.registered(NsIdx(0));
+        a.record.registered_kv_cache();
+        a.record.requested();
+        a.record.requested();
+        let want = Activity { name: "vllm".into(), namespaces: vec![NsIdx(2), NsIdx(0)], kv_caches: 1, requests: 2 };
+        assert_eq!(reg.list()[0].activity(), want);
+    }
+}
