@@ -181,8 +181,10 @@ fn an_allowlisted_uid_other_than_the_daemons_is_served() {
     ok_stdout(&d.kvtier(&["put", "--count", "4"]));
     let (ok, text) = as_4242(&["discard", "--all"]);
     assert!(!ok && text.contains("admin request"), "{text}");
-    let (ok, text) = as_4242(&["clients"]);
-    assert!(!ok && text.contains("admin request"), "{text}");
+    for admin in [&["clients"][..], &["log-filter", "debug"]] {
+        let (ok, text) = as_4242(admin);
+        assert!(!ok && text.contains("admin request"), "{admin:?}: {text}");
+    }
     assert!(ok_stdout(&d.kvtier(&["lookup", "--count", "4"])).contains("matched 4"));
     let root = ok_stdout(&d.kvtier(&["discard", "--all"]));
     assert!(root.contains("discarded 4 blocks"), "{root}");

@@ -270,3 +270,25 @@ async fn clients_lists_each_connection_with_what_it_registered_and_holds() {
     });
     assert_eq!(d.metric("kvtier_host_reserved_blocks"), 0.0, "its reservation went with it");
 }
+
+#[test]
+fn the_log_filter_changes_while_the_daemon_runs() {
+    let d = Daemon::start(&[]);
+    let initial = ok_stdout(&d.kvtier(&["log-filter"])).trim().to_string();
+    assert!(!initial.is_empty());
+    let connected = || d.log().matches("client connected").count();
+    let out = ok_stdout(&d.kvtier(&["log-filter", "warn"]));
+    assert_eq!(out.trim(), format!("log filter warn (was {initial})"));
+    assert!(d.log().contains("log filter changed"), "the change itself is logged at warn");
+    let quiet = connected();
+    ok_stdout(&d.kvtier(&["status"]));
+    assert_eq!(connected(), quiet, "debug lines are off");
+    let set = ok_stdout(&d.kvtier(&["log-filter", "info,kvtier_daemon::server=debug"]));
+    // The daemon prints filters in its own order of directives.
+    assert_eq!(set.trim(), "log filter kvtier_daemon::server=debug,info (was warn)");
+    ok_stdout(&d.kvtier(&["status"]));
+    kvtier_tests::eventually("debug lines of the server module are back", || connected() > quiet);
+    let bad = d.kvtier(&["log-filter", "kvtier_daemon=loud"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("bad log filter"), "{bad:?}");
+    assert_eq!(ok_stdout(&d.kvtier(&["log-filter"])).trim(), "kvtier_daemon::server=debug,info", "unchanged");
+}

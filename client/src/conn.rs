@@ -286,6 +286,14 @@ impl Client {
         }
     }
 
+    /// Admin: replaces the daemon's log filter (empty: reads it); returns it before and after.
+    pub async fn log_filter(&mut self, filter: &str) -> Result<pb::LogFilterReply> {
+        match self.call(request::Op::LogFilter(pb::LogFilter { filter: filter.into() })).await? {
+            response::Result::LogFilter(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Daemon statistics.
     pub async fn stats(&mut self) -> Result<pb::StatsReply> {
         match self.call(request::Op::Stats(pb::Stats {})).await? {

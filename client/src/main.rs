@@ -1,4 +1,5 @@
-//! `kvtier`: command-line tool for kvtierd: status, top, clients, lookup, put/get, discard, bench, sim, router.
+//! `kvtier`: command-line tool for kvtierd: status, top, clients, lookup, put/get, discard, log-filter, bench,
+//! sim, router.
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     Get(cli::blocks::GetArgs),
     /// Admin: remove namespaces' blocks from every tier (a retired model, a tenant gone).
     Discard(cli::discard::DiscardArgs),
+    /// Admin: show or change the daemon's log filter while it runs (RUST_LOG syntax).
+    LogFilter(cli::log_filter::LogFilterArgs),
     /// Host-tier save/load bandwidth against memcpy of the same bytes.
     Bench(cli::bench::BenchArgs),
     /// Replay a request trace through the real index and eviction policies.
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
             Command::Put(a) => cli::blocks::put(a).await,
             Command::Get(a) => cli::blocks::get(a).await,
             Command::Discard(a) => cli::discard::run(a).await,
+            Command::LogFilter(a) => cli::log_filter::run(a).await,
             Command::Bench(a) => cli::bench::run(a).await,
             Command::Sim(a) => cli::sim::run(a),
             Command::Router(a) => cli::router::run(a).await,

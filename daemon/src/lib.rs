@@ -16,6 +16,7 @@ pub mod disk;
 pub mod events;
 pub mod fingerprint;
 pub mod index;
+pub mod logging;
 pub mod metrics;
 pub mod namespace;
 pub mod node;

@@ -145,11 +145,7 @@ impl Args {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    kvtier_daemon::logging::init();
     let args = Args::parse();
     let result = args.config().and_then(|config| {
         if args.print_config {

@@ -40,11 +40,13 @@ pub enum Op {
     Discard,
     /// Clients.
     Clients,
+    /// LogFilter.
+    LogFilter,
 }
 
 impl Op {
     /// Every op, in metric order.
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 17] = [
         Op::Hello,
         Op::Register,
         Op::Lookup,
@@ -61,6 +63,7 @@ impl Op {
         Op::LoadKv,
         Op::Discard,
         Op::Clients,
+        Op::LogFilter,
     ];
 
     /// Label value.
@@ -82,6 +85,7 @@ impl Op {
             Op::LoadKv => "load_kv",
             Op::Discard => "discard",
             Op::Clients => "clients",
+            Op::LogFilter => "log_filter",
         }
     }
 }

@@ -120,6 +120,7 @@ pub fn op_of(op: &request::Op) -> Op {
         request::Op::LoadKv(_) => Op::LoadKv,
         request::Op::Discard(_) => Op::Discard,
         request::Op::Clients(_) => Op::Clients,
+        request::Op::LogFilter(_) => Op::LogFilter,
     }
 }
 
@@ -225,6 +226,12 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::Clients(_) => {
             s.admin_only("Clients")?;
             Ok(A::Clients(clients_reply(node)))
+        }
+        R::LogFilter(f) => {
+            s.admin_only("LogFilter")?;
+            let (before, after) =
+                crate::logging::set_filter(&f.filter).map_err(|e| Fatal::new(ErrorCode::BadArgument, e))?;
+            Ok(A::LogFilter(pb::LogFilterReply { before, after }))
         }
         R::Prefetch(p) => {
             let ns = s.ns(p.handle)?;
