@@ -1,6 +1,6 @@
 //! Thousands of random, well-framed connector requests (every op, with ids, handles, hashes,
 //! sizes and layouts drawn at random, some of them valid, some reusing ids the daemon handed
-//! out) against a real kvtierd: every request gets its reply or its connection closes, nothing
+//! out, admin requests among them) against a real kvtierd: every request gets its reply or its connection closes, nothing
 //! hangs, the daemon keeps running, a bystander's blocks stay byte-exact, and once the random
 //! clients are gone nothing they reserved or pinned is still held.
 
@@ -108,6 +108,7 @@ fn random_op(rng: &mut Rng, seen: &Seen, engine: &Engine) -> Op {
         8 => Op::Abort(pb::Abort { reservation: pick(rng, &seen.reservations) }),
         9 | 10 => Op::Acquire(pb::Acquire { handle, hashes: hashes(rng) }),
         11 => Op::Release(pb::Release { lease: pick(rng, &seen.leases) }),
+        12 if rng.chance(40) => admin_op(rng),
         12 => Op::Stats(pb::Stats {}),
         2 => Op::Prefetch(pb::Prefetch { handle, hashes: hashes(rng) }),
         19 => Op::Pull(pb::Pull { handle, source: "127.0.0.1:1".into(), hashes: hashes(rng) }),
@@ -159,6 +160,25 @@ fn random_op(rng: &mut Rng, seen: &Seen, engine: &Engine) -> Op {
             let hs = hashes(rng);
             let ids = (0..hs.len()).map(|_| if rng.chance(95) { rng.below(8) } else { rng.edgy() }).collect();
             Op::LoadKv(pb::LoadKv { cache: pick(rng, &seen.caches) as u32, hashes: hs, block_ids: ids })
+        }
+    }
+}
+
+/// An admin request (the test runs as root, so the daemon serves them): a Discard of a random
+/// selection (pinned blocks must survive it), Clients, or a log filter, valid or not.
+fn admin_op(rng: &mut Rng) -> Op {
+    match rng.below(4) {
+        0 => Op::Discard(pb::Discard { model: "m0".into(), ..Default::default() }),
+        1 if rng.chance(50) => Op::Discard(pb::Discard { all: true, ..Default::default() }),
+        1 => Op::Discard(pb::Discard {
+            model: if rng.chance(70) { format!("m{}", rng.below(4)) } else { String::new() },
+            id_prefix: (0..[0, 1, 2, 17][rng.below(4) as usize]).map(|_| rng.below(256) as u8).collect(),
+            all: rng.chance(20),
+        }),
+        2 => Op::Clients(pb::Clients {}),
+        _ => {
+            let filter = ["", "debug", "info,kvtier_daemon::server=debug", "kvtier=loud", "=["][rng.below(5) as usize];
+            Op::LogFilter(pb::LogFilter { filter: filter.into() })
         }
     }
 }
@@ -246,7 +266,7 @@ async fn random_requests_never_hang_crash_leak_or_disturb_a_bystander() {
     let mut rng = Rng(seed.max(1));
     let (mut closed, mut errors, mut replies) = (0, 0, 0);
     let mut codes = std::collections::BTreeMap::new();
-    let (mut reserved, mut pinned, mut caches, mut copied) = (0, 0, 0, 0);
+    let (mut reserved, mut pinned, mut caches, mut copied, mut discarded) = (0, 0, 0, 0, 0);
     for round in 0..40u64 {
         let mut conns: Vec<Conn> = (0..3).map(|_| Conn::open(&d, &mut rng)).collect();
         for id in 1..=100u64 {
@@ -290,6 +310,7 @@ async fn random_requests_never_hang_crash_leak_or_disturb_a_bystander() {
                         }
                         Some(R::SaveKv(r)) => copied += r.saved as usize,
                         Some(R::LoadKv(r)) => copied += r.loaded as usize,
+                        Some(R::Discard(r)) => discarded += r.host_blocks + r.disk_blocks,
                         _ => {}
                     }
                 }
@@ -306,10 +327,11 @@ async fn random_requests_never_hang_crash_leak_or_disturb_a_bystander() {
             assert_eq!(bystander.save(&ns, &fresh, &refs(&fresh_blocks)).await.unwrap().stored, 4);
         }
     }
-    eprintln!("fuzz: errors {errors}, replies {replies}, closed {closed}, reserved {reserved}, pinned {pinned}, caches {caches}, copied {copied} {codes:?}");
+    eprintln!("fuzz: errors {errors}, replies {replies}, closed {closed}, reserved {reserved}, pinned {pinned}, caches {caches}, copied {copied}, discarded {discarded} {codes:?}");
     // Deep enough to mean something: many errors, and many requests that did real work.
     assert!(errors > 100 && replies > 2000 && closed > 50, "errors {errors}, replies {replies}, closed {closed}");
     assert!(reserved > 50 && pinned > 50 && caches > 50 && copied > 50, "too few valid requests");
+    assert!(discarded > 0, "no Discard removed anything");
 
     // The random clients are gone: nothing they reserved or pinned is held any more.
     bystander.release(lease).await.unwrap();
