@@ -183,10 +183,24 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
     Some(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(out))
 }
 
-/// A free TCP address on loopback (`127.0.0.1:PORT`).
+/// A free TCP address on loopback (`127.0.0.1:PORT`) for a process to listen on, below the
+/// kernel's ephemeral range: a port from that range (what binding port 0 gives) can be taken by
+/// any outgoing connection (gRPC, UCX over TCP) between this check and the process's bind, which
+/// made daemons fail to start with "Address already in use" now and then.
 pub fn free_local_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("addr").to_string()
+    use std::hash::BuildHasher;
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral_low: u16 = range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
+    let (low, high) = (ephemeral_low.saturating_sub(12_000).max(1024), ephemeral_low);
+    let random = std::collections::hash_map::RandomState::new();
+    for attempt in 0u64.. {
+        let port = low + (random.hash_one((std::process::id(), attempt)) % u64::from(high - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return format!("127.0.0.1:{port}");
+        }
+        assert!(attempt < 10_000, "no free port in {low}..{high}");
+    }
+    unreachable!()
 }
 
 /// Registration of KV tensors in this process, one per layer, in vLLM's FlashAttention layout
