@@ -178,12 +178,8 @@ impl Client {
 
     /// Registers a namespace.
     pub async fn register(&mut self, desc: NamespaceDescriptor) -> Result<Namespace> {
-        match self.call(request::Op::Register(pb::Register { namespace: Some(desc) })).await? {
-            response::Result::Register(r) => {
-                Ok(Namespace { handle: r.handle, id: r.namespace_id, block_bytes: r.block_bytes })
-            }
-            other => Err(unexpected(other)),
-        }
+        let r = reply!(self.call(request::Op::Register(pb::Register { namespace: Some(desc) })).await?, Register)?;
+        Ok(Namespace { handle: r.handle, id: r.namespace_id, block_bytes: r.block_bytes })
     }
 
     /// Number of leading `hashes` held.
@@ -193,19 +189,18 @@ impl Client {
 
     /// Like [`lookup`](Self::lookup), with the tier each block of the held prefix is in.
     pub async fn lookup_tiers(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<Vec<pb::Tier>> {
-        match self.call(request::Op::Lookup(pb::Lookup { handle: ns.handle, hashes: hashes.to_vec() })).await? {
-            response::Result::Lookup(r) => Ok(r.tiers().collect()),
-            other => Err(unexpected(other)),
-        }
+        let op = request::Op::Lookup(pb::Lookup { handle: ns.handle, hashes: hashes.to_vec() });
+        reply!(self.call(op).await?, Lookup).map(|r| r.tiers().collect())
     }
 
     /// Asks the daemon to promote the disk-only blocks of the held prefix of `hashes` into the
     /// pool ahead of a load; returns how many it started. Returns at once.
     pub async fn prefetch(&mut self, ns: &Namespace, hashes: &[Bytes]) -> Result<usize> {
-        match self.call(request::Op::Prefetch(pb::Prefetch { handle: ns.handle, hashes: hashes.to_vec() })).await? {
-            response::Result::Prefetch(r) => Ok(r.queued as usize),
-            other => Err(unexpected(other)),
-        }
+        reply!(
+            self.call(request::Op::Prefetch(pb::Prefetch { handle: ns.handle, hashes: hashes.to_vec() })).await?,
+            Prefetch
+        )
+        .map(|r| r.queued as usize)
     }
 
     /// Reserves slots for `hashes` (`parent`: the hash before `hashes[0]`, if any); returns the
@@ -216,18 +211,13 @@ impl Client {
         hashes: &[Bytes],
         parent: Option<Bytes>,
     ) -> Result<(u64, Vec<Reservation>)> {
-        match self.call(reserve_op(ns, hashes, parent)).await? {
-            response::Result::Reserve(r) => parse_reservation(r, hashes.len()),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(reserve_op(ns, hashes, parent)).await?, Reserve)
+            .and_then(|r| parse_reservation(r, hashes.len()))
     }
 
     /// Commits a reservation.
     pub async fn commit(&mut self, reservation: u64) -> Result<u32> {
-        match self.call(request::Op::Commit(pb::Commit { reservation })).await? {
-            response::Result::Commit(r) => Ok(r.committed),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::Commit(pb::Commit { reservation })).await?, Commit).map(|r| r.committed)
     }
 
     /// Pins the longest held prefix of `hashes`; returns the lease and slots.
@@ -238,68 +228,44 @@ impl Client {
 
     /// Releases a lease.
     pub async fn release(&mut self, lease: u64) -> Result<()> {
-        match self.call(request::Op::Release(pb::Release { lease })).await? {
-            response::Result::Release(_) => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::Release(pb::Release { lease })).await?, Release).map(|_| ())
     }
 
     /// Registers the engine's KV tensors for daemon-side copies (when `hello().device_dma`); the
     /// reply's `error` says why the daemon cannot reach them, if it cannot.
     pub async fn register_kv_cache(&mut self, r: pb::RegisterKvCache) -> Result<pb::RegisterKvCacheReply> {
-        match self.call(request::Op::RegisterKvCache(r)).await? {
-            response::Result::RegisterKvCache(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::RegisterKvCache(r)).await?, RegisterKvCache)
     }
 
     /// Has the daemon copy engine blocks into the pool and commit them.
     pub async fn save_kv(&mut self, r: pb::SaveKv) -> Result<pb::SaveKvReply> {
-        match self.call(request::Op::SaveKv(r)).await? {
-            response::Result::SaveKv(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::SaveKv(r)).await?, SaveKv)
     }
 
     /// Has the daemon copy the held prefix into engine blocks.
     pub async fn load_kv(&mut self, r: pb::LoadKv) -> Result<pb::LoadKvReply> {
-        match self.call(request::Op::LoadKv(r)).await? {
-            response::Result::LoadKv(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::LoadKv(r)).await?, LoadKv)
     }
 
     /// Admin: removes the blocks of the namespaces `r` selects from every tier (root or the
     /// daemon's uid only).
     pub async fn discard(&mut self, r: pb::Discard) -> Result<pb::DiscardReply> {
-        match self.call(request::Op::Discard(r)).await? {
-            response::Result::Discard(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::Discard(r)).await?, Discard)
     }
 
     /// Admin: the daemon's connections (root or the daemon's uid only).
     pub async fn clients(&mut self) -> Result<pb::ClientsReply> {
-        match self.call(request::Op::Clients(pb::Clients {})).await? {
-            response::Result::Clients(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::Clients(pb::Clients {})).await?, Clients)
     }
 
     /// Admin: replaces the daemon's log filter (empty: reads it); returns it before and after.
     pub async fn log_filter(&mut self, filter: &str) -> Result<pb::LogFilterReply> {
-        match self.call(request::Op::LogFilter(pb::LogFilter { filter: filter.into() })).await? {
-            response::Result::LogFilter(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::LogFilter(pb::LogFilter { filter: filter.into() })).await?, LogFilter)
     }
 
     /// Daemon statistics.
     pub async fn stats(&mut self) -> Result<pb::StatsReply> {
-        match self.call(request::Op::Stats(pb::Stats {})).await? {
-            response::Result::Stats(s) => Ok(s),
-            other => Err(unexpected(other)),
-        }
+        reply!(self.call(request::Op::Stats(pb::Stats {})).await?, Stats)
     }
 
     /// Saves blocks: reserve, copy each into its slot, commit. `blocks[i]` is the content of
@@ -461,6 +427,17 @@ fn parse_reservation(r: pb::ReserveReply, asked: usize) -> Result<(u64, Vec<Rese
         .collect::<Result<_>>()?;
     Ok((r.reservation, out))
 }
+
+/// The reply of variant `$variant` of a response's `result`; any other variant is an error.
+macro_rules! reply {
+    ($result:expr, $variant:ident) => {
+        match $result {
+            response::Result::$variant(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    };
+}
+use reply;
 
 fn unexpected(r: response::Result) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {r:?}"))
