@@ -100,6 +100,17 @@ pub struct CacheStats {
     pub discarded_blocks: u64,
 }
 
+/// Lookup outcomes of one namespace since start, in blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lookups {
+    /// Blocks found (in either tier).
+    pub hit_blocks: u64,
+    /// Of those, blocks found only on disk.
+    pub disk_hit_blocks: u64,
+    /// Blocks asked for and not found.
+    pub miss_blocks: u64,
+}
+
 /// What [`BlockCache::discard`] did, in blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Discarded {
@@ -164,6 +175,8 @@ pub struct BlockCache {
     header_bytes: u64,
     /// What routers replay: every change of what this node can serve.
     events: EventLog,
+    /// Lookup outcomes per namespace, by index.
+    lookups: Vec<Lookups>,
 }
 
 /// Events the router feed retains unless configured otherwise.
@@ -188,6 +201,7 @@ impl BlockCache {
             oracle: None,
             header_bytes: 0,
             events,
+            lookups: Vec::new(),
         }
     }
 
@@ -235,6 +249,7 @@ impl BlockCache {
         if let Some(d) = &mut self.disk {
             d.add_namespace();
         }
+        self.lookups.push(Lookups::default());
         Ok(self.namespaces.add(NamespaceInfo { id, block_bytes, stride }))
     }
 
@@ -265,10 +280,21 @@ impl BlockCache {
     /// Like [`lookup`](Self::lookup), telling the tier of each block of the held prefix.
     pub fn lookup_tiers(&mut self, ns: NsIdx, hashes: &[BlockHash]) -> Vec<TierKind> {
         let tiers = self.peek_tiers(ns, hashes);
-        self.stats.hit_blocks += tiers.len() as u64;
-        self.stats.disk_hit_blocks += tiers.iter().filter(|&&t| t == TierKind::Disk).count() as u64;
-        self.stats.miss_blocks += (hashes.len() - tiers.len()) as u64;
+        let (hits, on_disk) = (tiers.len() as u64, tiers.iter().filter(|&&t| t == TierKind::Disk).count() as u64);
+        let misses = (hashes.len() - tiers.len()) as u64;
+        self.stats.hit_blocks += hits;
+        self.stats.disk_hit_blocks += on_disk;
+        self.stats.miss_blocks += misses;
+        let l = &mut self.lookups[ns.0 as usize];
+        l.hit_blocks += hits;
+        l.disk_hit_blocks += on_disk;
+        l.miss_blocks += misses;
         tiers
+    }
+
+    /// Lookup outcomes of `ns` since start.
+    pub fn lookups(&self, ns: NsIdx) -> Lookups {
+        self.lookups[ns.0 as usize]
     }
 
     /// Like [`lookup_tiers`](Self::lookup_tiers) without counting.

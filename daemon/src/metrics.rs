@@ -1,6 +1,7 @@
 //! Daemon metrics: counters kept with atomics on the hot path, rendered as Prometheus text.
 
 use crate::cache::{CacheStats, DiskStats};
+use crate::node::NamespaceUsage;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -171,13 +172,60 @@ pub struct Metrics {
     pub disk_read_latency: Histogram,
 }
 
-/// What the mechanism reports at render time (pool, disk rings), next to the counters.
-#[derive(Debug, Default, Clone, Copy)]
+/// What the mechanism and the cache report at render time (pool, disk rings, namespaces), next
+/// to the counters.
+#[derive(Debug, Default, Clone)]
 pub struct Readings {
     /// Whether the pool is mlock'd.
     pub pool_locked: bool,
     /// Disk transfers submitted and not yet done, over all spill files.
     pub disk_queued_ios: u64,
+    /// What each namespace holds and how its lookups went.
+    pub namespaces: Vec<NamespaceUsage>,
+}
+
+/// A Prometheus label value: backslashes, quotes and newlines escaped, at most 128 characters
+/// (model names come from clients, so a hostile one must not forge lines).
+fn label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(128));
+    for c in s.chars().take(128) {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The per-namespace families: blocks by tier, lookup hits (disk-only hits apart) and misses,
+/// labelled by model and namespace id prefix (tenants of one model differ in the prefix).
+fn render_namespaces(o: &mut String, namespaces: &[NamespaceUsage]) {
+    let labels: Vec<String> = namespaces
+        .iter()
+        .map(|u| format!("model=\"{}\",namespace=\"{}\"", label_value(&u.model), u.id.short()))
+        .collect();
+    let family = |o: &mut String, name: &str, help: &str, kind: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(o, "kvtier_namespace_blocks", "Committed blocks of a namespace by best tier.", "gauge");
+    for (u, l) in namespaces.iter().zip(&labels) {
+        let _ = writeln!(o, "kvtier_namespace_blocks{{{l},tier=\"host\"}} {}", u.held.host);
+        let _ = writeln!(o, "kvtier_namespace_blocks{{{l},tier=\"disk\"}} {}", u.held.disk);
+    }
+    let counters = [
+        ("kvtier_namespace_hit_blocks_total", "Blocks of a namespace found by lookups."),
+        ("kvtier_namespace_disk_hit_blocks_total", "Of those, blocks found only on disk."),
+        ("kvtier_namespace_miss_blocks_total", "Blocks of a namespace asked by lookups and not found."),
+    ];
+    for (i, (name, help)) in counters.into_iter().enumerate() {
+        family(o, name, help, "counter");
+        for (u, l) in namespaces.iter().zip(&labels) {
+            let value = [u.lookups.hit_blocks, u.lookups.disk_hit_blocks, u.lookups.miss_blocks][i];
+            let _ = writeln!(o, "{name}{{{l}}} {value}");
+        }
+    }
 }
 
 impl Metrics {
@@ -392,6 +440,7 @@ impl Metrics {
             self.disk_write_latency.render(&mut o, name, "dir=\"write\"");
             self.disk_read_latency.render(&mut o, name, "dir=\"read\"");
         }
+        render_namespaces(&mut o, &now.namespaces);
         o
     }
 }
@@ -421,5 +470,24 @@ mod tests {
         let text = m.render(&CacheStats { capacity_bytes: 7, ..Default::default() }, None, &Readings::default());
         assert!(text.contains("kvtier_host_capacity_bytes 7\n"));
         assert!(text.contains("kvtier_errors_total{code=\"MALFORMED\"} 1\n"));
+    }
+
+    #[test]
+    fn namespace_labels_cannot_forge_lines() {
+        let hostile = NamespaceUsage {
+            model: "m\"} 1\nkvtier_fake 9\\".into(),
+            id: crate::namespace::NamespaceId([0xab; 16]),
+            block_bytes: 4096,
+            held: crate::events::Held { host: 3, disk: 1 },
+            lookups: crate::cache::Lookups { hit_blocks: 5, disk_hit_blocks: 1, miss_blocks: 2 },
+        };
+        let now = Readings { namespaces: vec![hostile], ..Default::default() };
+        let text = Metrics::default().render(&CacheStats::default(), None, &now);
+        let l = r#"model="m\"} 1\nkvtier_fake 9\\",namespace="abababab""#;
+        assert!(text.contains(&format!("kvtier_namespace_blocks{{{l},tier=\"host\"}} 3\n")), "{text}");
+        assert!(text.contains(&format!("kvtier_namespace_hit_blocks_total{{{l}}} 5\n")), "{text}");
+        assert!(text.contains(&format!("kvtier_namespace_miss_blocks_total{{{l}}} 2\n")), "{text}");
+        assert!(!text.lines().any(|line| line.starts_with("kvtier_fake")), "{text}");
+        assert_eq!(label_value(&"x".repeat(500)).len(), 128);
     }
 }

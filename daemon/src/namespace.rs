@@ -29,6 +29,16 @@ impl NamespaceId {
         Self(id)
     }
 
+    /// The first 4 bytes in hex: how Stats, Clients and metrics name a namespace.
+    ///
+    /// ```
+    /// use kvtier_daemon::namespace::NamespaceId;
+    /// assert_eq!(NamespaceId([0xab; 16]).short(), "abababab");
+    /// ```
+    pub fn short(&self) -> String {
+        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Parses 16 bytes from the wire.
     pub fn from_slice(b: &[u8]) -> Option<Self> {
         Some(Self(b.try_into().ok()?))

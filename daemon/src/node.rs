@@ -90,6 +90,8 @@ pub struct NamespaceUsage {
     pub block_bytes: u64,
     /// Committed blocks by best tier.
     pub held: crate::events::Held,
+    /// Lookup outcomes since start.
+    pub lookups: crate::cache::Lookups,
 }
 
 /// The cache, locked; on unlock, routers watching the event feed are woken if it grew.
@@ -288,6 +290,7 @@ impl Node {
                     id: info.id,
                     block_bytes: info.block_bytes,
                     held: c.events().held(NsIdx(i as u16)),
+                    lookups: c.lookups(NsIdx(i as u16)),
                 }
             })
             .collect()
@@ -407,6 +410,7 @@ impl Node {
         let now = crate::metrics::Readings {
             pool_locked: self.pool.is_locked(),
             disk_queued_ios: self.disk.as_ref().map_or(0, DiskTier::queued_ios),
+            namespaces: self.namespace_usage(),
         };
         self.metrics.render(&self.stats(), self.disk_stats().as_ref(), &now)
     }

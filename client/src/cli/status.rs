@@ -32,7 +32,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             "disk_failure": s.disk_failure, "device_backend": backend, "device_dma": dma,
             "namespace_usage": s.namespace_usage.iter().map(|u| serde_json::json!({"model": u.model,
                 "id_prefix": u.id_prefix, "block_bytes": u.block_bytes, "host_blocks": u.host_blocks,
-                "disk_blocks": u.disk_blocks})).collect::<Vec<_>>(),
+                "disk_blocks": u.disk_blocks, "hit_blocks": u.hit_blocks,
+                "disk_hit_blocks": u.disk_hit_blocks, "miss_blocks": u.miss_blocks})).collect::<Vec<_>>(),
         });
         println!("{v}");
         return Ok(());
@@ -79,18 +80,22 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One namespace's line: model, id prefix, what it holds in each tier.
+/// One namespace's line: model, id prefix, what it holds in each tier, its lookups' hit rate.
 pub fn namespace_line(u: &kvtier_proto::v1::NamespaceUsage) -> String {
     let bytes = |blocks: u64| ByteSize(blocks * u.block_bytes).to_string();
+    let asked = u.hit_blocks + u.miss_blocks;
+    let rate = if asked == 0 { 0.0 } else { u.hit_blocks as f64 / asked as f64 };
     format!(
-        "  namespace {} [{}]: host {} blocks ({}), disk only {} blocks ({}), {} per block",
+        "  namespace {} [{}]: host {} blocks ({}), disk only {} blocks ({}), {} per block; hit rate {rate:.3} ({} of {asked} blocks, {} from disk)",
         if u.model.is_empty() { "(restored from disk, not registered since)" } else { &u.model },
         u.id_prefix,
         u.host_blocks,
         bytes(u.host_blocks),
         u.disk_blocks,
         bytes(u.disk_blocks),
-        ByteSize(u.block_bytes)
+        ByteSize(u.block_bytes),
+        u.hit_blocks,
+        u.disk_hit_blocks
     )
 }
 
@@ -104,10 +109,14 @@ mod tests {
             block_bytes: 1 << 20,
             host_blocks: 3,
             disk_blocks: 2,
+            hit_blocks: 5,
+            disk_hit_blocks: 1,
+            miss_blocks: 3,
         };
         assert_eq!(
             super::namespace_line(&u),
-            "  namespace m [0a1b2c3d]: host 3 blocks (3.0 MiB), disk only 2 blocks (2.0 MiB), 1.0 MiB per block"
+            "  namespace m [0a1b2c3d]: host 3 blocks (3.0 MiB), disk only 2 blocks (2.0 MiB), 1.0 MiB per block; \
+             hit rate 0.625 (5 of 8 blocks, 1 from disk)"
         );
     }
 }

@@ -353,11 +353,6 @@ fn kv_fatal(e: KvCopyError) -> Fatal {
     }
 }
 
-/// The first 4 bytes of a namespace id in hex, as Stats and Clients show it.
-fn id_prefix(id: &NamespaceId) -> String {
-    id.0[..4].iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn clients_reply(node: &Node) -> pb::ClientsReply {
     let usage = node.namespace_usage();
     let connections = node.connections.list();
@@ -369,7 +364,7 @@ fn clients_reply(node: &Node) -> pb::ClientsReply {
         .map(|(conn, held)| {
             let a = conn.activity();
             let namespaces = (a.namespaces.iter().filter_map(|ns| usage.get(ns.0 as usize)))
-                .map(|u| pb::NamespaceRef { model: u.model.clone(), id_prefix: id_prefix(&u.id) })
+                .map(|u| pb::NamespaceRef { model: u.model.clone(), id_prefix: u.id.short() })
                 .collect();
             pb::ClientInfo {
                 id: conn.client.0,
@@ -415,10 +410,13 @@ fn stats_reply(node: &Node) -> pb::StatsReply {
         namespace_usage: (node.namespace_usage().into_iter())
             .map(|u| pb::NamespaceUsage {
                 model: u.model,
-                id_prefix: id_prefix(&u.id),
+                id_prefix: u.id.short(),
                 block_bytes: u.block_bytes,
                 host_blocks: u.held.host,
                 disk_blocks: u.held.disk,
+                hit_blocks: u.lookups.hit_blocks,
+                disk_hit_blocks: u.lookups.disk_hit_blocks,
+                miss_blocks: u.lookups.miss_blocks,
             })
             .collect(),
     }
