@@ -309,3 +309,30 @@ fn the_log_filter_changes_while_the_daemon_runs() {
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("bad log filter"), "{bad:?}");
     assert_eq!(ok_stdout(&d.kvtier(&["log-filter"])).trim(), "kvtier_daemon::server=debug,info", "unchanged");
 }
+
+#[test]
+fn discard_by_tenant_salt_removes_every_model_of_that_tenant_and_nothing_else() {
+    let d = Daemon::start(&[]);
+    let prompt = |model: &str, salt: &str| ["--model", model, "--cache-salt", salt, "--count", "4"].map(String::from);
+    let run = |verb: &str, model: &str, salt: &str| {
+        let args: Vec<String> = std::iter::once(verb.to_string()).chain(prompt(model, salt)).collect();
+        ok_stdout(&d.kvtier(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    for (model, salt) in [("a", "t1"), ("b", "t1"), ("a", "t2")] {
+        run("put", model, salt);
+    }
+    let out = ok_stdout(&d.kvtier(&["discard", "--cache-salt", "t1", "--json"]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((r["namespaces"].as_u64(), r["host_blocks"].as_u64()), (Some(2), Some(8)), "{r}");
+    assert!(run("lookup", "a", "t1").contains("matched 0 of 4"));
+    assert!(run("lookup", "b", "t1").contains("matched 0 of 4"));
+    assert!(run("lookup", "a", "t2").contains("matched 4 of 4"), "the other tenant keeps its blocks");
+    // Combined criteria match together: model a of tenant t2 only, not model a of another tenant.
+    let none = d.kvtier(&["discard", "--model", "a", "--cache-salt", "t3"]);
+    assert!(!none.status.success() && String::from_utf8_lossy(&none.stderr).contains("no namespace matches"));
+    run("put", "a", "t3");
+    assert!(ok_stdout(&d.kvtier(&["discard", "--model", "a", "--cache-salt", "t2"])).contains("discarded 4 blocks"));
+    assert!(run("lookup", "a", "t2").contains("matched 0 of 4"));
+    assert!(run("lookup", "a", "t3").contains("matched 4 of 4"));
+    assert!(!d.log().contains("t1\""), "salts stay out of the log");
+}

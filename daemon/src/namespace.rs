@@ -99,9 +99,20 @@ impl NamespaceTable {
     }
 }
 
-/// Which namespaces an operator's request names: all of them, or those matching a model name
-/// and/or an id prefix.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a client said of a namespace when it registered it: how operators name it (namespaces
+/// restored from disk have none until a client registers them again). Never shown in full:
+/// Stats and metrics show the model only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Naming {
+    /// The descriptor's model.
+    pub model: String,
+    /// The descriptor's tenant salt.
+    pub cache_salt: String,
+}
+
+/// Which namespaces an operator's request names: all of them, or those matching every
+/// criterion given of a model name, a tenant's cache salt and an id prefix.
+#[derive(Clone, PartialEq, Eq)]
 pub enum NamespaceSelector {
     /// Every namespace.
     All,
@@ -109,9 +120,29 @@ pub enum NamespaceSelector {
     Matching {
         /// The model name they were registered with.
         model: Option<String>,
+        /// The tenant salt they were registered with.
+        cache_salt: Option<String>,
         /// Leading bytes of their id.
         id_prefix: Option<Vec<u8>>,
     },
+}
+
+impl std::fmt::Debug for NamespaceSelector {
+    /// Salts are secrets of sorts (they keep tenants apart): logs show whether one was given.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All => write!(f, "all"),
+            Self::Matching { model, cache_salt, id_prefix } => f
+                .debug_struct("Matching")
+                .field("model", model)
+                .field("cache_salt", &cache_salt.as_ref().map(|_| "<given>"))
+                .field(
+                    "id_prefix",
+                    &id_prefix.as_ref().map(|p| p.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                )
+                .finish(),
+        }
+    }
 }
 
 impl NamespaceSelector {
@@ -120,29 +151,33 @@ impl NamespaceSelector {
     ///
     /// ```
     /// use kvtier_daemon::namespace::NamespaceSelector;
-    /// assert!(NamespaceSelector::new("", &[], false).is_err());
-    /// assert_eq!(NamespaceSelector::new("", &[], true), Ok(NamespaceSelector::All));
+    /// assert!(NamespaceSelector::new("", "", &[], false).is_err());
+    /// assert_eq!(NamespaceSelector::new("", "", &[], true), Ok(NamespaceSelector::All));
     /// ```
-    pub fn new(model: &str, id_prefix: &[u8], all: bool) -> Result<Self, String> {
-        let model = (!model.is_empty()).then(|| model.to_string());
+    pub fn new(model: &str, cache_salt: &str, id_prefix: &[u8], all: bool) -> Result<Self, String> {
+        let given = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let (model, cache_salt) = (given(model), given(cache_salt));
         let id_prefix = (!id_prefix.is_empty()).then(|| id_prefix.to_vec());
-        if id_prefix.as_ref().is_some_and(|p| p.len() > 16) {
-            return Err(format!("an id prefix has at most 16 bytes, not {}", id_prefix.map_or(0, |p| p.len())));
+        if let Some(p) = id_prefix.as_ref().filter(|p| p.len() > 16) {
+            return Err(format!("an id prefix has at most 16 bytes, not {}", p.len()));
         }
-        match (all, model.is_some() || id_prefix.is_some()) {
-            (true, true) => Err("select all namespaces or some by model/id, not both".into()),
+        match (all, model.is_some() || cache_salt.is_some() || id_prefix.is_some()) {
+            (true, true) => Err("select all namespaces or some by model, salt or id, not both".into()),
             (true, false) => Ok(Self::All),
-            (false, false) => Err("select namespaces: all, or by model and/or id prefix".into()),
-            (false, true) => Ok(Self::Matching { model, id_prefix }),
+            (false, false) => Err("select namespaces: all, or by model, cache salt and/or id prefix".into()),
+            (false, true) => Ok(Self::Matching { model, cache_salt, id_prefix }),
         }
     }
 
-    /// Whether the namespace `id`, registered with `model` (empty if unknown), is selected.
-    pub fn selects(&self, model: &str, id: &NamespaceId) -> bool {
+    /// Whether the namespace `id`, registered as `naming` (None: not since the daemon started),
+    /// is selected.
+    pub fn selects(&self, naming: Option<&Naming>, id: &NamespaceId) -> bool {
         match self {
             Self::All => true,
-            Self::Matching { model: m, id_prefix: p } => {
-                m.as_ref().is_none_or(|m| m == model) && p.as_ref().is_none_or(|p| id.0.starts_with(p))
+            Self::Matching { model, cache_salt, id_prefix } => {
+                model.as_ref().is_none_or(|m| naming.is_some_and(|n| &n.model == m))
+                    && cache_salt.as_ref().is_none_or(|s| naming.is_some_and(|n| &n.cache_salt == s))
+                    && id_prefix.as_ref().is_none_or(|p| id.0.starts_with(p))
             }
         }
     }
@@ -152,26 +187,40 @@ impl NamespaceSelector {
 mod tests {
     use super::*;
 
-    #[test]
-    fn selectors_match_model_and_id_prefix_together() {
-        let id = NamespaceId([0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-        let by = |model: &str, prefix: &[u8]| NamespaceSelector::new(model, prefix, false).unwrap();
-        assert!(by("llama", &[]).selects("llama", &id));
-        assert!(!by("llama", &[]).selects("qwen", &id));
-        assert!(!by("llama", &[]).selects("", &id), "a namespace restored from disk has no model yet");
-        assert!(by("", &[0xab]).selects("", &id));
-        assert!(by("", &id.0).selects("qwen", &id), "a whole id is a prefix");
-        assert!(!by("", &[0xab, 0xce]).selects("qwen", &id));
-        assert!(by("qwen", &[0xab, 0xcd]).selects("qwen", &id));
-        assert!(!by("llama", &[0xab, 0xcd]).selects("qwen", &id), "both criteria must match");
-        assert!(NamespaceSelector::All.selects("", &id));
+    fn named(model: &str, cache_salt: &str) -> Naming {
+        Naming { model: model.into(), cache_salt: cache_salt.into() }
     }
 
     #[test]
-    fn selectors_refuse_ambiguous_requests() {
-        assert!(NamespaceSelector::new("", &[], false).is_err(), "nothing selected is not everything");
-        assert!(NamespaceSelector::new("m", &[], true).is_err());
-        assert!(NamespaceSelector::new("", &[1], true).is_err());
-        assert!(NamespaceSelector::new("", &[0; 17], false).is_err());
+    fn selectors_match_every_criterion_given() {
+        let id = NamespaceId([0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let by = |model: &str, salt: &str, prefix: &[u8]| NamespaceSelector::new(model, salt, prefix, false).unwrap();
+        let (llama, llama_a, qwen_a) = (named("llama", ""), named("llama", "tenant-a"), named("qwen", "tenant-a"));
+        assert!(by("llama", "", &[]).selects(Some(&llama), &id));
+        assert!(!by("llama", "", &[]).selects(Some(&qwen_a), &id));
+        assert!(!by("llama", "", &[]).selects(None, &id), "a namespace restored from disk has no model yet");
+        assert!(
+            by("", "tenant-a", &[]).selects(Some(&llama_a), &id) && by("", "tenant-a", &[]).selects(Some(&qwen_a), &id)
+        );
+        assert!(!by("", "tenant-a", &[]).selects(Some(&llama), &id));
+        assert!(!by("", "tenant-a", &[]).selects(None, &id));
+        assert!(by("llama", "tenant-a", &[]).selects(Some(&llama_a), &id));
+        assert!(!by("llama", "tenant-a", &[]).selects(Some(&qwen_a), &id), "both must match");
+        assert!(by("", "", &[0xab]).selects(None, &id));
+        assert!(by("", "", &id.0).selects(Some(&qwen_a), &id), "a whole id is a prefix");
+        assert!(!by("", "", &[0xab, 0xce]).selects(Some(&qwen_a), &id));
+        assert!(!by("llama", "", &[0xab, 0xcd]).selects(Some(&qwen_a), &id));
+        assert!(NamespaceSelector::All.selects(None, &id));
+    }
+
+    #[test]
+    fn selectors_refuse_ambiguous_requests_and_keep_salts_out_of_logs() {
+        assert!(NamespaceSelector::new("", "", &[], false).is_err(), "nothing selected is not everything");
+        assert!(NamespaceSelector::new("m", "", &[], true).is_err());
+        assert!(NamespaceSelector::new("", "s", &[], true).is_err());
+        assert!(NamespaceSelector::new("", "", &[1], true).is_err());
+        assert!(NamespaceSelector::new("", "", &[0; 17], false).is_err());
+        let logged = format!("{:?}", NamespaceSelector::new("m", "secret-salt", &[0xab], false).unwrap());
+        assert!(!logged.contains("secret") && logged.contains("<given>") && logged.contains("ab"), "{logged}");
     }
 }

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::device::DeviceBackend;
 use crate::disk::{DiskTier, Health};
 use crate::metrics::Metrics;
-use crate::namespace::NamespaceId;
+use crate::namespace::{NamespaceId, Naming};
 use crate::pool::{HostPool, LockMode, PoolGeometry};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,8 +73,9 @@ pub struct Node {
     /// Connector requests served, for the load signal.
     pub requests_total: AtomicU64,
     load: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
-    /// Model of each registered namespace, by index (what Stats shows of it).
-    models: Mutex<Vec<String>>,
+    /// How clients named each namespace, by index (None: restored from disk, not registered
+    /// since).
+    names: Mutex<Vec<Option<Naming>>>,
     /// The connector socket's live connections (for the admin view).
     pub connections: crate::clients::Connections,
 }
@@ -176,7 +177,7 @@ impl Node {
             events: tokio::sync::watch::Sender::new(0),
             requests_total: AtomicU64::new(0),
             load: Mutex::new(std::collections::VecDeque::new()),
-            models: Mutex::new(Vec::new()),
+            names: Mutex::new(Vec::new()),
             connections: Default::default(),
         })
     }
@@ -261,19 +262,18 @@ impl Node {
         ClientId(self.next_client.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Registers a namespace (`model`: what Stats shows of it); returns its index and slot stride.
-    pub fn register(&self, id: NamespaceId, block_bytes: u64, model: &str) -> Result<(NsIdx, u64), CacheError> {
+    /// Registers a namespace (`naming`: how operators select it, its model what Stats shows);
+    /// returns its index and slot stride.
+    pub fn register(&self, id: NamespaceId, block_bytes: u64, naming: Naming) -> Result<(NsIdx, u64), CacheError> {
         let mut c = self.cache();
         let ns = c.register(id, block_bytes)?;
-        let mut models = self.models.lock().expect("models lock");
+        let mut names = self.names.lock().expect("names lock");
         let i = ns.0 as usize;
-        if models.len() <= i {
-            models.resize(i + 1, String::new());
+        if names.len() <= i {
+            names.resize(i + 1, None);
         }
-        // Restored from disk at start (no model known) until a client registers it.
-        if models[i].is_empty() {
-            models[i] = model.to_string();
-        }
+        // Restored from disk at start (not named) until a client registers it.
+        names[i].get_or_insert(naming);
         Ok((ns, c.namespace(ns).stride))
     }
 
@@ -281,12 +281,12 @@ impl Node {
     /// model is empty until a client registers them again).
     pub fn namespace_usage(&self) -> Vec<NamespaceUsage> {
         let c = self.cache();
-        let models = self.models.lock().expect("models lock");
+        let names = self.names.lock().expect("names lock");
         (0..c.stats().namespaces as usize)
             .map(|i| {
                 let info = c.namespace(NsIdx(i as u16));
                 NamespaceUsage {
-                    model: models.get(i).cloned().unwrap_or_default(),
+                    model: names.get(i).cloned().flatten().map(|n| n.model).unwrap_or_default(),
                     id: info.id,
                     block_bytes: info.block_bytes,
                     held: c.events().held(NsIdx(i as u16)),
@@ -301,11 +301,11 @@ impl Node {
     /// how many namespaces were selected and what was removed.
     pub fn discard(&self, selector: &crate::namespace::NamespaceSelector) -> (u32, crate::cache::Discarded) {
         let mut c = self.cache();
-        let models = self.models.lock().expect("models lock").clone();
+        let names = self.names.lock().expect("names lock").clone();
         let (mut selected, mut out) = (0, crate::cache::Discarded::default());
         for i in 0..c.stats().namespaces as usize {
             let ns = NsIdx(i as u16);
-            if selector.selects(models.get(i).map_or("", String::as_str), &c.namespace(ns).id) {
+            if selector.selects(names.get(i).and_then(Option::as_ref), &c.namespace(ns).id) {
                 selected += 1;
                 out += c.discard(ns);
             }

@@ -1,5 +1,6 @@
 //! `kvtier discard`: an operator's purge of namespaces' blocks from every tier (a retired
-//! model, a tenant gone, a suspect cache), without restarting the daemon.
+//! model, a tenant gone, a suspect cache), without restarting the daemon. Criteria combine:
+//! `--model M --cache-salt S` removes tenant S's blocks of model M only.
 
 use super::common::{parse_hex, ConnectArgs};
 use kvtier_client::Bytes;
@@ -8,18 +9,21 @@ use std::time::{Duration, Instant};
 
 /// Arguments of `kvtier discard`.
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["model", "namespace", "all"])))]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["model", "cache_salt", "namespace", "all"])))]
 pub struct DiscardArgs {
     #[command(flatten)]
     conn: ConnectArgs,
     /// Namespaces registered with this model name.
     #[arg(long)]
     model: Option<String>,
+    /// Namespaces registered with this tenant cache salt (every model the tenant used).
+    #[arg(long)]
+    cache_salt: Option<String>,
     /// Namespaces whose id starts with these hex digits (`kvtier status` shows the first 8).
     #[arg(long, value_parser = parse_id_prefix)]
     namespace: Option<Bytes>,
     /// Every namespace.
-    #[arg(long, conflicts_with_all = ["model", "namespace"])]
+    #[arg(long, conflicts_with_all = ["model", "cache_salt", "namespace"])]
     all: bool,
     /// Blocks in use (being loaded, shipped, moved between tiers) are left by the daemon: ask
     /// again every 100 ms for up to this many seconds until none is left (0: ask once).
@@ -52,6 +56,7 @@ pub async fn run(args: DiscardArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect("discard").await?;
     let request = pb::Discard {
         model: args.model.clone().unwrap_or_default(),
+        cache_salt: args.cache_salt.clone().unwrap_or_default(),
         id_prefix: args.namespace.clone().unwrap_or_default(),
         all: args.all,
     };

@@ -6,7 +6,7 @@ use crate::clients::Connection;
 use crate::device::layout::{KvLayout, LayerPlacement};
 use crate::device::EngineTensor;
 use crate::metrics::Op;
-use crate::namespace::{NamespaceId, NamespaceSelector};
+use crate::namespace::{NamespaceId, NamespaceSelector, Naming};
 use crate::node::{KvCache, KvCopyError, Node, ReservedAt};
 use bytes::Bytes;
 use kvtier_proto::v1::{self as pb, request, response, ErrorCode, ReserveStatus};
@@ -179,7 +179,8 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::Register(r) => {
             let desc = r.namespace.ok_or_else(|| Fatal::new(ErrorCode::BadArgument, "Register without a namespace"))?;
             let id = NamespaceId::of(&desc);
-            let (ns, stride) = node.register(id, desc.block_bytes, &desc.model)?;
+            let naming = Naming { model: desc.model.clone(), cache_salt: desc.cache_salt.clone() };
+            let (ns, stride) = node.register(id, desc.block_bytes, naming)?;
             s.record.registered(ns);
             let handle = match s.handles.iter().position(|&h| h == ns) {
                 Some(i) => i,
@@ -213,7 +214,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         }
         R::Discard(d) => {
             s.admin_only("Discard")?;
-            let selector = NamespaceSelector::new(&d.model, &d.id_prefix, d.all)
+            let selector = NamespaceSelector::new(&d.model, &d.cache_salt, &d.id_prefix, d.all)
                 .map_err(|e| Fatal::new(ErrorCode::BadArgument, e))?;
             let (namespaces, out) = node.discard(&selector);
             Ok(A::Discard(pb::DiscardReply {
