@@ -569,15 +569,29 @@ impl BlockCache {
     /// told, and the disk index forgets the disk copies. Blocks in use are counted `busy` and
     /// left; saves still reserved commit afterwards.
     pub fn discard(&mut self, ns: NsIdx) -> Discarded {
-        let committed: Vec<Handle> = self
-            .index
-            .iter()
-            .filter(|(_, e)| e.key.ns == ns && e.state == EntryState::Committed)
-            .map(|(h, _)| h)
-            .collect();
+        let mut selected = vec![false; self.namespaces.len()];
+        selected[ns.0 as usize] = true;
+        self.discard_handles(&selected, 0..self.index.handle_bound())
+    }
+
+    /// One past the largest block handle: [`discard_handles`](Self::discard_handles) covers
+    /// the whole cache in ranges up to it.
+    pub fn handle_bound(&self) -> usize {
+        self.index.handle_bound()
+    }
+
+    /// [`discard`](Self::discard) for the namespaces `selected` marks (by index; beyond its
+    /// end: not selected), among the blocks whose handles lie in `handles`: a large purge runs
+    /// range by range, letting other requests in between.
+    pub fn discard_handles(&mut self, selected: &[bool], handles: std::ops::Range<usize>) -> Discarded {
+        let end = handles.end.min(self.index.handle_bound());
+        let chosen = |e: &crate::index::Entry| {
+            e.state == EntryState::Committed && selected.get(e.key.ns.0 as usize).copied().unwrap_or(false)
+        };
         let mut out = Discarded::default();
-        for h in committed {
-            let e = *self.index.get(h);
+        for h in (handles.start..end).map(|i| Handle(i as u32)) {
+            let Some(&e) = self.index.try_get(h).filter(|e| chosen(e)) else { continue };
+            let ns = e.key.ns;
             // Pins also cover disk writes and promotions in flight (DEMOTING, PROMOTING).
             if e.pins > 0 {
                 out.busy += 1;

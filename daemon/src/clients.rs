@@ -39,9 +39,9 @@ pub struct Activity {
 }
 
 impl Connection {
-    /// Records the name from Hello.
+    /// Records the name from Hello (its first 256 characters: it is the client's to choose).
     pub fn named(&self, name: &str) {
-        *self.name.lock().unwrap_or_else(|e| e.into_inner()) = name.to_string();
+        *self.name.lock().unwrap_or_else(|e| e.into_inner()) = name.chars().take(256).collect();
     }
 
     /// Records a namespace registration (once per namespace).
@@ -125,7 +125,8 @@ mod tests {
         let a = reg.open(ClientId(7), Some(100), 0);
         {
             let b = reg.open(ClientId(3), None, 4242);
-            b.record.named("engine");
+            b.record.named(&"e".repeat(1000));
+            assert_eq!(b.record.activity().name.len(), 256);
             let ids: Vec<u64> = reg.list().iter().map(|c| c.client.0).collect();
             assert_eq!(ids, [3, 7]);
         }

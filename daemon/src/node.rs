@@ -80,6 +80,10 @@ pub struct Node {
     pub connections: crate::clients::Connections,
 }
 
+/// Block handles one step of a Discard visits while it holds the cache lock (about a
+/// millisecond of work).
+pub const DISCARD_BATCH: usize = 4096;
+
 /// What one registered namespace holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamespaceUsage {
@@ -298,24 +302,36 @@ impl Node {
 
     /// Removes every unused block of the namespaces `selector` names from every tier (see
     /// [`crate::cache::BlockCache::discard`]) and persists the disk index's removals; returns
-    /// how many namespaces were selected and what was removed.
+    /// how many namespaces were selected and what was removed. Blocking: it walks the whole
+    /// index, [`DISCARD_BATCH`] handles per hold of the cache lock, so that engines' requests
+    /// are served in between (a million blocks take a few hundred milliseconds).
     pub fn discard(&self, selector: &crate::namespace::NamespaceSelector) -> (u32, crate::cache::Discarded) {
-        let mut c = self.cache();
-        let names = self.names.lock().expect("names lock").clone();
-        let (mut selected, mut out) = (0, crate::cache::Discarded::default());
-        for i in 0..c.stats().namespaces as usize {
-            let ns = NsIdx(i as u16);
-            if selector.selects(names.get(i).and_then(Option::as_ref), &c.namespace(ns).id) {
-                selected += 1;
-                out += c.discard(ns);
+        let selected: Vec<bool> = {
+            let c = self.cache();
+            let names = self.names.lock().expect("names lock");
+            (0..c.stats().namespaces as usize)
+                .map(|i| selector.selects(names.get(i).and_then(Option::as_ref), &c.namespace(NsIdx(i as u16)).id))
+                .collect()
+        };
+        let mut out = crate::cache::Discarded::default();
+        let mut at = 0;
+        loop {
+            let mut c = self.cache();
+            out += c.discard_handles(&selected, at..at + DISCARD_BATCH);
+            if let Some(disk) = &self.disk {
+                let changes = c.take_disk_changes();
+                disk.persist(&c, changes);
             }
+            at += DISCARD_BATCH;
+            if at >= c.handle_bound() {
+                break;
+            }
+            drop(c);
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
-        if let Some(disk) = &self.disk {
-            let changes = c.take_disk_changes();
-            disk.persist(&c, changes);
-        }
-        tracing::info!(?selector, selected, host = out.host, disk = out.disk, busy = out.busy, "blocks discarded");
-        (selected, out)
+        let n = selected.iter().filter(|&&s| s).count() as u32;
+        tracing::info!(?selector, selected = n, host = out.host, disk = out.disk, busy = out.busy, "blocks discarded");
+        (n, out)
     }
 
     /// Longest held prefix, with the tier of each block.

@@ -552,3 +552,19 @@ mod router_events {
         assert_eq!(ev[1].kind, EventKind::Stored { tier: TierKind::Host, parent: Some(h(0)) });
     }
 }
+
+#[test]
+fn discard_in_handle_ranges_removes_each_selected_block_once() {
+    let (mut c, ns) = cache(4, PolicyKind::Lru);
+    let other = c.register(NamespaceId([2; 16]), 4096).unwrap();
+    save(&mut c, ns, &hs(0..6));
+    save(&mut c, other, &hs(0..4));
+    save(&mut c, ns, &hs(6..8));
+    // Only `ns` is selected: `other` lies past the end of the list.
+    let mut total = Discarded::default();
+    for start in (0..c.handle_bound() + 5).step_by(3) {
+        total += c.discard_handles(&[true], start..start + 3);
+    }
+    assert_eq!(total, Discarded { host: 8, disk: 0, busy: 0 });
+    assert_eq!((c.lookup(ns, &hs(0..8)), c.lookup(other, &hs(0..4))), (0, 4));
+}

@@ -216,7 +216,10 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             s.admin_only("Discard")?;
             let selector = NamespaceSelector::new(&d.model, &d.cache_salt, &d.id_prefix, d.all)
                 .map_err(|e| Fatal::new(ErrorCode::BadArgument, e))?;
-            let (namespaces, out) = node.discard(&selector);
+            let worker = Arc::clone(node);
+            let (namespaces, out) = tokio::task::spawn_blocking(move || worker.discard(&selector))
+                .await
+                .map_err(|e| Fatal::new(ErrorCode::Internal, format!("discard failed: {e}")))?;
             Ok(A::Discard(pb::DiscardReply {
                 namespaces,
                 host_blocks: out.host,
