@@ -120,6 +120,8 @@ pub struct GrpcConfig {
     pub event_capacity: u64,
     /// Node name reported in Stats (default: the host name).
     pub node_name: String,
+    /// Mutual TLS on the TCP listener and for pulls from other daemons (`[grpc.tls]`).
+    pub tls: crate::tls::TlsConfig,
 }
 
 impl Default for GrpcConfig {
@@ -129,6 +131,7 @@ impl Default for GrpcConfig {
             socket: runtime_dir().join("kvtierd-grpc.sock"),
             event_capacity: 1 << 18,
             node_name: String::new(),
+            tls: Default::default(),
         }
     }
 }
@@ -290,6 +293,7 @@ impl Config {
             "peer.lanes must be in 1..={}",
             crate::peer::MAX_LANES
         );
+        self.grpc.tls.validate()?;
         anyhow::ensure!(self.policy.eviction != PolicyKind::Belady, "belady needs the future: simulation only");
         let d = &self.disk;
         anyhow::ensure!((0.0..=0.5).contains(&d.reserve_fraction), "disk.reserve_fraction must be in 0..=0.5");

@@ -25,3 +25,4 @@ pub mod policy;
 pub mod pool;
 pub mod server;
 pub mod sim;
+pub mod tls;

@@ -59,6 +59,15 @@ struct Args {
     /// Unix socket of the router feed (gRPC), "" disables it.
     #[arg(long, env = "KVTIER_GRPC_SOCKET")]
     grpc_socket: Option<String>,
+    /// Mutual TLS on the gRPC TCP port: this daemon's certificate (PEM; with the key and CA).
+    #[arg(long, env = "KVTIER_GRPC_TLS_CERT")]
+    grpc_tls_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "KVTIER_GRPC_TLS_KEY")]
+    grpc_tls_key: Option<PathBuf>,
+    /// The CA that signed every daemon's and router's certificate.
+    #[arg(long, env = "KVTIER_GRPC_TLS_CA")]
+    grpc_tls_ca: Option<PathBuf>,
     /// Device backend: auto (default), cma, host, cuda or rocm.
     #[arg(long, env = "KVTIER_DEVICE_BACKEND")]
     device_backend: Option<BackendKind>,
@@ -126,6 +135,14 @@ impl Args {
         }
         if let Some(s) = &self.grpc_socket {
             c.grpc.socket = PathBuf::from(s);
+        }
+        let tls = &mut c.grpc.tls;
+        for (flag, field) in
+            [(&self.grpc_tls_cert, &mut tls.cert), (&self.grpc_tls_key, &mut tls.key), (&self.grpc_tls_ca, &mut tls.ca)]
+        {
+            if let Some(path) = flag {
+                *field = path.clone();
+            }
         }
         if !self.disk_dirs.is_empty() {
             c.disk.dirs = self.disk_dirs.clone();

@@ -5,6 +5,7 @@
 use kvtier_client::router::feed::{discover, Shared};
 use kvtier_client::router::score::Weights;
 use kvtier_client::router::service::{grpc, Router, RouterGrpc};
+use kvtier_daemon::tls::TlsConfig;
 use kvtier_proto::v1::router_service_server::RouterServiceServer;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +44,32 @@ pub struct RouterArgs {
     /// its disk while the request travels there.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub prefetch: bool,
+    /// Dial the daemons with mutual TLS (their `[grpc.tls]`): this router's certificate (PEM).
+    #[arg(long, env = "KVTIER_ROUTER_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "KVTIER_ROUTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The CA that signed the daemons' certificates (and this router's).
+    #[arg(long, env = "KVTIER_ROUTER_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the daemons' certificates carry.
+    #[arg(long, default_value = "kvtierd")]
+    pub tls_server_name: String,
+}
+
+impl RouterArgs {
+    /// The client side of mutual TLS towards the daemons, if asked for.
+    fn tls(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else { return Ok(None) };
+        let files = TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            server_name: self.tls_server_name.clone(),
+        };
+        Ok(Some(files.client()?))
+    }
 }
 
 /// Runs the router until the process is stopped.
@@ -51,7 +78,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         !args.daemons.is_empty() || args.dns.is_some(),
         "give --daemon ADDR (repeatable) or --dns NAME:PORT"
     );
-    let shared = Shared::new(args.max_blocks, Duration::from_secs(args.expiry_secs));
+    let shared = Shared::with_tls(args.max_blocks, Duration::from_secs(args.expiry_secs), args.tls()?);
     for d in &args.daemons {
         shared.add(d);
     }

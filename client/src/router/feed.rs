@@ -13,10 +13,15 @@ use kvtier_proto::v1::watch_events_response::Payload;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Opens a gRPC channel to `addr`: `host:port` (or `http://host:port`) or `unix:/path`.
 pub async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    channel_with(addr, None).await
+}
+
+/// Like [`channel`], with mutual TLS over TCP when `tls` is given (unix sockets stay plain).
+pub async fn channel_with(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Channel> {
     if let Some(path) = addr.strip_prefix("unix:") {
         let path = path.to_string();
         let connector = tower::service_fn(move |_| {
@@ -27,15 +32,7 @@ pub async fn channel(addr: &str) -> anyhow::Result<Channel> {
         });
         return Ok(Endpoint::from_static("http://localhost").connect_with_connector(connector).await?);
     }
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        // A stream over a dead link (no RST) is noticed within seconds, not hours.
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect().await?)
+    Ok(kvtier_daemon::tls::endpoint(addr, tls)?.connect().await?)
 }
 
 /// What the router knows of one endpoint.
@@ -83,6 +80,8 @@ pub struct Shared {
     pub counters: FeedCounters,
     /// How long a node may be unreachable before it is forgotten.
     pub expiry: Duration,
+    /// Mutual TLS towards the daemons (None: plain gRPC).
+    pub tls: Option<ClientTlsConfig>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,11 +99,17 @@ fn tier_of(t: i32) -> Option<TierKind> {
 impl Shared {
     /// Empty state: an index of at most `max_blocks` blocks.
     pub fn new(max_blocks: usize, expiry: Duration) -> Arc<Self> {
+        Self::with_tls(max_blocks, expiry, None)
+    }
+
+    /// Like [`new`](Self::new), dialing the daemons with mutual TLS when `tls` is given.
+    pub fn with_tls(max_blocks: usize, expiry: Duration, tls: Option<ClientTlsConfig>) -> Arc<Self> {
         Arc::new(Self {
             index: Mutex::new(GlobalIndex::new(max_blocks)),
             nodes: Mutex::new(Vec::new()),
             counters: FeedCounters::default(),
             expiry,
+            tls,
         })
     }
 
@@ -208,7 +213,7 @@ impl Shared {
     }
 
     async fn follow_once(&self, node: NodeId, endpoint: &str) -> anyhow::Result<()> {
-        let mut client = CacheServiceClient::new(channel(endpoint).await?);
+        let mut client = CacheServiceClient::new(channel_with(endpoint, self.tls.as_ref()).await?);
         let (after_sequence, instance_id) = self.with_node(node, |n| (n.sequence, n.instance.clone()));
         let request = pb::WatchEventsRequest { after_sequence, instance_id };
         let mut stream = client.watch_events(request).await?.into_inner();
@@ -277,7 +282,7 @@ impl Shared {
         while !self.with_node(node, |n| n.removed) {
             tick.tick().await;
             if client.is_none() {
-                client = channel(&endpoint).await.ok().map(CacheServiceClient::new);
+                client = channel_with(&endpoint, self.tls.as_ref()).await.ok().map(CacheServiceClient::new);
             }
             let Some(c) = client.as_mut() else { continue };
             match c.stats(pb::NodeStatsRequest {}).await {

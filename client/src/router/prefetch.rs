@@ -3,7 +3,7 @@
 //! blocks back into its host tier while the request travels there, so the engine's load finds
 //! them in memory. Fire and forget: a failed prefetch costs only the head start.
 
-use super::feed::channel;
+use super::feed::channel_with;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use std::collections::HashMap;
@@ -17,6 +17,7 @@ const MAX_IN_FLIGHT: u64 = 64;
 /// Sends prefetches to daemons, over one cached channel per endpoint.
 pub struct Prefetcher {
     enabled: bool,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     channels: Mutex<HashMap<String, Channel>>,
     in_flight: AtomicU64,
     /// Prefetches the daemon answered.
@@ -29,9 +30,10 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     /// A prefetcher; `enabled: false` never sends.
-    pub fn new(enabled: bool) -> Arc<Self> {
+    pub fn new(enabled: bool, tls: Option<tonic::transport::ClientTlsConfig>) -> Arc<Self> {
         Arc::new(Self {
             enabled,
+            tls,
             channels: Mutex::new(HashMap::new()),
             in_flight: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -81,7 +83,7 @@ impl Prefetcher {
         if let Some(ch) = self.channels.lock().expect("channels lock").get(endpoint) {
             return Ok(ch.clone());
         }
-        let ch = channel(endpoint).await?;
+        let ch = channel_with(endpoint, self.tls.as_ref()).await?;
         self.channels.lock().expect("channels lock").insert(endpoint.to_string(), ch.clone());
         Ok(ch)
     }
@@ -93,16 +95,16 @@ mod tests {
 
     #[test]
     fn only_a_prefix_partly_on_disk_is_worth_a_prefetch() {
-        let p = Prefetcher::new(true);
+        let p = Prefetcher::new(true, None);
         assert!(p.wanted(10, 4));
         assert!(!p.wanted(10, 10), "all in memory");
         assert!(!p.wanted(0, 0), "nothing held");
-        assert!(!Prefetcher::new(false).wanted(10, 0), "disabled");
+        assert!(!Prefetcher::new(false, None).wanted(10, 0), "disabled");
     }
 
     #[test]
     fn without_a_runtime_nothing_is_sent_or_counted() {
-        let p = Prefetcher::new(true);
+        let p = Prefetcher::new(true, None);
         p.send("127.0.0.1:1".into(), bytes::Bytes::new(), vec![]);
         assert_eq!(p.sent.load(Relaxed) + p.failed.load(Relaxed) + p.skipped.load(Relaxed), 0);
         assert_eq!(p.in_flight.load(Relaxed), 0);

@@ -30,6 +30,7 @@ impl Router {
     /// A router deciding over `shared` with `weights`; with `prefetch`, a request sent to a node
     /// holding part of its prefix only on disk has that node start reading it back.
     pub fn new(shared: Arc<Shared>, weights: Weights, prefetch: bool) -> Arc<Self> {
+        let prefetcher = Prefetcher::new(prefetch, shared.tls.clone());
         Arc::new(Self {
             shared,
             weights,
@@ -38,7 +39,7 @@ impl Router {
             by_load: AtomicU64::new(0),
             no_endpoint: AtomicU64::new(0),
             latency: Histogram::default(),
-            prefetcher: Prefetcher::new(prefetch),
+            prefetcher,
         })
     }
 

@@ -207,25 +207,33 @@ impl CacheService for FeedService {
     }
 }
 
-/// Serves the feed and `grpc.health.v1` on the configured TCP address and unix socket until the
-/// process ends. Binding happens before this returns, so errors surface at start.
+/// Serves the feed, TransferService and `grpc.health.v1` on the configured TCP address (with
+/// mutual TLS when `grpc.tls` is set) and unix socket until the process ends. Binding (and
+/// reading the TLS files) happens before this returns, so errors surface at start.
 pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
     let cfg = node.config.grpc.clone();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<CacheServiceServer<FeedService>>().await;
     let transfer = super::transfer::TransferGrpc::new(Arc::clone(&node));
-    let router = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(CacheServiceServer::new(FeedService::new(Arc::clone(&node))))
-        .add_service(kvtier_proto::v1::transfer_service_server::TransferServiceServer::new(transfer));
+    let services = |mut builder: tonic::transport::Server| {
+        builder
+            .add_service(health.clone())
+            .add_service(CacheServiceServer::new(FeedService::new(Arc::clone(&node))))
+            .add_service(kvtier_proto::v1::transfer_service_server::TransferServiceServer::new(transfer.clone()))
+    };
+    let router = services(tonic::transport::Server::builder());
     if !cfg.listen.is_empty() {
+        let router = match cfg.tls.enabled() {
+            true => services(tonic::transport::Server::builder().tls_config(cfg.tls.server()?)?),
+            false => router.clone(),
+        };
         let tcp = tokio::net::TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("grpc.listen {}: {e}", cfg.listen))?;
-        tracing::info!("router feed (gRPC) on {}", tcp.local_addr()?);
+        let security = if cfg.tls.enabled() { "mutual TLS" } else { "plain text" };
+        tracing::info!("router feed (gRPC) on {} ({security})", tcp.local_addr()?);
         // No Nagle: a small reply must not wait for the peer's delayed ACK (40 ms).
         let incoming = tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
-        let router = router.clone();
         tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming(incoming).await {
                 tracing::error!("gRPC (TCP) server: {e}");

@@ -1,0 +1,110 @@
+//! TLS for the gRPC plane over TCP (router feed, TransferService, health): the daemon serves
+//! with its certificate and accepts only clients presenting one its CA signed (mutual TLS);
+//! daemons pulling from each other and routers dial with the same files. Peers are verified by
+//! one agreed name (`server_name`), not by the address dialed: a prefill daemon is named by its
+//! node's IP, and one certificate for that name can serve every node. The unix socket stays
+//! plain (its file mode guards it).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// Where the certificate, key and CA are (PEM files); all empty: plain gRPC.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This daemon's (or router's) certificate chain, presented to peers both ways.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The CA that signed every daemon's and router's certificate: peers must present one.
+    pub ca: PathBuf,
+    /// The name every peer's certificate is checked for (a DNS SAN).
+    pub server_name: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self { cert: PathBuf::new(), key: PathBuf::new(), ca: PathBuf::new(), server_name: "kvtierd".into() }
+    }
+}
+
+fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("grpc.tls.{what} {}: {e}", path.display()))
+}
+
+impl TlsConfig {
+    /// Whether TLS is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+
+    /// Checks that the settings are all given or all empty (half a TLS setup is refused, not
+    /// silently run in plain text).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let given = [&self.cert, &self.key, &self.ca].map(|p| !p.as_os_str().is_empty());
+        anyhow::ensure!(
+            given.iter().all(|&g| g) || given.iter().all(|&g| !g),
+            "grpc.tls: give cert, key and ca together (mutual TLS), or none of them"
+        );
+        anyhow::ensure!(!self.enabled() || !self.server_name.is_empty(), "grpc.tls.server_name must not be empty");
+        Ok(())
+    }
+
+    /// The server side: our identity, and client certificates required from the CA.
+    pub fn server(&self) -> anyhow::Result<ServerTlsConfig> {
+        let identity = Identity::from_pem(read("cert", &self.cert)?, read("key", &self.key)?);
+        let ca = Certificate::from_pem(read("ca", &self.ca)?);
+        Ok(ServerTlsConfig::new().identity(identity).client_ca_root(ca))
+    }
+
+    /// The client side: the CA to trust, our identity, the name peers are checked for.
+    pub fn client(&self) -> anyhow::Result<ClientTlsConfig> {
+        let identity = Identity::from_pem(read("cert", &self.cert)?, read("key", &self.key)?);
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca", &self.ca)?))
+            .identity(identity)
+            .domain_name(self.server_name.clone()))
+    }
+}
+
+/// An endpoint for the gRPC server at `addr` (`host:port` or a URL) over TCP, with TLS when
+/// `tls` is given: short connect timeout, no Nagle, and keep-alives so that a stream over a dead
+/// link is noticed within seconds.
+pub fn endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Endpoint> {
+    let bare = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{bare}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_a_tls_setup_is_refused() {
+        assert!(TlsConfig::default().validate().is_ok());
+        let half = TlsConfig { cert: "c.pem".into(), key: "k.pem".into(), ..Default::default() };
+        assert!(half.validate().unwrap_err().to_string().contains("together"));
+        let nameless = TlsConfig { cert: "c".into(), key: "k".into(), ca: "a".into(), server_name: String::new() };
+        assert!(nameless.validate().is_err());
+    }
+
+    #[test]
+    fn endpoints_take_the_scheme_of_their_security() {
+        assert_eq!(endpoint("10.0.0.5:9465", None).unwrap().uri().to_string(), "http://10.0.0.5:9465/");
+        assert_eq!(endpoint("http://h:1", None).unwrap().uri().to_string(), "http://h:1/");
+        let tls = ClientTlsConfig::new().domain_name("kvtierd");
+        assert_eq!(endpoint("http://h:1", Some(&tls)).unwrap().uri().to_string(), "https://h:1/");
+    }
+}
