@@ -1,7 +1,7 @@
 //! Mutual TLS on the gRPC plane with real certificates (made by `openssl` for the test): a
 //! router holding the cluster's certificate follows a daemon; clients without a certificate,
 //! with one from another CA, or in plain text are refused; the local unix socket stays plain;
-//! two daemons pull blocks from each other over it.
+//! two daemons pull blocks from each other over it; a router can serve behind it too.
 
 use bytes::Bytes;
 use kvtier_client::router::feed::{channel, channel_with};
@@ -145,6 +145,24 @@ async fn only_clients_with_the_clusters_certificate_are_served_and_routers_follo
     };
     eventually_within("the TLS router follows the daemon", 20, || route(&r).matched_blocks == 12);
     assert_eq!(route(&plain).matched_blocks, 0, "a router without the certificate learns nothing");
+
+    // A router serving RouterService behind mutual TLS too: callers need the CA's certificate.
+    let served_router = RouterProc::start(&[&d.grpc], &[&router_tls[..], &["--serve-tls"]].concat());
+    let ask = |tls: Option<ClientTlsConfig>| {
+        let (addr, ns, hashes) = (served_router.addr.clone(), ns.clone(), hashes.clone());
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async move {
+                let ch = channel_with(&addr, tls.as_ref()).await.ok()?;
+                let reply = RouterServiceClient::new(ch).route(pb::RouteRequest { namespace_id: ns, hashes }).await;
+                reply.ok().map(|r| r.into_inner().matched_blocks)
+            })
+        })
+    };
+    eventually_within("the TLS-served router answers callers with a certificate", 20, || {
+        ask(Some(pki.client("ca", Some("node")))) == Some(12)
+    });
+    assert_eq!(ask(None), None, "plain text refused");
+    assert_eq!(ask(Some(pki.client("ca", Some("rogue")))), None, "another CA's certificate refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

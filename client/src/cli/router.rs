@@ -56,19 +56,27 @@ pub struct RouterArgs {
     /// The name the daemons' certificates carry.
     #[arg(long, default_value = "kvtierd")]
     pub tls_server_name: String,
+    /// Serve RouterService (and its `grpc.health.v1`) with mutual TLS too, with the same
+    /// certificate: callers then need one from the same CA.
+    #[arg(long, requires = "tls_cert")]
+    pub serve_tls: bool,
 }
 
 impl RouterArgs {
-    /// The client side of mutual TLS towards the daemons, if asked for.
-    fn tls(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
-        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else { return Ok(None) };
-        let files = TlsConfig {
+    /// The certificate files, if given.
+    fn tls_files(&self) -> Option<TlsConfig> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else { return None };
+        Some(TlsConfig {
             cert: cert.clone(),
             key: key.clone(),
             ca: ca.clone(),
             server_name: self.tls_server_name.clone(),
-        };
-        Ok(Some(files.client()?))
+        })
+    }
+
+    /// The client side of mutual TLS towards the daemons, if asked for.
+    fn tls(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        self.tls_files().map(|f| f.client()).transpose()
     }
 }
 
@@ -100,14 +108,19 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
     eprintln!(
-        "kvtier router on {} following {} daemon(s){}",
+        "kvtier router on {}{} following {} daemon(s){}",
         tcp.local_addr()?,
+        if args.serve_tls { " (mutual TLS)" } else { "" },
         args.daemons.len(),
         args.dns.as_ref().map(|d| format!(" and {d}")).unwrap_or_default()
     );
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RouterServiceServer<RouterGrpc>>().await;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(files) = args.tls_files().filter(|_| args.serve_tls) {
+        server = server.tls_config(files.server()?)?;
+    }
+    server
         .add_service(health)
         .add_service(grpc(router))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true)))
