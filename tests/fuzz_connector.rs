@@ -175,6 +175,7 @@ fn admin_op(rng: &mut Rng) -> Op {
             id_prefix: (0..[0, 1, 2, 17][rng.below(4) as usize]).map(|_| rng.below(256) as u8).collect(),
             all: rng.chance(20),
             cache_salt: ["", "", "", "tenant"][rng.below(4) as usize].into(),
+            dry_run: rng.chance(20),
         }),
         2 => Op::Clients(pb::Clients {}),
         _ => {

@@ -321,6 +321,13 @@ fn discard_by_tenant_salt_removes_every_model_of_that_tenant_and_nothing_else() 
     for (model, salt) in [("a", "t1"), ("b", "t1"), ("a", "t2")] {
         run("put", model, salt);
     }
+    // A dry run names what would go and removes nothing.
+    let dry = ok_stdout(&d.kvtier(&["discard", "--cache-salt", "t1", "--dry-run", "--json"]));
+    let dry: serde_json::Value = serde_json::from_str(&dry).unwrap();
+    assert_eq!((dry["namespaces"].as_u64(), dry["host_blocks"].as_u64()), (Some(2), Some(8)), "{dry}");
+    let models: Vec<&str> = dry["matched"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    assert!(models.len() == 2 && models[0].starts_with("a/") && models[1].starts_with("b/"), "{dry}");
+    assert!(run("lookup", "a", "t1").contains("matched 4 of 4"), "a dry run removes nothing");
     let out = ok_stdout(&d.kvtier(&["discard", "--cache-salt", "t1", "--json"]));
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((r["namespaces"].as_u64(), r["host_blocks"].as_u64()), (Some(2), Some(8)), "{r}");

@@ -305,7 +305,12 @@ impl Node {
     /// how many namespaces were selected and what was removed. Blocking: it walks the whole
     /// index, [`DISCARD_BATCH`] handles per hold of the cache lock, so that engines' requests
     /// are served in between (a million blocks take a few hundred milliseconds).
-    pub fn discard(&self, selector: &crate::namespace::NamespaceSelector) -> (u32, crate::cache::Discarded) {
+    /// With `dry_run`, removes nothing and counts what the selected namespaces hold now.
+    pub fn discard(
+        &self,
+        selector: &crate::namespace::NamespaceSelector,
+        dry_run: bool,
+    ) -> (Vec<NsIdx>, crate::cache::Discarded) {
         let selected: Vec<bool> = {
             let c = self.cache();
             let names = self.names.lock().expect("names lock");
@@ -313,7 +318,17 @@ impl Node {
                 .map(|i| selector.selects(names.get(i).and_then(Option::as_ref), &c.namespace(NsIdx(i as u16)).id))
                 .collect()
         };
+        let chosen: Vec<NsIdx> =
+            (selected.iter().enumerate()).filter(|(_, &s)| s).map(|(i, _)| NsIdx(i as u16)).collect();
         let mut out = crate::cache::Discarded::default();
+        if dry_run {
+            let c = self.cache();
+            for &ns in &chosen {
+                let held = c.events().held(ns);
+                out += crate::cache::Discarded { host: held.host, disk: held.disk, busy: 0 };
+            }
+            return (chosen, out);
+        }
         let mut at = 0;
         loop {
             let mut c = self.cache();
@@ -329,9 +344,9 @@ impl Node {
             drop(c);
             std::thread::sleep(std::time::Duration::from_micros(50));
         }
-        let n = selected.iter().filter(|&&s| s).count() as u32;
+        let n = chosen.len();
         tracing::info!(?selector, selected = n, host = out.host, disk = out.disk, busy = out.busy, "blocks discarded");
-        (n, out)
+        (chosen, out)
     }
 
     /// Longest held prefix, with the tier of each block.

@@ -15,7 +15,7 @@ pub struct ClientsArgs {
 }
 
 /// A namespace as `model/id-prefix` (`?` for a model not known yet).
-fn namespace_label(n: &pb::NamespaceRef) -> String {
+pub fn namespace_label(n: &pb::NamespaceRef) -> String {
     let model = if n.model.is_empty() { "?" } else { n.model.as_str() };
     format!("{model}/{}", n.id_prefix)
 }

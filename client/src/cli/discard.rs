@@ -29,6 +29,9 @@ pub struct DiscardArgs {
     /// again every 100 ms for up to this many seconds until none is left (0: ask once).
     #[arg(long, default_value_t = 5.0)]
     wait: f64,
+    /// Only say what would be removed: the namespaces selected and the blocks they hold now.
+    #[arg(long)]
+    dry_run: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -46,6 +49,7 @@ fn parse_id_prefix(s: &str) -> Result<Bytes, String> {
 /// Sums the replies of repeated requests (each removes what the earlier ones left busy).
 fn add(total: &mut pb::DiscardReply, r: &pb::DiscardReply) {
     total.namespaces = r.namespaces;
+    total.matched.clone_from(&r.matched);
     total.host_blocks += r.host_blocks;
     total.disk_blocks += r.disk_blocks;
     total.busy_blocks = r.busy_blocks;
@@ -59,27 +63,33 @@ pub async fn run(args: DiscardArgs) -> anyhow::Result<()> {
         cache_salt: args.cache_salt.clone().unwrap_or_default(),
         id_prefix: args.namespace.clone().unwrap_or_default(),
         all: args.all,
+        dry_run: args.dry_run,
     };
     let deadline = Instant::now() + Duration::from_secs_f64(args.wait.max(0.0));
     let mut total = pb::DiscardReply::default();
     loop {
         add(&mut total, &c.discard(request.clone()).await?);
-        if total.busy_blocks == 0 || Instant::now() >= deadline {
+        if args.dry_run || total.busy_blocks == 0 || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let matched: Vec<String> = total.matched.iter().map(super::clients::namespace_label).collect();
     if args.json {
         let v = serde_json::json!({"namespaces": total.namespaces, "host_blocks": total.host_blocks,
-            "disk_blocks": total.disk_blocks, "busy_blocks": total.busy_blocks});
+            "disk_blocks": total.disk_blocks, "busy_blocks": total.busy_blocks, "matched": matched,
+            "dry_run": args.dry_run});
         println!("{v}");
     } else {
         println!(
-            "discarded {} blocks in {} namespaces ({} from the host pool, {} from disk only)",
+            "{} {} blocks in {} namespaces ({} from the host pool, {} from disk only){}{}",
+            if args.dry_run { "would discard" } else { "discarded" },
             total.host_blocks + total.disk_blocks,
             total.namespaces,
             total.host_blocks,
-            total.disk_blocks
+            total.disk_blocks,
+            if matched.is_empty() { "" } else { ": " },
+            matched.join(", ")
         );
         if total.busy_blocks > 0 {
             println!("{} blocks were in use and are still held: run again to remove them", total.busy_blocks);
@@ -105,8 +115,14 @@ mod tests {
     #[test]
     fn repeated_replies_add_removals_and_keep_the_last_busy_count() {
         let mut t = pb::DiscardReply::default();
-        add(&mut t, &pb::DiscardReply { namespaces: 2, host_blocks: 5, disk_blocks: 1, busy_blocks: 3 });
-        add(&mut t, &pb::DiscardReply { namespaces: 2, host_blocks: 3, disk_blocks: 0, busy_blocks: 0 });
+        add(
+            &mut t,
+            &pb::DiscardReply { namespaces: 2, host_blocks: 5, disk_blocks: 1, busy_blocks: 3, ..Default::default() },
+        );
+        add(
+            &mut t,
+            &pb::DiscardReply { namespaces: 2, host_blocks: 3, disk_blocks: 0, busy_blocks: 0, ..Default::default() },
+        );
         assert_eq!((t.namespaces, t.host_blocks, t.disk_blocks, t.busy_blocks), (2, 8, 1, 0));
     }
 }

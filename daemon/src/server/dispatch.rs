@@ -217,14 +217,16 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             let selector = NamespaceSelector::new(&d.model, &d.cache_salt, &d.id_prefix, d.all)
                 .map_err(|e| Fatal::new(ErrorCode::BadArgument, e))?;
             let worker = Arc::clone(node);
-            let (namespaces, out) = tokio::task::spawn_blocking(move || worker.discard(&selector))
+            let (chosen, out) = tokio::task::spawn_blocking(move || worker.discard(&selector, d.dry_run))
                 .await
                 .map_err(|e| Fatal::new(ErrorCode::Internal, format!("discard failed: {e}")))?;
+            let matched = namespace_refs(&node.namespace_usage(), &chosen);
             Ok(A::Discard(pb::DiscardReply {
-                namespaces,
+                namespaces: chosen.len() as u32,
                 host_blocks: out.host,
                 disk_blocks: out.disk,
                 busy_blocks: out.busy,
+                matched,
             }))
         }
         R::Clients(_) => {
@@ -357,6 +359,13 @@ fn kv_fatal(e: KvCopyError) -> Fatal {
     }
 }
 
+/// How the admin replies name namespaces `ns` (model and id prefix), from `usage`.
+fn namespace_refs(usage: &[crate::node::NamespaceUsage], ns: &[NsIdx]) -> Vec<pb::NamespaceRef> {
+    (ns.iter().filter_map(|ns| usage.get(ns.0 as usize)))
+        .map(|u| pb::NamespaceRef { model: u.model.clone(), id_prefix: u.id.short() })
+        .collect()
+}
+
 fn clients_reply(node: &Node) -> pb::ClientsReply {
     let usage = node.namespace_usage();
     let connections = node.connections.list();
@@ -367,9 +376,7 @@ fn clients_reply(node: &Node) -> pb::ClientsReply {
     let clients = (connections.iter().zip(held))
         .map(|(conn, held)| {
             let a = conn.activity();
-            let namespaces = (a.namespaces.iter().filter_map(|ns| usage.get(ns.0 as usize)))
-                .map(|u| pb::NamespaceRef { model: u.model.clone(), id_prefix: u.id.short() })
-                .collect();
+            let namespaces = namespace_refs(&usage, &a.namespaces);
             pb::ClientInfo {
                 id: conn.client.0,
                 name: a.name,
