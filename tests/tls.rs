@@ -134,22 +134,10 @@ async fn only_clients_with_the_clusters_certificate_are_served_and_routers_follo
         ["--tls-cert", &pki.arg("router.pem"), "--tls-key", &pki.arg("router.key"), "--tls-ca", &pki.arg("ca.pem")];
     let r = RouterProc::start(&[&d.grpc], &router_tls);
     let plain = RouterProc::start(&[&d.grpc], &[]);
-    let route = |r: &RouterProc| {
+    // Blocks of the prompt a router's Route finds, asked with `tls` (None: plain text); None if
+    // the router did not answer.
+    let route = |r: &RouterProc, tls: Option<ClientTlsConfig>| {
         let (addr, ns, hashes) = (r.addr.clone(), ns.clone(), hashes.clone());
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async move {
-                let mut c = RouterServiceClient::new(channel(&addr).await.unwrap());
-                c.route(pb::RouteRequest { namespace_id: ns, hashes }).await.unwrap().into_inner()
-            })
-        })
-    };
-    eventually_within("the TLS router follows the daemon", 20, || route(&r).matched_blocks == 12);
-    assert_eq!(route(&plain).matched_blocks, 0, "a router without the certificate learns nothing");
-
-    // A router serving RouterService behind mutual TLS too: callers need the CA's certificate.
-    let served_router = RouterProc::start(&[&d.grpc], &[&router_tls[..], &["--serve-tls"]].concat());
-    let ask = |tls: Option<ClientTlsConfig>| {
-        let (addr, ns, hashes) = (served_router.addr.clone(), ns.clone(), hashes.clone());
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async move {
                 let ch = channel_with(&addr, tls.as_ref()).await.ok()?;
@@ -158,11 +146,16 @@ async fn only_clients_with_the_clusters_certificate_are_served_and_routers_follo
             })
         })
     };
+    eventually_within("the TLS router follows the daemon", 20, || route(&r, None) == Some(12));
+    assert_eq!(route(&plain, None), Some(0), "a router without the certificate learns nothing");
+
+    // A router serving RouterService behind mutual TLS too: callers need the CA's certificate.
+    let served_router = RouterProc::start(&[&d.grpc], &[&router_tls[..], &["--serve-tls"]].concat());
     eventually_within("the TLS-served router answers callers with a certificate", 20, || {
-        ask(Some(pki.client("ca", Some("node")))) == Some(12)
+        route(&served_router, Some(pki.client("ca", Some("node")))) == Some(12)
     });
-    assert_eq!(ask(None), None, "plain text refused");
-    assert_eq!(ask(Some(pki.client("ca", Some("rogue")))), None, "another CA's certificate refused");
+    assert_eq!(route(&served_router, None), None, "plain text refused");
+    assert_eq!(route(&served_router, Some(pki.client("ca", Some("rogue")))), None, "another CA's certificate refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

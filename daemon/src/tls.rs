@@ -52,20 +52,22 @@ impl TlsConfig {
         Ok(())
     }
 
+    /// Our certificate and key, and the CA, read from their files.
+    fn load(&self) -> anyhow::Result<(Identity, Certificate)> {
+        let identity = Identity::from_pem(read("cert", &self.cert)?, read("key", &self.key)?);
+        Ok((identity, Certificate::from_pem(read("ca", &self.ca)?)))
+    }
+
     /// The server side: our identity, and client certificates required from the CA.
     pub fn server(&self) -> anyhow::Result<ServerTlsConfig> {
-        let identity = Identity::from_pem(read("cert", &self.cert)?, read("key", &self.key)?);
-        let ca = Certificate::from_pem(read("ca", &self.ca)?);
+        let (identity, ca) = self.load()?;
         Ok(ServerTlsConfig::new().identity(identity).client_ca_root(ca))
     }
 
     /// The client side: the CA to trust, our identity, the name peers are checked for.
     pub fn client(&self) -> anyhow::Result<ClientTlsConfig> {
-        let identity = Identity::from_pem(read("cert", &self.cert)?, read("key", &self.key)?);
-        Ok(ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("ca", &self.ca)?))
-            .identity(identity)
-            .domain_name(self.server_name.clone()))
+        let (identity, ca) = self.load()?;
+        Ok(ClientTlsConfig::new().ca_certificate(ca).identity(identity).domain_name(self.server_name.clone()))
     }
 }
 
