@@ -139,7 +139,7 @@ async fn main() {
             let r = c.save_kv(save).await.unwrap();
             best[2] = best[2].min(t.elapsed().as_secs_f64());
             assert_eq!((r.saved as u64, r.error.as_str()), (blocks, ""));
-            let load = pb::LoadKv { cache: reply.cache, hashes, block_ids: ids.clone() };
+            let load = pb::LoadKv { cache: reply.cache, hashes, block_ids: ids.clone(), ..Default::default() };
             let t = Instant::now();
             let r = c.load_kv(load).await.unwrap();
             best[4] = best[4].min(t.elapsed().as_secs_f64());

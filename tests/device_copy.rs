@@ -63,11 +63,11 @@ async fn engine_client(d: &Daemon, engine: &Engine) -> (Client, Namespace, u32) 
 }
 
 fn save(cache: u32, hashes: &[Bytes], block_ids: &[u64]) -> pb::SaveKv {
-    pb::SaveKv { cache, hashes: hashes.to_vec(), block_ids: block_ids.to_vec(), parent: Bytes::new() }
+    pb::SaveKv { cache, hashes: hashes.to_vec(), block_ids: block_ids.to_vec(), ..Default::default() }
 }
 
 fn load(cache: u32, hashes: &[Bytes], block_ids: &[u64]) -> pb::LoadKv {
-    pb::LoadKv { cache, hashes: hashes.to_vec(), block_ids: block_ids.to_vec() }
+    pb::LoadKv { cache, hashes: hashes.to_vec(), block_ids: block_ids.to_vec(), ..Default::default() }
 }
 
 #[tokio::test]
@@ -244,4 +244,30 @@ async fn a_daemon_that_does_not_copy_says_so_at_registration() {
     let r = c.register_kv_cache(engine.registration(ns.handle)).await.unwrap();
     assert!(r.error.contains("does not copy engine memory"), "{}", r.error);
     assert!(c.stats().await.is_ok());
+}
+
+#[tokio::test]
+async fn gpu_events_on_a_cpu_backend_are_a_soft_error_and_return_event_answers_after_the_copy() {
+    let d = Daemon::start(&["--device-backend", "cma"]);
+    let engine = Engine::new(9);
+    let (mut c, ns, cache) = engine_client(&d, &engine).await;
+    let hashes = testdata::chained_hashes(11, 4);
+    let ids = [1, 2, 3, 4];
+    // An engine event on the CPU backend: refused in the reply, nothing saved or left reserved.
+    let with_event = pb::SaveKv { wait_event: vec![7u8; 64].into(), ..save(cache, &hashes, &ids) };
+    let r = c.save_kv(with_event).await.unwrap();
+    assert!(r.saved == 0 && r.error.contains("does not take engine events"), "{r:?}");
+    assert_eq!(c.lookup(&ns, &hashes).await.unwrap(), 0, "nothing of the refused save is visible");
+    let r = c.save_kv(save(cache, &hashes, &ids)).await.unwrap();
+    assert_eq!((r.saved, r.error.as_str()), (4, ""), "the same blocks save without the event");
+    // return_event on a CPU backend: the copy is done when the reply comes, so no event.
+    let target = Engine::zeroed();
+    let reply = c.register_kv_cache(target.registration(ns.handle)).await.unwrap();
+    let r = c.load_kv(pb::LoadKv { return_event: true, ..load(reply.cache, &hashes, &[9, 8, 7, 6]) }).await.unwrap();
+    assert_eq!((r.loaded, r.error.as_str(), r.done_event.len()), (4, "", 0));
+    assert!(target.block(9) == engine.block(1), "the block is in place when the reply comes");
+    let r = c.load_kv(pb::LoadKv { wait_event: vec![1u8; 64].into(), ..load(reply.cache, &hashes[..1], &[9]) }).await;
+    let r = r.unwrap();
+    assert!(r.loaded == 0 && r.error.contains("does not take engine events"), "{r:?}");
+    assert!(c.stats().await.is_ok(), "soft errors keep the connection");
 }

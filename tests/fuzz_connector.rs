@@ -57,6 +57,16 @@ struct Seen {
 /// it, never outside: it checks every chunk against the registered tensors).
 struct Engine(Vec<u8>);
 
+/// Mostly none; sometimes an event handle of 64 random bytes or of a wrong size (the daemon's
+/// CPU backend refuses every event: a soft error).
+fn event(rng: &mut Rng) -> bytes::Bytes {
+    match rng.below(10) {
+        0 => (0..64).map(|_| rng.below(256) as u8).collect(),
+        1 => (0..rng.below(100)).map(|_| rng.below(256) as u8).collect(),
+        _ => bytes::Bytes::new(),
+    }
+}
+
 fn hashes(rng: &mut Rng) -> Vec<bytes::Bytes> {
     let n = if rng.chance(5) { rng.below(5000) } else { rng.below(12) };
     (0..n)
@@ -154,12 +164,19 @@ fn random_op(rng: &mut Rng, seen: &Seen, engine: &Engine) -> Op {
                 hashes: hs,
                 block_ids: ids,
                 parent: Default::default(),
+                wait_event: event(rng),
             })
         }
         _ => {
             let hs = hashes(rng);
             let ids = (0..hs.len()).map(|_| if rng.chance(95) { rng.below(8) } else { rng.edgy() }).collect();
-            Op::LoadKv(pb::LoadKv { cache: pick(rng, &seen.caches) as u32, hashes: hs, block_ids: ids })
+            Op::LoadKv(pb::LoadKv {
+                cache: pick(rng, &seen.caches) as u32,
+                hashes: hs,
+                block_ids: ids,
+                wait_event: event(rng),
+                return_event: rng.chance(20),
+            })
         }
     }
 }

@@ -6,7 +6,7 @@ mod kv_copy;
 mod tiering;
 mod transfer;
 
-pub use kv_copy::{KvCache, KvCopyError, Saved};
+pub use kv_copy::{Blocks, KvCache, KvCopyError, Loaded, Saved};
 pub use transfer::{verify_from_wire, Offer, Pulled, Shipment};
 
 use crate::alloc::SlabAllocator;

@@ -253,14 +253,15 @@ class Client:
     def register_kv_cache(self, ns, tensors, layers, num_blocks, chunk_bytes, kv_parts=2):
         """Registers engine KV tensors for daemon-side copies (when `hello.device_dma`).
 
-        `tensors`: `(address, bytes)` of each tensor in this process; `layers`: per layer
+        `tensors`: per tensor a dict of KvTensor fields: `address` (host memory of this process)
+        or `ipc_handle` and `ipc_offset` (CUDA memory), and `bytes`; `layers`: per layer
         `(tensor index, offset, block_stride, kv_stride)` in bytes. Returns `(cache, error)`:
         `error` is empty when the daemon can reach the memory, else why it cannot.
         """
         r = self.call(
             "register_kv_cache",
             handle=ns.handle,
-            tensors=[pb.KvTensor(address=a, bytes=n) for a, n in tensors],
+            tensors=[pb.KvTensor(**t) for t in tensors],
             layers=[pb.KvLayerPlacement(tensor=t, offset=o, block_stride=b, kv_stride=k) for t, o, b, k in layers],
             num_blocks=num_blocks,
             kv_parts=kv_parts,
@@ -268,19 +269,23 @@ class Client:
         )
         return r.cache, r.error
 
-    def save_kv(self, cache, hashes, block_ids, parent=None):
-        """The daemon copies engine blocks `block_ids` into the pool under `hashes` and commits.
-        Returns the SaveKvReply (`saved`, `present`, `no_space`, `error`)."""
-        fields = {"cache": cache, "hashes": list(hashes), "block_ids": list(block_ids)}
+    def save_kv(self, cache, hashes, block_ids, parent=None, wait_event=b""):
+        """The daemon copies engine blocks `block_ids` into the pool under `hashes` and commits;
+        on a GPU its copy starts once the engine's IPC event `wait_event` has completed. Returns
+        the SaveKvReply (`saved`, `present`, `no_space`, `error`)."""
+        fields = {"cache": cache, "hashes": list(hashes), "block_ids": list(block_ids), "wait_event": wait_event}
         if parent:
             fields["parent"] = parent
         return self.call("save_kv", **fields)
 
-    def load_kv(self, cache, hashes, block_ids):
-        """The daemon copies the held prefix of `hashes` into engine blocks `block_ids`.
-        Returns `(loaded, error)`."""
-        r = self.call("load_kv", cache=cache, hashes=list(hashes), block_ids=list(block_ids))
-        return r.loaded, r.error
+    def load_kv(self, cache, hashes, block_ids, wait_event=b"", return_event=False):
+        """The daemon copies the held prefix of `hashes` into engine blocks `block_ids`, on a GPU
+        once the engine's IPC event `wait_event` has completed. Returns the LoadKvReply
+        (`loaded`, `error`, and with `return_event` on a GPU `done_event`: the reply comes once the
+        copy is queued, and the engine's stream must wait on that event before reading the
+        blocks)."""
+        return self.call("load_kv", cache=cache, hashes=list(hashes), block_ids=list(block_ids),
+                         wait_event=wait_event, return_event=return_event)
 
     def stats(self):
         """The daemon's StatsReply."""

@@ -13,10 +13,11 @@ the forward pass (acquire, copy from the shared pool into the KV cache, release)
 background thread after the forward pass (reserve, copy, commit), and the request's blocks are held
 until the save is reported finished. Copies go through the pool mapping received over the socket,
 so they work for CPU tensors (and GPU tensors through torch). When the daemon offers daemon-side
-copies (`device_dma`, backend "cma") and the KV tensors are plain contiguous host memory, the
-connector registers them once and each save or load is one request: the daemon copies every layer
-of every block itself (`SaveKv` / `LoadKv`); any refusal or failed copy falls back to copying
-through the pool. `"device_copy": "off"` in kv_connector_extra_config keeps the connector copying;
+copies (`device_dma`, backends "cma" and "cuda") and the KV tensors are contiguous host memory or
+CUDA memory (registered by IPC handle), the connector registers them once and each save or load is
+one request: the daemon copies every layer of every block itself (`SaveKv` / `LoadKv`); on a GPU
+the copies are ordered with the forward's stream by interprocess events, so no engine thread waits
+for them. Any refusal or failed copy falls back to copying through the pool. `"device_copy": "off"` in kv_connector_extra_config keeps the connector copying;
 saves go in requests of at most `"save_piece_bytes"` (32 MiB), so a load waits for one at most.
 
 Failure never costs correctness: a daemon that is absent, killed or restarted means zero matched
@@ -43,6 +44,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from .client import Client, KvTierError, default_socket
+from .layout import block_dim as _block_dim, block_slice as _block_slice, dma_layout as _dma_layout
 
 # Under vLLM's logger so its handlers and levels apply.
 logger = logging.getLogger("vllm.kvtier")
@@ -72,6 +74,10 @@ class _Transfer:
     # P/D decode side: the prefill daemon to pull the blocks from first; such a load runs in the
     # background and is reported through get_finished (vLLM's asynchronous load).
     source: Optional[str] = None
+    # Worker side, GPU engines: the event recorded on the engine's stream after the forward pass
+    # that wrote the blocks (torch event, IPC handle); a save's copy waits for it.
+    written: Optional[object] = None
+    written_handle: bytes = b""
 
 
 @dataclass
@@ -231,6 +237,7 @@ class KvTierConnector(KVConnectorBase_V1):
         self._device_copy = extra.get("device_copy", "auto") != "off"
         self._save_piece_bytes = int(extra.get("save_piece_bytes", _SAVE_PIECE_BYTES))
         self._dma_layout = None  # set by register_kv_caches when the daemon may copy
+        self._events = None  # GPU engines with daemon-side copies: cuda.StreamEvents
         self._pulled = set()
         self._stats_lock = threading.Lock()
         _warn_if_hashes_are_private(vllm_config)
@@ -425,6 +432,10 @@ class KvTierConnector(KVConnectorBase_V1):
             self._puller.descriptor = self._daemon.descriptor
         self._layers = layers
         self._dma_layout = _dma_layout(layers) if self._device_copy else None
+        if self._dma_layout and layers[0][1].device.type == "cuda":
+            from .cuda import StreamEvents
+
+            self._events = StreamEvents(layers[0][1].device)
         logger.info("kvtier: %d KV layers, %d bytes per block, daemon at %s%s",
                     len(layers), per_block, self._daemon.socket_path,
                     "" if self._dma_layout else " (the connector copies)")
@@ -449,16 +460,18 @@ class KvTierConnector(KVConnectorBase_V1):
             if job.source is not None:
                 self._pulls.put(job)
             else:
-                self._load(self._daemon, job)
+                self._load(self._daemon, job, on_engine_stream=True)
 
-    def _load(self, daemon, job):
+    def _load(self, daemon, job, on_engine_stream=False):
         """Loads `job`'s held prefix into its blocks over `daemon`'s connection; the rest is
-        reported as load errors (vLLM recomputes them)."""
+        reported as load errors (vLLM recomputes them). `on_engine_stream` (the thread that runs
+        the forward pass): a GPU copy is ordered with this thread's stream by events, and no CPU
+        thread waits for it."""
         loaded = 0
         try:
             client, ns, cache = daemon.kv_cache(job.cache_salt, self._dma_layout)
             if client is not None:
-                loaded = self._daemon_copy(client, cache, job, save=False)
+                loaded = self._daemon_copy(client, cache, job, save=False, on_engine_stream=on_engine_stream)
                 if loaded is None:
                     loaded = self._load_by_copy(client, ns, job)
         except (OSError, KvTierError) as e:
@@ -508,7 +521,7 @@ class KvTierConnector(KVConnectorBase_V1):
         self._count("pulled_blocks", pulled)
         self._load(self._puller, job)
 
-    def _daemon_copy(self, client, cache, job, save):
+    def _daemon_copy(self, client, cache, job, save, on_engine_stream=False):
         """Has the daemon save or load `job` if our KV cache is registered with it (`cache` not
         None); returns the blocks moved, or None if not tried or failed: the connector copies."""
         if cache is None:
@@ -516,7 +529,7 @@ class KvTierConnector(KVConnectorBase_V1):
         if save:
             blocks, error = self._save_in_pieces(client, cache, job)
         else:
-            blocks, error = client.load_kv(cache, job.hashes, job.block_ids)
+            blocks, error = self._load_by_daemon(client, cache, job, on_engine_stream)
         self._count("daemon_copied_blocks", blocks)  # a failed save may have committed pieces
         if error:
             logger.debug("kvtier: daemon-side %s of %s failed (copying instead): %s",
@@ -525,6 +538,19 @@ class KvTierConnector(KVConnectorBase_V1):
             return None
         return blocks
 
+    def _load_by_daemon(self, client, cache, job, on_engine_stream):
+        """LoadKv; on a GPU behind an event of this thread's stream. On the engine's stream the
+        reply comes once the copy is queued and the stream waits for the daemon's event; elsewhere
+        the reply comes once it is done. Returns `(blocks loaded, error)`."""
+        if self._events is None:
+            reply = client.load_kv(cache, job.hashes, job.block_ids)
+            return reply.loaded, reply.error
+        _, free = self._events.mark()  # the blocks' previous readers are done
+        reply = client.load_kv(cache, job.hashes, job.block_ids, wait_event=free, return_event=on_engine_stream)
+        if reply.done_event:
+            self._events.wait(reply.done_event)
+        return reply.loaded, reply.error
+
     def _save_in_pieces(self, client, cache, job):
         """SaveKv in pieces of about `save_piece_bytes`: loads share this connection, and one
         waits for at most one piece of a long save. Returns `(blocks saved, error)`."""
@@ -532,7 +558,8 @@ class KvTierConnector(KVConnectorBase_V1):
         saved = 0
         for at in range(0, len(job.hashes), step):
             parent = job.hashes[at - 1] if at else None
-            reply = client.save_kv(cache, job.hashes[at : at + step], job.block_ids[at : at + step], parent)
+            reply = client.save_kv(cache, job.hashes[at : at + step], job.block_ids[at : at + step], parent,
+                                   wait_event=job.written_handle)
             if reply.error:
                 return saved, reply.error
             saved += reply.saved
@@ -560,7 +587,9 @@ class KvTierConnector(KVConnectorBase_V1):
     def wait_for_save(self):
         # The forward pass of this step is done: hand this step's saves to the saver thread.
         meta = self._get_connector_metadata()
+        written = self._events.mark() if self._events is not None and meta.saves else (None, b"")
         for job in meta.saves:
+            job.written, job.written_handle = written
             with self._lock:
                 self._inflight += 1
             self._saves.put(job)
@@ -594,6 +623,8 @@ class KvTierConnector(KVConnectorBase_V1):
                 return
             saved = self._daemon_copy(client, cache, job, save=True)
             if saved is None:
+                if job.written is not None:
+                    job.written.synchronize()  # this thread's copies must see the forward's writes
                 saved = self._save_by_copy(client, ns, job)
             self._count("saved_tokens", saved * self._block_size)
         except (OSError, KvTierError) as e:
@@ -652,46 +683,6 @@ class KvTierConnector(KVConnectorBase_V1):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _block_dim(t, num_blocks):
-    """The dimension of a per-layer KV tensor that indexes blocks: the one of `num_blocks`."""
-    dims = [d for d in range(t.dim()) if t.shape[d] == num_blocks]
-    if len(dims) != 1:
-        raise ValueError(f"kvtier: cannot tell the block dimension of a KV tensor of shape {tuple(t.shape)}")
-    return dims[0]
-
-
-def _block_slice(t, dim, block_id):
-    return t.select(dim, block_id)
-
-
-def _dma_layout(layers):
-    """How the daemon finds each block of contiguous host-memory KV tensors, in the byte order of
-    `_copy_block` (per layer, the block's slice as two halves, K then V), as keyword arguments of
-    `Client.register_kv_cache`; None if the tensors are not plain host memory of that shape."""
-    tensors, placements, chunk = [], [], None
-    for _, t, dim in layers:
-        if t.device.type != "cpu" or not t.is_contiguous():
-            return None
-        el = t.element_size()
-        block = _block_slice(t, dim, 0)
-        half, odd = divmod(block.numel() * el, 2)
-        if odd or chunk not in (None, half):
-            return None
-        if block.is_contiguous():
-            kv_stride = half  # [blocks, ...]: one contiguous run per block, cut in two
-        elif dim == 1 and t.shape[0] == 2 and block[0].is_contiguous():
-            kv_stride = t.stride(0) * el  # [2, blocks, ...]: K and V apart
-        else:
-            return None
-        chunk = half
-        placements.append((len(tensors), 0, t.stride(dim) * el, kv_stride))
-        tensors.append((t.data_ptr(), t.numel() * el))
-    if not tensors:
-        return None
-    num_blocks = layers[0][1].shape[layers[0][2]]
-    return dict(tensors=tensors, layers=placements, num_blocks=num_blocks, chunk_bytes=chunk)
 
 
 def _namespace_descriptor(vllm_config, kv_cache_config):

@@ -7,12 +7,11 @@
 //! CUDA IPC memory handles; each copy is one `kvtier_copy` launch. See `docs/gpu.md` for what is
 //! verified where.
 
-use super::gather::{kernel_args, Direction, KernelArgs};
-use super::layout::Segment;
+use super::cuda_ipc::CudaMemory;
+use super::gather::KernelArgs;
 use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
 use crate::pool::HostPool;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Threads per thread block of `kvtier_copy` (each block copies one piece).
@@ -36,22 +35,18 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Bytes of a CUDA IPC memory handle.
-const IPC_HANDLE_BYTES: usize = 64;
-
-/// Largest piece one thread block of `kvtier_copy` copies.
-const MAX_PIECE: u64 = 256 << 10;
+/// Registered pool segments: (host address, bytes, device address).
+pub(super) type Registered = Arc<Vec<(usize, usize, u64)>>;
 
 /// An open CUDA device with the pool registered and the copy kernel loaded.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     copy: CudaFunction,
-    /// Registered pool segments: (host address, bytes, device address).
-    registered: Arc<Vec<(usize, usize, u64)>>,
+    registered: Registered,
 }
 
-fn driver_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DeviceError + '_ {
+pub(super) fn driver_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DeviceError + '_ {
     move |e| DeviceError::Driver(format!("CUDA {what}: {e:?}"))
 }
 
@@ -130,7 +125,7 @@ impl CudaBackend {
     }
 }
 
-fn pool_device_address(registered: &[(usize, usize, u64)], host: usize) -> Option<u64> {
+pub(super) fn pool_device_address(registered: &[(usize, usize, u64)], host: usize) -> Option<u64> {
     let &(base, _, device) = registered.iter().find(|&&(b, l, _)| host >= b && host < b + l)?;
     Some(device + (host - base) as u64)
 }
@@ -146,105 +141,26 @@ fn launch(
         stream.wait(event).map_err(driver_err("waiting on the engine's event"))?;
     }
     let done = ctx.new_event(None).map_err(driver_err("creating an event"))?;
-    if !args.is_empty() {
-        let upload = |v: &Vec<u64>| stream.clone_htod(v).map_err(driver_err("uploading copy arguments"));
-        let (src, dst, bytes) = (upload(&args.src)?, upload(&args.dst)?, upload(&args.bytes)?);
-        let n = args.len() as i32;
-        let cfg = LaunchConfig { grid_dim: (args.len() as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(copy);
-        launch.arg(&src).arg(&dst).arg(&bytes).arg(&n);
-        // SAFETY: the kernel's signature is (u64*, u64*, u64*, int); the addresses are the
-        // caller's engine memory and our registered pool, valid until `done` completes.
-        unsafe { launch.launch(cfg) }.map_err(driver_err("launching kvtier_copy"))?;
-    }
+    enqueue(stream, copy, args)?;
     done.record(stream).map_err(driver_err("recording the copy's event"))?;
     Ok(done)
 }
 
-/// An engine's KV tensors opened from CUDA IPC handles in the daemon's context.
-struct CudaMemory {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    copy: CudaFunction,
-    registered: Arc<Vec<(usize, usize, u64)>>,
-    /// Device address of each tensor.
-    tensors: Vec<u64>,
-    /// Allocations opened with cuIpcOpenMemHandle, closed on drop.
-    opened: Vec<u64>,
-}
-
-impl CudaBackend {
-    fn open_tensors(&self, tensors: &[EngineTensor], memory: &mut CudaMemory) -> Result<(), DeviceError> {
-        let mut by_handle: HashMap<&[u8], (u64, usize)> = HashMap::new();
-        for (i, t) in tensors.iter().enumerate() {
-            if t.ipc_handle.len() != IPC_HANDLE_BYTES {
-                return Err(DeviceError::Memory(format!(
-                    "tensor {i}: a CUDA IPC memory handle has {IPC_HANDLE_BYTES} bytes, not {}",
-                    t.ipc_handle.len()
-                )));
-            }
-            let (base, size) = match by_handle.get(&t.ipc_handle[..]) {
-                Some(&opened) => opened,
-                None => {
-                    let mut handle = sys::CUipcMemHandle_st { reserved: [0; IPC_HANDLE_BYTES] };
-                    for (d, &s) in handle.reserved.iter_mut().zip(&t.ipc_handle) {
-                        *d = s as _;
-                    }
-                    let mut base: sys::CUdeviceptr = 0;
-                    let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
-                    // SAFETY: a handle of the right size; the context is bound to this thread.
-                    unsafe { sys::cuIpcOpenMemHandle_v2(&mut base, handle, flags) }
-                        .result()
-                        .map_err(|e| DeviceError::Memory(format!("tensor {i}: opening its CUDA IPC handle: {e:?}")))?;
-                    memory.opened.push(base);
-                    let (mut start, mut size) = (0, 0);
-                    // SAFETY: `base` was just mapped into this context.
-                    unsafe { sys::cuMemGetAddressRange_v2(&mut start, &mut size, base) }
-                        .result()
-                        .map_err(driver_err("sizing an opened allocation"))?;
-                    by_handle.insert(&t.ipc_handle[..], (base, size));
-                    (base, size)
-                }
-            };
-            if t.ipc_offset.checked_add(t.bytes).is_none_or(|end| end > size as u64) {
-                return Err(DeviceError::Memory(format!(
-                    "tensor {i}: {} bytes at offset {} exceed its allocation of {size}",
-                    t.bytes, t.ipc_offset
-                )));
-            }
-            memory.tensors.push(base + t.ipc_offset);
-        }
-        Ok(())
+/// Queues one `kvtier_copy` of `args` on `stream` (nothing for an empty plan).
+pub(super) fn enqueue(stream: &Arc<CudaStream>, copy: &CudaFunction, args: &KernelArgs) -> Result<(), DeviceError> {
+    if args.is_empty() {
+        return Ok(());
     }
-}
-
-impl EngineMemory for CudaMemory {
-    /// One `kvtier_copy` launch over the whole plan, waited for on this (blocking) thread.
-    fn copy(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
-        self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
-        let on_device = (plan.iter())
-            .map(|s| {
-                let pool = pool_device_address(&self.registered, s.pool_offset as usize)
-                    .ok_or_else(|| DeviceError::Memory("a slot outside the registered pool".into()))?;
-                Ok(Segment { pool_offset: pool, ..*s })
-            })
-            .collect::<Result<Vec<_>, DeviceError>>()?;
-        let args =
-            kernel_args(&on_device, &self.tensors, dir, MAX_PIECE).map_err(|e| DeviceError::Memory(e.to_string()))?;
-        let done = launch(&self.ctx, &self.stream, &self.copy, &args, None)?;
-        done.synchronize().map_err(driver_err("waiting for kvtier_copy"))
-    }
-}
-
-impl Drop for CudaMemory {
-    fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        let _ = self.stream.synchronize();
-        for &p in &self.opened {
-            // SAFETY: opened by cuIpcOpenMemHandle in this context; no copy uses it any more.
-            let _ = unsafe { sys::cuIpcCloseMemHandle(p) };
-        }
-    }
+    let upload = |v: &Vec<u64>| stream.clone_htod(v).map_err(driver_err("uploading copy arguments"));
+    let (src, dst, bytes) = (upload(&args.src)?, upload(&args.dst)?, upload(&args.bytes)?);
+    let n = args.len() as i32;
+    let cfg = LaunchConfig { grid_dim: (args.len() as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let mut launch = stream.launch_builder(copy);
+    launch.arg(&src).arg(&dst).arg(&bytes).arg(&n);
+    // SAFETY: the kernel's signature is (u64*, u64*, u64*, int); the addresses are the caller's
+    // engine memory and our registered pool, valid until the caller's event behind it completes.
+    unsafe { launch.launch(cfg) }.map_err(driver_err("launching kvtier_copy"))?;
+    Ok(())
 }
 
 impl Drop for CudaBackend {
@@ -263,23 +179,15 @@ impl DeviceBackend for CudaBackend {
     }
 
     fn offers_dma(&self) -> bool {
-        // Not offered until the IPC path has run on a GPU (`gpu_tests` below, docs/gpu.md):
-        // connectors keep copying, so no unverified copy can serve wrong bytes.
-        false
+        true
     }
 
-    fn import(&self, _pid: Option<i32>, tensors: &[EngineTensor]) -> Result<Box<dyn EngineMemory>, DeviceError> {
-        self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
-        let mut memory = CudaMemory {
-            ctx: Arc::clone(&self.ctx),
-            stream: Arc::clone(&self.stream),
-            copy: self.copy.clone(),
-            registered: Arc::clone(&self.registered),
-            tensors: Vec::new(),
-            opened: Vec::new(),
-        };
-        self.open_tensors(tensors, &mut memory)?;
-        Ok(Box::new(memory))
+    fn import(&self, pid: Option<i32>, tensors: &[EngineTensor]) -> Result<Box<dyn EngineMemory>, DeviceError> {
+        if tensors.iter().all(|t| t.ipc_handle.is_empty()) {
+            // A CPU engine on a GPU node (tensors named by address): cross-memory attach.
+            return super::CmaBackend.import(pid, tensors);
+        }
+        Ok(Box::new(CudaMemory::open(&self.ctx, &self.copy, &self.registered, tensors)?))
     }
 }
 
@@ -287,6 +195,8 @@ impl DeviceBackend for CudaBackend {
 #[cfg(test)]
 mod gpu_tests {
     use super::*;
+    use crate::device::cuda_ipc::IPC_HANDLE_BYTES;
+    use crate::device::gather::{kernel_args, Direction};
     use crate::device::layout::KvLayout;
     use crate::pool::{LockMode, PoolGeometry};
     use cudarc::driver::DevicePtr;
@@ -305,9 +215,18 @@ mod gpu_tests {
     const SAVED: [u64; 3] = [9, 3, 4];
     const LOADED: [u64; 3] = [20, 21, 22];
 
+    fn hex(bytes: impl IntoIterator<Item = u8>) -> String {
+        bytes.into_iter().map(|c| format!("{c:02x}")).collect()
+    }
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+    }
+
     /// The engine process of the IPC test: allocates its KV tensors with cuMemAlloc (IPC-able),
-    /// prints their handles, and after the daemon's copies checks that exactly the loaded blocks
-    /// changed, to the saved blocks' bytes.
+    /// prints their handles and an interprocess event recorded behind its uploads; then, told the
+    /// daemon's event behind the load, makes its stream wait on it and checks that exactly the
+    /// loaded blocks changed, to the saved blocks' bytes.
     fn ipc_engine() {
         let layout = ipc_layout();
         let ctx = CudaContext::new(0).unwrap();
@@ -323,13 +242,31 @@ mod gpu_tests {
                 sys::cuMemcpyHtoD_v2(d, host.as_ptr() as *const _, n as usize).result().unwrap();
                 sys::cuIpcGetMemHandle(&mut h, d).result().unwrap();
             }
-            let hex: String = h.reserved.iter().map(|&c| format!("{:02x}", c as u8)).collect();
-            println!("HANDLE {hex}");
+            println!("HANDLE {}", hex(h.reserved.iter().map(|&c| c as u8)));
             tensors.push(d);
         }
+        let mut written: sys::CUevent = std::ptr::null_mut();
+        let mut h = sys::CUipcEventHandle_st { reserved: [0; IPC_HANDLE_BYTES] };
+        // SAFETY: an interprocess event of our own, recorded on the null stream behind the uploads.
+        unsafe {
+            sys::cuEventCreate(&mut written, 6).result().unwrap();
+            sys::cuEventRecord(written, std::ptr::null_mut()).result().unwrap();
+            sys::cuIpcGetEventHandle(&mut h, written).result().unwrap();
+        }
+        println!("EVENT {}", hex(h.reserved.iter().map(|&c| c as u8)));
         println!("READY");
         let mut line = String::new();
         std::io::stdin().read_line(&mut line).unwrap();
+        let loaded = unhex(line.trim().strip_prefix("VERIFY ").unwrap());
+        for (d, &s) in h.reserved.iter_mut().zip(&loaded) {
+            *d = s as _;
+        }
+        let mut done: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: the daemon's event; the null stream waits on it before the downloads below.
+        unsafe {
+            sys::cuIpcOpenEventHandle(&mut done, h).result().unwrap();
+            sys::cuStreamWaitEvent(std::ptr::null_mut(), done, 0).result().unwrap();
+        }
         for (t, (&d, &n)) in tensors.iter().zip(&layout.tensor_bytes).enumerate() {
             let mut want = pattern(t, n);
             for (&from, &to) in SAVED.iter().zip(&LOADED) {
@@ -364,16 +301,18 @@ mod gpu_tests {
             .unwrap();
         let mut lines = BufReader::new(engine.stdout.take().unwrap()).lines().map(Result::unwrap);
         let layout = ipc_layout();
-        let mut tensors = Vec::new();
+        let (mut tensors, mut written) = (Vec::new(), Vec::new());
+        // The engine's first line follows the test harness's "test NAME ... " (no newline).
         for line in lines.by_ref() {
-            if line == "READY" {
+            if line.ends_with("READY") {
                 break;
             }
-            if let Some(hex) = line.strip_prefix("HANDLE ") {
-                let handle = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap());
-                let t = tensors.len();
-                let bytes = layout.tensor_bytes[t];
-                tensors.push(EngineTensor { ipc_handle: handle.collect(), bytes, ..Default::default() });
+            if let Some((_, handle)) = line.split_once("HANDLE ") {
+                let bytes = layout.tensor_bytes[tensors.len()];
+                tensors.push(EngineTensor { ipc_handle: unhex(handle), bytes, ..Default::default() });
+            }
+            if let Some((_, event)) = line.split_once("EVENT ") {
+                written = unhex(event);
             }
         }
         assert_eq!(tensors.len(), layout.tensor_bytes.len(), "the engine exported every tensor");
@@ -385,7 +324,9 @@ mod gpu_tests {
         let base = pool.segments()[0].as_ptr() as u64;
         let slots: Vec<u64> = (0..3).map(|k| base + k * layout.block_bytes()).collect();
         let save: Vec<(u64, u64)> = SAVED.iter().copied().zip(slots.iter().copied()).collect();
-        memory.copy(&layout.plan(&save).unwrap(), Direction::ToPool).unwrap();
+        let saved = memory.queue(&layout.plan(&save).unwrap(), Direction::ToPool, &written).unwrap();
+        assert_eq!(saved.event.len(), IPC_HANDLE_BYTES, "the copy is followed by an event the engine can open");
+        (saved.wait)().unwrap();
         // SAFETY: the copy completed; the pool is ours.
         let pooled = unsafe { std::slice::from_raw_parts(base as *const u8, 3 * layout.block_bytes() as usize) };
         for s in layout.plan(&save).unwrap() {
@@ -395,11 +336,15 @@ mod gpu_tests {
             assert!(&pooled[at..at + s.bytes as usize] == want, "pool holds the engine's chunk {s:?}");
         }
         let load: Vec<(u64, u64)> = LOADED.iter().copied().zip(slots.iter().copied()).collect();
-        memory.copy(&layout.plan(&load).unwrap(), Direction::ToEngine).unwrap();
-        writeln!(engine.stdin.as_mut().unwrap(), "VERIFY").unwrap();
-        let verdicts: Vec<String> = lines.filter(|l| l == "VERIFIED" || l.starts_with("MISMATCH")).collect();
+        // The engine's stream waits for the load's event; the daemon does not wait before telling it.
+        let loaded = memory.queue(&layout.plan(&load).unwrap(), Direction::ToEngine, &written).unwrap();
+        writeln!(engine.stdin.as_mut().unwrap(), "VERIFY {}", hex(loaded.event.iter().copied())).unwrap();
+        let verdicts: Vec<&str> = (lines.filter(|l| l.ends_with("VERIFIED") || l.contains("MISMATCH")))
+            .map(|l| if l.ends_with("VERIFIED") { "VERIFIED" } else { "MISMATCH" })
+            .collect();
         assert_eq!(verdicts, vec!["VERIFIED"; 4], "the engine sees exactly the loaded blocks");
         assert!(engine.wait().unwrap().success());
+        (loaded.wait)().unwrap();
         let err = backend.import(None, &[EngineTensor { ipc_handle: vec![0; 8], bytes: 1, ..Default::default() }]);
         assert!(err.is_err(), "a malformed handle is refused");
     }

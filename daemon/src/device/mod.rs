@@ -9,6 +9,7 @@
 
 mod cma;
 pub mod cuda;
+mod cuda_ipc;
 pub mod gather;
 mod host;
 pub mod layout;
@@ -85,6 +86,33 @@ pub trait EngineMemory: Send + Sync {
     /// bytes) in direction `dir`, returning once every byte has been copied. On error, part of
     /// the plan may have been copied.
     fn copy(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError>;
+
+    /// Queues `plan` behind the engine's event `after` (an IPC event handle; empty: none) and
+    /// returns without waiting for the copy. Backends that copy on the CPU copy now and refuse
+    /// events.
+    fn queue(&self, plan: &[Segment], dir: Direction, after: &[u8]) -> Result<Queued, DeviceError> {
+        if !after.is_empty() {
+            return Err(DeviceError::Memory("this device backend does not take engine events".into()));
+        }
+        self.copy(plan, dir)?;
+        Ok(Queued::done())
+    }
+}
+
+/// A copy queued by [`EngineMemory::queue`].
+pub struct Queued {
+    /// IPC handle of an event recorded behind the copy, for the engine's stream to wait on
+    /// (empty: the copy is done already).
+    pub event: Vec<u8>,
+    /// Blocks until the copy has completed (or failed).
+    pub wait: Box<dyn FnOnce() -> Result<(), DeviceError> + Send>,
+}
+
+impl Queued {
+    /// A copy that completed before it was returned.
+    pub fn done() -> Self {
+        Self { event: Vec::new(), wait: Box::new(|| Ok(())) }
+    }
 }
 
 /// Opens the configured backend over `pool`.

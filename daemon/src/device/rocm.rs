@@ -1,8 +1,9 @@
 //! The ROCm backend (cubecl-hip-sys: libamdhip64 and hiprtc are loaded at run time, so no ROCm is
 //! needed to build). Opening it checks that the HIP libraries load, initializes HIP and
-//! page-locks the pool with `hipHostRegister`.
+//! page-locks the pool with `hipHostRegister`. CPU engines' KV is copied as `cma` copies it; GPU
+//! engines' connectors copy through the pool.
 
-use super::{DeviceBackend, DeviceError};
+use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
 use crate::pool::HostPool;
 
 /// Whether libamdhip64 and hiprtc can be loaded on this machine.
@@ -64,6 +65,16 @@ impl DeviceBackend for RocmBackend {
     }
 
     fn offers_dma(&self) -> bool {
-        false
+        true
+    }
+
+    /// CPU engines' tensors (by address) are copied as `cma` copies them; GPU engines' IPC copies
+    /// are not written for ROCm (no AMD GPU has been available to verify them): refused, so the
+    /// connector copies through the pool.
+    fn import(&self, pid: Option<i32>, tensors: &[EngineTensor]) -> Result<Box<dyn EngineMemory>, DeviceError> {
+        if tensors.iter().all(|t| t.ipc_handle.is_empty()) {
+            return super::CmaBackend.import(pid, tensors);
+        }
+        Err(DeviceError::Memory("device backend \"rocm\" does not copy GPU memory yet (HIP IPC)".into()))
     }
 }

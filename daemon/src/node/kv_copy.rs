@@ -7,7 +7,7 @@ use crate::block::{BlockHash, NsIdx};
 use crate::cache::{CacheError, ClientId};
 use crate::device::gather::Direction;
 use crate::device::layout::KvLayout;
-use crate::device::{EngineMemory, EngineTensor};
+use crate::device::{DeviceError, EngineMemory, EngineTensor, Queued};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -30,6 +30,27 @@ pub enum KvCopyError {
     /// The memory could not be reached or copied: answered, the client copies or recomputes.
     #[error("{0}")]
     Memory(String),
+}
+
+/// Engine blocks and the hashes they hold (parallel lists, prefix order).
+#[derive(Clone, Copy, Debug)]
+pub struct Blocks<'a> {
+    /// Block hashes.
+    pub hashes: &'a [BlockHash],
+    /// Engine block ids.
+    pub ids: &'a [u64],
+}
+
+/// Outcome of a LoadKv.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Leading blocks the engine holds once the copy is done.
+    pub blocks: usize,
+    /// IPC handle of the event behind the copy (empty: the copy is done).
+    pub event: Vec<u8>,
+    /// Unpins the blocks once the copy has completed; the connection waits for it before it
+    /// closes, so no slot it reads from is reused meanwhile.
+    pub pending: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Outcome of a SaveKv.
@@ -73,20 +94,20 @@ impl Node {
     }
 
     /// Saves engine blocks `block_ids` under `hashes`: reserve, copy the reserved ones from the
-    /// engine, commit (abort if the copy fails).
+    /// engine (on a GPU, behind the engine's event `after`), commit (abort if the copy fails).
     pub async fn save_kv(
         &self,
         client: ClientId,
         cache: &KvCache,
-        hashes: &[BlockHash],
-        block_ids: &[u64],
+        blocks: Blocks<'_>,
         parent: Option<BlockHash>,
+        after: &[u8],
     ) -> Result<Saved, KvCopyError> {
-        check_blocks(cache, hashes, block_ids)?;
-        let (reservation, outcomes) = self.reserve(client, cache.ns, hashes, parent)?;
+        check_blocks(cache, blocks)?;
+        let (reservation, outcomes) = self.reserve(client, cache.ns, blocks.hashes, parent)?;
         let mut out = Saved::default();
         let mut copies = Vec::new();
-        for (o, &block) in outcomes.iter().zip(block_ids) {
+        for (o, &block) in outcomes.iter().zip(blocks.ids) {
             match *o {
                 super::ReservedAt::Slot(at) => copies.push((block, self.pool_address(at))),
                 super::ReservedAt::Present => out.present += 1,
@@ -96,7 +117,11 @@ impl Node {
         if copies.is_empty() {
             return Ok(out);
         }
-        match self.copy(cache, copies, Direction::ToPool).await {
+        let copied = match self.queue(cache, copies, Direction::ToPool, after).await {
+            Ok((bytes, queued)) => self.finish(queued).await.map(|()| bytes),
+            Err(e) => Err(e),
+        };
+        match copied {
             Ok(bytes) => {
                 out.saved = self.commit(client, reservation)?;
                 self.metrics.device_copied_bytes[0].fetch_add(bytes, Relaxed);
@@ -109,25 +134,48 @@ impl Node {
         }
     }
 
-    /// Loads the held prefix of `hashes` into engine blocks `block_ids`: pin, copy, unpin.
-    /// Returns how many leading blocks the engine now holds.
+    /// Loads the held prefix of `hashes` into engine blocks `block_ids`: pin, copy (on a GPU,
+    /// behind the engine's event `after`), unpin. With `early`, answers once the copy is queued
+    /// on a GPU: the engine waits on [`Loaded::event`], and the blocks are unpinned once the copy
+    /// has completed ([`Loaded::pending`]).
     pub async fn load_kv(
-        &self,
+        self: &Arc<Self>,
         client: ClientId,
         cache: &KvCache,
-        hashes: &[BlockHash],
-        block_ids: &[u64],
-    ) -> Result<usize, KvCopyError> {
-        check_blocks(cache, hashes, block_ids)?;
-        let (lease, slots) = self.acquire(client, cache.ns, hashes).await?;
+        blocks: Blocks<'_>,
+        after: &[u8],
+        early: bool,
+    ) -> Result<Loaded, KvCopyError> {
+        check_blocks(cache, blocks)?;
+        let (lease, slots) = self.acquire(client, cache.ns, blocks.hashes).await?;
         if slots.is_empty() {
-            return Ok(0);
+            return Ok(Loaded::default());
         }
-        let copies = block_ids.iter().zip(&slots).map(|(&b, &at)| (b, self.pool_address(at))).collect();
-        let copied = self.copy(cache, copies, Direction::ToEngine).await;
-        self.release(client, lease)?;
-        self.metrics.device_copied_bytes[1].fetch_add(copied?, Relaxed);
-        Ok(slots.len())
+        let copies = blocks.ids.iter().zip(&slots).map(|(&b, &at)| (b, self.pool_address(at))).collect();
+        let (bytes, mut queued) = match self.queue(cache, copies, Direction::ToEngine, after).await {
+            Ok(q) => q,
+            Err(e) => {
+                self.release(client, lease)?;
+                return Err(e);
+            }
+        };
+        let event = std::mem::take(&mut queued.event);
+        let node = Arc::clone(self);
+        let unpin = async move {
+            let done = node.finish(queued).await;
+            let _ = node.release(client, lease); // released already if the connection closed
+            done.map(|()| node.metrics.device_copied_bytes[1].fetch_add(bytes, Relaxed))
+        };
+        if early && !event.is_empty() {
+            let pending = tokio::spawn(async move {
+                if let Err(e) = unpin.await {
+                    tracing::warn!("a load failed after its reply (the engine reads what was copied): {e}");
+                }
+            });
+            return Ok(Loaded { blocks: slots.len(), event, pending: Some(pending) });
+        }
+        unpin.await?;
+        Ok(Loaded { blocks: slots.len(), ..Default::default() })
     }
 
     /// The daemon's address of the pool byte at `at`.
@@ -135,14 +183,32 @@ impl Node {
         self.pool().segments()[segment as usize].as_ptr() as u64 + offset
     }
 
-    /// Copies whole blocks (engine block, pool address) on a blocking thread; returns the bytes.
-    async fn copy(&self, cache: &KvCache, blocks: Vec<(u64, u64)>, dir: Direction) -> Result<u64, KvCopyError> {
+    /// Queues a copy of whole blocks (engine block, pool address) behind the engine's event
+    /// `after`, on a blocking thread; returns the bytes and the queued copy.
+    async fn queue(
+        &self,
+        cache: &KvCache,
+        blocks: Vec<(u64, u64)>,
+        dir: Direction,
+        after: &[u8],
+    ) -> Result<(u64, Queued), KvCopyError> {
         let plan = cache.layout.plan(&blocks).map_err(|e| KvCopyError::Invalid(e.to_string()))?;
         let memory = Arc::clone(&cache.memory);
         let bytes = plan.iter().map(|s| s.bytes).sum();
-        let done = tokio::task::spawn_blocking(move || memory.copy(&plan, dir)).await;
+        let after = after.to_vec();
+        let queued = tokio::task::spawn_blocking(move || memory.queue(&plan, dir, &after)).await;
+        Ok((bytes, self.copy_outcome(queued)?))
+    }
+
+    /// Waits on a blocking thread until a queued copy has completed.
+    async fn finish(&self, queued: Queued) -> Result<(), KvCopyError> {
+        let done = tokio::task::spawn_blocking(queued.wait).await;
+        self.copy_outcome(done)
+    }
+
+    fn copy_outcome<T>(&self, done: Result<Result<T, DeviceError>, tokio::task::JoinError>) -> Result<T, KvCopyError> {
         match done {
-            Ok(Ok(())) => Ok(bytes),
+            Ok(Ok(t)) => Ok(t),
             Ok(Err(e)) => {
                 self.metrics.device_copy_failures.fetch_add(1, Relaxed);
                 Err(KvCopyError::Memory(e.to_string()))
@@ -157,7 +223,8 @@ impl Node {
 const MAX_CHUNKS_PER_REQUEST: u64 = 1 << 22;
 
 /// Parallel lists of equal length, every block id inside the engine's cache, a bounded plan.
-fn check_blocks(cache: &KvCache, hashes: &[BlockHash], block_ids: &[u64]) -> Result<(), KvCopyError> {
+fn check_blocks(cache: &KvCache, blocks: Blocks<'_>) -> Result<(), KvCopyError> {
+    let (hashes, block_ids) = (blocks.hashes, blocks.ids);
     if hashes.len() != block_ids.len() {
         return Err(KvCopyError::Invalid(format!("{} hashes but {} block ids", hashes.len(), block_ids.len())));
     }

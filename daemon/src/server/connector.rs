@@ -90,12 +90,14 @@ async fn connection(node: Arc<Node>, mut stream: UnixStream) {
         return;
     }
     let registered = node.connections.open(node.new_client(), cred.pid(), cred.uid());
-    let session = Session::new(Arc::clone(&registered.record), uid_admin(cred.uid()));
+    let mut session = Session::new(Arc::clone(&registered.record), uid_admin(cred.uid()));
     let client = session.client;
     node.metrics.connections_total.fetch_add(1, Relaxed);
     node.metrics.connected_clients.fetch_add(1, Relaxed);
     debug!(?client, pid = ?cred.pid(), "client connected");
-    let result = run(&node, &mut stream, session).await;
+    let result = run(&node, &mut stream, &mut session).await;
+    session.settle().await;
+    drop(session);
     node.disconnect(client);
     node.metrics.connected_clients.fetch_sub(1, Relaxed);
     match result {
@@ -111,7 +113,7 @@ fn frame_of(resp: &pb::Response) -> Vec<u8> {
 }
 
 /// Serves one connection until EOF or a fatal error (returned for the log).
-async fn run(node: &Arc<Node>, stream: &mut UnixStream, mut session: Session) -> Result<(), String> {
+async fn run(node: &Arc<Node>, stream: &mut UnixStream, session: &mut Session) -> Result<(), String> {
     let max_inflight = node.config.server.max_inflight as usize;
     let mut decoder = FrameDecoder::new(node.config.server.max_frame_bytes.as_u64() as usize);
     let mut out = Vec::with_capacity(64 * 1024);
@@ -165,7 +167,7 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, mut session: Session) ->
             node.requests_total.fetch_add(1, Relaxed);
             session.record.requested();
             let started = Instant::now();
-            let result = dispatch(node, &mut session, op).await;
+            let result = dispatch(node, session, op).await;
             node.metrics.observe(kind, started.elapsed());
             match result {
                 Ok(result) => {

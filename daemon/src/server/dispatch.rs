@@ -7,7 +7,7 @@ use crate::device::layout::{KvLayout, LayerPlacement};
 use crate::device::EngineTensor;
 use crate::metrics::Op;
 use crate::namespace::{NamespaceId, NamespaceSelector, Naming};
-use crate::node::{KvCache, KvCopyError, Node, ReservedAt};
+use crate::node::{Blocks, KvCache, KvCopyError, Node, ReservedAt};
 use bytes::Bytes;
 use kvtier_proto::v1::{self as pb, request, response, ErrorCode, ReserveStatus};
 use kvtier_proto::PROTOCOL_VERSION;
@@ -67,12 +67,29 @@ pub struct Session {
     pub handles: Vec<NsIdx>,
     /// KV caches registered for daemon-side copies, by id.
     pub kv_caches: Vec<KvCache>,
+    /// Loads answered before their copy completed, which unpin their blocks once it has.
+    pub pending_loads: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Session {
     /// A session for a new connection (`admin`: see [`Session::admin`]).
     pub fn new(record: Arc<Connection>, admin: bool) -> Self {
-        Self { client: record.client, record, admin, greeted: false, handles: Vec::new(), kv_caches: Vec::new() }
+        Self {
+            client: record.client,
+            record,
+            admin,
+            greeted: false,
+            handles: Vec::new(),
+            kv_caches: Vec::new(),
+            pending_loads: Vec::new(),
+        }
+    }
+
+    /// Waits for the connection's queued loads to complete (before its pins are dropped).
+    pub async fn settle(&mut self) {
+        for pending in self.pending_loads.drain(..) {
+            let _ = pending.await;
+        }
     }
 
     fn admin_only(&self, what: &str) -> Result<(), Fatal> {
@@ -301,7 +318,8 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::SaveKv(r) => {
             let hs = hashes(node, &r.hashes)?;
             let parent = parent(node, &r.parent)?;
-            let reply = match node.save_kv(s.client, s.kv_cache(r.cache)?, &hs, &r.block_ids, parent).await {
+            let blocks = Blocks { hashes: &hs, ids: &r.block_ids };
+            let reply = match node.save_kv(s.client, s.kv_cache(r.cache)?, blocks, parent, &r.wait_event).await {
                 Ok(o) => pb::SaveKvReply {
                     saved: o.saved as u32,
                     present: o.present as u32,
@@ -315,9 +333,15 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         }
         R::LoadKv(r) => {
             let hs = hashes(node, &r.hashes)?;
-            let reply = match node.load_kv(s.client, s.kv_cache(r.cache)?, &hs, &r.block_ids).await {
-                Ok(n) => pb::LoadKvReply { loaded: n as u32, error: String::new() },
-                Err(KvCopyError::Memory(error)) => pb::LoadKvReply { loaded: 0, error },
+            let blocks = Blocks { hashes: &hs, ids: &r.block_ids };
+            let loaded = node.load_kv(s.client, s.kv_cache(r.cache)?, blocks, &r.wait_event, r.return_event).await;
+            let reply = match loaded {
+                Ok(l) => {
+                    s.pending_loads.retain(|p| !p.is_finished());
+                    s.pending_loads.extend(l.pending);
+                    pb::LoadKvReply { loaded: l.blocks as u32, error: String::new(), done_event: l.event.into() }
+                }
+                Err(KvCopyError::Memory(error)) => pb::LoadKvReply { error, ..Default::default() },
                 Err(e) => return Err(kv_fatal(e)),
             };
             Ok(A::LoadKv(reply))
