@@ -50,7 +50,7 @@ def blocks_of(t, flash_infer, ids):
 
 def start_daemon(binary, workdir):
     sock = os.path.join(workdir, "kvtierd.sock")
-    cmd = [binary, "--socket", sock, "--pool-bytes", "6 GiB", "--slab-bytes", "4 MiB", "--allow-unlocked",
+    cmd = [binary, "--socket", sock, "--pool-bytes", "8 GiB", "--slab-bytes", "4 MiB", "--allow-unlocked",
            "--device-backend", "cuda", "--metrics-listen", ""]
     daemon = subprocess.Popen(cmd, env=dict(os.environ, RUST_LOG="info"))
     for _ in range(600):
@@ -116,6 +116,45 @@ def check_round_trip(client, flash_infer):
     return caches
 
 
+def check_ordering(client):
+    """The events really order the copies: the engine's stream is kept busy (a ~0.5 s GPU sleep)
+    before it writes the blocks to save, and before it overwrites the blocks a load targets. A
+    daemon that did not wait for the engine's event would save the old bytes, or have its load
+    overwritten; and the LoadKv reply comes while the GPU is still asleep (no CPU thread waited)."""
+    caches = kv_caches(False)
+    _, cache, tensors = register(client, caches, False, "ordering")
+    events = StreamEvents("cuda")
+    ids, dst = list(range(10)), list(range(20, 30))
+    fresh = [torch.randn(blocks_of(t, False, ids).shape, device="cuda").to(DTYPE) for t in tensors]
+    # Indexes on the GPU: indexing with a Python list uploads it from pageable memory, which
+    # would make this thread wait for the sleep below.
+    ids_t, dst_t = torch.tensor(ids, device="cuda"), torch.tensor(dst, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # about 0.5 s of GPU clock cycles on the engine's stream
+    for t, f in zip(tensors, fresh):
+        t.index_copy_(1, ids_t, f)  # queued behind the sleep
+    _, written = events.mark()
+    hs = hashes(3, len(ids))
+    r = client.save_kv(cache, hs, ids, wait_event=written)
+    assert (r.saved, r.error) == (len(ids), ""), r
+    torch.cuda._sleep(1_000_000_000)
+    for t in tensors:
+        t.index_fill_(1, dst_t, 0)  # the blocks' previous owner, still writing when the load is asked for
+    _, free = events.mark()
+    t0 = time.perf_counter()
+    r = client.load_kv(cache, hs, dst, wait_event=free, return_event=True)
+    replied = time.perf_counter() - t0
+    busy = not torch.cuda.current_stream().query()
+    print(f"ordering: LoadKv answered in {replied * 1e3:.2f} ms; engine stream still busy then: {busy}")
+    assert (r.loaded, r.error) == (len(ids), ""), r
+    events.wait(r.done_event)
+    for layer, (t, f) in enumerate(zip(tensors, fresh)):
+        assert torch.equal(blocks_of(t, False, dst), f), f"layer {layer}: the load landed after the engine's writes"
+    assert busy, "the LoadKv reply came while the engine's stream was still busy"
+    print("ordering: saves wait for the engine's writes, loads for the blocks' previous writes, and no "
+          "engine thread waited for the GPU")
+
+
 def best_of(n, fn):
     best = float("inf")
     for _ in range(n):
@@ -153,6 +192,13 @@ def bench(client):
 
     onload_s = best_of(5, onload)
 
+    def onload_16():
+        r = client.load_kv(cache, held[:16], dst[:16], wait_event=events.mark()[1], return_event=True)
+        assert r.loaded == 16, r
+        events.wait(r.done_event)
+
+    small_s = best_of(20, onload_16)
+
     def connector_copy():
         # The fallback without daemon-side copies: the connector copies each block's layers
         # between its tensors and its own mapping of the pool (`KvTierConnector._copy_block`).
@@ -172,6 +218,8 @@ def bench(client):
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     d2h = best_of(5, lambda: host.copy_(dev, non_blocking=True))
     h2d = best_of(5, lambda: dev.copy_(host, non_blocking=True))
+    small = 16 * BLOCK_BYTES
+    h2d_small = best_of(20, lambda: dev[:small].copy_(host[:small], non_blocking=True))
     gb = nbytes / 1e9
     print(f"bandwidth, {nbytes >> 20} MiB = {BENCH_BLOCKS} blocks x {LAYERS} layers x K/V "
           f"({LAYERS * 2 * BENCH_BLOCKS} chunks of {CHUNK >> 10} KiB), best of 5:")
@@ -180,6 +228,8 @@ def bench(client):
     print(f"  onload   kvtierd LoadKv {gb / onload_s:6.1f} GB/s   pinned cudaMemcpy H2D {gb / h2d:6.1f} GB/s   "
           f"ratio {h2d / onload_s:.2f}x")
     print(f"  onload   connector copy through its pool mapping (no daemon-side copies): {gb / fallback_s:6.1f} GB/s")
+    print(f"  onload of 16 blocks (32 MiB, a 256-token prefix), best of 20: kvtierd LoadKv {small_s * 1e3:.2f} ms   "
+          f"pinned cudaMemcpy H2D {h2d_small * 1e3:.2f} ms   ratio {h2d_small / small_s:.2f}x")
 
 
 def check_abandoned_load(sock):
@@ -210,6 +260,7 @@ def main():
             print(f"kvtierd device backend: {client.hello.device_backend}, daemon-side copies offered")
             check_round_trip(client, flash_infer=False)
             check_round_trip(client, flash_infer=True)
+            check_ordering(client)
             bench(client)
             client.close()
             check_abandoned_load(sock)

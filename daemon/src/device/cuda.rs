@@ -11,7 +11,7 @@ use super::cuda_ipc::CudaMemory;
 use super::gather::KernelArgs;
 use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
 use crate::pool::HostPool;
-use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 /// Threads per thread block of `kvtier_copy` (each block copies one piece).
@@ -141,22 +141,39 @@ fn launch(
         stream.wait(event).map_err(driver_err("waiting on the engine's event"))?;
     }
     let done = ctx.new_event(None).map_err(driver_err("creating an event"))?;
-    enqueue(stream, copy, args)?;
+    if let Some(args) = upload(stream, args)? {
+        enqueue(stream, copy, &args)?; // freed behind the launch on the same stream
+    }
     done.record(stream).map_err(driver_err("recording the copy's event"))?;
     Ok(done)
 }
 
-/// Queues one `kvtier_copy` of `args` on `stream` (nothing for an empty plan).
-pub(super) fn enqueue(stream: &Arc<CudaStream>, copy: &CudaFunction, args: &KernelArgs) -> Result<(), DeviceError> {
+/// A copy's arguments on the device; they must outlive the launch that reads them.
+pub(super) struct Uploaded {
+    src: CudaSlice<u64>,
+    dst: CudaSlice<u64>,
+    bytes: CudaSlice<u64>,
+}
+
+/// Uploads `args` on stream `upload`; None for an empty plan. From pageable memory the driver
+/// returns once the bytes are staged, i.e. once `upload` reaches the copy: give it a stream with
+/// nothing queued behind another process's event, or this thread waits for that process.
+pub(super) fn upload(upload: &Arc<CudaStream>, args: &KernelArgs) -> Result<Option<Uploaded>, DeviceError> {
     if args.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let upload = |v: &Vec<u64>| stream.clone_htod(v).map_err(driver_err("uploading copy arguments"));
-    let (src, dst, bytes) = (upload(&args.src)?, upload(&args.dst)?, upload(&args.bytes)?);
-    let n = args.len() as i32;
-    let cfg = LaunchConfig { grid_dim: (args.len() as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let put = |v: &Vec<u64>| upload.clone_htod(v).map_err(driver_err("uploading copy arguments"));
+    Ok(Some(Uploaded { src: put(&args.src)?, dst: put(&args.dst)?, bytes: put(&args.bytes)? }))
+}
+
+/// Queues one `kvtier_copy` of uploaded arguments on `stream`, which must be ordered after their
+/// upload.
+pub(super) fn enqueue(stream: &Arc<CudaStream>, copy: &CudaFunction, args: &Uploaded) -> Result<(), DeviceError> {
+    let n = args.src.len();
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let n = n as i32;
     let mut launch = stream.launch_builder(copy);
-    launch.arg(&src).arg(&dst).arg(&bytes).arg(&n);
+    launch.arg(&args.src).arg(&args.dst).arg(&args.bytes).arg(&n);
     // SAFETY: the kernel's signature is (u64*, u64*, u64*, int); the addresses are the caller's
     // engine memory and our registered pool, valid until the caller's event behind it completes.
     unsafe { launch.launch(cfg) }.map_err(driver_err("launching kvtier_copy"))?;

@@ -6,7 +6,7 @@
 //! own, whose handle the engine's stream waits on: neither side's CPU waits for the other's GPU
 //! work.
 
-use super::cuda::{driver_err, enqueue, pool_device_address, Registered};
+use super::cuda::{driver_err, enqueue, pool_device_address, upload, Registered};
 use super::gather::{kernel_args, Direction};
 use super::layout::Segment;
 use super::{DeviceError, EngineMemory, EngineTensor, Queued};
@@ -101,7 +101,11 @@ impl Drop for Event {
 /// An engine's KV tensors opened from CUDA IPC handles, with the events that order copies.
 pub struct CudaMemory {
     ctx: Arc<CudaContext>,
+    /// Copies, in order, each behind its engine event.
     stream: Arc<CudaStream>,
+    /// Uploads of copy arguments: never behind another process's event, so an upload (which
+    /// returns once staged) never waits for the engine.
+    uploads: Arc<CudaStream>,
     copy: CudaFunction,
     registered: Registered,
     /// Device address of each tensor.
@@ -132,6 +136,7 @@ impl CudaMemory {
         let mut memory = Self {
             ctx: Arc::clone(ctx),
             stream: ctx.new_stream().map_err(driver_err("creating a stream"))?,
+            uploads: ctx.new_stream().map_err(driver_err("creating a stream"))?,
             copy: copy.clone(),
             registered: Arc::clone(registered),
             tensors: Vec::new(),
@@ -230,14 +235,23 @@ impl EngineMemory for CudaMemory {
             .collect::<Result<Vec<_>, DeviceError>>()?;
         let args =
             kernel_args(&on_device, &self.tensors, dir, MAX_PIECE).map_err(|e| DeviceError::Memory(e.to_string()))?;
+        let args = upload(&self.uploads, &args)?;
+        self.stream.join(&self.uploads).map_err(driver_err("ordering the copy after its arguments"))?;
         if !after.is_empty() {
             self.wait_for_engine(after)?;
         }
-        enqueue(&self.stream, &self.copy, &args)?;
+        if let Some(args) = &args {
+            enqueue(&self.stream, &self.copy, args)?;
+        }
         let (event, handle) = &self.done[self.next_done.fetch_add(1, Relaxed) % DONE_EVENTS];
         event.record(&self.stream)?;
         let event = Arc::clone(event);
-        Ok(Queued { event: handle.clone(), wait: Box::new(move || event.synchronize()) })
+        let wait = move || {
+            let done = event.synchronize();
+            drop(args); // read by the launch: freed once it has completed
+            done
+        };
+        Ok(Queued { event: handle.clone(), wait: Box::new(wait) })
     }
 }
 
@@ -245,6 +259,7 @@ impl Drop for CudaMemory {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
         let _ = self.stream.synchronize();
+        let _ = self.uploads.synchronize();
         for &p in &self.opened {
             // SAFETY: opened by cuIpcOpenMemHandle in this context; no copy uses it any more.
             let _ = unsafe { sys::cuIpcCloseMemHandle(p) };
