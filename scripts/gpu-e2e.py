@@ -192,8 +192,12 @@ def bench(client):
 
     onload_s = best_of(5, onload)
 
+    replies = []
+
     def onload_16():
+        t = time.perf_counter()
         r = client.load_kv(cache, held[:16], dst[:16], wait_event=events.mark()[1], return_event=True)
+        replies.append(time.perf_counter() - t)
         assert r.loaded == 16, r
         events.wait(r.done_event)
 
@@ -229,7 +233,8 @@ def bench(client):
           f"ratio {h2d / onload_s:.2f}x")
     print(f"  onload   connector copy through its pool mapping (no daemon-side copies): {gb / fallback_s:6.1f} GB/s")
     print(f"  onload of 16 blocks (32 MiB, a 256-token prefix), best of 20: kvtierd LoadKv {small_s * 1e3:.2f} ms   "
-          f"pinned cudaMemcpy H2D {h2d_small * 1e3:.2f} ms   ratio {h2d_small / small_s:.2f}x")
+          f"pinned cudaMemcpy H2D {h2d_small * 1e3:.2f} ms   ratio {h2d_small / small_s:.2f}x   "
+          f"(reply after {min(replies) * 1e3:.2f} ms, median {sorted(replies)[len(replies) // 2] * 1e3:.2f} ms)")
 
 
 def check_abandoned_load(sock):

@@ -150,32 +150,32 @@ fn launch(
 
 /// A copy's arguments on the device; they must outlive the launch that reads them.
 pub(super) struct Uploaded {
-    src: CudaSlice<u64>,
-    dst: CudaSlice<u64>,
-    bytes: CudaSlice<u64>,
+    /// `KernelArgs::packed`.
+    packed: CudaSlice<u64>,
+    segments: usize,
 }
 
-/// Uploads `args` on stream `upload`; None for an empty plan. From pageable memory the driver
-/// returns once the bytes are staged, i.e. once `upload` reaches the copy: give it a stream with
-/// nothing queued behind another process's event, or this thread waits for that process.
+/// Uploads `args` on stream `upload` (one copy); None for an empty plan. From pageable memory the
+/// driver returns once the bytes are staged, i.e. once `upload` reaches the copy: give it a stream
+/// with nothing queued behind another process's event, or this thread waits for that process.
 pub(super) fn upload(upload: &Arc<CudaStream>, args: &KernelArgs) -> Result<Option<Uploaded>, DeviceError> {
     if args.is_empty() {
         return Ok(None);
     }
-    let put = |v: &Vec<u64>| upload.clone_htod(v).map_err(driver_err("uploading copy arguments"));
-    Ok(Some(Uploaded { src: put(&args.src)?, dst: put(&args.dst)?, bytes: put(&args.bytes)? }))
+    let packed = upload.clone_htod(&args.packed()).map_err(driver_err("uploading copy arguments"))?;
+    Ok(Some(Uploaded { packed, segments: args.len() }))
 }
 
 /// Queues one `kvtier_copy` of uploaded arguments on `stream`, which must be ordered after their
 /// upload.
 pub(super) fn enqueue(stream: &Arc<CudaStream>, copy: &CudaFunction, args: &Uploaded) -> Result<(), DeviceError> {
-    let n = args.src.len();
-    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    let n = n as i32;
+    let cfg = LaunchConfig { grid_dim: (args.segments as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let n = args.segments as i32;
     let mut launch = stream.launch_builder(copy);
-    launch.arg(&args.src).arg(&args.dst).arg(&args.bytes).arg(&n);
-    // SAFETY: the kernel's signature is (u64*, u64*, u64*, int); the addresses are the caller's
-    // engine memory and our registered pool, valid until the caller's event behind it completes.
+    launch.arg(&args.packed).arg(&n);
+    // SAFETY: the kernel's signature is (u64* packed arguments, int segments); the addresses are
+    // the caller's engine memory and our registered pool, valid until the caller's event behind
+    // the launch completes.
     unsafe { launch.launch(cfg) }.map_err(driver_err("launching kvtier_copy"))?;
     Ok(())
 }

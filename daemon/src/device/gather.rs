@@ -40,6 +40,12 @@ impl KernelArgs {
     pub fn total_bytes(&self) -> u64 {
         self.bytes.iter().sum()
     }
+
+    /// The three arrays back to back (`src`, `dst`, `bytes`), as `kvtier_copy` reads them: one
+    /// upload per launch.
+    pub fn packed(&self) -> Vec<u64> {
+        [&self.src[..], &self.dst[..], &self.bytes[..]].concat()
+    }
 }
 
 /// Why a launch could not be built.
@@ -129,9 +135,12 @@ mod tests {
         let blocks = [(4, pool), (1, pool + layout.block_bytes())];
         let args = kernel_args(&layout.plan(&blocks).unwrap(), &tensors, Direction::ToPool, 32).unwrap();
         let before = memory.clone();
-        for i in 0..args.len() {
-            let (s, d, n) = (args.src[i] as usize, args.dst[i] as usize, args.bytes[i] as usize);
-            memory.copy_within(s..s + n, d);
+        // As kvtier_copy reads its one argument array: sources, then destinations, then sizes.
+        let (packed, n) = (args.packed(), args.len());
+        assert_eq!(packed.len(), 3 * n);
+        for i in 0..n {
+            let (s, d, len) = (packed[i] as usize, packed[n + i] as usize, packed[2 * n + i] as usize);
+            memory.copy_within(s..s + len, d);
         }
         for (k, &(block, at)) in blocks.iter().enumerate() {
             for (l, place) in layout.layers.iter().enumerate() {
