@@ -71,8 +71,12 @@ def register(client, caches, flash_infer, tag):
     ns = client.register({"model": f"gpu-e2e-{tag}", "tokens_per_block": BLOCK_SIZE, "num_layers": LAYERS,
                           "kv_heads": KV_HEADS, "head_size": HEAD_SIZE, "kv_dtype": "bfloat16",
                           "layout": "flashinfer" if flash_infer else "flash-attn", "block_bytes": BLOCK_BYTES})
+    assert all(len(t["device_uuid"]) == 16 for t in layout["tensors"]), "tensors name their GPU"
     cache, error = client.register_kv_cache(ns, **layout)
     assert not error, f"the daemon opens the engine's KV memory: {error}"
+    elsewhere = dict(layout, tensors=[dict(t, device_uuid=bytes(16)) for t in layout["tensors"]])
+    _, error = client.register_kv_cache(ns, **elsewhere)
+    assert "no GPU with UUID" in error, f"a GPU the daemon does not see is refused: {error!r}"
     return ns, cache, [caches[n] for n in names]
 
 

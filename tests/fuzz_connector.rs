@@ -135,6 +135,7 @@ fn random_op(rng: &mut Rng, seen: &Seen, engine: &Engine) -> Op {
                         ipc_handle: if ipc { vec![rng.below(256) as u8; 64].into() } else { Default::default() },
                         ipc_offset: if ipc { rng.edgy() } else { 0 },
                         bytes: if rng.chance(90) { rng.below(len - at + 1) } else { rng.edgy() },
+                        device_uuid: if ipc { event(rng) } else { Default::default() },
                     }
                 })
                 .collect();

@@ -254,7 +254,7 @@ class Client:
         """Registers engine KV tensors for daemon-side copies (when `hello.device_dma`).
 
         `tensors`: per tensor a dict of KvTensor fields: `address` (host memory of this process)
-        or `ipc_handle` and `ipc_offset` (CUDA memory), and `bytes`; `layers`: per layer
+        or `ipc_handle`, `ipc_offset` and `device_uuid` (CUDA memory), and `bytes`; `layers`: per layer
         `(tensor index, offset, block_stride, kv_stride)` in bytes. Returns `(cache, error)`:
         `error` is empty when the daemon can reach the memory, else why it cannot.
         """

@@ -20,6 +20,10 @@ class _IpcMemHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_ubyte * IPC_HANDLE_BYTES)]
 
 
+class _Uuid(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_ubyte * 16)]
+
+
 _driver = None
 
 
@@ -30,8 +34,23 @@ def _cuda():
         lib.cuMemGetAddressRange_v2.argtypes = [
             ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
         lib.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcMemHandle), ctypes.c_uint64]
+        lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        lib.cuDeviceGetUuid_v2.argtypes = [ctypes.POINTER(_Uuid), ctypes.c_int]
         _driver = lib
     return _driver
+
+
+def gpu_uuid(device):
+    """The UUID of torch CUDA device `device` (16 bytes, `cuDeviceGetUuid_v2`): how the daemon,
+    which may number the node's GPUs differently, finds the same GPU."""
+    lib = _cuda()
+    dev, uuid = ctypes.c_int(), _Uuid()
+    rc = lib.cuDeviceGet(ctypes.byref(dev), torch.device(device).index or 0)
+    if rc == 0:
+        rc = lib.cuDeviceGetUuid_v2(ctypes.byref(uuid), dev)
+    if rc != 0:
+        raise OSError(f"reading the GPU's UUID failed ({rc})")
+    return bytes(uuid.bytes)
 
 
 def export_allocation(tensor):

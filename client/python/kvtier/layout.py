@@ -30,9 +30,10 @@ def _memory(t, el):
 
         try:
             handle, offset, _ = cuda.export_allocation(t)
+            uuid = cuda.gpu_uuid(t.device)
         except OSError:
             return None
-        return {"ipc_handle": handle, "ipc_offset": offset, "bytes": n}
+        return {"ipc_handle": handle, "ipc_offset": offset, "bytes": n, "device_uuid": uuid}
     return None
 
 

@@ -12,7 +12,9 @@ use super::gather::KernelArgs;
 use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
 use crate::pool::HostPool;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use std::sync::Arc;
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Threads per thread block of `kvtier_copy` (each block copies one piece).
 const THREADS: u32 = 256;
@@ -38,21 +40,69 @@ pub fn nvrtc_present() -> bool {
 /// Registered pool segments: (host address, bytes, device address).
 pub(super) type Registered = Arc<Vec<(usize, usize, u64)>>;
 
-/// An open CUDA device with the pool registered and the copy kernel loaded.
+/// One GPU as the daemon uses it: its (primary) context, the copy kernel loaded there and the
+/// pool's device addresses in that context.
+pub(super) struct Device {
+    pub(super) ctx: Arc<CudaContext>,
+    pub(super) copy: CudaFunction,
+    pub(super) registered: Registered,
+}
+
+impl Device {
+    /// Loads the kernel into `ctx` and maps the (portably registered) pool segments there.
+    fn open(ctx: Arc<CudaContext>, ptx: &Ptx, segments: &[(usize, usize)]) -> Result<Self, DeviceError> {
+        let module = ctx.load_module(ptx.clone()).map_err(driver_err("loading the copy kernel"))?;
+        let copy = module.load_function("kvtier_copy").map_err(driver_err("finding kvtier_copy"))?;
+        ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+        let mut registered = Vec::with_capacity(segments.len());
+        for &(host, len) in segments {
+            let mut device: sys::CUdeviceptr = 0;
+            // SAFETY: `host` is registered (portable, device-mapped) for the backend's life.
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, host as *mut _, 0) }
+                .result()
+                .map_err(driver_err("cuMemHostGetDevicePointer of the pool"))?;
+            registered.push((host, len, device));
+        }
+        Ok(Self { ctx, copy, registered: Arc::new(registered) })
+    }
+}
+
+/// The CUDA devices with the pool registered and the copy kernel compiled. The first GPU's
+/// context is made at start (it registers the pool); another GPU's when an engine on it first
+/// registers its KV cache, so a daemon holds contexts only on GPUs it copies for.
 pub struct CudaBackend {
-    ctx: Arc<CudaContext>,
+    first: Arc<Device>,
+    /// The first GPU's stream for [`CudaBackend::launch`].
     stream: Arc<CudaStream>,
-    copy: CudaFunction,
-    registered: Registered,
+    ptx: Ptx,
+    /// Pool segments (host address, bytes), registered with every context.
+    segments: Vec<(usize, usize)>,
+    /// UUID of each visible GPU, by ordinal.
+    uuids: Vec<[u8; 16]>,
+    /// GPUs opened so far, by ordinal.
+    devices: Mutex<HashMap<usize, Arc<Device>>>,
 }
 
 pub(super) fn driver_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DeviceError + '_ {
     move |e| DeviceError::Driver(format!("CUDA {what}: {e:?}"))
 }
 
+/// The ordinal of the GPU with `uuid` among `uuids`; the first GPU for an empty one.
+pub(super) fn gpu_of(uuids: &[[u8; 16]], uuid: &[u8]) -> Result<usize, DeviceError> {
+    if uuid.is_empty() {
+        return Ok(0);
+    }
+    uuids.iter().position(|u| u[..] == *uuid).ok_or_else(|| {
+        let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+        DeviceError::Memory(format!(
+            "no GPU with UUID {hex} is visible to the daemon (its NVIDIA_VISIBLE_DEVICES must include the engine's)"
+        ))
+    })
+}
+
 impl CudaBackend {
-    /// Opens device 0, registers the pool's segments, compiles the kernel; refuses with a clear
-    /// message when the driver or NVRTC is missing.
+    /// Opens the first GPU, registers the pool's segments, compiles the kernel; refuses with a
+    /// clear message when the driver or NVRTC is missing.
     pub fn open(pool: &HostPool) -> Result<Self, DeviceError> {
         if !driver_present() {
             return Err(DeviceError::NoDriver(
@@ -68,61 +118,99 @@ impl CudaBackend {
             ));
         }
         let ctx = CudaContext::new(0).map_err(driver_err("context on device 0"))?;
-        let mut backend = Self {
-            stream: ctx.new_stream().map_err(driver_err("creating a stream"))?,
-            copy: Self::compile(&ctx)?,
-            ctx,
-            registered: Arc::new(Vec::new()),
+        let uuids = gpu_uuids()?;
+        let ptx = cudarc::nvrtc::compile_ptx(KERNEL_SOURCE)
+            .map_err(|e| DeviceError::Driver(format!("NVRTC compiling the copy kernel: {e:?}")))?;
+        let mut segments = Vec::new();
+        let unregister = |segments: &[(usize, usize)]| {
+            for &(host, _) in segments {
+                // SAFETY: registered below, still mapped.
+                let _ = unsafe { sys::cuMemHostUnregister(host as *mut _) };
+            }
         };
         for seg in pool.segments() {
             let (host, len) = (seg.as_ptr() as usize, seg.len() as usize);
             let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
             // SAFETY: the segment is mapped for the daemon's life; unregistered on drop.
-            unsafe { sys::cuMemHostRegister_v2(host as *mut _, len, flags) }
-                .result()
-                .map_err(driver_err("cuMemHostRegister of the pool"))?;
-            let mut device: sys::CUdeviceptr = 0;
-            // SAFETY: `host` was registered with DEVICEMAP just above (kept for unregistering).
-            let mapped = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, host as *mut _, 0) }.result();
-            Arc::get_mut(&mut backend.registered).expect("not shared yet").push((host, len, device));
-            mapped.map_err(driver_err("cuMemHostGetDevicePointer of the pool"))?;
+            let done = unsafe { sys::cuMemHostRegister_v2(host as *mut _, len, flags) }.result();
+            if let Err(e) = done {
+                unregister(&segments);
+                return Err(driver_err("cuMemHostRegister of the pool")(e));
+            }
+            segments.push((host, len));
         }
-        Ok(backend)
+        let first = match Device::open(Arc::clone(&ctx), &ptx, &segments) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                unregister(&segments);
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            stream: ctx.new_stream().map_err(driver_err("creating a stream"))?,
+            devices: Mutex::new(HashMap::from([(0, Arc::clone(&first))])),
+            first,
+            ptx,
+            segments,
+            uuids,
+        })
     }
 
-    fn compile(ctx: &Arc<CudaContext>) -> Result<CudaFunction, DeviceError> {
-        let ptx = cudarc::nvrtc::compile_ptx(KERNEL_SOURCE)
-            .map_err(|e| DeviceError::Driver(format!("NVRTC compiling the copy kernel: {e:?}")))?;
-        let module = ctx.load_module(ptx).map_err(driver_err("loading the copy kernel"))?;
-        module.load_function("kvtier_copy").map_err(driver_err("finding kvtier_copy"))
+    /// The GPU with `ordinal`, opened on first use.
+    fn device(&self, ordinal: usize) -> Result<Arc<Device>, DeviceError> {
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = devices.get(&ordinal) {
+            return Ok(Arc::clone(d));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_err("context on an engine's GPU"))?;
+        let device = Arc::new(Device::open(ctx, &self.ptx, &self.segments)?);
+        devices.insert(ordinal, Arc::clone(&device));
+        Ok(device)
     }
 
-    /// The context (device 0).
+    /// The first GPU's context.
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        &self.first.ctx
     }
 
-    /// The stream copies run on.
+    /// The stream [`CudaBackend::launch`] queues on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
 
-    /// Device address of the pool byte at host address `host`, if the pool holds it.
+    /// Device address (first GPU) of the pool byte at host address `host`, if the pool holds it.
     pub fn pool_device_address(&self, host: usize) -> Option<u64> {
-        pool_device_address(&self.registered, host)
+        pool_device_address(&self.first.registered, host)
     }
 
-    /// Queues one `kvtier_copy` of `args` on the backend's stream, after `after` (the engine's
+    /// Queues one `kvtier_copy` of `args` on the first GPU's stream, after `after` (the engine's
     /// event) when given, and returns an event recorded behind it: nothing here waits on the
     /// GPU. The caller keeps both ends' memory valid until that event completed.
     pub fn launch(&self, args: &KernelArgs, after: Option<&CudaEvent>) -> Result<CudaEvent, DeviceError> {
-        launch(&self.ctx, &self.stream, &self.copy, args, after)
+        launch(&self.first.ctx, &self.stream, &self.first.copy, args, after)
     }
 
-    /// The device's name, for logs.
+    /// The first GPU's name, for logs.
     pub fn device_name(&self) -> String {
-        self.ctx.name().unwrap_or_default()
+        self.first.ctx.name().unwrap_or_default()
     }
+}
+
+/// The UUID of every visible GPU, by ordinal (as `cuDeviceGetUuid_v2` gives it to connectors).
+fn gpu_uuids() -> Result<Vec<[u8; 16]>, DeviceError> {
+    let count = CudaContext::device_count().map_err(driver_err("counting GPUs"))?;
+    (0..count)
+        .map(|i| {
+            let mut dev: sys::CUdevice = 0;
+            let mut uuid = sys::CUuuid { bytes: [0; 16] };
+            // SAFETY: the driver is initialized (device_count); plain queries.
+            unsafe {
+                sys::cuDeviceGet(&mut dev, i).result().map_err(driver_err("listing GPUs"))?;
+                sys::cuDeviceGetUuid_v2(&mut uuid, dev).result().map_err(driver_err("reading a GPU's UUID"))?;
+            }
+            Ok(uuid.bytes.map(|b| b as u8))
+        })
+        .collect()
 }
 
 pub(super) fn pool_device_address(registered: &[(usize, usize, u64)], host: usize) -> Option<u64> {
@@ -183,9 +271,10 @@ pub(super) fn enqueue(stream: &Arc<CudaStream>, copy: &CudaFunction, args: &Uplo
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.stream.synchronize();
-        for &(p, _, _) in self.registered.iter() {
+        let _ = self.first.ctx.bind_to_thread();
+        for &(host, _) in &self.segments {
             // SAFETY: registered in `open`, still mapped.
-            let _ = unsafe { sys::cuMemHostUnregister(p as *mut _) };
+            let _ = unsafe { sys::cuMemHostUnregister(host as *mut _) };
         }
     }
 }
@@ -204,7 +293,27 @@ impl DeviceBackend for CudaBackend {
             // A CPU engine on a GPU node (tensors named by address): cross-memory attach.
             return super::CmaBackend.import(pid, tensors);
         }
-        Ok(Box::new(CudaMemory::open(&self.ctx, &self.copy, &self.registered, tensors)?))
+        let uuid = tensors.first().map(|t| &t.device_uuid[..]).unwrap_or_default();
+        if tensors.iter().any(|t| t.device_uuid != uuid) {
+            return Err(DeviceError::Memory("the tensors of one KV cache are on different GPUs".into()));
+        }
+        let device = self.device(gpu_of(&self.uuids, uuid)?)?;
+        Ok(Box::new(CudaMemory::open(&device.ctx, &device.copy, &device.registered, tensors)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_name_their_gpu_by_uuid_whatever_its_index() {
+        let uuids = [[1u8; 16], [2; 16], [3; 16]];
+        assert_eq!(gpu_of(&uuids, &[3; 16]).unwrap(), 2);
+        assert_eq!(gpu_of(&uuids, &[]).unwrap(), 0, "no UUID: the first GPU");
+        let err = gpu_of(&uuids, &[9; 16]).unwrap_err().to_string();
+        assert!(err.contains("0909") && err.contains("NVIDIA_VISIBLE_DEVICES"), "{err}");
+        assert!(gpu_of(&uuids, &[1; 15]).is_err(), "a cut UUID matches nothing");
     }
 }
 
@@ -403,7 +512,7 @@ mod gpu_tests {
         for t in tensors.iter_mut() {
             stream.memset_zeros(t).unwrap();
         }
-        let before = backend.ctx.new_event(None).unwrap();
+        let before = backend.context().new_event(None).unwrap();
         before.record(&stream).unwrap();
         let load = kernel_args(&plan, &bases, Direction::ToEngine, 64 << 10).unwrap();
         backend.launch(&load, Some(&before)).unwrap().synchronize().unwrap();

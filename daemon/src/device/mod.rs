@@ -78,6 +78,8 @@ pub struct EngineTensor {
     pub ipc_offset: u64,
     /// Size in bytes.
     pub bytes: u64,
+    /// UUID of the GPU holding it (GPU engines; empty: the daemon's first GPU).
+    pub device_uuid: Vec<u8>,
 }
 
 /// An engine's registered KV tensors, opened by a backend.

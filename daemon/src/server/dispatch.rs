@@ -370,6 +370,7 @@ fn kv_layout(r: pb::RegisterKvCache) -> (KvLayout, Vec<EngineTensor>) {
             address: t.address,
             ipc_handle: t.ipc_handle.to_vec(),
             ipc_offset: t.ipc_offset,
+            device_uuid: t.device_uuid.to_vec(),
             bytes: t.bytes,
         })
         .collect();
