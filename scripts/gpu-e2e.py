@@ -4,10 +4,10 @@ way vLLM allocates them (one raw buffer per layer, viewed as FlashAttention's
 `[2, blocks, block_size, kv_heads, head_size]` in bf16, and FlashInfer's `[blocks, 2, ...]`).
 
 It registers them through the connector's own `kvtier.layout.dma_layout` (CUDA IPC handles),
-saves blocks right behind the kernels that write them (the daemon's copy waits for the engine's
-event, the engine thread does not synchronize), loads them into other blocks with the reply
-coming once the copy is queued (the engine's stream waits for the daemon's event), and compares
-bytes on the GPU. Then it measures offload and onload of 1 GiB through the daemon against pinned
+saves blocks once the kernels writing them have completed (as the connector's saver thread
+does), loads them into other blocks behind an event of the engine's stream with the reply coming
+once the copy is queued (the engine's stream waits for the daemon's event), and compares bytes on
+the GPU. Then it measures offload and onload of 1 GiB through the daemon against pinned
 `cudaMemcpy` of the same bytes (torch `copy_` between one device buffer and pinned host memory),
 best of 5 each, and prints the ratios.
 
@@ -62,15 +62,19 @@ def start_daemon(binary, workdir):
     sys.exit("kvtierd did not open its socket")
 
 
+def descriptor(tag, flash_infer):
+    return {"model": f"gpu-e2e-{tag}", "tokens_per_block": BLOCK_SIZE, "num_layers": LAYERS, "kv_heads": KV_HEADS,
+            "head_size": HEAD_SIZE, "kv_dtype": "bfloat16", "layout": "flashinfer" if flash_infer else "flash-attn",
+            "block_bytes": BLOCK_BYTES}
+
+
 def register(client, caches, flash_infer, tag):
     names = sorted(caches)
     layers = [(n, caches[n], block_dim(caches[n], BLOCKS)) for n in names]
     layout = dma_layout(layers)
     assert layout is not None, "CUDA KV tensors are described by IPC handle"
     assert all(len(t["ipc_handle"]) == 64 for t in layout["tensors"]), layout["tensors"][0]
-    ns = client.register({"model": f"gpu-e2e-{tag}", "tokens_per_block": BLOCK_SIZE, "num_layers": LAYERS,
-                          "kv_heads": KV_HEADS, "head_size": HEAD_SIZE, "kv_dtype": "bfloat16",
-                          "layout": "flashinfer" if flash_infer else "flash-attn", "block_bytes": BLOCK_BYTES})
+    ns = client.register(descriptor(tag, flash_infer))
     assert all(len(t["device_uuid"]) == 16 for t in layout["tensors"]), "tensors name their GPU"
     cache, error = client.register_kv_cache(ns, **layout)
     assert not error, f"the daemon opens the engine's KV memory: {error}"
@@ -94,9 +98,9 @@ def check_round_trip(client, flash_infer):
     dst = list(range(600, 640))
     for i, t in enumerate(tensors):  # kernels writing the blocks, queued and not waited for
         t.copy_(torch.randn(t.shape, device="cuda", dtype=torch.float32).to(DTYPE) * (i + 1))
-    _, written = events.mark()
+    events.mark()[0].synchronize()  # as the connector's saver thread does: save written blocks
     hs = hashes(1 if flash_infer else 2, len(src))
-    r = client.save_kv(cache, hs, src, wait_event=written)
+    r = client.save_kv(cache, hs, src)
     assert (r.saved, r.error) == (len(src), ""), r
     others = list(range(700, 760))
     before = [blocks_of(t, flash_infer, others) for t in tensors]  # copies, queued on the stream
@@ -115,16 +119,17 @@ def check_round_trip(client, flash_infer):
     k0 = blocks_of(tensors[0], flash_infer, [src[0]])[0, 0].contiguous().view(torch.uint8).flatten().cpu()
     assert torch.equal(pooled[:CHUNK], k0), "pool slot layout: layer 0's K first"
     client.release(lease)
-    print(f"round trip ({tag}): 40 blocks x {LAYERS} layers saved behind the engine's event and loaded "
-          "behind the daemon's event, byte-exact")
+    print(f"round trip ({tag}): 40 blocks x {LAYERS} layers saved once written and loaded behind the "
+          "engine's and the daemon's events, byte-exact")
     return caches
 
 
 def check_ordering(client):
-    """The events really order the copies: the engine's stream is kept busy (a ~0.5 s GPU sleep)
-    before it writes the blocks to save, and before it overwrites the blocks a load targets. A
-    daemon that did not wait for the engine's event would save the old bytes, or have its load
-    overwritten; and the LoadKv reply comes while the GPU is still asleep (no CPU thread waited)."""
+    """The events really order a load: the engine's stream is kept busy (a GPU spin kernel) before
+    it overwrites the blocks the load targets; a daemon that did not wait for the engine's event
+    would have its load overwritten; and the LoadKv reply comes while the engine's stream is
+    still busy (no CPU thread waited). The blocks saved first are written behind another spin, as
+    the saver thread does: it waits for them to be written."""
     caches = kv_caches(False)
     _, cache, tensors = register(client, caches, False, "ordering")
     events = StreamEvents("cuda")
@@ -134,12 +139,12 @@ def check_ordering(client):
     # would make this thread wait for the sleep below.
     ids_t, dst_t = torch.tensor(ids, device="cuda"), torch.tensor(dst, device="cuda")
     torch.cuda.synchronize()
-    torch.cuda._sleep(1_000_000_000)  # about 0.5 s of GPU clock cycles on the engine's stream
+    torch.cuda._sleep(1_000_000_000)  # a spin kernel on the engine's stream
     for t, f in zip(tensors, fresh):
         t.index_copy_(1, ids_t, f)  # queued behind the sleep
-    _, written = events.mark()
+    events.mark()[0].synchronize()  # the saver thread waits for the writes, the engine's does not
     hs = hashes(3, len(ids))
-    r = client.save_kv(cache, hs, ids, wait_event=written)
+    r = client.save_kv(cache, hs, ids)
     assert (r.saved, r.error) == (len(ids), ""), r
     torch.cuda._sleep(1_000_000_000)
     for t in tensors:
@@ -155,8 +160,8 @@ def check_ordering(client):
     for layer, (t, f) in enumerate(zip(tensors, fresh)):
         assert torch.equal(blocks_of(t, False, dst), f), f"layer {layer}: the load landed after the engine's writes"
     assert busy, "the LoadKv reply came while the engine's stream was still busy"
-    print("ordering: saves wait for the engine's writes, loads for the blocks' previous writes, and no "
-          "engine thread waited for the GPU")
+    print("ordering: loads wait on the GPU for the blocks' previous writes and the engine's stream for "
+          "the load; the engine thread did not wait for the GPU")
 
 
 def best_of(n, fn):
@@ -182,7 +187,8 @@ def bench(client):
 
     def offload():
         # New hashes each round, so every round copies (a held block is not saved again).
-        r = client.save_kv(cache, hashes(100 + next(rounds), BENCH_BLOCKS), ids, wait_event=events.mark()[1])
+        events.mark()[0].synchronize()
+        r = client.save_kv(cache, hashes(100 + next(rounds), BENCH_BLOCKS), ids)
         assert r.saved == BENCH_BLOCKS, r
 
     offload_s = best_of(5, offload)

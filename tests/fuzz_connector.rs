@@ -165,7 +165,6 @@ fn random_op(rng: &mut Rng, seen: &Seen, engine: &Engine) -> Op {
                 hashes: hs,
                 block_ids: ids,
                 parent: Default::default(),
-                wait_event: event(rng),
             })
         }
         _ => {

@@ -269,11 +269,11 @@ class Client:
         )
         return r.cache, r.error
 
-    def save_kv(self, cache, hashes, block_ids, parent=None, wait_event=b""):
-        """The daemon copies engine blocks `block_ids` into the pool under `hashes` and commits;
-        on a GPU its copy starts once the engine's IPC event `wait_event` has completed. Returns
-        the SaveKvReply (`saved`, `present`, `no_space`, `error`)."""
-        fields = {"cache": cache, "hashes": list(hashes), "block_ids": list(block_ids), "wait_event": wait_event}
+    def save_kv(self, cache, hashes, block_ids, parent=None):
+        """The daemon copies engine blocks `block_ids`, which must be written already (on a GPU:
+        the kernels writing them have completed), into the pool under `hashes` and commits.
+        Returns the SaveKvReply (`saved`, `present`, `no_space`, `error`)."""
+        fields = {"cache": cache, "hashes": list(hashes), "block_ids": list(block_ids)}
         if parent:
             fields["parent"] = parent
         return self.call("save_kv", **fields)

@@ -75,9 +75,8 @@ class _Transfer:
     # background and is reported through get_finished (vLLM's asynchronous load).
     source: Optional[str] = None
     # Worker side, GPU engines: the event recorded on the engine's stream after the forward pass
-    # that wrote the blocks (torch event, IPC handle); a save's copy waits for it.
+    # that wrote the blocks; the saver thread waits for it.
     written: Optional[object] = None
-    written_handle: bytes = b""
 
 
 @dataclass
@@ -558,8 +557,7 @@ class KvTierConnector(KVConnectorBase_V1):
         saved = 0
         for at in range(0, len(job.hashes), step):
             parent = job.hashes[at - 1] if at else None
-            reply = client.save_kv(cache, job.hashes[at : at + step], job.block_ids[at : at + step], parent,
-                                   wait_event=job.written_handle)
+            reply = client.save_kv(cache, job.hashes[at : at + step], job.block_ids[at : at + step], parent)
             if reply.error:
                 return saved, reply.error
             saved += reply.saved
@@ -587,9 +585,9 @@ class KvTierConnector(KVConnectorBase_V1):
     def wait_for_save(self):
         # The forward pass of this step is done: hand this step's saves to the saver thread.
         meta = self._get_connector_metadata()
-        written = self._events.mark() if self._events is not None and meta.saves else (None, b"")
+        written = self._events.mark()[0] if self._events is not None and meta.saves else None
         for job in meta.saves:
-            job.written, job.written_handle = written
+            job.written = written
             with self._lock:
                 self._inflight += 1
             self._saves.put(job)
@@ -621,10 +619,13 @@ class KvTierConnector(KVConnectorBase_V1):
             client, ns, cache = self._daemon.kv_cache(job.cache_salt, self._dma_layout)
             if client is None:
                 return
+            if job.written is not None:
+                # This (saver) thread waits for the forward pass that wrote the blocks, not the
+                # engine's: a save is sent only for blocks known written. (Handing the daemon the
+                # event instead would let an engine killed mid-step have it fire without them.)
+                job.written.synchronize()
             saved = self._daemon_copy(client, cache, job, save=True)
             if saved is None:
-                if job.written is not None:
-                    job.written.synchronize()  # this thread's copies must see the forward's writes
                 saved = self._save_by_copy(client, ns, job)
             self._count("saved_tokens", saved * self._block_size)
         except (OSError, KvTierError) as e:

@@ -11,8 +11,8 @@
 
 use super::gather::Direction;
 use super::layout::Segment;
+use super::process::EngineProcess;
 use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Most iovecs one `process_vm_*` call takes (`IOV_MAX` on Linux).
 const IOV_MAX: usize = 1024;
@@ -47,7 +47,7 @@ impl DeviceBackend for CmaBackend {
             }
             ranges.push((t.address, t.bytes));
         }
-        let memory = CmaMemory { pid, pidfd: pidfd_open(pid)?, tensors: ranges };
+        let memory = CmaMemory { pid, engine: EngineProcess::open(pid)?, tensors: ranges };
         memory.probe()?;
         Ok(Box::new(memory))
     }
@@ -56,32 +56,11 @@ impl DeviceBackend for CmaBackend {
 /// A registered engine's tensors: (address, bytes) in process `pid`.
 struct CmaMemory {
     pid: i32,
-    pidfd: OwnedFd,
+    engine: EngineProcess,
     tensors: Vec<(u64, u64)>,
 }
 
-fn pidfd_open(pid: i32) -> Result<OwnedFd, DeviceError> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(DeviceError::Memory(format!("engine process {pid}: {}", std::io::Error::last_os_error())));
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 impl CmaMemory {
-    /// Fails once the engine process has exited (its pid may then name another process).
-    fn alive(&self) -> Result<(), DeviceError> {
-        let mut fds = [libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-        // SAFETY: one valid pollfd, no waiting.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-        match ready {
-            0 => Ok(()),
-            _ => Err(DeviceError::Memory(format!("engine process {} has exited", self.pid))),
-        }
-    }
-
     /// Reads the first and the last byte of every tensor.
     fn probe(&self) -> Result<(), DeviceError> {
         let mut scratch = vec![0u8; 2 * self.tensors.len()];
@@ -185,7 +164,7 @@ fn split(plan: &[Segment], parts: usize) -> Vec<&[Segment]> {
 impl EngineMemory for CmaMemory {
     /// Large copies run on as many threads as there are CPUs (each system call copies with one).
     fn copy(&self, plan: &[Segment], dir: Direction) -> Result<(), DeviceError> {
-        self.alive()?;
+        self.engine.alive()?;
         let bytes: u64 = plan.iter().map(|s| s.bytes).sum();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let parts = (bytes / PARALLEL_BYTES).clamp(1, cpus as u64) as usize;

@@ -298,7 +298,7 @@ impl DeviceBackend for CudaBackend {
             return Err(DeviceError::Memory("the tensors of one KV cache are on different GPUs".into()));
         }
         let device = self.device(gpu_of(&self.uuids, uuid)?)?;
-        Ok(Box::new(CudaMemory::open(&device.ctx, &device.copy, &device.registered, tensors)?))
+        Ok(Box::new(CudaMemory::open(&device.ctx, &device.copy, &device.registered, pid, tensors)?))
     }
 }
 

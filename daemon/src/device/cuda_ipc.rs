@@ -9,6 +9,7 @@
 use super::cuda::{driver_err, enqueue, pool_device_address, upload, Registered};
 use super::gather::{kernel_args, Direction};
 use super::layout::Segment;
+use super::process::EngineProcess;
 use super::{DeviceError, EngineMemory, EngineTensor, Queued};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream};
 use std::collections::HashMap;
@@ -117,6 +118,9 @@ pub struct CudaMemory {
     /// The daemon's interprocess events, with their handles, used in turn.
     done: Vec<(Arc<Event>, Vec<u8>)>,
     next_done: AtomicUsize,
+    /// The engine process (when its pid is visible): a save whose engine exited before the copy
+    /// was seen complete is not committed (its memory may have gone while it was read).
+    engine: Option<Arc<EngineProcess>>,
 }
 
 impl CudaMemory {
@@ -125,6 +129,7 @@ impl CudaMemory {
         ctx: &Arc<CudaContext>,
         copy: &CudaFunction,
         registered: &Registered,
+        pid: Option<i32>,
         tensors: &[EngineTensor],
     ) -> Result<Self, DeviceError> {
         ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
@@ -144,6 +149,7 @@ impl CudaMemory {
             engine_events: Mutex::new(HashMap::new()),
             done,
             next_done: AtomicUsize::new(0),
+            engine: pid.filter(|&p| p > 0).and_then(|p| EngineProcess::open(p).ok()).map(Arc::new),
         };
         memory.open_tensors(tensors)?;
         Ok(memory)
@@ -246,10 +252,14 @@ impl EngineMemory for CudaMemory {
         let (event, handle) = &self.done[self.next_done.fetch_add(1, Relaxed) % DONE_EVENTS];
         event.record(&self.stream)?;
         let event = Arc::clone(event);
+        let engine = self.engine.clone().filter(|_| dir == Direction::ToPool);
         let wait = move || {
             let done = event.synchronize();
             drop(args); // read by the launch: freed once it has completed
-            done
+            done?;
+            // An engine that exited meanwhile may have freed what was read (best effort: an exit
+            // in progress may not show yet).
+            engine.map_or(Ok(()), |e| e.alive().map_err(|e| DeviceError::Memory(format!("{e}: its save is dropped"))))
         };
         Ok(Queued { event: handle.clone(), wait: Box::new(wait) })
     }

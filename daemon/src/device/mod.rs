@@ -13,6 +13,7 @@ mod cuda_ipc;
 pub mod gather;
 mod host;
 pub mod layout;
+mod process;
 pub mod rocm;
 
 use crate::pool::HostPool;

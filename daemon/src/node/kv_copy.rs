@@ -93,15 +93,14 @@ impl Node {
         Ok(KvCache { ns, layout, memory: Arc::from(memory) })
     }
 
-    /// Saves engine blocks `block_ids` under `hashes`: reserve, copy the reserved ones from the
-    /// engine (on a GPU, behind the engine's event `after`), commit (abort if the copy fails).
+    /// Saves engine blocks `block_ids` under `hashes`, which the engine has finished writing:
+    /// reserve, copy the reserved ones from the engine, commit (abort if the copy fails).
     pub async fn save_kv(
         &self,
         client: ClientId,
         cache: &KvCache,
         blocks: Blocks<'_>,
         parent: Option<BlockHash>,
-        after: &[u8],
     ) -> Result<Saved, KvCopyError> {
         check_blocks(cache, blocks)?;
         let (reservation, outcomes) = self.reserve(client, cache.ns, blocks.hashes, parent)?;
@@ -117,7 +116,7 @@ impl Node {
         if copies.is_empty() {
             return Ok(out);
         }
-        let copied = match self.queue(cache, copies, Direction::ToPool, after).await {
+        let copied = match self.queue(cache, copies, Direction::ToPool, &[]).await {
             Ok((bytes, queued)) => self.finish(queued).await.map(|()| bytes),
             Err(e) => Err(e),
         };

@@ -319,7 +319,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             let hs = hashes(node, &r.hashes)?;
             let parent = parent(node, &r.parent)?;
             let blocks = Blocks { hashes: &hs, ids: &r.block_ids };
-            let reply = match node.save_kv(s.client, s.kv_cache(r.cache)?, blocks, parent, &r.wait_event).await {
+            let reply = match node.save_kv(s.client, s.kv_cache(r.cache)?, blocks, parent).await {
                 Ok(o) => pb::SaveKvReply {
                     saved: o.saved as u32,
                     present: o.present as u32,
