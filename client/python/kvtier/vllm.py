@@ -622,7 +622,7 @@ class KvTierConnector(KVConnectorBase_V1):
             if job.written is not None:
                 # This (saver) thread waits for the forward pass that wrote the blocks, not the
                 # engine's: a save is sent only for blocks known written. (Handing the daemon the
-                # event instead would let an engine killed mid-step have it fire without them.)
+                # event instead could let an engine killed mid-step have it fire without them.)
                 job.written.synchronize()
             saved = self._daemon_copy(client, cache, job, save=True)
             if saved is None:
