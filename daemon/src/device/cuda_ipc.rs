@@ -28,6 +28,14 @@ const DONE_EVENTS: usize = 16;
 /// Engine events kept open per registered cache (a connector uses a handful).
 const MAX_ENGINE_EVENTS: usize = 64;
 
+/// The driver's form of a 64-byte IPC handle (`what`: "memory" or "event"), its length checked.
+fn raw_handle(bytes: &[u8], what: &str) -> Result<[std::ffi::c_char; IPC_HANDLE_BYTES], DeviceError> {
+    let raw: [u8; IPC_HANDLE_BYTES] = bytes.try_into().map_err(|_| {
+        DeviceError::Memory(format!("a CUDA IPC {what} handle has {IPC_HANDLE_BYTES} bytes, not {}", bytes.len()))
+    })?;
+    Ok(raw.map(|b| b as _))
+}
+
 /// A CUDA event owned by this process (created, or opened from another process's handle).
 struct Event {
     ctx: Arc<CudaContext>,
@@ -61,16 +69,7 @@ impl Event {
 
     /// Opens an event another process exported.
     fn open(ctx: &Arc<CudaContext>, handle: &[u8]) -> Result<Self, DeviceError> {
-        if handle.len() != IPC_HANDLE_BYTES {
-            return Err(DeviceError::Memory(format!(
-                "a CUDA IPC event handle has {IPC_HANDLE_BYTES} bytes, not {}",
-                handle.len()
-            )));
-        }
-        let mut h = sys::CUipcEventHandle_st { reserved: [0; IPC_HANDLE_BYTES] };
-        for (d, &s) in h.reserved.iter_mut().zip(handle) {
-            *d = s as _;
-        }
+        let h = sys::CUipcEventHandle_st { reserved: raw_handle(handle, "event")? };
         let mut raw: sys::CUevent = std::ptr::null_mut();
         // SAFETY: a handle of the right size; the context is bound to this thread.
         unsafe { sys::cuIpcOpenEventHandle(&mut raw, h) }
@@ -158,16 +157,12 @@ impl CudaMemory {
     fn open_tensors(&mut self, tensors: &[EngineTensor]) -> Result<(), DeviceError> {
         let mut by_handle: HashMap<&[u8], (u64, usize)> = HashMap::new();
         for (i, t) in tensors.iter().enumerate() {
-            if t.ipc_handle.len() != IPC_HANDLE_BYTES {
-                return Err(DeviceError::Memory(format!(
-                    "tensor {i}: a CUDA IPC memory handle has {IPC_HANDLE_BYTES} bytes, not {}",
-                    t.ipc_handle.len()
-                )));
-            }
+            let raw =
+                raw_handle(&t.ipc_handle, "memory").map_err(|e| DeviceError::Memory(format!("tensor {i}: {e}")))?;
             let (base, size) = match by_handle.get(&t.ipc_handle[..]) {
                 Some(&opened) => opened,
                 None => {
-                    let opened = self.open_allocation(i, &t.ipc_handle)?;
+                    let opened = self.open_allocation(i, raw)?;
                     by_handle.insert(&t.ipc_handle[..], opened);
                     opened
                 }
@@ -184,11 +179,12 @@ impl CudaMemory {
     }
 
     /// Maps the allocation behind `handle`; returns its device address and size.
-    fn open_allocation(&mut self, i: usize, handle: &[u8]) -> Result<(u64, usize), DeviceError> {
-        let mut h = sys::CUipcMemHandle_st { reserved: [0; IPC_HANDLE_BYTES] };
-        for (d, &s) in h.reserved.iter_mut().zip(handle) {
-            *d = s as _;
-        }
+    fn open_allocation(
+        &mut self,
+        i: usize,
+        handle: [std::ffi::c_char; IPC_HANDLE_BYTES],
+    ) -> Result<(u64, usize), DeviceError> {
+        let h = sys::CUipcMemHandle_st { reserved: handle };
         let mut base: sys::CUdeviceptr = 0;
         let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
         // SAFETY: a handle of the right size; the context is bound to this thread.
