@@ -98,13 +98,13 @@ def check_round_trip(client, flash_infer):
     dst = list(range(600, 640))
     for i, t in enumerate(tensors):  # kernels writing the blocks, queued and not waited for
         t.copy_(torch.randn(t.shape, device="cuda", dtype=torch.float32).to(DTYPE) * (i + 1))
-    events.mark()[0].synchronize()  # as the connector's saver thread does: save written blocks
+    events.record().synchronize()  # as the connector's saver thread does: save written blocks
     hs = hashes(1 if flash_infer else 2, len(src))
     r = client.save_kv(cache, hs, src)
     assert (r.saved, r.error) == (len(src), ""), r
     others = list(range(700, 760))
     before = [blocks_of(t, flash_infer, others) for t in tensors]  # copies, queued on the stream
-    _, free = events.mark()
+    free = events.mark()
     r = client.load_kv(cache, hs, dst, wait_event=free, return_event=True)
     assert (r.loaded, r.error) == (len(src), ""), r
     assert len(r.done_event) == 64, "a GPU load is answered with the daemon's event"
@@ -142,14 +142,14 @@ def check_ordering(client):
     torch.cuda._sleep(1_000_000_000)  # a spin kernel on the engine's stream
     for t, f in zip(tensors, fresh):
         t.index_copy_(1, ids_t, f)  # queued behind the sleep
-    events.mark()[0].synchronize()  # the saver thread waits for the writes, the engine's does not
+    events.record().synchronize()  # the saver thread waits for the writes, the engine's does not
     hs = hashes(3, len(ids))
     r = client.save_kv(cache, hs, ids)
     assert (r.saved, r.error) == (len(ids), ""), r
     torch.cuda._sleep(1_000_000_000)
     for t in tensors:
         t.index_fill_(1, dst_t, 0)  # the blocks' previous owner, still writing when the load is asked for
-    _, free = events.mark()
+    free = events.mark()
     t0 = time.perf_counter()
     r = client.load_kv(cache, hs, dst, wait_event=free, return_event=True)
     replied = time.perf_counter() - t0
@@ -187,7 +187,7 @@ def bench(client):
 
     def offload():
         # New hashes each round, so every round copies (a held block is not saved again).
-        events.mark()[0].synchronize()
+        events.record().synchronize()
         r = client.save_kv(cache, hashes(100 + next(rounds), BENCH_BLOCKS), ids)
         assert r.saved == BENCH_BLOCKS, r
 
@@ -196,7 +196,7 @@ def bench(client):
     dst = list(range(BENCH_BLOCKS, 2 * BENCH_BLOCKS))
 
     def onload():
-        r = client.load_kv(cache, held, dst, wait_event=events.mark()[1], return_event=True)
+        r = client.load_kv(cache, held, dst, wait_event=events.mark(), return_event=True)
         assert r.loaded == BENCH_BLOCKS, r
         events.wait(r.done_event)
 
@@ -206,7 +206,7 @@ def bench(client):
 
     def onload_16():
         t = time.perf_counter()
-        r = client.load_kv(cache, held[:16], dst[:16], wait_event=events.mark()[1], return_event=True)
+        r = client.load_kv(cache, held[:16], dst[:16], wait_event=events.mark(), return_event=True)
         replies.append(time.perf_counter() - t)
         assert r.loaded == 16, r
         events.wait(r.done_event)

@@ -73,24 +73,29 @@ def export_allocation(tensor):
 
 
 class StreamEvents:
-    """Orders daemon copies with the engine's CUDA stream: `mark()` records an interprocess event
-    on the current stream and returns its handle (the daemon's copy waits for it on the GPU);
-    `wait(handle)` makes the current stream wait for the daemon's event behind a load."""
+    """Orders daemon copies with the engine's CUDA stream: `record()` records an event on the
+    current stream (a save's thread waits for it); `mark()` also returns its IPC handle (a load's
+    copy waits for it on the GPU); `wait(handle)` makes the current stream wait for the daemon's
+    event behind a load."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self._mine = threading.local()
         self._theirs = {}
 
-    def mark(self):
-        """Records an event on this thread's current stream; returns `(event, IPC handle)`."""
+    def record(self):
+        """Records one of this thread's events on its current stream and returns it."""
         mine = self._mine
         if not hasattr(mine, "events"):
             mine.events, mine.next = [torch.cuda.Event(interprocess=True) for _ in range(_ENGINE_EVENTS)], 0
         event = mine.events[mine.next % _ENGINE_EVENTS]
         mine.next += 1
         event.record(torch.cuda.current_stream(self.device))
-        return event, bytes(event.ipc_handle())
+        return event
+
+    def mark(self):
+        """Records an event on this thread's current stream; returns its IPC handle."""
+        return bytes(self.record().ipc_handle())
 
     def wait(self, handle):
         """The current stream waits for the daemon's event `handle` before what is queued next."""

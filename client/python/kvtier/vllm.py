@@ -544,7 +544,7 @@ class KvTierConnector(KVConnectorBase_V1):
         if self._events is None:
             reply = client.load_kv(cache, job.hashes, job.block_ids)
             return reply.loaded, reply.error
-        _, free = self._events.mark()  # the blocks' previous readers are done
+        free = self._events.mark()  # the blocks' previous readers are done
         reply = client.load_kv(cache, job.hashes, job.block_ids, wait_event=free, return_event=on_engine_stream)
         if reply.done_event:
             self._events.wait(reply.done_event)
@@ -585,7 +585,7 @@ class KvTierConnector(KVConnectorBase_V1):
     def wait_for_save(self):
         # The forward pass of this step is done: hand this step's saves to the saver thread.
         meta = self._get_connector_metadata()
-        written = self._events.mark()[0] if self._events is not None and meta.saves else None
+        written = self._events.record() if self._events is not None and meta.saves else None
         for job in meta.saves:
             job.written = written
             with self._lock:
