@@ -22,7 +22,7 @@ use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
 use kvtier_tests::{namespace, Daemon};
-use kvtier_ucx::{Context, Worker};
+use kvtier_ucx::{Context, Woken, Worker};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
@@ -134,7 +134,7 @@ fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool, lanes: usize) 
                     unsafe { receiver.tag_recv((into + i * size) as *mut u8, size, None, i as u64, i as u64) }.unwrap();
                 }
                 go.wait();
-                drain(&receiver, mine.len());
+                drain(&receiver, mine.len(), false);
                 drop(accepted);
             }));
             let go = Arc::clone(&start);
@@ -148,7 +148,7 @@ fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool, lanes: usize) 
                 let hello = [1u8];
                 // SAFETY: `hello` outlives the send (drained right after).
                 unsafe { sender.tag_send(&ep, hello.as_ptr(), 1, None, HELLO, HELLO) }.unwrap();
-                drain(&sender, 1);
+                drain(&sender, 1, true);
                 go.wait();
                 let mine: Vec<usize> = (lane..count).step_by(lanes).collect();
                 for &i in &mine {
@@ -156,7 +156,7 @@ fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool, lanes: usize) 
                     unsafe { sender.tag_send(&ep, (from + i * size) as *const u8, size, None, i as u64, i as u64) }
                         .unwrap();
                 }
-                drain(&sender, mine.len());
+                drain(&sender, mine.len(), true);
                 drop(ep);
             }));
         }
@@ -170,13 +170,18 @@ fn ucx_distinct(settings: &[(&str, &str)], size: u64, huge: bool, lanes: usize) 
     best
 }
 
-/// Progresses `worker` until `n` of its operations completed, napping after 256 empty rounds as
-/// the daemon's lanes do (an idle thread leaves the cores to the ones copying).
-fn drain(worker: &Worker, n: usize) {
+/// Progresses `worker` until `n` of its operations completed, idling as the daemon's lanes do
+/// (an idle thread leaves the cores to the ones copying): a receiver naps 20 us after 256 empty
+/// rounds, a sender sleeps until UCX wakes it after 16 (at most 1 ms).
+fn drain(worker: &Worker, n: usize, sending: bool) {
     let (mut done, mut idle) = (0, 0u32);
     while done < n {
         idle = if worker.progress() == 0 { idle + 1 } else { 0 };
-        if idle > 256 {
+        if sending && idle > 16 {
+            if worker.wait(None, std::time::Duration::from_millis(1)).unwrap() != Woken::Busy {
+                idle = 0;
+            }
+        } else if idle > 256 {
             std::thread::sleep(std::time::Duration::from_micros(20));
         }
         done += worker.take_completions().len();

@@ -1,7 +1,8 @@
 //! The peer tier with real daemons and real UCX on loopback: a daemon pulls thousands of blocks
 //! from another's pool (tagged messages from the source's slots into the puller's reserved ones),
-//! byte-exact, over TCP and over shared memory, striped over however many lanes each side runs; a sender killed mid-transfer leaves nothing
-//! partial behind; a puller killed mid-transfer leaves the sender serving.
+//! byte-exact, over TCP and over shared memory, striped over however many lanes each side runs;
+//! a sender killed mid-transfer leaves nothing partial behind; a puller killed mid-transfer
+//! leaves the sender serving; lanes with nothing to do sleep instead of polling.
 
 use bytes::Bytes;
 use kvtier_client::router::feed::channel;
@@ -119,6 +120,33 @@ async fn daemons_with_different_lane_counts_ship_byte_exact_both_ways() {
     let three = daemon("96 MiB", &["tcp", "--peer-net-devices", "lo", "--peer-lanes", "3", "--peer-verify", "full"]);
     ships_byte_exact_between(&one, &three, 1).await;
     ships_byte_exact_between(&three, &one, 2).await;
+}
+
+/// CPU seconds `pid` has used (user and system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_daemons_sleep_after_shipping() {
+    // Lanes once polled for commands every 100 us when idle: a quarter of a core per daemon.
+    for tls in [&["tcp", "--peer-net-devices", "lo"][..], &["shm"]] {
+        let (a, b) = (daemon("64 MiB", tls), daemon("64 MiB", tls));
+        let (ns, hashes) = save(&a, 5, 64, 64 << 10).await;
+        save(&b, 6, 1, 64 << 10).await;
+        assert_eq!(pull(&b, &a, &ns, &hashes).await.unwrap().pulled, 64);
+        let before = [cpu_seconds(a.pid()), cpu_seconds(b.pid())];
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        for (d, was) in [&a, &b].iter().zip(before) {
+            let used = cpu_seconds(d.pid()) - was;
+            assert!(used < 0.3, "{tls:?}: an idle daemon used {used:.2} CPU seconds in 3 s (lanes polling?)");
+        }
+    }
 }
 
 /// Kills the sender of a 600 MiB pull (frozen once it is sending) and checks the puller kept

@@ -7,7 +7,7 @@ use std::ffi::CString;
 use std::ptr;
 use std::sync::Arc;
 
-/// A UCP context with RMA, active messages and tagged messages enabled.
+/// A UCP context with RMA, active messages, tagged messages and wakeup (event fd) enabled.
 pub struct Context {
     pub(crate) raw: sys::ucp_context_h,
 }
@@ -36,7 +36,8 @@ impl Context {
             params.field_mask = sys::ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;
             params.features = (sys::ucp_feature_UCP_FEATURE_RMA
                 | sys::ucp_feature_UCP_FEATURE_AM
-                | sys::ucp_feature_UCP_FEATURE_TAG) as u64;
+                | sys::ucp_feature_UCP_FEATURE_TAG
+                | sys::ucp_feature_UCP_FEATURE_WAKEUP) as u64;
             let mut raw: sys::ucp_context_h = ptr::null_mut();
             let status = sys::ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, config, &mut raw);
             sys::ucp_config_release(config);

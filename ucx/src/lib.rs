@@ -3,7 +3,8 @@
 //! address, or by socket address to a [`Listener`]; put/get, flush; failures reported by
 //! [`Worker::take_failed_endpoints`]), [`Region`] (registered memory and its packed remote key),
 //! [`RemoteKey`], and tagged messages in flight by the thousand ([`Worker::tag_send`],
-//! [`Worker::tag_recv`], [`Worker::take_completions`]).
+//! [`Worker::tag_recv`], [`Worker::take_completions`]), and sleeping until a worker has
+//! something to do ([`Worker::wait`]).
 //!
 //! Threading: workers are created in single-thread mode; a worker, its endpoints and requests
 //! are used from one thread at a time (they are `Send`, not `Sync`).
@@ -23,12 +24,14 @@ mod endpoint;
 mod listener;
 mod memory;
 mod tagged;
+mod wakeup;
 
 pub use context::{check_worker_address, Context, Worker};
 pub use endpoint::Endpoint;
 pub use listener::{ConnRequest, Listener};
 pub use memory::{Region, RemoteKey};
 pub use tagged::Completion;
+pub use wakeup::Woken;
 
 /// A UCX call failed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

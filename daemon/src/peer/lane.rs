@@ -2,10 +2,12 @@
 //! listener, running its share of every transfer as an event loop.
 
 use super::{token, Cmd, Contact, Received, Remote, Span};
-use kvtier_ucx::{Context, Endpoint, Listener, Worker};
+use kvtier_ucx::{Context, Endpoint, Listener, Woken, Worker};
+use nix::sys::eventfd::EventFd;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::os::fd::AsFd;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
@@ -69,20 +71,31 @@ pub(super) type Ready = anyhow::Result<Contact>;
 /// time). Bounds what peers that connect over and over can make us hold.
 const MAX_ACCEPTED: usize = 1024;
 
-/// Empty progress rounds of a busy worker before it naps.
+/// Empty progress rounds of a worker with receives in flight before it naps.
 const IDLE_SPINS: u32 = 256;
 /// Its nap.
 const NAP_US: u64 = 20;
+/// Longest sleep of a lane with nothing in flight (it wakes for commands and connections).
+const IDLE_SLEEP: Duration = Duration::from_millis(100);
+/// A lane with nothing in flight whose worker cannot sleep on events naps this long instead.
+const IDLE_NAP_US: u64 = 100;
+/// Empty progress rounds of a worker with only sends in flight before it sleeps until UCX or a
+/// command wakes it.
+const SEND_SPINS: u32 = 16;
+/// Longest such sleep: what a wake-up UCX failed to give costs at most (UCX 1.13 can lose one,
+/// seen over TCP for messages sent before their connection was up, which lanes avoid).
+const SEND_SLEEP: Duration = Duration::from_millis(1);
 /// How long UCX gets to finish the sends of a force-closed endpoint before they are answered.
 pub const GRACE: Duration = Duration::from_secs(1);
 
 /// The lane's thread: sets up UCX (listening on `listen`, when given), reports how to reach it
-/// on `ready`, then serves commands until `rx` closes.
+/// on `ready`, then serves commands until `rx` closes; `bell` is written with every command.
 pub(super) fn run(
     settings: Vec<(String, String)>,
     detect_peer_failure: bool,
     listen: Option<SocketAddr>,
     rx: mpsc::Receiver<Cmd>,
+    bell: Arc<EventFd>,
     ready: mpsc::Sender<Ready>,
 ) {
     let setup = || -> anyhow::Result<(std::sync::Arc<Context>, Worker)> {
@@ -122,18 +135,14 @@ pub(super) fn run(
         ops: HashMap::new(),
         detect_peer_failure,
     };
-    let mut idle = 0u32;
-    loop {
-        let busy = !engine.ops.is_empty();
-        let cmd = if busy {
-            rx.try_recv().map_err(|e| e == mpsc::TryRecvError::Disconnected)
-        } else {
-            rx.recv_timeout(Duration::from_micros(100)).map_err(|e| e == mpsc::RecvTimeoutError::Disconnected)
-        };
-        match cmd {
-            Ok(cmd) => engine.start(cmd),
-            Err(true) => break,
-            Err(false) => {}
+    let (mut idle, mut can_sleep) = (0u32, true);
+    'serve: loop {
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => engine.start(cmd),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => break 'serve,
+            }
         }
         // Bounded: a worker with a failing connection can report events forever.
         let mut events = 0;
@@ -148,21 +157,54 @@ pub(super) fn run(
             engine.accept(listener);
         }
         engine.complete();
-        // Busy but nothing happening (waiting on the peer): give the CPU to whoever will make
-        // something happen, often the peer daemon itself on a small machine.
-        idle = if events == 0 { idle + 1 } else { 0 };
+        let busy = !engine.ops.is_empty();
         if busy {
-            if idle > IDLE_SPINS {
-                std::thread::sleep(Duration::from_micros(NAP_US));
-            }
             engine.expire(Instant::now());
+        }
+        // Nothing happening (waiting on the peer, or for work): give the CPU to whoever will
+        // make something happen, often the peer daemon itself on a small machine.
+        idle = if events == 0 { idle + 1 } else { 0 };
+        let sleep = match (busy, engine.sending_only()) {
+            (false, _) => Some(IDLE_SLEEP),
+            (true, true) if idle > SEND_SPINS => Some(SEND_SLEEP),
+            _ => None,
+        };
+        match sleep.filter(|_| can_sleep) {
+            Some(timeout) => match sleep_on_events(&engine, &bell, timeout) {
+                Ok(true) => idle = 0,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!("peer lane cannot sleep on UCX events ({e}); it naps instead");
+                    can_sleep = false;
+                }
+            },
+            None if !busy => std::thread::sleep(Duration::from_micros(IDLE_NAP_US)),
+            None if idle > IDLE_SPINS => std::thread::sleep(Duration::from_micros(NAP_US)),
+            None => {}
         }
     }
     engine.endpoints.clear();
     engine.accepted.clear();
 }
 
+/// Sleeps until UCX has events for the lane's worker, a command rings `bell`, or `timeout`
+/// passes; true if it slept (false: events were pending, or `bell` had rung: progress first).
+fn sleep_on_events(engine: &Engine, bell: &EventFd, timeout: Duration) -> kvtier_ucx::Result<bool> {
+    // Reset the bell. If it had rung, a command may have come after the loop last took the
+    // queue: go round again. Once reset, any command queued rings it and ends the wait at once.
+    if bell.read().is_ok() {
+        return Ok(false);
+    }
+    Ok(engine.worker.wait(Some(bell.as_fd()), timeout)? != Woken::Busy)
+}
+
 impl Engine<'_> {
+    /// Whether every operation in flight is a send: the lane mostly waits for its receivers then
+    /// (over shared memory, they even do the copying).
+    fn sending_only(&self) -> bool {
+        self.ops.values().all(|op| matches!(op.kind, Kind::Send { .. }))
+    }
+
     /// Closes the endpoints UCX reported failed (their operations fail on their own): a peer
     /// gone, or a connection lost. A sender reconnects on its next shipment.
     fn drop_failed(&mut self) {

@@ -16,15 +16,20 @@
 //!
 //! A transfer is striped over the puller's lanes: block `j` goes to lane `j % lanes`, so the
 //! copies that land blocks (the receiver's, over shared memory; both sides', over TCP) run on
-//! that many cores at once. Each thread spins on its worker while anything is in flight, naps
-//! after a while of nothing happening, and waits 100 us between commands when idle.
+//! that many cores at once. Each thread spins on its worker while anything is in flight. After
+//! a while of nothing happening, a lane with receives in flight naps (20 us); one with only
+//! sends, or with nothing at all, sleeps until UCX (a completion, a connection) or a new
+//! command wakes it (`Worker::wait`; at most 1 ms, or 100 ms when idle). A sender's messages
+//! wait on the receiver, which over shared memory does the copying itself, on the cores a
+//! spinning sender would take; and an idle daemon costs no CPU.
 
 mod lane;
 
 use crate::config::PeerConfig;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
@@ -153,9 +158,26 @@ fn striped(blocks: usize, lane: usize, lanes: usize) -> impl Iterator<Item = usi
     (lane..blocks).step_by(lanes)
 }
 
+/// How callers hand a lane thread work: its command queue, and the eventfd that wakes it when
+/// it sleeps waiting for UCX.
+struct LaneTx {
+    cmds: mpsc::Sender<Cmd>,
+    bell: Arc<EventFd>,
+}
+
+impl LaneTx {
+    /// Queues `cmd` and wakes the lane; Err when the lane thread is gone.
+    fn send(&self, cmd: Cmd) -> Result<(), ()> {
+        self.cmds.send(cmd).map_err(|_| ())?;
+        // Fails only when the counter would overflow: then it is set, which is all we need.
+        let _ = self.bell.write(1);
+        Ok(())
+    }
+}
+
 /// Handle to the UCX threads.
 pub struct Peer {
-    lanes: Vec<mpsc::Sender<Cmd>>,
+    lanes: Vec<LaneTx>,
     contacts: Vec<Contact>,
     next_op: AtomicU32,
 }
@@ -182,7 +204,8 @@ impl Peer {
         let ip: IpAddr = cfg.listen_ip.parse().map_err(|e| anyhow::anyhow!("peer.listen_ip: {e}"))?;
         let (mut lanes, mut contacts) = (Vec::new(), Vec::new());
         for lane in 0..cfg.lanes.clamp(1, MAX_LANES) {
-            let (tx, rx) = mpsc::channel();
+            let (cmds, rx) = mpsc::channel();
+            let bell = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?);
             let (ready_tx, ready_rx) = mpsc::channel();
             let settings = settings.clone();
             let thread = std::thread::Builder::new().name(format!("kvtier-ucx-{lane}"));
@@ -194,9 +217,10 @@ impl Peer {
                 }
             };
             let listen = detect.then_some(SocketAddr::new(ip, port));
-            thread.spawn(move || lane::run(settings, detect, listen, rx, ready_tx))?;
+            let lane_bell = Arc::clone(&bell);
+            thread.spawn(move || lane::run(settings, detect, listen, rx, lane_bell, ready_tx))?;
             let contact = ready_rx.recv().map_err(|_| anyhow::anyhow!("UCX thread died at start"))??;
-            lanes.push(tx);
+            lanes.push(LaneTx { cmds, bell });
             contacts.push(contact);
         }
         Ok(Peer { lanes, contacts, next_op: AtomicU32::new(1) })
