@@ -2,7 +2,8 @@
 //! from another's pool (tagged messages from the source's slots into the puller's reserved ones),
 //! byte-exact, over TCP and over shared memory, striped over however many lanes each side runs;
 //! a sender killed mid-transfer leaves nothing partial behind; a puller killed mid-transfer
-//! leaves the sender serving; lanes with nothing to do sleep instead of polling.
+//! leaves the sender serving; lanes with nothing to do sleep instead of polling, and wake when
+//! a stopped source resumes.
 
 use bytes::Bytes;
 use kvtier_client::router::feed::channel;
@@ -146,6 +147,25 @@ async fn idle_daemons_sleep_after_shipping() {
             let used = cpu_seconds(d.pid()) - was;
             assert!(used < 0.3, "{tls:?}: an idle daemon used {used:.2} CPU seconds in 3 s (lanes polling?)");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puller_waiting_on_a_stopped_source_sleeps_then_finishes_when_it_resumes() {
+    // Receiving lanes once spun and napped for as long as nothing came: 0.4 of a core here.
+    for tls in [&["tcp", "--peer-net-devices", "lo"][..], &["shm"]] {
+        let (a, b) = (daemon("768 MiB", tls), daemon("768 MiB", tls));
+        save(&b, 2, 1, KILL_BLOCK).await;
+        connect_lanes(&b, &a).await;
+        let (puller, _, hashes) = pull_frozen_mid_way(&b, &a, &a).await;
+        let was = cpu_seconds(b.pid());
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let used = cpu_seconds(b.pid()) - was;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.pid() as i32), nix::sys::signal::SIGCONT).unwrap();
+        assert!(used < 0.3, "{tls:?}: the puller used {used:.2} CPU seconds in 2 s waiting on a stopped source");
+        let pulled = puller.await.unwrap().expect("the pull finishes once its source runs again");
+        assert_eq!(pulled.pulled, 2400, "{tls:?}");
+        assert_eq!(verify(&b, &hashes, KILL_BLOCK).await, 2400, "{tls:?}");
     }
 }
 

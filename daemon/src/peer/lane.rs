@@ -75,16 +75,20 @@ const MAX_ACCEPTED: usize = 1024;
 const IDLE_SPINS: u32 = 256;
 /// Its nap.
 const NAP_US: u64 = 20;
+/// Naps in a row (nothing arriving for a millisecond or more: a slow or stopped sender) after
+/// which a receiving lane sleeps until UCX or a command wakes it.
+const QUIET_NAPS: u32 = 50;
+/// Empty progress rounds of a worker with only sends in flight before it sleeps until UCX or a
+/// command wakes it.
+const SEND_SPINS: u32 = 16;
+/// Longest sleep of a lane with something in flight: what a wake-up UCX failed to give costs at
+/// most (UCX 1.13 can lose one, seen over TCP for messages sent before their connection was up,
+/// which lanes avoid).
+const BUSY_SLEEP: Duration = Duration::from_millis(1);
 /// Longest sleep of a lane with nothing in flight (it wakes for commands and connections).
 const IDLE_SLEEP: Duration = Duration::from_millis(100);
 /// A lane with nothing in flight whose worker cannot sleep on events naps this long instead.
 const IDLE_NAP_US: u64 = 100;
-/// Empty progress rounds of a worker with only sends in flight before it sleeps until UCX or a
-/// command wakes it.
-const SEND_SPINS: u32 = 16;
-/// Longest such sleep: what a wake-up UCX failed to give costs at most (UCX 1.13 can lose one,
-/// seen over TCP for messages sent before their connection was up, which lanes avoid).
-const SEND_SLEEP: Duration = Duration::from_millis(1);
 /// How long UCX gets to finish the sends of a force-closed endpoint before they are answered.
 pub const GRACE: Duration = Duration::from_secs(1);
 
@@ -139,7 +143,10 @@ pub(super) fn run(
     'serve: loop {
         loop {
             match rx.try_recv() {
-                Ok(cmd) => engine.start(cmd),
+                Ok(cmd) => {
+                    engine.start(cmd);
+                    idle = 0;
+                }
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => break 'serve,
             }
@@ -166,13 +173,15 @@ pub(super) fn run(
         idle = if events == 0 { idle + 1 } else { 0 };
         let sleep = match (busy, engine.sending_only()) {
             (false, _) => Some(IDLE_SLEEP),
-            (true, true) if idle > SEND_SPINS => Some(SEND_SLEEP),
+            (true, true) if idle > SEND_SPINS => Some(BUSY_SLEEP),
+            (true, false) if idle > IDLE_SPINS + QUIET_NAPS => Some(BUSY_SLEEP),
             _ => None,
         };
         match sleep.filter(|_| can_sleep) {
+            // Woken by something: spin again. Timed out: still nothing, so sleep again next time.
             Some(timeout) => match sleep_on_events(&engine, &bell, timeout) {
-                Ok(true) => idle = 0,
-                Ok(false) => {}
+                Ok(Woken::Ready) => idle = 0,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!("peer lane cannot sleep on UCX events ({e}); it naps instead");
                     can_sleep = false;
@@ -188,14 +197,14 @@ pub(super) fn run(
 }
 
 /// Sleeps until UCX has events for the lane's worker, a command rings `bell`, or `timeout`
-/// passes; true if it slept (false: events were pending, or `bell` had rung: progress first).
-fn sleep_on_events(engine: &Engine, bell: &EventFd, timeout: Duration) -> kvtier_ucx::Result<bool> {
+/// passes; [`Woken::Busy`] without sleeping when events were pending or `bell` had rung.
+fn sleep_on_events(engine: &Engine, bell: &EventFd, timeout: Duration) -> kvtier_ucx::Result<Woken> {
     // Reset the bell. If it had rung, a command may have come after the loop last took the
     // queue: go round again. Once reset, any command queued rings it and ends the wait at once.
     if bell.read().is_ok() {
-        return Ok(false);
+        return Ok(Woken::Busy);
     }
-    Ok(engine.worker.wait(Some(bell.as_fd()), timeout)? != Woken::Busy)
+    engine.worker.wait(Some(bell.as_fd()), timeout)
 }
 
 impl Engine<'_> {
