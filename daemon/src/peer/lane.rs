@@ -139,7 +139,8 @@ pub(super) fn run(
         ops: HashMap::new(),
         detect_peer_failure,
     };
-    let (mut idle, mut can_sleep) = (0u32, true);
+    // Empty progress rounds in a row, and UCX refusals to sleep in a row.
+    let (mut idle, mut stuck, mut can_sleep) = (0u32, 0u32, true);
     'serve: loop {
         loop {
             match rx.try_recv() {
@@ -170,7 +171,7 @@ pub(super) fn run(
         }
         // Nothing happening (waiting on the peer, or for work): give the CPU to whoever will
         // make something happen, often the peer daemon itself on a small machine.
-        idle = if events == 0 { idle + 1 } else { 0 };
+        (idle, stuck) = if events == 0 { (idle + 1, stuck) } else { (0, 0) };
         let sleep = match (busy, engine.sending_only()) {
             (false, _) => Some(IDLE_SLEEP),
             (true, true) if idle > SEND_SPINS => Some(BUSY_SLEEP),
@@ -179,9 +180,20 @@ pub(super) fn run(
         };
         match sleep.filter(|_| can_sleep) {
             // Woken by something: spin again. Timed out: still nothing, so sleep again next time.
+            // UCX busy with nothing to progress (seen over shared memory with a sender stopped
+            // mid-message): it cannot be slept on, so nap, longer each time up to `timeout`.
             Some(timeout) => match sleep_on_events(&engine, &bell, timeout) {
-                Ok(Woken::Ready) => idle = 0,
-                Ok(_) => {}
+                Ok(Woken::Busy) => {
+                    let nap = Duration::from_micros(NAP_US << stuck.min(6)).min(timeout);
+                    std::thread::sleep(nap);
+                    stuck += 1;
+                }
+                Ok(woken) => {
+                    stuck = 0;
+                    if woken == Woken::Ready {
+                        idle = 0;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("peer lane cannot sleep on UCX events ({e}); it naps instead");
                     can_sleep = false;
@@ -197,12 +209,13 @@ pub(super) fn run(
 }
 
 /// Sleeps until UCX has events for the lane's worker, a command rings `bell`, or `timeout`
-/// passes; [`Woken::Busy`] without sleeping when events were pending or `bell` had rung.
+/// passes; [`Woken::Ready`] at once when `bell` had rung, [`Woken::Busy`] at once when UCX
+/// says events are pending.
 fn sleep_on_events(engine: &Engine, bell: &EventFd, timeout: Duration) -> kvtier_ucx::Result<Woken> {
     // Reset the bell. If it had rung, a command may have come after the loop last took the
     // queue: go round again. Once reset, any command queued rings it and ends the wait at once.
     if bell.read().is_ok() {
-        return Ok(Woken::Busy);
+        return Ok(Woken::Ready);
     }
     engine.worker.wait(Some(bell.as_fd()), timeout)
 }
