@@ -172,17 +172,18 @@ pub(super) fn run(
         // Nothing happening (waiting on the peer, or for work): give the CPU to whoever will
         // make something happen, often the peer daemon itself on a small machine.
         (idle, stuck) = if events == 0 { (idle + 1, stuck) } else { (0, 0) };
-        let sleep = match (busy, engine.sending_only()) {
-            (false, _) => Some(IDLE_SLEEP),
-            (true, true) if idle > SEND_SPINS => Some(BUSY_SLEEP),
-            (true, false) if idle > IDLE_SPINS + QUIET_NAPS => Some(BUSY_SLEEP),
-            _ => None,
+        // Guards in this order: which ops are in flight is looked at only once spinning stalls.
+        let sleep = match busy {
+            false => Some(IDLE_SLEEP),
+            true if idle > SEND_SPINS && engine.sending_only() => Some(BUSY_SLEEP),
+            true if idle > IDLE_SPINS + QUIET_NAPS => Some(BUSY_SLEEP),
+            true => None,
         };
         match sleep.filter(|_| can_sleep) {
             // Woken by something: spin again. Timed out: still nothing, so sleep again next time.
             // UCX busy with nothing to progress (seen over shared memory with a sender stopped
             // mid-message): it cannot be slept on, so nap, longer each time up to `timeout`.
-            Some(timeout) => match sleep_on_events(&engine, &bell, timeout) {
+            Some(timeout) => match sleep_on_events(engine.worker, &bell, timeout) {
                 Ok(Woken::Busy) => {
                     let nap = Duration::from_micros(NAP_US << stuck.min(6)).min(timeout);
                     std::thread::sleep(nap);
@@ -211,13 +212,13 @@ pub(super) fn run(
 /// Sleeps until UCX has events for the lane's worker, a command rings `bell`, or `timeout`
 /// passes; [`Woken::Ready`] at once when `bell` had rung, [`Woken::Busy`] at once when UCX
 /// says events are pending.
-fn sleep_on_events(engine: &Engine, bell: &EventFd, timeout: Duration) -> kvtier_ucx::Result<Woken> {
+fn sleep_on_events(worker: &Worker, bell: &EventFd, timeout: Duration) -> kvtier_ucx::Result<Woken> {
     // Reset the bell. If it had rung, a command may have come after the loop last took the
     // queue: go round again. Once reset, any command queued rings it and ends the wait at once.
     if bell.read().is_ok() {
         return Ok(Woken::Ready);
     }
-    engine.worker.wait(Some(bell.as_fd()), timeout)
+    worker.wait(Some(bell.as_fd()), timeout)
 }
 
 impl Engine<'_> {
