@@ -15,7 +15,8 @@
 //! A last table pulls 16 prompts at once (P/D-shaped) against UCX distinct.
 //!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench peer_ship`
-//! (`PEER_SHIP_ONLY=tcp` or `=shm` runs one transport's rows.)
+//! (`PEER_SHIP_ONLY=tcp` or `=shm` runs one transport's rows; `PEER_SHIP_PAGES=4k` puts pools
+//! and buffers on 4 KiB pages, the daemon's default, instead of reserving huge pages.)
 
 use kvtier_client::router::feed::channel;
 use kvtier_client::testdata;
@@ -248,7 +249,8 @@ fn reserve_huge_pages() -> bool {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let huge = reserve_huge_pages();
+    // The daemon's default is 4 KiB pages; PEER_SHIP_PAGES=4k measures that.
+    let huge = std::env::var("PEER_SHIP_PAGES").map_or(true, |p| p != "4k") && reserve_huge_pages();
     println!(
         "peer tier: Pull of {} MiB between two kvtierd (offer, tagged messages slot to slot, sampled fingerprints, \
          commit), pools on {} pages; best of {ROUNDS}",

@@ -7,6 +7,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{madvise, MmapAdvise};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use tracing::warn;
@@ -81,6 +82,33 @@ pub struct Segment {
     locked: bool,
 }
 
+/// Locks `map` in memory with every page faulted in for writing.
+///
+/// `mlock` alone faults a shared mapping's pages in for reading: their page-table entries start
+/// clean, and the first write to each page then pays for setting its dirty bit. On a VM that is
+/// 0.4 us a page, and a fresh pool's first writes (pulls, saves, disk reads) ran at half the
+/// speed of later ones (5.7 against 10.8 GB/s). So the range is locked as it faults
+/// (`MLOCK_ONFAULT`, which checks the limit without populating) and then faulted in for
+/// writing (`MADV_POPULATE_WRITE`): the pages are zeroed and allocated either way, so this costs
+/// no more than `mlock`'s own populating did. Kernels before 5.14 lack the advice; there a
+/// plain `mlock` populates for reading, as before.
+fn lock_for_writing(map: &MmapRaw) -> Result<(), Errno> {
+    let (addr, len) = (map.as_mut_ptr().cast::<nix::libc::c_void>(), map.len());
+    // SAFETY: the range is this mapping's; locking and populating do not change its contents.
+    unsafe {
+        Errno::result(nix::libc::mlock2(addr, len, nix::libc::MLOCK_ONFAULT))?;
+        let Some(start) = std::ptr::NonNull::new(addr) else { return Ok(()) };
+        if let Err(e) = madvise(start, len, MmapAdvise::MADV_POPULATE_WRITE) {
+            tracing::debug!("MADV_POPULATE_WRITE of the pool failed ({e}): populating it for reading");
+            if let Err(e) = Errno::result(nix::libc::mlock(addr, len)) {
+                nix::libc::munlock(addr, len);
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Segment {
     fn create(index: u32, bytes: u64, hugetlb: bool, lock: LockMode) -> anyhow::Result<Self> {
         let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
@@ -103,10 +131,9 @@ impl Segment {
         fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL))
             .context("sealing pool segment")?;
         let map = MmapOptions::new().len(bytes as usize).map_raw(&file).context("mapping pool segment")?;
-        let locked = match unsafe { nix::libc::mlock(map.as_ptr() as *const _, bytes as usize) } {
-            0 => true,
-            _ => {
-                let err = Errno::last();
+        let locked = match lock_for_writing(&map) {
+            Ok(()) => true,
+            Err(err) => {
                 let why = format!(
                     "mlock of {bytes} bytes of pool failed ({err}): give kvtierd CAP_IPC_LOCK (or raise \
                      `ulimit -l`), or run with --allow-unlocked for development"
