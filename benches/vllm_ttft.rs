@@ -5,6 +5,7 @@
 //! tensors itself (`--device-backend cma`).
 //! Last, prefill/decode: a prefill instance saves through daemon A, and a decode instance on
 //! daemon B has each prompt pulled from A over UCX (tcp) and loads it; its TTFT against recompute.
+//! These prompts do not share a prefix, so every decode request pulls its whole prompt.
 //!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench vllm_ttft`
 //! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`)
@@ -36,17 +37,23 @@ fn main() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model");
     make_model(&py, &model, &["--layers", "8", "--hidden", "1024", "--heads", "16", "--kv-heads", "8"]);
-    // One long prompt, then RUNS prompts sharing its prefix with different tails.
     let mut x = 7u64;
     let mut next = || {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         3 + (x >> 33) as u32 % 1000
     };
-    let prefix: Vec<u32> = (0..PREFIX_TOKENS).map(|_| next()).collect();
-    let prompts: Vec<Vec<u32>> =
-        (0..=RUNS).map(|_| prefix.iter().copied().chain((0..8).map(|_| next())).collect()).collect();
-    let file = work.path().join("prompts.json");
-    std::fs::write(&file, serde_json::to_string(&prompts).unwrap()).unwrap();
+    let mut tokens = |n| (0..n).map(|_| next()).collect::<Vec<u32>>();
+    // One long prompt, then RUNS prompts sharing its prefix with different tails.
+    let prefix = tokens(PREFIX_TOKENS);
+    let shared: Vec<Vec<u32>> = (0..=RUNS).map(|_| [prefix.clone(), tokens(8)].concat()).collect();
+    // P/D: every prompt its own, so that every decode request pulls its whole prefix.
+    let distinct: Vec<Vec<u32>> = (0..=RUNS).map(|_| tokens(PREFIX_TOKENS + 8)).collect();
+    let write = |name: &str, prompts: &[Vec<u32>]| {
+        let file = work.path().join(name);
+        std::fs::write(&file, serde_json::to_string(prompts).unwrap()).unwrap();
+        file
+    };
+    let (file, pd_file) = (write("prompts.json", &shared), write("pd-prompts.json", &distinct));
 
     let d = Daemon::start(&["--pool-bytes", "2 GiB", "--slab-bytes", "64 MiB", "--device-backend", "host"]);
     let with_kvtier = ttft(&py, &model, &file, &["--socket", d.socket.to_str().unwrap()]);
@@ -85,13 +92,13 @@ fn main() {
 
     let peer =
         ["--pool-bytes", "2 GiB", "--slab-bytes", "64 MiB", "--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"];
-    let (a, b) = (Daemon::start(&peer), Daemon::start(&peer));
+    let (a, b) = (Daemon::start(&peer), Daemon::start_with_metrics(&peer, true));
     let params = work.path().join("params.json");
     let (a_sock, b_sock, params) = (a.socket.to_str().unwrap(), b.socket.to_str().unwrap(), params.to_str().unwrap());
-    ttft(&py, &model, &file, &["--socket", a_sock, "--transfer-source", &a.grpc, "--emit-params", params]);
+    ttft(&py, &model, &pd_file, &["--socket", a_sock, "--transfer-source", &a.grpc, "--emit-params", params]);
     // Warmed up, so that its first timed request pays for what P/D adds (the daemons' first
     // pull, which connects their UCX lanes), not for vLLM's own first call.
-    let decode = ttft(&py, &model, &file, &["--socket", b_sock, "--params", params, "--warm-up"]);
+    let decode = ttft(&py, &model, &pd_file, &["--socket", b_sock, "--params", params, "--warm-up"]);
     let d = median(decode[1..].to_vec());
     println!(
         "  {:<44} {:>9.3} s   {:>6.1}x faster than recompute",
@@ -100,5 +107,11 @@ fn main() {
         r / d
     );
     println!("  {:<44} {:>9.3} s", "P/D: first decode request (UCX connects)", decode[0]);
+    println!(
+        "    (the decode daemon pulled {} blocks, {:.0} MiB, over {} requests: each its whole prefix)",
+        b.metric("kvtier_peer_pulled_blocks_total"),
+        b.metric("kvtier_peer_pulled_bytes_total") / (1 << 20) as f64,
+        decode.len()
+    );
     println!("    (the decode vLLM ran one short untimed prompt first, so its first call's costs are not in it)");
 }
