@@ -1,7 +1,8 @@
 //! Mutual TLS on the gRPC plane with real certificates (made by `openssl` for the test): a
 //! router holding the cluster's certificate follows a daemon; clients without a certificate,
 //! with one from another CA, or in plain text are refused; the local unix socket stays plain;
-//! two daemons pull blocks from each other over it; a router can serve behind it too.
+//! two daemons pull blocks from each other over it; a router can serve behind it too;
+//! certificates replaced on disk are served, and dialed with, without a restart.
 
 use bytes::Bytes;
 use kvtier_client::router::feed::{channel, channel_with};
@@ -71,6 +72,18 @@ impl Pki {
         let (c, k, a) =
             (self.arg(&format!("{cert}.pem")), self.arg(&format!("{cert}.key")), self.arg(&format!("{ca}.pem")));
         ["--grpc-tls-cert", &c, "--grpc-tls-key", &k, "--grpc-tls-ca", &a].map(String::from).to_vec()
+    }
+
+    /// Puts certificate `cert` of CA `ca` in `dir` as `tls.crt`, `tls.key` and `ca.crt` the way
+    /// a secret volume is updated: each written aside, then renamed over the old one.
+    fn install(&self, dir: &Path, ca: &str, cert: &str) {
+        for (from, to) in
+            [(format!("{cert}.pem"), "tls.crt"), (format!("{cert}.key"), "tls.key"), (format!("{ca}.pem"), "ca.crt")]
+        {
+            let aside = dir.join(format!(".{to}.new"));
+            std::fs::copy(self.path(&from), &aside).unwrap();
+            std::fs::rename(&aside, dir.join(to)).unwrap();
+        }
     }
 
     /// The client side with `cert` (None: no client certificate), trusting `ca`.
@@ -180,4 +193,74 @@ async fn daemons_pull_from_each_other_over_mutual_tls() {
         .await
         .unwrap();
     assert_eq!(loaded, 64);
+}
+
+/// Daemon flags reading the certificate files `Pki::install` puts in `dir`.
+fn live_flags(dir: &Path) -> Vec<String> {
+    let f = |name: &str| dir.join(name).display().to_string();
+    vec![
+        "--grpc-tls-cert".into(),
+        f("tls.crt"),
+        "--grpc-tls-key".into(),
+        f("tls.key"),
+        "--grpc-tls-ca".into(),
+        f("ca.crt"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_replaced_on_disk_are_served_and_dialed_with_without_a_restart() {
+    let pki = Pki::new(&[
+        ("ca", "a"),
+        ("ca", "b"),
+        ("ca", "client"),
+        ("new-ca", "new-a"),
+        ("new-ca", "new-b"),
+        ("new-ca", "new-client"),
+    ]);
+    let (live_a, live_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    pki.install(live_a.path(), "ca", "a");
+    pki.install(live_b.path(), "ca", "b");
+    let peer = ["--pool-bytes", "64 MiB", "--slab-bytes", "4 MiB", "--peer", "--peer-tls", "tcp"].map(String::from);
+    let mut a = Daemon::start(&strs(&[&peer[..], &live_flags(live_a.path())].concat()));
+    let b = Daemon::start(&strs(&[&peer[..], &live_flags(live_b.path())].concat()));
+    let (old, new) = (pki.client("ca", Some("client")), pki.client("new-ca", Some("new-client")));
+    let (ns, hashes) = save(&a, 3, 8).await;
+    let mut on_b = b.client("tls-test").await;
+    on_b.register(namespace("tls-test", 16384)).await.unwrap();
+    assert!(served(&a, Some(&old), &ns, &hashes).await, "the first certificate");
+    // B pulls from A once, so that it holds a channel to A made with the first certificates.
+    let source = a.grpc.clone(); // kept across restarts
+    let pull = |hashes: Vec<Bytes>, tls: ClientTlsConfig| {
+        let (b, source, ns) = (b.grpc.clone(), source.clone(), ns.clone());
+        async move {
+            let mut c = TransferServiceClient::new(channel_with(&b, Some(&tls)).await.unwrap());
+            let req = pb::PullRequest { source, namespace_id: ns, hashes };
+            c.pull(req).await.map(|r| r.into_inner())
+        }
+    };
+    assert_eq!(pull(hashes.clone(), old.clone()).await.unwrap().pulled, 8);
+
+    // The cluster moves to a new CA: both daemons' files are replaced, neither is restarted.
+    let pid = a.pid();
+    pki.install(live_a.path(), "new-ca", "new-a");
+    pki.install(live_b.path(), "new-ca", "new-b");
+    assert!(served(&a, Some(&new), &ns, &hashes).await, "the new certificate, without a restart");
+    assert!(!served(&a, Some(&old), &ns, &hashes).await, "the old CA's certificate is refused now");
+    assert_eq!(a.pid(), pid);
+    assert!(a.log().contains("the files changed; new connections use them"), "{}", a.log());
+
+    // A certificate replaced by something that does not load (its key not written yet, or a
+    // botched copy): the last good files stay in use.
+    std::fs::write(live_a.path().join("tls.crt"), "not a certificate").unwrap();
+    assert!(served(&a, Some(&new), &ns, &hashes).await, "still served with the last good files");
+    assert!(a.log().contains("do not load"), "{}", a.log());
+    pki.install(live_a.path(), "new-ca", "new-a");
+
+    // A restarted with the new files: B's old channel to it cannot reconnect with the old
+    // certificates, so B must dial with the new ones.
+    a.restart();
+    let (_, again) = save(&a, 4, 8).await;
+    let pulled = pull(again, new.clone()).await.expect("B dials A with the new certificates");
+    assert_eq!(pulled.pulled, 8);
 }

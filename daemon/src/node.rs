@@ -57,9 +57,9 @@ pub struct Node {
     peer: Option<crate::peer::Peer>,
     offers: Mutex<std::collections::HashMap<u64, transfer::Offered>>,
     next_transfer: AtomicU64,
-    /// gRPC channels to the TransferServices pulled from, by address (they reconnect by
-    /// themselves): a pull per request must not pay a connection handshake each time.
-    sources: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
+    /// gRPC channels to the TransferServices pulled from, by address (with mutual TLS when
+    /// `grpc.tls` is set): a pull per request must not pay a connection handshake each time.
+    sources: crate::tls::Channels,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
@@ -143,6 +143,7 @@ impl Node {
             }
             false => None,
         };
+        let source_tls = config.grpc.tls.enabled().then(|| crate::tls::client_tls(&config.grpc.tls)).transpose()?;
         let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
@@ -172,7 +173,7 @@ impl Node {
             peer,
             offers: Mutex::new(std::collections::HashMap::new()),
             next_transfer: AtomicU64::new(0),
-            sources: Mutex::new(std::collections::HashMap::new()),
+            sources: crate::tls::Channels::new(source_tls),
             pool,
             metrics: Metrics::default(),
             config,

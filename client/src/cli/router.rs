@@ -5,10 +5,11 @@
 use kvtier_client::router::feed::{discover, Shared};
 use kvtier_client::router::score::Weights;
 use kvtier_client::router::service::{grpc, Router, RouterGrpc};
-use kvtier_daemon::tls::TlsConfig;
+use kvtier_daemon::tls::{server_tls, ClientTls, TlsConfig};
 use kvtier_proto::v1::router_service_server::RouterServiceServer;
 use std::sync::Arc;
 use std::time::Duration;
+use tonic::transport::server::TcpIncoming;
 
 /// Arguments of `kvtier router`.
 #[derive(clap::Args, Debug)]
@@ -74,9 +75,9 @@ impl RouterArgs {
         })
     }
 
-    /// The client side of mutual TLS towards the daemons, if asked for.
-    fn tls(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
-        self.tls_files().map(|f| f.client()).transpose()
+    /// The client side of mutual TLS towards the daemons, if asked for (following its files).
+    fn tls(&self) -> anyhow::Result<Option<Arc<ClientTls>>> {
+        self.tls_files().map(|f| kvtier_daemon::tls::client_tls(&f)).transpose()
     }
 }
 
@@ -116,14 +117,10 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     );
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RouterServiceServer<RouterGrpc>>().await;
-    let mut server = tonic::transport::Server::builder();
-    if let Some(files) = args.tls_files().filter(|_| args.serve_tls) {
-        server = server.tls_config(files.server()?)?;
+    let server = tonic::transport::Server::builder().add_service(health).add_service(grpc(router));
+    match args.tls_files().filter(|_| args.serve_tls) {
+        Some(files) => server.serve_with_incoming(kvtier_daemon::tls::incoming(tcp, server_tls(&files)?)).await?,
+        None => server.serve_with_incoming(TcpIncoming::from(tcp).with_nodelay(Some(true))).await?,
     }
-    server
-        .add_service(health)
-        .add_service(grpc(router))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true)))
-        .await?;
     Ok(())
 }

@@ -7,6 +7,7 @@ use super::index::{GlobalIndex, NodeId, MAX_NODES};
 use super::score::NodeView;
 use kvtier_daemon::block::BlockHash;
 use kvtier_daemon::cache::TierKind;
+use kvtier_daemon::tls::ClientTls;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_proto::v1::watch_events_response::Payload;
@@ -80,8 +81,8 @@ pub struct Shared {
     pub counters: FeedCounters,
     /// How long a node may be unreachable before it is forgotten.
     pub expiry: Duration,
-    /// Mutual TLS towards the daemons (None: plain gRPC).
-    pub tls: Option<ClientTlsConfig>,
+    /// Mutual TLS towards the daemons (None: plain gRPC), following its files.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,7 +104,7 @@ impl Shared {
     }
 
     /// Like [`new`](Self::new), dialing the daemons with mutual TLS when `tls` is given.
-    pub fn with_tls(max_blocks: usize, expiry: Duration, tls: Option<ClientTlsConfig>) -> Arc<Self> {
+    pub fn with_tls(max_blocks: usize, expiry: Duration, tls: Option<Arc<ClientTls>>) -> Arc<Self> {
         Arc::new(Self {
             index: Mutex::new(GlobalIndex::new(max_blocks)),
             nodes: Mutex::new(Vec::new()),
@@ -111,6 +112,11 @@ impl Shared {
             expiry,
             tls,
         })
+    }
+
+    /// The client TLS a new connection to a daemon uses now.
+    fn tls_now(&self) -> Option<ClientTlsConfig> {
+        self.tls.as_ref().map(|t| t.current().1)
     }
 
     /// The global index, locked.
@@ -213,7 +219,7 @@ impl Shared {
     }
 
     async fn follow_once(&self, node: NodeId, endpoint: &str) -> anyhow::Result<()> {
-        let mut client = CacheServiceClient::new(channel_with(endpoint, self.tls.as_ref()).await?);
+        let mut client = CacheServiceClient::new(channel_with(endpoint, self.tls_now().as_ref()).await?);
         let (after_sequence, instance_id) = self.with_node(node, |n| (n.sequence, n.instance.clone()));
         let request = pb::WatchEventsRequest { after_sequence, instance_id };
         let mut stream = client.watch_events(request).await?.into_inner();
@@ -282,7 +288,7 @@ impl Shared {
         while !self.with_node(node, |n| n.removed) {
             tick.tick().await;
             if client.is_none() {
-                client = channel_with(&endpoint, self.tls.as_ref()).await.ok().map(CacheServiceClient::new);
+                client = channel_with(&endpoint, self.tls_now().as_ref()).await.ok().map(CacheServiceClient::new);
             }
             let Some(c) = client.as_mut() else { continue };
             match c.stats(pb::NodeStatsRequest {}).await {

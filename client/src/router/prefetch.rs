@@ -4,11 +4,11 @@
 //! them in memory. Fire and forget: a failed prefetch costs only the head start.
 
 use super::feed::channel_with;
+use kvtier_daemon::tls::{Channels, ClientTls};
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tonic::transport::Channel;
 
 /// Prefetches in flight at most; past it, new ones are skipped (the router never queues work).
@@ -17,8 +17,7 @@ const MAX_IN_FLIGHT: u64 = 64;
 /// Sends prefetches to daemons, over one cached channel per endpoint.
 pub struct Prefetcher {
     enabled: bool,
-    tls: Option<tonic::transport::ClientTlsConfig>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Channels,
     in_flight: AtomicU64,
     /// Prefetches the daemon answered.
     pub sent: AtomicU64,
@@ -30,11 +29,10 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     /// A prefetcher; `enabled: false` never sends.
-    pub fn new(enabled: bool, tls: Option<tonic::transport::ClientTlsConfig>) -> Arc<Self> {
+    pub fn new(enabled: bool, tls: Option<Arc<ClientTls>>) -> Arc<Self> {
         Arc::new(Self {
             enabled,
-            tls,
-            channels: Mutex::new(HashMap::new()),
+            channels: Channels::new(tls),
             in_flight: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -71,7 +69,7 @@ impl Prefetcher {
                 }
                 Err(e) => {
                     me.failed.fetch_add(1, Relaxed);
-                    me.channels.lock().expect("channels lock").remove(&endpoint);
+                    me.channels.forget(&endpoint);
                     tracing::debug!(%endpoint, "prefetch failed: {e}");
                 }
             }
@@ -80,12 +78,7 @@ impl Prefetcher {
     }
 
     async fn channel(&self, endpoint: &str) -> anyhow::Result<Channel> {
-        if let Some(ch) = self.channels.lock().expect("channels lock").get(endpoint) {
-            return Ok(ch.clone());
-        }
-        let ch = channel_with(endpoint, self.tls.as_ref()).await?;
-        self.channels.lock().expect("channels lock").insert(endpoint.to_string(), ch.clone());
-        Ok(ch)
+        self.channels.get(endpoint, |tls| async move { channel_with(endpoint, tls.as_ref()).await }).await
     }
 }
 

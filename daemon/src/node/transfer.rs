@@ -151,16 +151,8 @@ impl Node {
     /// The TransferService of the daemon at `addr` ("host:port"), over a cached channel (with
     /// mutual TLS when `grpc.tls` is set: every daemon of the cluster then speaks it).
     async fn source_client(&self, addr: &str) -> Result<Client, String> {
-        let cached = self.sources.lock().unwrap_or_else(|e| e.into_inner()).get(addr).cloned();
-        if let Some(channel) = cached {
-            return Ok(TransferServiceClient::new(channel));
-        }
-        let tls = &self.config.grpc.tls;
-        let tls = tls.enabled().then(|| tls.client()).transpose().map_err(|e| e.to_string())?;
-        let endpoint = crate::tls::endpoint(addr, tls.as_ref()).map_err(|e| format!("source {addr}: {e}"))?;
-        let channel = endpoint.connect().await.map_err(|e| format!("source {addr}: {e}"))?;
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        sources.insert(addr.to_string(), channel.clone());
+        let connect = |tls: Option<_>| async move { Ok(crate::tls::endpoint(addr, tls.as_ref())?.connect().await?) };
+        let channel = self.sources.get(addr, connect).await.map_err(|e| format!("source {addr}: {e}"))?;
         Ok(TransferServiceClient::new(channel))
     }
 

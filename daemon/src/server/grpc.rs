@@ -223,19 +223,23 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
     };
     let router = services(tonic::transport::Server::builder());
     if !cfg.listen.is_empty() {
-        let router = match cfg.tls.enabled() {
-            true => services(tonic::transport::Server::builder().tls_config(cfg.tls.server()?)?),
-            false => router.clone(),
-        };
+        let tls = cfg.tls.enabled().then(|| crate::tls::server_tls(&cfg.tls)).transpose()?;
         let tcp = tokio::net::TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("grpc.listen {}: {e}", cfg.listen))?;
-        let security = if cfg.tls.enabled() { "mutual TLS" } else { "plain text" };
+        let security = if tls.is_some() { "mutual TLS" } else { "plain text" };
         tracing::info!("router feed (gRPC) on {} ({security})", tcp.local_addr()?);
-        // No Nagle: a small reply must not wait for the peer's delayed ACK (40 ms).
-        let incoming = tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
+        let router = router.clone();
         tokio::spawn(async move {
-            if let Err(e) = router.serve_with_incoming(incoming).await {
+            // No Nagle either way: a small reply must not wait for the peer's delayed ACK (40 ms).
+            let served = match tls {
+                Some(tls) => router.serve_with_incoming(crate::tls::incoming(tcp, tls)).await,
+                None => {
+                    let incoming = tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
+                    router.serve_with_incoming(incoming).await
+                }
+            };
+            if let Err(e) = served {
                 tracing::error!("gRPC (TCP) server: {e}");
             }
         });

@@ -3,12 +3,32 @@
 //! daemons pulling from each other and routers dial with the same files. Peers are verified by
 //! one agreed name (`server_name`), not by the address dialed: a prefill daemon is named by its
 //! node's IP, and one certificate for that name can serve every node. The unix socket stays
-//! plain (its file mode guards it).
+//! plain (its file mode guards it). Certificates replaced on disk are picked up by the next
+//! connection, accepted or dialed, without a restart ([`Reloading`]).
+
+mod accept;
+mod channels;
+mod reload;
+
+pub use accept::{incoming, server_config, server_tls, ServerTls};
+pub use channels::Channels;
+pub use reload::Reloading;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// Client-side TLS that follows its files.
+pub type ClientTls = Reloading<ClientTlsConfig>;
+
+/// Client-side TLS for `files`, read now (bad files fail the start) and again when they change.
+pub fn client_tls(files: &TlsConfig) -> anyhow::Result<Arc<ClientTls>> {
+    Ok(Arc::new(Reloading::new(files.clone(), TlsConfig::client)?))
+}
 
 /// Where the certificate, key and CA are (PEM files); all empty: plain gRPC.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -28,6 +48,15 @@ impl Default for TlsConfig {
     fn default() -> Self {
         Self { cert: PathBuf::new(), key: PathBuf::new(), ca: PathBuf::new(), server_name: "kvtierd".into() }
     }
+}
+
+/// The TLS files, parsed.
+struct Parsed {
+    /// Our certificate chain.
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// The CA's certificates.
+    cas: Vec<CertificateDer<'static>>,
 }
 
 fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -52,16 +81,26 @@ impl TlsConfig {
         Ok(())
     }
 
-    /// Our certificate and key, and the CA, read from their files.
-    fn load(&self) -> anyhow::Result<(Identity, Certificate)> {
-        let identity = Identity::from_pem(read("cert", &self.cert)?, read("key", &self.key)?);
-        Ok((identity, Certificate::from_pem(read("ca", &self.ca)?)))
+    /// The three files read and parsed (so that a file replaced by something else is noticed
+    /// before it is used).
+    fn parse(&self) -> anyhow::Result<Parsed> {
+        let certs = |what: &str, path: &Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+            let certs = CertificateDer::pem_slice_iter(&read(what, path)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("grpc.tls.{what} {}: {e}", path.display()))?;
+            anyhow::ensure!(!certs.is_empty(), "grpc.tls.{what} {}: no certificate in it", path.display());
+            Ok(certs)
+        };
+        let key = PrivateKeyDer::from_pem_slice(&read("key", &self.key)?)
+            .map_err(|e| anyhow::anyhow!("grpc.tls.key {}: {e}", self.key.display()))?;
+        Ok(Parsed { chain: certs("cert", &self.cert)?, key, cas: certs("ca", &self.ca)? })
     }
 
-    /// The server side: our identity, and client certificates required from the CA.
-    pub fn server(&self) -> anyhow::Result<ServerTlsConfig> {
-        let (identity, ca) = self.load()?;
-        Ok(ServerTlsConfig::new().identity(identity).client_ca_root(ca))
+    /// Our certificate and key, and the CA, read from their files and checked to parse.
+    fn load(&self) -> anyhow::Result<(Identity, Certificate)> {
+        self.parse()?;
+        let identity = Identity::from_pem(read("cert", &self.cert)?, read("key", &self.key)?);
+        Ok((identity, Certificate::from_pem(read("ca", &self.ca)?)))
     }
 
     /// The client side: the CA to trust, our identity, the name peers are checked for.
