@@ -136,6 +136,13 @@ async fn only_clients_with_the_clusters_certificate_are_served_and_routers_follo
     let (ns, hashes) = save(&d, 1, 12).await;
 
     assert!(served(&d, Some(&pki.client("ca", Some("router"))), &ns, &hashes).await, "the cluster's certificate");
+    // Clients that connect and never start their handshake hold up no other.
+    let silent: Vec<_> = (0..8).map(|_| std::net::TcpStream::connect(&d.grpc).unwrap()).collect();
+    let cluster = pki.client("ca", Some("router"));
+    let beside = served(&d, Some(&cluster), &ns, &hashes);
+    let beside = tokio::time::timeout(std::time::Duration::from_secs(5), beside).await;
+    assert_eq!(beside.ok(), Some(true), "served within 5 s beside silent clients (a handshake takes up to 10 s)");
+    drop(silent);
     assert!(!served(&d, None, &ns, &hashes).await, "plain text");
     assert!(!served(&d, Some(&pki.client("ca", None)), &ns, &hashes).await, "no client certificate");
     assert!(!served(&d, Some(&pki.client("ca", Some("rogue"))), &ns, &hashes).await, "another CA's certificate");

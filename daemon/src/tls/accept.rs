@@ -21,6 +21,10 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// TLS connections accepted (handshake done) and not yet taken by the server.
 const QUEUED: usize = 64;
 
+/// Handshakes in progress at most: past it, new connections are closed at once, so clients
+/// that connect and stall cannot pile up sockets and tasks (each may take `HANDSHAKE`).
+const MAX_HANDSHAKES: usize = 256;
+
 /// The rustls server configuration of `files`: our certificate chain and key, client
 /// certificates required and checked against the CA (mutual TLS), HTTP/2 offered by ALPN.
 pub fn server_config(files: &TlsConfig) -> anyhow::Result<Arc<ServerConfig>> {
@@ -42,10 +46,11 @@ pub fn server_tls(files: &TlsConfig) -> anyhow::Result<Arc<ServerTls>> {
 
 /// The connections accepted on `tcp` (without Nagle), each through a TLS handshake with the
 /// certificate current when it arrived, for `serve_with_incoming`. Handshakes run in tasks of
-/// their own, so a slow or silent client holds up no other; a failed one only closes its
-/// connection.
+/// their own, so a slow or silent client holds up no other (and at most `MAX_HANDSHAKES` of
+/// them at a time); a failed one only closes its connection.
 pub fn incoming(tcp: TcpListener, tls: Arc<ServerTls>) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(QUEUED);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         while !tx.is_closed() {
             let (stream, peer) = match tcp.accept().await {
@@ -57,9 +62,14 @@ pub fn incoming(tcp: TcpListener, tls: Arc<ServerTls>) -> ReceiverStream<std::io
                     continue;
                 }
             };
+            let Ok(slot) = Arc::clone(&handshakes).try_acquire_owned() else {
+                tracing::debug!(%peer, "{MAX_HANDSHAKES} TLS handshakes in progress: connection closed");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let (tx, acceptor) = (tx.clone(), TlsAcceptor::from(tls.current().1));
             tokio::spawn(async move {
+                let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
