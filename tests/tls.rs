@@ -271,3 +271,21 @@ async fn certificates_replaced_on_disk_are_served_and_dialed_with_without_a_rest
     let pulled = pull(again, new.clone()).await.expect("B dials A with the new certificates");
     assert_eq!(pulled.pulled, 8);
 }
+
+#[test]
+fn a_daemon_given_files_that_are_not_certificates_does_not_start() {
+    let pki = Pki::new(&[("ca", "node")]);
+    let live = tempfile::tempdir().unwrap();
+    pki.install(live.path(), "ca", "node");
+    std::fs::write(live.path().join("tls.crt"), "not a certificate").unwrap();
+    let socket = live.path().join("kvtierd.sock");
+    let out = std::process::Command::new(kvtier_tests::bin("kvtierd"))
+        .args(["--socket", socket.to_str().unwrap(), "--allow-unlocked", "--pool-bytes", "8 MiB"])
+        .args(["--slab-bytes", "1 MiB", "--metrics-listen", "", "--grpc-listen", "127.0.0.1:0"])
+        .args(live_flags(live.path()))
+        .env_remove("KVTIER_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("grpc.tls.cert"), "{stderr}");
+}

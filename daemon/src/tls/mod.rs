@@ -91,9 +91,10 @@ impl TlsConfig {
             anyhow::ensure!(!certs.is_empty(), "grpc.tls.{what} {}: no certificate in it", path.display());
             Ok(certs)
         };
+        let chain = certs("cert", &self.cert)?;
         let key = PrivateKeyDer::from_pem_slice(&read("key", &self.key)?)
-            .map_err(|e| anyhow::anyhow!("grpc.tls.key {}: {e}", self.key.display()))?;
-        Ok(Parsed { chain: certs("cert", &self.cert)?, key, cas: certs("ca", &self.ca)? })
+            .map_err(|e| anyhow::anyhow!("grpc.tls.key {}: no private key in it ({e})", self.key.display()))?;
+        Ok(Parsed { chain, key, cas: certs("ca", &self.ca)? })
     }
 
     /// Our certificate and key, and the CA, read from their files and checked to parse.
