@@ -90,13 +90,20 @@ pub struct Segment {
 /// speed of later ones (5.7 against 10.8 GB/s). So the range is locked as it faults
 /// (`MLOCK_ONFAULT`, which checks the limit without populating) and then faulted in for
 /// writing (`MADV_POPULATE_WRITE`): the pages are zeroed and allocated either way, so this costs
-/// no more than `mlock`'s own populating did. Kernels before 5.14 lack the advice; there a
-/// plain `mlock` populates for reading, as before.
+/// no more than `mlock`'s own populating did. Kernels before 5.14 lack the advice, and some
+/// seccomp profiles `mlock2`; there a plain `mlock` populates for reading, as before.
 fn lock_for_writing(map: &MmapRaw) -> Result<(), Errno> {
     let (addr, len) = (map.as_mut_ptr().cast::<nix::libc::c_void>(), map.len());
     // SAFETY: the range is this mapping's; locking and populating do not change its contents.
     unsafe {
-        Errno::result(nix::libc::mlock2(addr, len, nix::libc::MLOCK_ONFAULT))?;
+        match Errno::result(nix::libc::mlock2(addr, len, nix::libc::MLOCK_ONFAULT)) {
+            Ok(_) => {}
+            // No mlock2 (an old kernel, or a seccomp profile without it): lock the old way.
+            Err(Errno::ENOSYS | Errno::EINVAL | Errno::EPERM) => {
+                return Errno::result(nix::libc::mlock(addr, len)).map(drop)
+            }
+            Err(e) => return Err(e),
+        }
         let Some(start) = std::ptr::NonNull::new(addr) else { return Ok(()) };
         if let Err(e) = madvise(start, len, MmapAdvise::MADV_POPULATE_WRITE) {
             tracing::debug!("MADV_POPULATE_WRITE of the pool failed ({e}): populating it for reading");
