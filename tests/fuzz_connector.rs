@@ -121,7 +121,12 @@ fn random_op(rng: &mut Rng, seen: &Seen, engine: &Engine) -> Op {
         12 if rng.chance(40) => admin_op(rng),
         12 => Op::Stats(pb::Stats {}),
         2 => Op::Prefetch(pb::Prefetch { handle, hashes: hashes(rng) }),
-        19 => Op::Pull(pb::Pull { handle, source: "127.0.0.1:1".into(), hashes: hashes(rng) }),
+        19 => Op::Pull(pb::Pull {
+            handle,
+            source: "127.0.0.1:1".into(),
+            hashes: hashes(rng),
+            parent: hashes(rng).into_iter().next().unwrap_or_default(),
+        }),
         13 | 14 if rng.chance(80) => Op::RegisterKvCache(valid_kv_cache(rng, engine, handle)),
         13 | 14 => {
             let base = engine.0.as_ptr() as u64;

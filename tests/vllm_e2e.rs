@@ -286,7 +286,9 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert_eq!(emitted[0]["kvtier_source"].as_str(), Some(prefill.grpc.as_str()), "{emitted}");
     let pd_stats = work.path().join("pd-stats");
     let pd_arg = pd_stats.to_str().unwrap();
-    let decode_args = ["--params", params_arg, "--stats-file", pd_arg];
+    // One block per pull (`pull_piece_bytes` 1): every prompt arrives in many pieces, each
+    // continuing the one before, and is loaded piece by piece while the next is pulled.
+    let decode_args = ["--params", params_arg, "--stats-file", pd_arg, "--pull-piece-bytes", "1"];
     let (out, cached) = run_batch_with(&py, &model, &prompts_file, Some(&decode.socket), &decode_args);
     assert_eq!(out, reference, "decode outputs equal a single-instance run");
     assert!(cached.iter().all(|&c| c >= held_tokens), "the prompts were loaded, not recomputed: {cached:?}");

@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--emit-params", help="write each output's kv_transfer_params (a JSON list) here")
     ap.add_argument("--params", help="decode role: JSON list of kv_transfer_params, one per prompt")
     ap.add_argument("--save-piece-bytes", type=int, help="the connector's save_piece_bytes")
+    ap.add_argument("--pull-piece-bytes", type=int, help="the connector's pull_piece_bytes")
     ap.add_argument("--warm-up", action="store_true",
                     help="first run one short untimed prompt, so the first timed one pays no first-call costs")
     a = ap.parse_args()
@@ -52,6 +53,7 @@ def main():
                 **({"stats_file": a.stats_file} if a.stats_file else {}),
                 **({"transfer_source": a.transfer_source} if a.transfer_source else {}),
                 **({"save_piece_bytes": a.save_piece_bytes} if a.save_piece_bytes else {}),
+                **({"pull_piece_bytes": a.pull_piece_bytes} if a.pull_piece_bytes else {}),
             },
         )
     llm = LLM(model=a.model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True,

@@ -201,10 +201,11 @@ class Client:
         """Starts promoting the disk-only blocks of the held prefix into the pool; returns how many."""
         return self.call("prefetch", handle=ns.handle, hashes=list(hashes)).queued
 
-    def pull(self, ns, source, hashes):
+    def pull(self, ns, source, hashes, parent=None):
         """Asks the daemon to pull the held prefix of `hashes` from the daemon whose
-        TransferService is at `source` (peer tier). Returns `(pulled, present, error)`."""
-        r = self.call("pull", handle=ns.handle, source=source, hashes=list(hashes))
+        TransferService is at `source` (peer tier); `parent` is the hash they continue when they
+        are a later piece of a prompt. Returns `(pulled, present, error)`."""
+        r = self.call("pull", handle=ns.handle, source=source, hashes=list(hashes), parent=parent or b"")
         return r.pulled, r.present, r.error
 
     def lookup_and_prefetch(self, ns, hashes, timeout=None):

@@ -19,12 +19,15 @@ one request: the daemon copies every layer of every block itself (`SaveKv` / `Lo
 the copies are ordered with the forward's stream by interprocess events, so no engine thread waits
 for them. Any refusal or failed copy falls back to copying through the pool. `"device_copy": "off"` in kv_connector_extra_config keeps the connector copying;
 saves go in requests of at most `"save_piece_bytes"` (32 MiB), so a load waits for one at most.
+With `"pull_piece_bytes"` set, a P/D decode pulls its prompt in pieces of that size and loads
+each piece while the next one is pulled (default 0: one pull, then one load).
 
 Failure never costs correctness: a daemon that is absent, killed or restarted means zero matched
 tokens, or blocks reported through `get_block_ids_with_load_errors` (vLLM recomputes them). The
 connection is retried with backoff and an outage is logged once.
 """
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -58,6 +61,11 @@ _STUCK_BACKOFF_S = 30.0
 _LOOKUP_TIMEOUT_S = 1.0
 # Bytes one daemon-side save request copies at most by default (`save_piece_bytes`).
 _SAVE_PIECE_BYTES = 32 << 20
+# Bytes a P/D decode pulls per request (`pull_piece_bytes`; 0: the whole prompt at once). Each
+# piece is loaded while the next is pulled, which hides a long prompt's load behind its pull where
+# the two use different resources (a NIC and a PCIe copy engine); on a 2-vCPU VM, where both are
+# CPU copies, it measured no faster, so it is off by default.
+_PULL_PIECE_BYTES = 0
 
 
 # -- metadata passed from the scheduler to the workers ---------------------------------------
@@ -235,6 +243,7 @@ class KvTierConnector(KVConnectorBase_V1):
         self._transfer_source = extra.get("transfer_source")
         self._device_copy = extra.get("device_copy", "auto") != "off"
         self._save_piece_bytes = int(extra.get("save_piece_bytes", _SAVE_PIECE_BYTES))
+        self._pull_piece_bytes = int(extra.get("pull_piece_bytes", _PULL_PIECE_BYTES))
         self._dma_layout = None  # set by register_kv_caches when the daemon may copy
         self._events = None  # GPU engines with daemon-side copies: cuda.StreamEvents
         self._pulled = set()
@@ -270,6 +279,9 @@ class KvTierConnector(KVConnectorBase_V1):
             self._pulls_done = set()
             self._pull_thread = threading.Thread(target=self._pull_loop, name="kvtier-pull", daemon=True)
             self._pull_thread.start()
+            # Pulled pieces are loaded over yet another connection while the next piece is pulled.
+            self._piece_loader = _Daemon(socket_path, name + "-pd-load", self._descriptor, self._daemon_timed_out)
+            self._piece_loads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-pd-load")
 
     @property
     def requires_kv_delivery(self):
@@ -466,15 +478,22 @@ class KvTierConnector(KVConnectorBase_V1):
         reported as load errors (vLLM recomputes them). `on_engine_stream` (the thread that runs
         the forward pass): a GPU copy is ordered with this thread's stream by events, and no CPU
         thread waits for it."""
-        loaded = 0
+        self._report_load(job, self._load_blocks(daemon, job, on_engine_stream))
+
+    def _load_blocks(self, daemon, job, on_engine_stream=False):
+        """Loads `job`'s held prefix into its blocks; returns how many blocks were loaded."""
         try:
             client, ns, cache = daemon.kv_cache(job.cache_salt, self._dma_layout)
-            if client is not None:
-                loaded = self._daemon_copy(client, cache, job, save=False, on_engine_stream=on_engine_stream)
-                if loaded is None:
-                    loaded = self._load_by_copy(client, ns, job)
+            if client is None:
+                return 0
+            loaded = self._daemon_copy(client, cache, job, save=False, on_engine_stream=on_engine_stream)
+            return self._load_by_copy(client, ns, job) if loaded is None else loaded
         except (OSError, KvTierError) as e:
             daemon.fail(e)
+            return 0
+
+    def _report_load(self, job, loaded):
+        """Counts `loaded` blocks of `job` as loaded and reports the rest as load errors."""
         failed = job.block_ids[loaded:]
         with self._lock:
             self._load_errors.update(failed)
@@ -501,24 +520,51 @@ class KvTierConnector(KVConnectorBase_V1):
                     self._pulls_done.add(job.req_id)
 
     def _pull(self, job):
-        """Decode side of P/D: has our daemon pull `job`'s blocks from the prefill daemon, then
-        loads them. A failure only means recompute."""
-        pulled, error = 0, ""
+        """Decode side of P/D: has our daemon pull `job`'s blocks from the prefill daemon (in
+        pieces of about `pull_piece_bytes` if set), each piece loaded over a connection of its own
+        while the next one is pulled. What loaded from the start on counts; the rest is
+        recomputed."""
+        step = max(1, self._pull_piece_bytes // max(self._block_bytes, 1))
+        if self._pull_piece_bytes <= 0:
+            step = max(1, len(job.hashes))
+        loads, pulled, error = [], 0, ""
         try:
-            client, ns = self._puller.namespace(job.cache_salt)
-            if client is None:
-                error = "kvtierd unavailable"
-            else:
-                pulled, _, error = client.pull(ns, job.source, job.hashes)
-        except (OSError, KvTierError) as e:
-            self._puller.fail(e)
-            error = repr(e)
+            for at in range(0, len(job.hashes), step):
+                piece = _Transfer(job.req_id, job.cache_salt, job.block_ids[at : at + step], job.hashes[at : at + step])
+                new, present, error = self._pull_piece(job.source, piece, job.hashes[at - 1] if at else None)
+                pulled, held, wanted = pulled + new, new + present, len(piece.hashes)
+                if held:
+                    piece.block_ids, piece.hashes = piece.block_ids[:held], piece.hashes[:held]
+                    loads.append((held, self._piece_loads.submit(self._load_blocks, self._piece_loader, piece)))
+                if error or held < wanted:
+                    break
+        finally:
+            # Every load must be over before any block is reported failed: vLLM recomputes into
+            # a failed block, and a late load must not write over that.
+            concurrent.futures.wait([load for _, load in loads])
         if error:
             logger.warning("kvtier: pulling request %s from %s failed (recomputing): %s",
                            job.req_id, job.source, error)
             self._count("pull_errors", 1)
         self._count("pulled_blocks", pulled)
-        self._load(self._puller, job)
+        loaded = 0
+        for held, load in loads:
+            done = load.result() if load.exception() is None else 0
+            loaded += done
+            if done < held:
+                break
+        self._report_load(job, loaded)
+
+    def _pull_piece(self, source, piece, parent):
+        """Has our daemon pull `piece` (continuing `parent`); returns `(pulled, present, error)`."""
+        try:
+            client, ns = self._puller.namespace(piece.cache_salt)
+            if client is None:
+                return 0, 0, "kvtierd unavailable"
+            return client.pull(ns, source, piece.hashes, parent)
+        except (OSError, KvTierError) as e:
+            self._puller.fail(e)
+            return 0, 0, repr(e)
 
     def _daemon_copy(self, client, cache, job, save, on_engine_stream=False):
         """Has the daemon save or load `job` if our KV cache is registered with it (`cache` not
@@ -679,6 +725,7 @@ class KvTierConnector(KVConnectorBase_V1):
             self._wait_idle(timeout=30)
             self._saves.put(None)
             self._pulls.put(None)
+            self._piece_loads.shutdown(wait=False)
         if self._daemon.client is not None:
             self._daemon.client.close()
 

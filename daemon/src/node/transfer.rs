@@ -257,8 +257,15 @@ impl Node {
         }
     }
 
-    /// Pulls the held prefix of `hashes` from the daemon whose TransferService is at `source`.
-    pub async fn pull(self: &Arc<Self>, source: &str, ns: NsIdx, hashes: &[BlockHash]) -> Result<Pulled, String> {
+    /// Pulls the held prefix of `hashes` from the daemon whose TransferService is at `source`;
+    /// `parent` is the block they continue, if any (kept as the first one's parent).
+    pub async fn pull(
+        self: &Arc<Self>,
+        source: &str,
+        ns: NsIdx,
+        hashes: &[BlockHash],
+        parent: Option<BlockHash>,
+    ) -> Result<Pulled, String> {
         self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
         let (id, block_bytes) = {
             let c = self.cache();
@@ -282,7 +289,7 @@ impl Node {
             Err(format!("source blocks are {} bytes, ours {block_bytes}", offer.block_bytes))
         } else {
             let n = (offer.blocks as usize).min(hashes.len());
-            self.receive(&mut client, offer.offer, ns, &hashes[..n], block_bytes).await
+            self.receive(&mut client, offer.offer, ns, &hashes[..n], parent, block_bytes).await
         };
         // Released in the background: the pulled blocks are ours already, and a source that
         // stalls now must not hold the pull (the offer also expires on its own).
@@ -304,11 +311,12 @@ impl Node {
         offer: u64,
         ns: NsIdx,
         hashes: &[BlockHash],
+        parent: Option<BlockHash>,
         block_bytes: u64,
     ) -> Result<Pulled, String> {
         let peer = self.peer.as_ref().ok_or("peer tier disabled")?;
         let client = self.transfer_client();
-        let (reservation, outcomes) = self.reserve(client, ns, hashes, None).map_err(|e| e.to_string())?;
+        let (reservation, outcomes) = self.reserve(client, ns, hashes, parent).map_err(|e| e.to_string())?;
         let (mut wanted, mut spans, mut present) = (Vec::new(), Vec::new(), 0);
         for (i, o) in outcomes.iter().enumerate() {
             match *o {

@@ -223,7 +223,8 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::Pull(p) => {
             let ns = s.ns(p.handle)?;
             let hs = hashes(node, &p.hashes)?;
-            let reply = match node.pull(&p.source, ns, &hs).await {
+            let parent = parent(node, &p.parent)?;
+            let reply = match node.pull(&p.source, ns, &hs, parent).await {
                 Ok(r) => pb::PullReply { pulled: r.pulled as u32, present: r.present as u32, error: String::new() },
                 Err(error) => pb::PullReply { error, ..Default::default() },
             };

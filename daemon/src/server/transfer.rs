@@ -85,7 +85,7 @@ impl TransferService for TransferGrpc {
             .cache()
             .find_namespace(&id)
             .ok_or_else(|| Status::failed_precondition("namespace not registered on this daemon"))?;
-        let pulled = self.node.pull(&r.source, ns, &hashes).await.map_err(Status::aborted)?;
+        let pulled = self.node.pull(&r.source, ns, &hashes, None).await.map_err(Status::aborted)?;
         Ok(Response::new(pb::PullResponse { pulled: pulled.pulled as u32, present: pulled.present as u32 }))
     }
 }
