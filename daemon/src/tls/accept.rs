@@ -28,7 +28,7 @@ const MAX_HANDSHAKES: usize = 256;
 /// The rustls server configuration of `files`: our certificate chain and key, client
 /// certificates required and checked against the CA (mutual TLS), HTTP/2 offered by ALPN.
 pub fn server_config(files: &TlsConfig) -> anyhow::Result<Arc<ServerConfig>> {
-    let Parsed { chain, key, cas } = files.parse()?;
+    let Parsed { chain, key, cas } = files.parse(&files.read()?)?;
     let mut roots = RootCertStore::empty();
     for ca in cas {
         roots.add(ca).map_err(|e| anyhow::anyhow!("grpc.tls.ca {}: {e}", files.ca.display()))?;

@@ -20,11 +20,6 @@ impl Channels {
         Self { tls, made: Mutex::new(HashMap::new()) }
     }
 
-    /// The client TLS a new connection uses now (None: plain text).
-    pub fn tls(&self) -> Option<ClientTlsConfig> {
-        self.tls.as_ref().map(|t| t.current().1)
-    }
-
     /// The channel to `addr`: the one kept, or a new one from `connect` (given the TLS to use)
     /// if none was made with the current certificate files.
     pub async fn get<F, Fut>(&self, addr: &str, connect: F) -> anyhow::Result<Channel>

@@ -50,6 +50,13 @@ impl Default for TlsConfig {
     }
 }
 
+/// The TLS files' contents, each read once.
+struct Pem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+}
+
 /// The TLS files, parsed.
 struct Parsed {
     /// Our certificate chain.
@@ -81,33 +88,34 @@ impl TlsConfig {
         Ok(())
     }
 
-    /// The three files read and parsed (so that a file replaced by something else is noticed
-    /// before it is used).
-    fn parse(&self) -> anyhow::Result<Parsed> {
-        let certs = |what: &str, path: &Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
-            let certs = CertificateDer::pem_slice_iter(&read(what, path)?)
+    /// The three files, each read once (what is checked is what is used, even while they are
+    /// being replaced).
+    fn read(&self) -> anyhow::Result<Pem> {
+        Ok(Pem { cert: read("cert", &self.cert)?, key: read("key", &self.key)?, ca: read("ca", &self.ca)? })
+    }
+
+    /// `pem` parsed, so that a file replaced by something else is noticed before it is used.
+    fn parse(&self, pem: &Pem) -> anyhow::Result<Parsed> {
+        let certs = |what: &str, path: &Path, bytes: &[u8]| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+            let certs = CertificateDer::pem_slice_iter(bytes)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow::anyhow!("grpc.tls.{what} {}: {e}", path.display()))?;
             anyhow::ensure!(!certs.is_empty(), "grpc.tls.{what} {}: no certificate in it", path.display());
             Ok(certs)
         };
-        let chain = certs("cert", &self.cert)?;
-        let key = PrivateKeyDer::from_pem_slice(&read("key", &self.key)?)
+        let chain = certs("cert", &self.cert, &pem.cert)?;
+        let key = PrivateKeyDer::from_pem_slice(&pem.key)
             .map_err(|e| anyhow::anyhow!("grpc.tls.key {}: no private key in it ({e})", self.key.display()))?;
-        Ok(Parsed { chain, key, cas: certs("ca", &self.ca)? })
-    }
-
-    /// Our certificate and key, and the CA, read from their files and checked to parse.
-    fn load(&self) -> anyhow::Result<(Identity, Certificate)> {
-        self.parse()?;
-        let identity = Identity::from_pem(read("cert", &self.cert)?, read("key", &self.key)?);
-        Ok((identity, Certificate::from_pem(read("ca", &self.ca)?)))
+        Ok(Parsed { chain, key, cas: certs("ca", &self.ca, &pem.ca)? })
     }
 
     /// The client side: the CA to trust, our identity, the name peers are checked for.
     pub fn client(&self) -> anyhow::Result<ClientTlsConfig> {
-        let (identity, ca) = self.load()?;
-        Ok(ClientTlsConfig::new().ca_certificate(ca).identity(identity).domain_name(self.server_name.clone()))
+        let pem = self.read()?;
+        self.parse(&pem)?;
+        let identity = Identity::from_pem(pem.cert, pem.key);
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem.ca)).identity(identity);
+        Ok(tls.domain_name(self.server_name.clone()))
     }
 }
 
