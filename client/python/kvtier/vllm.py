@@ -279,7 +279,8 @@ class KvTierConnector(KVConnectorBase_V1):
             self._pulls_done = set()
             self._pull_thread = threading.Thread(target=self._pull_loop, name="kvtier-pull", daemon=True)
             self._pull_thread.start()
-            # Pulled pieces are loaded over yet another connection while the next piece is pulled.
+            # Pieces of a prompt pulled in pieces (`pull_piece_bytes`) load over yet another
+            # connection while the next one is pulled; the last loads over the pull's own.
             self._piece_loader = _Daemon(socket_path, name + "-pd-load", self._descriptor, self._daemon_timed_out)
             self._piece_loads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-pd-load")
 
@@ -521,23 +522,26 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def _pull(self, job):
         """Decode side of P/D: has our daemon pull `job`'s blocks from the prefill daemon (in
-        pieces of about `pull_piece_bytes` if set), each piece loaded over a connection of its own
-        while the next one is pulled. What loaded from the start on counts; the rest is
-        recomputed."""
-        step = max(1, self._pull_piece_bytes // max(self._block_bytes, 1))
-        if self._pull_piece_bytes <= 0:
-            step = max(1, len(job.hashes))
-        loads, pulled, error = [], 0, ""
+        pieces of about `pull_piece_bytes` if set, each loaded over a connection of its own while
+        the next one is pulled), then loads what the last pull brought. What loaded from the
+        start on counts; the rest is recomputed."""
+        whole = self._pull_piece_bytes <= 0
+        step = max(1, len(job.hashes) if whole else self._pull_piece_bytes // max(self._block_bytes, 1))
+        loads, pulled, error = [], 0, ""  # loads: (blocks held, future of blocks loaded)
         try:
             for at in range(0, len(job.hashes), step):
                 piece = _Transfer(job.req_id, job.cache_salt, job.block_ids[at : at + step], job.hashes[at : at + step])
                 new, present, error = self._pull_piece(job.source, piece, job.hashes[at - 1] if at else None)
-                pulled, held, wanted = pulled + new, new + present, len(piece.hashes)
-                if held:
-                    piece.block_ids, piece.hashes = piece.block_ids[:held], piece.hashes[:held]
-                    loads.append((held, self._piece_loads.submit(self._load_blocks, self._piece_loader, piece)))
-                if error or held < wanted:
+                pulled, held = pulled + new, new + present
+                last = error or held < len(piece.hashes) or at + step >= len(job.hashes)
+                piece.block_ids, piece.hashes = piece.block_ids[:held], piece.hashes[:held]
+                if last:
+                    # Nothing more to pull: this piece loads here, over the pull's connection.
+                    done = concurrent.futures.Future()
+                    done.set_result(self._load_blocks(self._puller, piece) if held else 0)
+                    loads.append((held, done))
                     break
+                loads.append((held, self._piece_loads.submit(self._load_blocks, self._piece_loader, piece)))
         finally:
             # Every load must be over before any block is reported failed: vLLM recomputes into
             # a failed block, and a late load must not write over that.
