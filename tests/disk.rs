@@ -21,6 +21,7 @@ fn disk_flags(dir: &Path, bytes: &str) -> Vec<String> {
 }
 
 fn start(dir: &Path, bytes: &str) -> Daemon {
+    std::fs::create_dir_all(dir).unwrap();
     let flags = disk_flags(dir, bytes);
     Daemon::start_with_metrics(&flags.iter().map(String::as_str).collect::<Vec<_>>(), true)
 }
@@ -189,18 +190,50 @@ fn restart_with_a_smaller_moved_or_recut_spill_file() {
     assert_eq!(get(&d, 1, 100), 0);
 }
 
+/// Bytes free to unprivileged writers on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(dir).unwrap();
+    s.blocks_available() * s.fragment_size()
+}
+
 #[test]
-fn a_full_disk_at_start_runs_host_only() {
+fn a_full_disk_at_start_stops_the_daemon_and_leaves_nothing_behind() {
+    // Trust finding 6: the partial file stayed (the filesystem full after exit), and the message
+    // said "0 B free" where 253 MB were.
     let fs = LoopFs::new(32);
-    let mut d = start(&fs.mount.join("spill"), "64 MiB");
-    assert!(d.log().contains("disk full: cannot preallocate"), "{}", d.log());
-    assert_eq!(d.metric("kvtier_disk_configured"), 1.0);
-    assert_eq!(d.metric("kvtier_disk_enabled"), 0.0);
+    let spill = fs.mount.join("spill");
+    std::fs::create_dir(&spill).unwrap();
+    let free = free_bytes(&fs.mount);
+    let flags = disk_flags(&spill, "64 MiB");
+    let stderr = Daemon::start_refused(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(stderr.contains("disk full: cannot preallocate") && stderr.contains("--disk-optional"), "{stderr}");
+    assert!(!stderr.contains("(0 B free"), "the space free before the attempt is reported: {stderr}");
+    assert!(!spill.join(SPILL_FILE).exists(), "the partial spill file is removed");
+    assert!(free_bytes(&fs.mount) + (1 << 20) >= free, "its space is handed back");
+
+    // Where the operator opts in: host-only, reported not ready with the reason.
+    let mut optional = flags.clone();
+    optional.push("--disk-optional".into());
+    let mut d = Daemon::start_with_metrics(&optional.iter().map(String::as_str).collect::<Vec<_>>(), true);
+    assert_eq!((d.metric("kvtier_disk_configured"), d.metric("kvtier_disk_enabled")), (1.0, 0.0));
+    assert_eq!(d.metric("kvtier_ready"), 0.0);
+    assert!(d.http_get("/readyz").contains("not ready: disk tier off: disk full"), "{}", d.http_get("/readyz"));
     put(&d, 1, 20);
     assert_eq!(get(&d, 1, 20), 20);
     let status = ok_stdout(&d.kvtier(&["status"]));
-    assert!(status.contains("disk tier OFF: disk full"), "{status}");
+    assert!(status.contains("disk tier OFF: disk full") && status.contains("NOT READY"), "{status}");
     assert!(d.is_running());
+}
+
+#[test]
+fn a_missing_spill_directory_is_never_created() {
+    // Fail safe: a spill directory on a device that is not mounted must not land on the root disk.
+    let spill = spill_dir();
+    let missing = spill.path().join("not-mounted");
+    let flags = disk_flags(&missing, "16 MiB");
+    let stderr = Daemon::start_refused(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(stderr.contains("does not exist") && stderr.contains("never creates it"), "{stderr}");
+    assert!(!missing.exists());
 }
 
 #[test]
@@ -262,6 +295,8 @@ fn slots_in(dir: &Path) -> usize {
 fn two_spill_directories_share_the_writes_and_both_come_back() {
     let spill = spill_dir();
     let (a, b) = (spill.path().join("nvme0"), spill.path().join("nvme1"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
     let dirs = format!("{},{}", a.display(), b.display());
     let flags = ["--disk-dir", &dirs, "--disk-bytes-per-dir", "16 MiB", "--disk-admission", "always"];
     let mut d = Daemon::start_with_metrics(&flags, true);

@@ -275,7 +275,9 @@ impl Conn {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_never_hang_crash_leak_or_disturb_a_bystander() {
-    let mut d = Daemon::start_with_metrics(&[], true);
+    // Root's clients map the pool (trusted): the bystander's lease pins its blocks in the pool
+    // itself, which the random clients' saves must never evict or change.
+    let mut d = Daemon::start_with_metrics(&["--trusted-uid", "0"], true);
     let mut bystander = d.client("bystander").await;
     let ns = bystander.register(namespace("bystander", 4096)).await.unwrap();
     let kept = testdata::chained_hashes(1_000_000, 8);

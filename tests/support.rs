@@ -66,6 +66,10 @@ impl Daemon {
         cmd.arg("--socket").arg(&self.socket).arg("--allow-unlocked");
         cmd.arg("--metrics-listen").arg(self.metrics.clone().unwrap_or_default());
         cmd.arg("--grpc-listen").arg(&self.grpc).arg("--grpc-socket").arg(self.dir.path().join("grpc.sock"));
+        if !self.extra.iter().any(|a| a.starts_with("--grpc-tls")) {
+            // Plain-text gRPC on loopback for tests that do not test TLS.
+            cmd.arg("--grpc-insecure");
+        }
         if !self.extra.iter().any(|a| a == "--pool-bytes") {
             cmd.args(SMALL_POOL);
         }
@@ -76,6 +80,31 @@ impl Daemon {
             .stderr(log);
         self.child = Some(cmd.spawn().expect("spawn kvtierd"));
         self.wait_ready();
+    }
+
+    /// Runs kvtierd with the test defaults and `extra` flags where it must refuse to start:
+    /// asserts it exited unsuccessfully within 60 s; returns its stderr.
+    pub fn start_refused(extra: &[&str]) -> String {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new(bin("kvtierd"));
+        cmd.arg("--socket").arg(dir.path().join("kvtierd.sock")).args(["--allow-unlocked", "--metrics-listen", ""]);
+        cmd.args(["--grpc-listen", "", "--grpc-socket", ""]).args(SMALL_POOL).args(extra);
+        let mut child = cmd.env_remove("KVTIER_CONFIG").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("kvtierd {extra:?} started when it should have refused");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        assert!(!status.success(), "kvtierd {extra:?} exited successfully: {stderr}");
+        stderr
     }
 
     /// SIGKILLs the daemon and starts a new one on the same socket with the same flags.
@@ -153,6 +182,23 @@ impl Daemon {
     /// Runs the `kvtier` CLI against this daemon.
     pub fn kvtier(&self, args: &[&str]) -> Output {
         Command::new(bin("kvtier")).args(args).env("KVTIER_SOCKET", &self.socket).output().expect("run kvtier")
+    }
+
+    /// Runs the `kvtier` CLI against this daemon as another `uid` (and gid): (success, stdout
+    /// and stderr). The daemon's directory is opened to others (a test temp dir is private, as
+    /// `/run/kvtier` is not) and the CLI copied there (the build's directory may be private).
+    pub fn kvtier_as(&self, uid: u32, args: &[&str]) -> (bool, String) {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cli = self.dir.path().join("kvtier");
+        if !cli.exists() {
+            std::fs::copy(bin("kvtier"), &cli).unwrap();
+            std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let out = Command::new(&cli).args(args).env("KVTIER_SOCKET", &self.socket).uid(uid).gid(uid).output();
+        let out = out.expect("run kvtier as another uid");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     }
 
     /// GET `path` from the metrics endpoint; returns the body.

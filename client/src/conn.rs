@@ -112,9 +112,15 @@ impl Client {
         &self.hello
     }
 
-    /// The mapped pool.
+    /// The mapped pool (or, for a client the daemon does not trust, its staging window).
     pub fn pool(&self) -> &PoolMapping {
         &self.pool
+    }
+
+    /// Blocks per request of [`save`](Self::save) and [`load`](Self::load) in `ns`.
+    fn chunk_blocks(&self, ns: &Namespace) -> usize {
+        let window = self.hello.staged.then(|| self.hello.segments.first().map_or(0, |s| s.bytes));
+        chunk_blocks(window, ns.block_bytes)
     }
 
     /// Sends `ops` back to back, then reads all replies (in order).
@@ -273,7 +279,7 @@ impl Client {
     /// the reservation of the next chunk in flight while this one is copied.
     pub async fn save(&mut self, ns: &Namespace, hashes: &[Bytes], blocks: &[&[u8]]) -> Result<SaveReport> {
         assert_eq!(hashes.len(), blocks.len(), "one block per hash");
-        let chunks = chunk_ranges(hashes.len());
+        let chunks = chunk_ranges(hashes.len(), self.chunk_blocks(ns));
         let mut report = SaveReport::default();
         let mut commits_in_flight = 0;
         let mut next_reserved = None; // the chunk whose reservation is in flight
@@ -338,7 +344,7 @@ impl Client {
         hashes: &[Bytes],
         mut visit: impl FnMut(usize, &[u8]),
     ) -> Result<usize> {
-        let chunks = chunk_ranges(hashes.len());
+        let chunks = chunk_ranges(hashes.len(), self.chunk_blocks(ns));
         let Some(&(a, b)) = chunks.first() else { return Ok(0) };
         self.send_all(vec![acquire_op(ns, &hashes[a..b])]).await?;
         let mut loaded = 0;
@@ -385,9 +391,26 @@ impl Client {
 /// Blocks per request when [`Client::save`] and [`Client::load`] move long runs.
 pub const CHUNK_BLOCKS: usize = 512;
 
-/// `(start, end)` of each chunk of at most [`CHUNK_BLOCKS`] in a run of `n` blocks.
-fn chunk_ranges(n: usize) -> Vec<(usize, usize)> {
-    (0..n).step_by(CHUNK_BLOCKS).map(|i| (i, (i + CHUNK_BLOCKS).min(n))).collect()
+/// Blocks per chunk for blocks of `block_bytes` through a staging window of `window` bytes
+/// (`None`: the pool is mapped): two chunks are in flight at once, so each takes at most half
+/// the window.
+///
+/// ```
+/// use kvtier_client::chunk_blocks;
+/// assert_eq!(chunk_blocks(None, 1 << 20), 512);
+/// assert_eq!(chunk_blocks(Some(64 << 20), 2 << 20), 16);
+/// assert_eq!(chunk_blocks(Some(64 << 20), 4096), 512);
+/// assert_eq!(chunk_blocks(Some(4 << 20), 3 << 20), 1, "at least one");
+/// ```
+pub fn chunk_blocks(window: Option<u64>, block_bytes: u64) -> usize {
+    let Some(window) = window else { return CHUNK_BLOCKS };
+    let range = block_bytes.div_ceil(4096).max(1) * 4096;
+    ((window / range / 2) as usize).clamp(1, CHUNK_BLOCKS)
+}
+
+/// `(start, end)` of each chunk of at most `chunk` blocks in a run of `n` blocks.
+fn chunk_ranges(n: usize, chunk: usize) -> Vec<(usize, usize)> {
+    (0..n).step_by(chunk).map(|i| (i, (i + chunk).min(n))).collect()
 }
 
 fn acquire_op(ns: &Namespace, hashes: &[Bytes]) -> request::Op {

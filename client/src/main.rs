@@ -40,6 +40,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Like every Unix tool, end quietly when the reader of our output goes away (`kvtier status
+    // | head`): Rust ignores SIGPIPE, and println! then panicked on the broken pipe.
+    // SAFETY: restoring the default disposition of one signal, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     if matches!(cli.command, Command::Router(_)) {
         tracing_subscriber::fmt()

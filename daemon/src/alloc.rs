@@ -9,9 +9,10 @@ use crate::block::{NsIdx, SlotId};
 /// Alignment of every slot (and so of every block in the pool): O_DIRECT-friendly.
 pub const SLOT_ALIGN: u64 = 4096;
 
-/// Slot stride for a block size: the size rounded up to [`SLOT_ALIGN`].
-pub fn slot_stride(block_bytes: u64) -> u64 {
-    block_bytes.div_ceil(SLOT_ALIGN) * SLOT_ALIGN
+/// Slot stride for a block size: the size rounded up to [`SLOT_ALIGN`]; `None` where that
+/// does not fit in a `u64` (a client's block size is never trusted to be sane).
+pub fn slot_stride(block_bytes: u64) -> Option<u64> {
+    block_bytes.checked_next_multiple_of(SLOT_ALIGN)
 }
 
 const NO_TAG: u32 = u32::MAX;
@@ -283,9 +284,12 @@ mod tests {
 
     #[test]
     fn stride_rounds_to_alignment() {
-        assert_eq!(slot_stride(1), 4096);
-        assert_eq!(slot_stride(4096), 4096);
-        assert_eq!(slot_stride(4097), 8192);
+        assert_eq!(slot_stride(1), Some(4096));
+        assert_eq!(slot_stride(4096), Some(4096));
+        assert_eq!(slot_stride(4097), Some(8192));
+        assert_eq!(slot_stride(u64::MAX), None, "overflow is refused, not wrapped to 0");
+        assert_eq!(slot_stride(u64::MAX - 4094), None);
+        assert_eq!(slot_stride(u64::MAX - 4095), Some(u64::MAX - 4095), "already aligned");
     }
 
     #[test]

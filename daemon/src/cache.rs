@@ -98,6 +98,8 @@ pub struct CacheStats {
     pub loaded_bytes: u64,
     /// Blocks removed on an operator's request ([`BlockCache::discard`]), from every tier.
     pub discarded_blocks: u64,
+    /// Namespaces forgotten to make room for new ones (empty or emptied, none registered).
+    pub reclaimed_namespaces: u64,
 }
 
 /// Lookup outcomes of one namespace since start, in blocks.
@@ -167,6 +169,8 @@ pub struct BlockCache {
     reservations: HashMap<u64, Held>,
     leases: HashMap<u64, Held>,
     held_by_client: HashMap<ClientId, usize>,
+    /// Namespaces each connected client registered.
+    attached: HashMap<ClientId, Vec<NsIdx>>,
     next_id: u64,
     limits: CacheLimits,
     stats: CacheStats,
@@ -196,6 +200,7 @@ impl BlockCache {
             reservations: HashMap::new(),
             leases: HashMap::new(),
             held_by_client: HashMap::new(),
+            attached: HashMap::new(),
             next_id: 1,
             limits,
             oracle: None,
@@ -235,22 +240,96 @@ impl BlockCache {
             }
             return Ok(ns);
         }
-        let stride = slot_stride(block_bytes) + self.header_bytes;
-        if block_bytes == 0 || stride > self.host.alloc.slab_bytes() {
+        let stride = slot_stride(block_bytes).and_then(|s| s.checked_add(self.header_bytes));
+        let Some(stride) = stride.filter(|&s| block_bytes > 0 && s <= self.host.alloc.slab_bytes()) else {
             return Err(CacheError::WrongBlockSize(format!(
                 "{block_bytes} bytes per block; must be 1..={} (pool.slab_bytes less the slot header)",
                 self.host.alloc.slab_bytes() - self.header_bytes
             )));
-        }
+        };
         if self.namespaces.len() >= self.limits.max_namespaces.min(u16::MAX as usize) {
-            return Err(CacheError::TooManyNamespaces(self.limits.max_namespaces));
+            self.reclaim_namespace()?;
         }
-        self.host.add_namespace();
+        let ns = self.namespaces.add(NamespaceInfo::new(id, block_bytes, stride));
+        self.init_namespace(ns);
+        Ok(ns)
+    }
+
+    /// Per-namespace state of a new namespace at `ns`: appended, or started over at a reclaimed
+    /// index (whose blocks are all gone).
+    fn init_namespace(&mut self, ns: NsIdx) {
+        let i = ns.0 as usize;
+        if i == self.lookups.len() {
+            self.host.add_namespace();
+            if let Some(d) = &mut self.disk {
+                d.add_namespace();
+            }
+            self.lookups.push(Lookups::default());
+            return;
+        }
+        self.host.reset_namespace(ns);
         if let Some(d) = &mut self.disk {
-            d.add_namespace();
+            d.reset_namespace(ns);
         }
-        self.lookups.push(Lookups::default());
-        Ok(self.namespaces.add(NamespaceInfo { id, block_bytes, stride }))
+        self.lookups[i] = Lookups::default();
+        self.events.reset(ns);
+    }
+
+    /// Makes room in a full namespace table: forgets a namespace no connection registered that
+    /// holds nothing, or else empties the least recently used one no connection registered (its
+    /// unpinned blocks are evicted from every tier). `TooManyNamespaces` if every namespace is
+    /// registered by a live connection or in use.
+    fn reclaim_namespace(&mut self) -> Result<(), CacheError> {
+        if let Some(ns) = self.namespaces.empty_detached() {
+            self.namespaces.remove(ns);
+            self.stats.reclaimed_namespaces += 1;
+            return Ok(());
+        }
+        for ns in self.namespaces.detached_by_age() {
+            let mut selected = vec![false; self.namespaces.bound()];
+            selected[ns.0 as usize] = true;
+            let out = self.remove_unpinned(&selected, 0..self.index.handle_bound());
+            self.stats.evicted_blocks += out.host;
+            if let Some(d) = &mut self.disk {
+                d.stats.evicted_blocks += out.disk;
+            }
+            if self.namespaces.get(ns).entries == 0 {
+                self.namespaces.remove(ns);
+                self.stats.reclaimed_namespaces += 1;
+                return Ok(());
+            }
+        }
+        Err(CacheError::TooManyNamespaces(self.limits.max_namespaces))
+    }
+
+    /// Records that `client` registered `ns` (once per client): it is not reclaimed while a
+    /// client that registered it is connected ([`disconnect`](Self::disconnect) ends that).
+    pub fn attach(&mut self, client: ClientId, ns: NsIdx) {
+        let mine = self.attached.entry(client).or_default();
+        if !mine.contains(&ns) {
+            mine.push(ns);
+            self.namespaces.get_mut(ns).attached += 1;
+        }
+    }
+
+    /// Namespaces `client` registered.
+    pub fn attached(&self, client: ClientId) -> &[NsIdx] {
+        self.attached.get(&client).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether `ns` names a registered namespace now (not reclaimed).
+    pub fn is_registered(&self, ns: NsIdx) -> bool {
+        self.namespaces.is_live(ns)
+    }
+
+    /// One past the largest namespace index: a selection of namespaces by index covers it.
+    pub fn handle_bound_namespaces(&self) -> usize {
+        self.namespaces.bound()
+    }
+
+    /// The registered namespaces, by index.
+    pub fn registered(&self) -> Vec<NsIdx> {
+        self.namespaces.live().collect()
     }
 
     /// Info of a registered namespace.
@@ -279,6 +358,7 @@ impl BlockCache {
 
     /// Like [`lookup`](Self::lookup), telling the tier of each block of the held prefix.
     pub fn lookup_tiers(&mut self, ns: NsIdx, hashes: &[BlockHash]) -> Vec<TierKind> {
+        self.namespaces.touch(ns);
         let tiers = self.peek_tiers(ns, hashes);
         let (hits, on_disk) = (tiers.len() as u64, tiers.iter().filter(|&&t| t == TierKind::Disk).count() as u64);
         let misses = (hashes.len() - tiers.len()) as u64;
@@ -384,6 +464,7 @@ impl BlockCache {
         parent: Option<BlockHash>,
     ) -> Result<(u64, Vec<Reserved>), CacheError> {
         self.charge(client, hashes.len())?;
+        self.namespaces.touch(ns);
         let mut prev = parent.and_then(|hash| self.index.find(&BlockKey { ns, hash }));
         let mut outcomes = Vec::with_capacity(hashes.len());
         let mut reserved = Vec::new();
@@ -439,7 +520,7 @@ impl BlockCache {
 
     /// Inserts a reserved entry for `key` with a host slot, making room if needed.
     fn insert_reserved(&mut self, key: BlockKey, parent: Option<Handle>) -> Option<Handle> {
-        let h = self.index.insert(key, SlotId::NONE, parent);
+        let h = self.new_entry(key, SlotId::NONE, parent);
         if let Some(d) = &mut self.disk {
             if d.admission.seen_before(disk::fingerprint(&key)) {
                 self.index.get_mut(h).flags |= flags::REUSED;
@@ -451,7 +532,7 @@ impl BlockCache {
                 Some(h)
             }
             None => {
-                self.index.remove(h);
+                self.drop_entry(h);
                 None
             }
         }
@@ -538,7 +619,7 @@ impl BlockCache {
                 self.stats.blocks -= 1;
                 self.stats.evicted_blocks += 1;
                 if on_disk {
-                    self.events.push(key, EventKind::TierChanged { from: TierKind::Host, to: TierKind::Disk });
+                    self.log(key, EventKind::TierChanged { from: TierKind::Host, to: TierKind::Disk });
                 } else {
                     if let Some(d) = &mut self.disk {
                         d.admission.dropped(disk::fingerprint(&key));
@@ -558,10 +639,29 @@ impl BlockCache {
         }
     }
 
+    /// Adds an index entry, counted in its namespace.
+    fn new_entry(&mut self, key: BlockKey, slot: SlotId, parent: Option<Handle>) -> Handle {
+        self.namespaces.get_mut(key.ns).entries += 1;
+        self.index.insert(key, slot, parent)
+    }
+
+    /// Removes an index entry, counted out of its namespace.
+    fn drop_entry(&mut self, h: Handle) -> crate::index::Entry {
+        let e = self.index.remove(h);
+        self.namespaces.get_mut(e.key.ns).entries -= 1;
+        e
+    }
+
+    /// Appends an event about `key` to the router feed's log.
+    fn log(&mut self, key: BlockKey, kind: EventKind) {
+        let id = self.namespaces.get(key.ns).id;
+        self.events.push(key, id, kind);
+    }
+
     /// Removes a committed entry from the index, telling routers where it was last.
     fn remove_visible(&mut self, h: Handle, from: TierKind) {
-        let e = self.index.remove(h);
-        self.events.push(e.key, EventKind::Removed { from });
+        let e = self.drop_entry(h);
+        self.log(e.key, EventKind::Removed { from });
     }
 
     /// Removes every committed block of `ns` that nobody is using, from every tier, as if it
@@ -569,7 +669,7 @@ impl BlockCache {
     /// told, and the disk index forgets the disk copies. Blocks in use are counted `busy` and
     /// left; saves still reserved commit afterwards.
     pub fn discard(&mut self, ns: NsIdx) -> Discarded {
-        let mut selected = vec![false; self.namespaces.len()];
+        let mut selected = vec![false; self.namespaces.bound()];
         selected[ns.0 as usize] = true;
         self.discard_handles(&selected, 0..self.index.handle_bound())
     }
@@ -584,6 +684,15 @@ impl BlockCache {
     /// end: not selected), among the blocks whose handles lie in `handles`: a large purge runs
     /// range by range, letting other requests in between.
     pub fn discard_handles(&mut self, selected: &[bool], handles: std::ops::Range<usize>) -> Discarded {
+        let out = self.remove_unpinned(selected, handles);
+        self.stats.discarded_blocks += out.host + out.disk;
+        out
+    }
+
+    /// Removes the committed, unpinned blocks of the namespaces `selected` marks among
+    /// `handles`, from every tier: the work of [`discard_handles`](Self::discard_handles),
+    /// uncounted.
+    fn remove_unpinned(&mut self, selected: &[bool], handles: std::ops::Range<usize>) -> Discarded {
         let end = handles.end.min(self.index.handle_bound());
         let chosen = |e: &crate::index::Entry| {
             e.state == EntryState::Committed && selected.get(e.key.ns.0 as usize).copied().unwrap_or(false)
@@ -617,7 +726,6 @@ impl BlockCache {
                 TierKind::Disk => out.disk += 1,
             }
         }
-        self.stats.discarded_blocks += out.host + out.disk;
         out
     }
 
@@ -626,20 +734,24 @@ impl BlockCache {
         &self.events
     }
 
-    /// Every held block with its tier, consistent with `events().last_sequence()`.
-    pub fn snapshot(&self) -> (u64, Vec<(BlockKey, TierKind)>) {
+    /// Every held block with its namespace's id and its tier, consistent with
+    /// `events().last_sequence()`.
+    pub fn snapshot(&self) -> (u64, Vec<(BlockKey, NamespaceId, TierKind)>) {
         let blocks = self
             .index
             .iter()
             .filter(|(_, e)| e.state == EntryState::Committed)
-            .map(|(h, e)| (e.key, if self.servable_from_host(h) { TierKind::Host } else { TierKind::Disk }))
+            .map(|(h, e)| {
+                let tier = if self.servable_from_host(h) { TierKind::Host } else { TierKind::Disk };
+                (e.key, self.namespaces.get(e.key.ns).id, tier)
+            })
             .collect();
         (self.events.last_sequence(), blocks)
     }
 
     /// Drops a reserved entry and its slot.
     fn drop_reserved(&mut self, h: Handle) {
-        let e = self.index.remove(h);
+        let e = self.drop_entry(h);
         self.host.alloc.free(e.slot);
     }
 
@@ -655,7 +767,7 @@ impl BlockCache {
             self.host.policy(held.ns).insert(h, &access);
             self.queue_writeback(h);
             let parent = parent.and_then(|p| self.index.try_get(p)).map(|p| p.key.hash);
-            self.events.push(key, EventKind::Stored { tier: TierKind::Host, parent });
+            self.log(key, EventKind::Stored { tier: TierKind::Host, parent });
         }
         let n = held.handles.len();
         self.stats.blocks += n as u64;
@@ -695,6 +807,7 @@ impl BlockCache {
     ) -> Result<(u64, Vec<SlotId>), CacheError> {
         let matched = self.host_prefix(ns, hashes);
         self.charge(client, matched)?;
+        self.namespaces.touch(ns);
         let mut pinned = Vec::with_capacity(matched);
         for &hash in &hashes[..matched] {
             let h = self.index.find(&BlockKey { ns, hash }).expect("matched prefix is indexed");
@@ -729,7 +842,8 @@ impl BlockCache {
         self.held_by_client.get(&client).copied().unwrap_or(0)
     }
 
-    /// Releases everything a client held: aborts its reservations, drops its pins.
+    /// Releases everything a client held: aborts its reservations, drops its pins, ends its
+    /// namespace registrations.
     pub fn disconnect(&mut self, client: ClientId) {
         let owned = |m: &HashMap<u64, Held>| -> Vec<u64> {
             m.iter().filter(|(_, h)| h.client == client).map(|(&id, _)| id).collect()
@@ -741,6 +855,9 @@ impl BlockCache {
             let _ = self.release(client, id);
         }
         self.held_by_client.remove(&client);
+        for ns in self.attached.remove(&client).unwrap_or_default() {
+            self.namespaces.get_mut(ns).attached -= 1;
+        }
     }
 
     /// Where a block's bytes live in the pool mapping: (segment, byte offset), past the header.

@@ -73,6 +73,20 @@ impl Connection {
     }
 }
 
+/// How many connections may be open at once.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// In all.
+    pub total: usize,
+    /// Of one uid.
+    pub per_uid: usize,
+}
+
+impl ConnectionLimits {
+    /// No limit (tests).
+    pub const NONE: Self = Self { total: usize::MAX, per_uid: usize::MAX };
+}
+
 /// The live connections, by client id.
 #[derive(Default)]
 pub struct Connections {
@@ -93,8 +107,23 @@ impl Drop for Registered<'_> {
 }
 
 impl Connections {
-    /// Adds a new connection; it stays listed while the returned value lives.
-    pub fn open(&self, client: ClientId, pid: Option<i32>, uid: u32) -> Registered<'_> {
+    /// Adds a new connection; it stays listed while the returned value lives. Refused (with the
+    /// reason) when `limits` are reached.
+    pub fn open(
+        &self,
+        client: ClientId,
+        pid: Option<i32>,
+        uid: u32,
+        limits: ConnectionLimits,
+    ) -> Result<Registered<'_>, String> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.len() >= limits.total {
+            return Err(format!("{} connections are open (server.max_connections)", live.len()));
+        }
+        let of_uid = live.values().filter(|c| c.uid == uid).count();
+        if of_uid >= limits.per_uid {
+            return Err(format!("uid {uid} has {of_uid} connections open (server.max_connections_per_uid)"));
+        }
         let record = Arc::new(Connection {
             client,
             pid,
@@ -105,8 +134,18 @@ impl Connections {
             kv_caches: AtomicU32::new(0),
             requests: AtomicU64::new(0),
         });
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(client.0, Arc::clone(&record));
-        Registered { registry: self, record }
+        live.insert(client.0, Arc::clone(&record));
+        Ok(Registered { registry: self, record })
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// True when nobody is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The live connections, oldest first.
@@ -122,9 +161,9 @@ mod tests {
     #[test]
     fn connections_are_listed_while_open_with_their_activity() {
         let reg = Connections::default();
-        let a = reg.open(ClientId(7), Some(100), 0);
+        let a = reg.open(ClientId(7), Some(100), 0, ConnectionLimits::NONE).unwrap();
         {
-            let b = reg.open(ClientId(3), None, 4242);
+            let b = reg.open(ClientId(3), None, 4242, ConnectionLimits::NONE).unwrap();
             b.record.named(&"e".repeat(1000));
             assert_eq!(b.record.activity().name.len(), 256);
             let ids: Vec<u64> = reg.list().iter().map(|c| c.client.0).collect();
@@ -140,5 +179,19 @@ mod tests {
         a.record.requested();
         let want = Activity { name: "vllm".into(), namespaces: vec![NsIdx(2), NsIdx(0)], kv_caches: 1, requests: 2 };
         assert_eq!(reg.list()[0].activity(), want);
+    }
+
+    #[test]
+    fn connections_are_limited_in_all_and_per_uid() {
+        let reg = Connections::default();
+        let limits = ConnectionLimits { total: 3, per_uid: 2 };
+        let a = reg.open(ClientId(1), None, 7, limits).unwrap();
+        let _b = reg.open(ClientId(2), None, 7, limits).unwrap();
+        let err = reg.open(ClientId(3), None, 7, limits).err().unwrap();
+        assert!(err.contains("uid 7 has 2") && err.contains("max_connections_per_uid"), "{err}");
+        let _c = reg.open(ClientId(4), None, 8, limits).unwrap();
+        assert!(reg.open(ClientId(5), None, 9, limits).err().unwrap().contains("3 connections are open"));
+        drop(a);
+        assert!(reg.open(ClientId(6), None, 7, limits).is_ok(), "a closed connection frees its place");
     }
 }

@@ -46,8 +46,29 @@ pub struct ServerConfig {
     pub max_hashes_per_request: u32,
     /// Most reserved plus pinned blocks one connection may hold.
     pub max_held_blocks_per_client: u64,
-    /// Unix uids allowed to connect (checked with SO_PEERCRED). Empty: the daemon's own uid and root.
+    /// Unix uids allowed to connect besides root and the daemon's own uid (checked with
+    /// SO_PEERCRED). Empty: only those two.
     pub allowed_uids: Vec<u32>,
+    /// Uids whose clients map the whole pool (one copy, no isolation from other tenants:
+    /// `docs/security.md`). Everyone else gets a private staging window.
+    pub trusted_uids: Vec<u32>,
+    /// Bytes of the private window through which an untrusted client's blocks are copied in and
+    /// out of the pool (per connection; its pages are handed back when it idles).
+    pub staging_bytes: ByteSize,
+    /// Connections served at once; more are refused at accept.
+    pub max_connections: u32,
+    /// Connections of one uid served at once.
+    pub max_connections_per_uid: u32,
+    /// A connection that has not sent Hello within this time is closed.
+    pub hello_timeout_ms: u64,
+    /// Namespaces the daemon keeps (unused empty ones are reclaimed, and unused ones emptied,
+    /// when a new one needs the room).
+    pub max_namespaces: u32,
+    /// Namespaces one connection may register.
+    pub max_namespaces_per_client: u32,
+    /// A background part (demoter, persister, disk ring, peer lane) that makes no progress for
+    /// this long while it has work is declared stalled, and what it serves is turned off.
+    pub stall_after_secs: u64,
 }
 
 /// The pinned host-memory pool.
@@ -92,6 +113,9 @@ pub struct DiskConfig {
     pub promote_timeout_ms: u64,
     /// On SIGTERM, how long to keep writing admitted blocks back before exiting.
     pub shutdown_flush_secs: u64,
+    /// What a disk tier that cannot start does: false (default) stops the daemon with the
+    /// reason; true runs host-only, reported not ready with the reason.
+    pub optional: bool,
 }
 
 impl Default for DiskConfig {
@@ -104,6 +128,7 @@ impl Default for DiskConfig {
             reserve_fraction: 0.125,
             promote_timeout_ms: 2000,
             shutdown_flush_secs: 10,
+            optional: false,
         }
     }
 }
@@ -112,8 +137,12 @@ impl Default for DiskConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcConfig {
-    /// TCP address to serve on; empty disables TCP. Routers on other nodes need a routable address.
+    /// TCP address to serve on; empty (default) disables TCP. Routers and daemons on other
+    /// nodes need a routable address, with `[grpc.tls]` (or `insecure`).
     pub listen: String,
+    /// Serve TCP in plain text without TLS (development and tests only: anyone who reaches the
+    /// port reads the block feed and can pin blocks with offers).
+    pub insecure: bool,
     /// Unix socket to serve on as well; empty disables it.
     pub socket: PathBuf,
     /// Events retained for resuming watchers; one further behind must re-snapshot.
@@ -127,7 +156,8 @@ pub struct GrpcConfig {
 impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:9465".into(),
+            listen: String::new(),
+            insecure: false,
             socket: runtime_dir().join("kvtierd-grpc.sock"),
             event_capacity: 1 << 18,
             node_name: String::new(),
@@ -160,6 +190,10 @@ pub struct PeerConfig {
     pub listen_ip: String,
     /// Port of lane 0's listener, lane `i` on `listen_port + i`; 0: ports picked by the system.
     pub listen_port: u16,
+    /// Share of the pool that offers to peers may pin at once, in all.
+    pub offer_pool_share: f64,
+    /// Share of the pool that offers to one caller (by IP address) may pin at once.
+    pub offer_caller_share: f64,
 }
 
 impl Default for PeerConfig {
@@ -173,6 +207,8 @@ impl Default for PeerConfig {
             lanes: 2,
             listen_ip: "0.0.0.0".into(),
             listen_port: 0,
+            offer_pool_share: 0.75,
+            offer_caller_share: 0.5,
         }
     }
 }
@@ -223,6 +259,14 @@ impl Default for ServerConfig {
             max_hashes_per_request: 8192,
             max_held_blocks_per_client: 1 << 20,
             allowed_uids: Vec::new(),
+            trusted_uids: Vec::new(),
+            staging_bytes: ByteSize::mib(64),
+            max_connections: 1024,
+            max_connections_per_uid: 256,
+            hello_timeout_ms: 5000,
+            max_namespaces: 1024,
+            max_namespaces_per_client: 64,
+            stall_after_secs: 30,
         }
     }
 }
@@ -294,6 +338,30 @@ impl Config {
             crate::peer::MAX_LANES
         );
         self.grpc.tls.validate()?;
+        let p = &self.peer;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&p.offer_pool_share) && (0.0..=p.offer_pool_share).contains(&p.offer_caller_share),
+            "peer.offer_pool_share must be in 0..=1 and peer.offer_caller_share in 0..=offer_pool_share"
+        );
+        anyhow::ensure!(
+            self.grpc.listen.is_empty() || self.grpc.tls.enabled() || self.grpc.insecure,
+            "grpc.listen {:?} needs mutual TLS ([grpc.tls] cert, key and ca) so that only daemons and \
+             routers of this cluster read the block feed and ship blocks; grpc.insecure = true \
+             (--grpc-insecure) serves plain text for development",
+            self.grpc.listen
+        );
+        let s = &self.server;
+        anyhow::ensure!(s.max_connections > 0 && s.max_connections_per_uid > 0, "server.max_connections must be > 0");
+        anyhow::ensure!(
+            (1..=u16::MAX as u32).contains(&s.max_namespaces) && s.max_namespaces_per_client > 0,
+            "server.max_namespaces must be in 1..=65535 and max_namespaces_per_client > 0"
+        );
+        anyhow::ensure!(
+            s.staging_bytes.as_u64() >= 2 * self.pool.slab_bytes.as_u64(),
+            "server.staging_bytes ({}) must hold two of the largest blocks (2 x pool.slab_bytes = {})",
+            s.staging_bytes,
+            ByteSize(2 * self.pool.slab_bytes.as_u64())
+        );
         anyhow::ensure!(self.policy.eviction != PolicyKind::Belady, "belady needs the future: simulation only");
         let d = &self.disk;
         anyhow::ensure!((0.0..=0.5).contains(&d.reserve_fraction), "disk.reserve_fraction must be in 0..=0.5");

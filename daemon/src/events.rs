@@ -9,6 +9,7 @@
 
 use crate::block::{BlockHash, BlockKey, NsIdx};
 use crate::cache::TierKind;
+use crate::namespace::NamespaceId;
 use std::collections::VecDeque;
 
 /// What happened to a block.
@@ -42,6 +43,8 @@ pub struct Event {
     pub sequence: u64,
     /// The block.
     pub key: BlockKey,
+    /// Its namespace's id (a reclaimed namespace's index may name another one later).
+    pub namespace: NamespaceId,
     /// What happened.
     pub kind: EventKind,
 }
@@ -59,10 +62,11 @@ pub struct Resync {
 /// use kvtier_daemon::block::{BlockHash, BlockKey, NsIdx};
 /// use kvtier_daemon::cache::TierKind;
 /// use kvtier_daemon::events::{EventKind, EventLog};
+/// use kvtier_daemon::namespace::NamespaceId;
 /// let mut log = EventLog::new(2);
 /// let key = BlockKey { ns: NsIdx(0), hash: BlockHash::from_u64(1) };
 /// for _ in 0..3 {
-///     log.push(key, EventKind::Removed { from: TierKind::Host });
+///     log.push(key, NamespaceId([0; 16]), EventKind::Removed { from: TierKind::Host });
 /// }
 /// assert_eq!(log.last_sequence(), 3);
 /// assert_eq!(log.since(1).unwrap().len(), 2);
@@ -92,7 +96,7 @@ impl EventLog {
     }
 
     /// Appends an event; the oldest goes if the log is full.
-    pub fn push(&mut self, key: BlockKey, kind: EventKind) {
+    pub fn push(&mut self, key: BlockKey, namespace: NamespaceId, kind: EventKind) {
         match kind {
             EventKind::Stored { tier, .. } => self.count(key.ns, tier, true),
             EventKind::TierChanged { from, to } => {
@@ -104,7 +108,7 @@ impl EventLog {
         if self.events.len() == self.capacity {
             self.events.pop_front();
         }
-        self.events.push_back(Event { sequence: self.next, key, kind });
+        self.events.push_back(Event { sequence: self.next, key, namespace, kind });
         self.next += 1;
     }
 
@@ -115,6 +119,13 @@ impl EventLog {
         }
         let n = &mut self.held[i][(tier == TierKind::Disk) as usize];
         *n = if up { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Starts the counts of a reclaimed namespace index over (its blocks are all gone).
+    pub fn reset(&mut self, ns: NsIdx) {
+        if let Some(n) = self.held.get_mut(ns.0 as usize) {
+            *n = [0; 2];
+        }
     }
 
     /// Blocks of `ns` the events add up to, by best tier.
@@ -167,7 +178,7 @@ mod tests {
     fn sequences_have_no_gaps_and_resume_exactly() {
         let mut log = EventLog::new(100);
         for i in 0..10 {
-            log.push(key(i), EventKind::Removed { from: TierKind::Host });
+            log.push(key(i), NamespaceId([0; 16]), EventKind::Removed { from: TierKind::Host });
         }
         let after4 = log.since(4).unwrap();
         assert_eq!(after4.iter().map(|e| e.sequence).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
@@ -180,7 +191,7 @@ mod tests {
     fn a_consumer_behind_the_retained_window_must_resync() {
         let mut log = EventLog::new(3);
         for i in 0..10 {
-            log.push(key(i), EventKind::Removed { from: TierKind::Host });
+            log.push(key(i), NamespaceId([0; 16]), EventKind::Removed { from: TierKind::Host });
         }
         assert_eq!(log.len(), 3);
         assert_eq!(log.since(7).unwrap().len(), 3);

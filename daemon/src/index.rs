@@ -28,6 +28,9 @@ pub mod flags {
     pub const PROMOTING: u8 = 8;
     /// Used while demoting: goes back into the host policy, not the cold queue.
     pub const WANTED: u8 = 16;
+    /// A disk write of this block is in flight (a demotion or a write-back): it must not be
+    /// planned again until that write completes.
+    pub const WRITING: u8 = 32;
 }
 
 /// One block known to the index.

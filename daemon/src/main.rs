@@ -7,6 +7,7 @@ use kvtier_daemon::device::BackendKind;
 use kvtier_daemon::node::Node;
 use kvtier_daemon::policy::{AdmissionKind, PolicyKind};
 use kvtier_daemon::server::{connector, grpc, http};
+use kvtier_daemon::supervise::{self, Role};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
@@ -41,9 +42,12 @@ struct Args {
     /// Address for /metrics ("" disables).
     #[arg(long, env = "KVTIER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
-    /// Unix uid allowed to connect (repeatable; default: own uid and root).
+    /// Unix uid allowed to connect besides root and the daemon's own (repeatable).
     #[arg(long = "allowed-uid", env = "KVTIER_ALLOWED_UIDS", value_delimiter = ',')]
     allowed_uids: Vec<u32>,
+    /// Unix uid whose clients map the whole pool (repeatable; no isolation from other tenants).
+    #[arg(long = "trusted-uid", env = "KVTIER_TRUSTED_UIDS", value_delimiter = ',')]
+    trusted_uids: Vec<u32>,
     /// Spill directory of the disk tier (repeatable, one per device; replaces the file's list).
     #[arg(long = "disk-dir", env = "KVTIER_DISK_DIRS", value_delimiter = ',')]
     disk_dirs: Vec<PathBuf>,
@@ -53,9 +57,15 @@ struct Args {
     /// Which blocks leaving the pool are written to disk.
     #[arg(long, env = "KVTIER_DISK_ADMISSION")]
     disk_admission: Option<AdmissionKind>,
+    /// Run host-only (reported not ready) when the disk tier cannot start, instead of exiting.
+    #[arg(long, env = "KVTIER_DISK_OPTIONAL")]
+    disk_optional: bool,
     /// Address of the router feed (gRPC), "" disables TCP.
     #[arg(long, env = "KVTIER_GRPC_LISTEN")]
     grpc_listen: Option<String>,
+    /// Serve gRPC over TCP in plain text without TLS (development and tests only).
+    #[arg(long, env = "KVTIER_GRPC_INSECURE")]
+    grpc_insecure: bool,
     /// Unix socket of the router feed (gRPC), "" disables it.
     #[arg(long, env = "KVTIER_GRPC_SOCKET")]
     grpc_socket: Option<String>,
@@ -86,6 +96,9 @@ struct Args {
     /// UCX threads a pull is striped over (peer.lanes).
     #[arg(long, env = "KVTIER_PEER_LANES")]
     peer_lanes: Option<usize>,
+    /// Seconds without progress after which a background part is declared stalled.
+    #[arg(long, env = "KVTIER_STALL_AFTER_SECS")]
+    stall_after_secs: Option<u64>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -153,6 +166,14 @@ impl Args {
         if let Some(a) = self.disk_admission {
             c.disk.admission = a;
         }
+        c.disk.optional |= self.disk_optional;
+        if let Some(s) = self.stall_after_secs {
+            c.server.stall_after_secs = s;
+        }
+        c.grpc.insecure |= self.grpc_insecure;
+        if !self.trusted_uids.is_empty() {
+            c.server.trusted_uids = self.trusted_uids.clone();
+        }
         if !self.allowed_uids.is_empty() {
             c.server.allowed_uids = self.allowed_uids.clone();
         }
@@ -192,9 +213,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("metrics listen {}: {e}", cfg.metrics.listen))?;
         info!("metrics on http://{}/metrics", tcp.local_addr()?);
-        let node = Arc::clone(&node);
-        tokio::spawn(async move {
-            if let Err(e) = http::serve(node, tcp).await {
+        let served = Arc::clone(&node);
+        let part = node.parts.add("metrics", Role::Metrics, None);
+        supervise::task(part, async move {
+            if let Err(e) = http::serve(served, tcp).await {
                 error!("metrics server: {e}");
             }
         });

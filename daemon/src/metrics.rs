@@ -134,8 +134,12 @@ pub struct Metrics {
     pub connected_clients: AtomicU64,
     /// Connections accepted since start.
     pub connections_total: AtomicU64,
-    /// Connections refused by the uid allowlist.
+    /// Connector connections refused (uid not allowed, or a connection limit reached).
     pub connections_refused: AtomicU64,
+    /// gRPC unix-socket connections refused (uid not allowed).
+    pub grpc_refused: AtomicU64,
+    /// Connector connection tasks that panicked (a bug; their holdings were released).
+    pub connection_panics: AtomicU64,
     /// Requests answered with an error, by error code number.
     pub errors: [AtomicU64; 16],
     /// Latency per op.
@@ -144,6 +148,8 @@ pub struct Metrics {
     pub feed_watchers: AtomicU64,
     /// Offers made to peers.
     pub peer_offers: AtomicU64,
+    /// Offers cut short by the offer quotas (`peer.offer_pool_share`, `offer_caller_share`).
+    pub peer_offers_limited: AtomicU64,
     /// Blocks pulled from peers, verified and visible.
     pub peer_pulled_blocks: AtomicU64,
     /// Their bytes.
@@ -182,6 +188,10 @@ pub struct Readings {
     pub disk_queued_ios: u64,
     /// What each namespace holds and how its lookups went.
     pub namespaces: Vec<NamespaceUsage>,
+    /// Each supervised part: (name, role, up).
+    pub parts: Vec<(String, &'static str, bool)>,
+    /// Whether everything configured works (no part down, no tier off).
+    pub ready: bool,
 }
 
 /// A Prometheus label value: backslashes, quotes and newlines escaped, at most 128 characters
@@ -197,6 +207,16 @@ fn label_value(s: &str) -> String {
         }
     }
     out
+}
+
+/// `kvtier_part_up` of every supervised part.
+fn render_parts(o: &mut String, parts: &[(String, &'static str, bool)]) {
+    let name = "kvtier_part_up";
+    let help = "1 while a supervised background part (task or thread) works; 0 once it panicked, exited or stalled (what it served is off).";
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (part, role, up) in parts {
+        let _ = writeln!(o, "{name}{{part=\"{}\",serves=\"{}\"}} {}", label_value(part), label_value(role), *up as u8);
+    }
 }
 
 /// The per-namespace families: blocks by tier, lookup hits (disk-only hits apart) and misses,
@@ -250,7 +270,19 @@ impl Metrics {
         gauge("kvtier_host_blocks", "Committed blocks in the host tier.", "gauge", cache.blocks);
         gauge("kvtier_host_reserved_blocks", "Blocks reserved and not yet committed.", "gauge", cache.reserved_blocks);
         gauge("kvtier_host_pool_locked", "1 if the pool is mlock'd.", "gauge", now.pool_locked as u64);
+        gauge(
+            "kvtier_ready",
+            "1 when everything configured works; 0 when a part or tier is off (kvtier status says why).",
+            "gauge",
+            now.ready as u64,
+        );
         gauge("kvtier_namespaces", "Registered namespaces.", "gauge", cache.namespaces);
+        gauge(
+            "kvtier_namespaces_reclaimed_total",
+            "Namespaces forgotten to make room for new ones (none registered; emptied if they held blocks).",
+            "counter",
+            cache.reclaimed_namespaces,
+        );
         gauge("kvtier_hit_blocks_total", "Blocks found by lookups.", "counter", cache.hit_blocks);
         gauge("kvtier_miss_blocks_total", "Blocks asked by lookups and not found.", "counter", cache.miss_blocks);
         gauge("kvtier_evicted_blocks_total", "Blocks evicted from the host tier.", "counter", cache.evicted_blocks);
@@ -339,6 +371,24 @@ impl Metrics {
             "Offers of blocks made to peer daemons.",
             "counter",
             self.peer_offers.load(Relaxed),
+        );
+        gauge(
+            "kvtier_peer_offers_limited_total",
+            "Offers cut short by the offer quotas (peer.offer_pool_share, peer.offer_caller_share).",
+            "counter",
+            self.peer_offers_limited.load(Relaxed),
+        );
+        gauge(
+            "kvtier_connection_panics_total",
+            "Connector connection tasks that panicked (a bug: logged; what they held was released).",
+            "counter",
+            self.connection_panics.load(Relaxed),
+        );
+        gauge(
+            "kvtier_grpc_refused_total",
+            "gRPC unix-socket connections refused: uid not allowed.",
+            "counter",
+            self.grpc_refused.load(Relaxed),
         );
         gauge(
             "kvtier_peer_pulled_blocks_total",
@@ -441,6 +491,7 @@ impl Metrics {
             self.disk_read_latency.render(&mut o, name, "dir=\"read\"");
         }
         render_namespaces(&mut o, &now.namespaces);
+        render_parts(&mut o, &now.parts);
         o
     }
 }
@@ -475,6 +526,7 @@ mod tests {
     #[test]
     fn namespace_labels_cannot_forge_lines() {
         let hostile = NamespaceUsage {
+            ns: crate::block::NsIdx(0),
             model: "m\"} 1\nkvtier_fake 9\\".into(),
             id: crate::namespace::NamespaceId([0xab; 16]),
             block_bytes: 4096,

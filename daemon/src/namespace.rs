@@ -12,18 +12,22 @@ use std::fmt;
 pub struct NamespaceId(pub [u8; 16]);
 
 impl NamespaceId {
-    /// Derives the id from every descriptor field except `block_bytes`.
+    /// Derives the id from every descriptor field, `block_bytes` included: a registration with
+    /// another block size is another namespace, so the first client to name a descriptor cannot
+    /// lock others out of it with a wrong size.
     ///
     /// ```
     /// use kvtier_daemon::namespace::NamespaceId;
     /// use kvtier_proto::v1::NamespaceDescriptor;
-    /// let a = NamespaceDescriptor { model: "m".into(), cache_salt: "tenant-a".into(), ..Default::default() };
+    /// let a = NamespaceDescriptor { model: "m".into(), cache_salt: "tenant-a".into(), block_bytes: 4096, ..Default::default() };
     /// let b = NamespaceDescriptor { cache_salt: "tenant-b".into(), ..a.clone() };
+    /// let c = NamespaceDescriptor { block_bytes: 8192, ..a.clone() };
     /// assert_ne!(NamespaceId::of(&a), NamespaceId::of(&b));
+    /// assert_ne!(NamespaceId::of(&a), NamespaceId::of(&c));
     /// ```
     pub fn of(desc: &NamespaceDescriptor) -> Self {
-        let canonical = NamespaceDescriptor { block_bytes: 0, ..desc.clone() }.encode_to_vec();
-        let digest = Sha256::new_with_prefix(b"kvtier.namespace.v1\0").chain_update(&canonical).finalize();
+        let canonical = desc.encode_to_vec();
+        let digest = Sha256::new_with_prefix(b"kvtier.namespace.v2\0").chain_update(&canonical).finalize();
         let mut id = [0u8; 16];
         id.copy_from_slice(&digest[..16]);
         Self(id)
@@ -60,13 +64,30 @@ pub struct NamespaceInfo {
     pub block_bytes: u64,
     /// Distance between slots (block_bytes aligned up).
     pub stride: u64,
+    /// Live connections that registered it (it is never reclaimed while one does).
+    pub attached: u32,
+    /// Index entries (reserved or committed, in any tier) of its blocks.
+    pub entries: u64,
+    /// When it was last used, in [`NamespaceTable::tick`]s.
+    pub last_used: u64,
 }
 
-/// The namespaces known to the daemon, by dense index.
+impl NamespaceInfo {
+    /// A namespace nobody has registered or used yet.
+    pub fn new(id: NamespaceId, block_bytes: u64, stride: u64) -> Self {
+        Self { id, block_bytes, stride, attached: 0, entries: 0, last_used: 0 }
+    }
+}
+
+/// The namespaces known to the daemon, by dense index. Indices of reclaimed namespaces are
+/// reused; a reclaimed index keeps its last info until then.
 #[derive(Default)]
 pub struct NamespaceTable {
     infos: Vec<NamespaceInfo>,
+    live: Vec<bool>,
     by_id: HashMap<NamespaceId, NsIdx>,
+    free: Vec<NsIdx>,
+    clock: u64,
 }
 
 impl NamespaceTable {
@@ -75,12 +96,32 @@ impl NamespaceTable {
         self.by_id.get(id).copied()
     }
 
-    /// Adds a namespace; the caller guarantees `info.id` is new.
-    pub fn add(&mut self, info: NamespaceInfo) -> NsIdx {
-        let idx = NsIdx(self.infos.len() as u16);
-        self.by_id.insert(info.id, idx);
-        self.infos.push(info);
+    /// Adds a namespace (the caller guarantees `info.id` is new), reusing a reclaimed index if
+    /// there is one.
+    pub fn add(&mut self, mut info: NamespaceInfo) -> NsIdx {
+        info.last_used = self.tick();
+        let idx = match self.free.pop() {
+            Some(idx) => {
+                self.infos[idx.0 as usize] = info;
+                self.live[idx.0 as usize] = true;
+                idx
+            }
+            None => {
+                self.infos.push(info);
+                self.live.push(true);
+                NsIdx(self.infos.len() as u16 - 1)
+            }
+        };
+        self.by_id.insert(self.infos[idx.0 as usize].id, idx);
         idx
+    }
+
+    /// Forgets a namespace; its index goes to the next [`add`](Self::add).
+    pub fn remove(&mut self, idx: NsIdx) {
+        if std::mem::replace(&mut self.live[idx.0 as usize], false) {
+            self.by_id.remove(&self.infos[idx.0 as usize].id);
+            self.free.push(idx);
+        }
     }
 
     /// Info of a known namespace.
@@ -88,14 +129,60 @@ impl NamespaceTable {
         &self.infos[idx.0 as usize]
     }
 
-    /// Number of namespaces.
+    /// Mutable info of a known namespace.
+    pub fn get_mut(&mut self, idx: NsIdx) -> &mut NamespaceInfo {
+        &mut self.infos[idx.0 as usize]
+    }
+
+    /// Whether `idx` names a namespace now (not reclaimed).
+    pub fn is_live(&self, idx: NsIdx) -> bool {
+        self.live.get(idx.0 as usize).copied().unwrap_or(false)
+    }
+
+    /// The live namespaces, by index.
+    pub fn live(&self) -> impl Iterator<Item = NsIdx> + '_ {
+        (0..self.infos.len()).filter(|&i| self.live[i]).map(|i| NsIdx(i as u16))
+    }
+
+    /// Number of live namespaces.
     pub fn len(&self) -> usize {
-        self.infos.len()
+        self.by_id.len()
     }
 
     /// True when no namespace is known.
     pub fn is_empty(&self) -> bool {
-        self.infos.is_empty()
+        self.by_id.is_empty()
+    }
+
+    /// One past the largest index ever used: per-namespace arrays must cover it.
+    pub fn bound(&self) -> usize {
+        self.infos.len()
+    }
+
+    /// Advances the use clock and returns its new value.
+    pub fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Marks `idx` used now.
+    pub fn touch(&mut self, idx: NsIdx) {
+        let now = self.tick();
+        self.infos[idx.0 as usize].last_used = now;
+    }
+
+    /// A live namespace that no connection has registered and that holds no block: free to
+    /// reclaim at no cost.
+    pub fn empty_detached(&self) -> Option<NsIdx> {
+        self.live().find(|&i| self.get(i).attached == 0 && self.get(i).entries == 0)
+    }
+
+    /// Live namespaces no connection has registered, least recently used first: the ones to
+    /// empty when the table is full.
+    pub fn detached_by_age(&self) -> Vec<NsIdx> {
+        let mut v: Vec<NsIdx> = self.live().filter(|&i| self.get(i).attached == 0).collect();
+        v.sort_by_key(|&i| self.get(i).last_used);
+        v
     }
 }
 
@@ -211,6 +298,30 @@ mod tests {
         assert!(!by("", "", &[0xab, 0xce]).selects(Some(&qwen_a), &id));
         assert!(!by("llama", "", &[0xab, 0xcd]).selects(Some(&qwen_a), &id));
         assert!(NamespaceSelector::All.selects(None, &id));
+    }
+
+    #[test]
+    fn reclaimed_indices_are_reused_and_forgotten_ids_are_not_found() {
+        let mut t = NamespaceTable::default();
+        let a = t.add(NamespaceInfo::new(NamespaceId([1; 16]), 4096, 4096));
+        let b = t.add(NamespaceInfo::new(NamespaceId([2; 16]), 4096, 4096));
+        t.get_mut(a).attached = 1;
+        t.get_mut(b).entries = 3;
+        assert_eq!(t.empty_detached(), None, "a is registered, b holds blocks");
+        t.get_mut(b).entries = 0;
+        assert_eq!(t.empty_detached(), Some(b));
+        t.remove(b);
+        t.remove(b);
+        assert_eq!((t.len(), t.bound(), t.find(&NamespaceId([2; 16]))), (1, 2, None));
+        let c = t.add(NamespaceInfo::new(NamespaceId([3; 16]), 8192, 8192));
+        assert_eq!(c, b, "the index is reused");
+        assert_eq!((t.get(c).block_bytes, t.find(&NamespaceId([3; 16]))), (8192, Some(c)));
+        t.touch(c);
+        let d = t.add(NamespaceInfo::new(NamespaceId([4; 16]), 4096, 4096));
+        t.touch(d);
+        t.touch(c);
+        assert_eq!(t.detached_by_age(), vec![d, c], "least recently used first; a is registered");
+        assert_eq!(t.live().collect::<Vec<_>>(), vec![a, c, d]);
     }
 
     #[test]

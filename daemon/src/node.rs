@@ -3,11 +3,12 @@
 //! nothing more.
 
 mod kv_copy;
+mod staged;
 mod tiering;
 mod transfer;
 
-pub use kv_copy::{Blocks, KvCache, KvCopyError, Loaded, Saved};
-pub use transfer::{verify_from_wire, Offer, Pulled, Shipment};
+pub use kv_copy::{Blocks, CopyWatch, KvCache, KvCopyError, Loaded, Saved};
+pub use transfer::{offer_room, verify_from_wire, Offer, Pulled, Shipment};
 
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, NsIdx};
@@ -18,6 +19,7 @@ use crate::disk::{DiskTier, Health};
 use crate::metrics::Metrics;
 use crate::namespace::{NamespaceId, Naming};
 use crate::pool::{HostPool, LockMode, PoolGeometry};
+use crate::supervise::{Parts, Role};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::{error, info};
@@ -78,6 +80,12 @@ pub struct Node {
     names: Mutex<Vec<Option<Naming>>>,
     /// The connector socket's live connections (for the admin view).
     pub connections: crate::clients::Connections,
+    /// The supervised background parts (tasks and threads).
+    pub parts: Arc<Parts>,
+    /// Connections opened in all at the last heap trim.
+    connections_peak: AtomicU64,
+    /// Supervision of daemon-side copies.
+    pub copy_watch: CopyWatch,
 }
 
 /// Block handles one step of a Discard visits while it holds the cache lock (about a
@@ -87,6 +95,8 @@ pub const DISCARD_BATCH: usize = 4096;
 /// What one registered namespace holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamespaceUsage {
+    /// Its index in this daemon.
+    pub ns: NsIdx,
     /// The model of its descriptor.
     pub model: String,
     /// Its id (a hash of the whole descriptor, tenant salt included).
@@ -137,24 +147,31 @@ impl Node {
         let lock = if p.allow_unlocked { LockMode::BestEffort } else { LockMode::Required };
         let pool = HostPool::create(geometry.clone(), p.hugetlb, lock)?;
         let device = crate::device::open(config.device.backend, &pool)?;
+        let parts = Arc::new(Parts::default());
+        let stall_after = std::time::Duration::from_secs(config.server.stall_after_secs.max(1));
         let peer = match config.peer.enabled {
-            true => {
-                Some(crate::peer::Peer::start(&config.peer).map_err(|e| anyhow::anyhow!("peer tier (UCX): {e:#}"))?)
-            }
+            true => Some(
+                crate::peer::Peer::start(&config.peer, &parts, stall_after)
+                    .map_err(|e| anyhow::anyhow!("peer tier (UCX): {e:#}"))?,
+            ),
             false => None,
         };
         let source_tls = config.grpc.tls.enabled().then(|| crate::tls::client_tls(&config.grpc.tls)).transpose()?;
         let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
+            max_namespaces: config.server.max_namespaces as usize,
             max_held_per_client: config.server.max_held_blocks_per_client as usize,
             event_capacity: config.grpc.event_capacity as usize,
-            ..CacheLimits::default()
         };
         let disk_health = Arc::new(Health::default());
         let (cache, disk) = match config.disk.dirs.is_empty() {
             true => (BlockCache::new(alloc(), config.policy.eviction, limits), None),
-            false => match Self::open_disk(&config, &pool, &disk_health, alloc(), limits.clone()) {
+            false => match Self::open_disk(&config, &pool, &disk_health, &parts, alloc(), limits.clone()) {
                 Ok((cache, disk)) => (cache, Some(disk)),
+                Err(e) if !config.disk.optional => anyhow::bail!(
+                    "disk tier: {e:#}\n(kvtierd stops rather than run without the disk tier it was given; with \
+                     disk.optional = true (--disk-optional) it runs host-only, reported not ready)"
+                ),
                 Err(e) => {
                     let reason = format!("{e:#}");
                     error!("disk tier OFF, running host-only: {reason}");
@@ -184,6 +201,9 @@ impl Node {
             load: Mutex::new(std::collections::VecDeque::new()),
             names: Mutex::new(Vec::new()),
             connections: Default::default(),
+            connections_peak: AtomicU64::new(0),
+            copy_watch: CopyWatch::new(parts.add("copies", Role::DeviceCopies, Some(stall_after))),
+            parts,
         })
     }
 
@@ -191,10 +211,12 @@ impl Node {
         config: &Config,
         pool: &HostPool,
         health: &Arc<Health>,
+        parts: &Parts,
         alloc: SlabAllocator,
         limits: CacheLimits,
     ) -> anyhow::Result<(BlockCache, DiskTier)> {
-        let disk = DiskTier::open(&config.disk, pool, Arc::clone(health))?;
+        let stall_after = std::time::Duration::from_secs(config.server.stall_after_secs.max(1));
+        let disk = DiskTier::open(&config.disk, pool, Arc::clone(health), parts, stall_after)?;
         let mut cache = BlockCache::with_disk(alloc, config.policy.eviction, limits, disk.setup());
         let r = disk.recover(&mut cache)?;
         let st = cache.disk_stats().unwrap_or_default();
@@ -238,6 +260,22 @@ impl Node {
         }
     }
 
+    /// Hands freed heap back to the kernel after a burst of connections (64 or more opened since
+    /// the last trim; call about once a second). glibc keeps freed memory in its arenas: after 21,000 connections came and
+    /// went, RSS stayed at its peak; with a trim it returns to within a few MiB of where it was.
+    pub fn trim_memory(&self) {
+        let opened = self.metrics.connections_total.load(Ordering::Relaxed);
+        let then = self.connections_peak.load(Ordering::Relaxed);
+        if opened >= then + 64 {
+            self.connections_peak.store(opened, Ordering::Relaxed);
+            // SAFETY: malloc_trim only returns free memory to the kernel.
+            #[cfg(target_env = "gnu")]
+            unsafe {
+                nix::libc::malloc_trim(0);
+            }
+        }
+    }
+
     /// Connector requests per second over the last ~10 s of samples.
     pub fn requests_per_second(&self) -> f64 {
         let load = self.load.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,18 +305,36 @@ impl Node {
         ClientId(self.next_client.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Registers a namespace (`naming`: how operators select it, its model what Stats shows);
-    /// returns its index and slot stride.
-    pub fn register(&self, id: NamespaceId, block_bytes: u64, naming: Naming) -> Result<(NsIdx, u64), CacheError> {
+    /// Registers a namespace for connection `client` (`naming`: how operators select it, its
+    /// model what Stats shows), which keeps it from being reclaimed until the client
+    /// disconnects; returns its index and slot stride. A full table reclaims an unused
+    /// namespace first.
+    pub fn register(
+        &self,
+        client: ClientId,
+        id: NamespaceId,
+        block_bytes: u64,
+        naming: Naming,
+    ) -> Result<(NsIdx, u64), CacheError> {
         let mut c = self.cache();
+        let new = c.find_namespace(&id).is_none();
         let ns = c.register(id, block_bytes)?;
+        c.attach(client, ns);
+        if let Some(disk) = &self.disk {
+            let changes = c.take_disk_changes();
+            disk.persist(&c, changes);
+        }
         let mut names = self.names.lock().expect("names lock");
         let i = ns.0 as usize;
         if names.len() <= i {
             names.resize(i + 1, None);
         }
-        // Restored from disk at start (not named) until a client registers it.
-        names[i].get_or_insert(naming);
+        match new {
+            // A new namespace, maybe at a reclaimed index: the old name goes.
+            true => names[i] = Some(naming),
+            // Restored from disk at start (not named) until a client registers it.
+            false => _ = names[i].get_or_insert(naming),
+        }
         Ok((ns, c.namespace(ns).stride))
     }
 
@@ -287,10 +343,11 @@ impl Node {
     pub fn namespace_usage(&self) -> Vec<NamespaceUsage> {
         let c = self.cache();
         let names = self.names.lock().expect("names lock");
-        (0..c.stats().namespaces as usize)
+        (c.registered().into_iter().map(|ns| ns.0 as usize))
             .map(|i| {
                 let info = c.namespace(NsIdx(i as u16));
                 NamespaceUsage {
+                    ns: NsIdx(i as u16),
                     model: names.get(i).cloned().flatten().map(|n| n.model).unwrap_or_default(),
                     id: info.id,
                     block_bytes: info.block_bytes,
@@ -315,9 +372,12 @@ impl Node {
         let selected: Vec<bool> = {
             let c = self.cache();
             let names = self.names.lock().expect("names lock");
-            (0..c.stats().namespaces as usize)
-                .map(|i| selector.selects(names.get(i).and_then(Option::as_ref), &c.namespace(NsIdx(i as u16)).id))
-                .collect()
+            let mut selected = vec![false; c.handle_bound_namespaces()];
+            for ns in c.registered() {
+                let i = ns.0 as usize;
+                selected[i] = selector.selects(names.get(i).and_then(Option::as_ref), &c.namespace(ns).id);
+            }
+            selected
         };
         let chosen: Vec<NsIdx> =
             (selected.iter().enumerate()).filter(|(_, &s)| s).map(|(i, _)| NsIdx(i as u16)).collect();
@@ -393,7 +453,7 @@ impl Node {
     /// Pins the longest held prefix, promoting its disk-only blocks first; returns the lease and
     /// the slot locations.
     pub async fn acquire(
-        &self,
+        self: &Arc<Self>,
         client: ClientId,
         ns: NsIdx,
         hashes: &[BlockHash],
@@ -437,12 +497,44 @@ impl Node {
         self.disk_health.reason()
     }
 
+    /// Why `role` is off, if a part serving it failed.
+    pub fn role_down(&self, role: Role) -> Option<String> {
+        self.parts
+            .all()
+            .iter()
+            .filter(|p| p.role == role)
+            .find_map(|p| p.down().map(|why| format!("{}: {why}", p.name)))
+    }
+
+    /// Everything configured that is not working, for operators (empty: ready).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = self.parts.problems();
+        if let Some(why) = self.disk_failure() {
+            if !out.iter().any(|p| p.contains("disk tier off")) {
+                out.push(format!("disk tier off: {why}"));
+            }
+        }
+        out
+    }
+
+    /// Turns off what a failed part served, once, with an error log naming the cause.
+    pub fn part_failed(&self, part: &crate::supervise::Part, reason: &str) {
+        error!(part = %part.name, "{} FAILED ({reason}): {} off, everything else keeps serving", part.name, part.role.name());
+        match part.role {
+            Role::Disk => self.disk_failed(format!("{} {reason}", part.name)),
+            Role::Peer | Role::DeviceCopies | Role::Grpc | Role::Metrics | Role::Load => {}
+        }
+    }
+
     /// Prometheus text of everything.
     pub fn render_metrics(&self) -> String {
+        let parts = self.parts.all().iter().map(|p| (p.name.clone(), p.role.name(), p.down().is_none())).collect();
         let now = crate::metrics::Readings {
             pool_locked: self.pool.is_locked(),
             disk_queued_ios: self.disk.as_ref().map_or(0, DiskTier::queued_ios),
             namespaces: self.namespace_usage(),
+            parts,
+            ready: self.problems().is_empty(),
         };
         self.metrics.render(&self.stats(), self.disk_stats().as_ref(), &now)
     }

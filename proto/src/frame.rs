@@ -64,7 +64,21 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder accepting bodies of at most `max_frame_bytes`.
     pub fn new(max_frame_bytes: usize) -> Self {
-        Self { buf: Vec::with_capacity(64 * 1024), start: 0, max: max_frame_bytes }
+        Self { buf: Vec::new(), start: 0, max: max_frame_bytes }
+    }
+
+    /// Frees the buffer if it holds no unread byte: a connection waiting for its next request
+    /// then holds no heap (thousands of idle connections cost kilobytes, not gigabytes).
+    pub fn release_idle(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+
+    /// Bytes of heap the buffer holds now.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Adds bytes read from the stream.
@@ -156,5 +170,19 @@ mod tests {
         spare[..frame.len()].copy_from_slice(&frame);
         dec.commit(frame.len(), 64);
         assert_eq!(dec.next_frame().unwrap(), Some(vec![]));
+    }
+
+    #[test]
+    fn an_idle_decoder_holds_no_buffer_and_keeps_partial_frames() {
+        let frame = encode(&Request { id: 9, op: Some(request::Op::Stats(Stats {})) });
+        let mut dec = FrameDecoder::new(1024);
+        assert_eq!(dec.capacity(), 0, "nothing before the first read");
+        dec.extend(&frame[..3]);
+        dec.release_idle();
+        assert_eq!(dec.buffered(), 3, "a partial frame is kept");
+        dec.extend(&frame[3..]);
+        assert!(dec.next_frame().unwrap().is_some());
+        dec.release_idle();
+        assert_eq!((dec.capacity(), dec.buffered()), (0, 0));
     }
 }

@@ -30,6 +30,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             "promoted_blocks": s.promoted_blocks, "disk_written_bytes": s.disk_written_bytes,
             "not_admitted_blocks": s.not_admitted_blocks, "corrupt_blocks": s.corrupt_blocks,
             "disk_failure": s.disk_failure, "device_backend": backend, "device_dma": dma,
+            "problems": s.problems,
             "namespace_usage": s.namespace_usage.iter().map(|u| serde_json::json!({"model": u.model,
                 "id_prefix": u.id_prefix, "block_bytes": u.block_bytes, "host_blocks": u.host_blocks,
                 "disk_blocks": u.disk_blocks, "hit_blocks": u.hit_blocks,
@@ -73,6 +74,9 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     if !s.disk_failure.is_empty() {
         println!("  disk tier OFF: {}", s.disk_failure);
+    }
+    for p in &s.problems {
+        println!("  NOT READY: {p}");
     }
     for u in &s.namespace_usage {
         println!("{}", namespace_line(u));

@@ -194,6 +194,12 @@ impl DiskState {
         self.cold.push(VecDeque::new());
     }
 
+    /// Starts the state of a reclaimed namespace index over.
+    pub fn reset_namespace(&mut self, ns: NsIdx) {
+        self.tier.reset_namespace(ns);
+        self.cold[ns.0 as usize].clear();
+    }
+
     /// Frees the disk slot of `key` to make room and records the removal.
     pub fn forget(&mut self, key: BlockKey, slot: SlotId) {
         self.free_slot(key, slot);
@@ -331,7 +337,7 @@ impl BlockCache {
             e.state == EntryState::Committed
                 && e.slot.is_some()
                 && e.disk.is_none()
-                && e.flags & (flags::COLD | flags::DEMOTING | flags::PROMOTING) == 0
+                && e.flags & (flags::COLD | flags::DEMOTING | flags::PROMOTING | flags::WRITING) == 0
                 && e.pins < u16::MAX
         })
     }
@@ -399,9 +405,7 @@ impl BlockCache {
             return None;
         };
         let stride = self.stride_of(h);
-        if !keep_hot {
-            self.index.get_mut(h).flags |= flags::DEMOTING;
-        }
+        self.index.get_mut(h).flags |= if keep_hot { flags::WRITING } else { flags::WRITING | flags::DEMOTING };
         let d = self.disk_mut();
         if !keep_hot {
             d.inflight_bytes += stride;
@@ -419,7 +423,7 @@ impl BlockCache {
         {
             let e = self.index.get_mut(dm.handle);
             e.pins -= 1;
-            e.flags &= !flags::DEMOTING;
+            e.flags &= !(flags::DEMOTING | flags::WRITING);
         }
         let d = self.disk_mut();
         if !dm.keep_hot {
@@ -498,7 +502,7 @@ impl BlockCache {
         if outcome == PromotionOutcome::Verified {
             let access = self.access(&e.key, e.parent);
             self.host.policy(e.key.ns).insert(p.handle, &access);
-            self.events.push(e.key, EventKind::TierChanged { from: TierKind::Disk, to: TierKind::Host });
+            self.log(e.key, EventKind::TierChanged { from: TierKind::Disk, to: TierKind::Host });
             self.stats.blocks += 1;
             let d = self.disk_mut();
             d.stats.promoted_blocks += 1;
@@ -563,9 +567,9 @@ impl BlockCache {
             return Err(RestoreError::Duplicate);
         }
         let stride = self.namespaces.get(ns).stride;
-        let h = self.index.insert(key, SlotId::NONE, None);
+        let h = self.new_entry(key, SlotId::NONE, None);
         if !self.disk_mut().tier.alloc.claim(slot, ns, stride, h.0) {
-            self.index.remove(h);
+            self.drop_entry(h);
             return Err(RestoreError::SlotTaken);
         }
         let access = self.access(&key, None);
@@ -576,7 +580,7 @@ impl BlockCache {
         d.tier.policy(ns).insert(h, &access);
         d.stats.blocks += 1;
         d.stats.restored_blocks += 1;
-        self.events.push(key, EventKind::Stored { tier: TierKind::Disk, parent: None });
+        self.log(key, EventKind::Stored { tier: TierKind::Disk, parent: None });
         Ok(())
     }
 }

@@ -27,6 +27,83 @@ fn save(c: &mut BlockCache, ns: NsIdx, hashes: &[BlockHash]) -> Vec<Reserved> {
 }
 
 #[test]
+fn block_sizes_that_overflow_are_refused_and_leave_the_id_usable() {
+    // Trust finding 2: 2^64-1 bytes wrapped the stride to 0 and passed the size check.
+    let (mut c, _) = cache(1, PolicyKind::Lru);
+    let id = NamespaceId([9; 16]);
+    for bad in [u64::MAX, u64::MAX - 4094, u64::MAX - 4095, 1 << 63, 0, 4 * 4096 + 1] {
+        assert!(matches!(c.register(id, bad), Err(CacheError::WrongBlockSize(_))), "{bad}");
+    }
+    let ns = c.register(id, 4096).unwrap();
+    assert!(matches!(save(&mut c, ns, &hs(0..1))[0], Reserved::Slot(_)));
+}
+
+fn limited(max_namespaces: usize) -> BlockCache {
+    let limits = CacheLimits { max_namespaces, ..CacheLimits::default() };
+    BlockCache::new(SlabAllocator::new(4, 4 * 4096, 2), PolicyKind::Lru, limits)
+}
+
+#[test]
+fn a_full_namespace_table_reclaims_unused_namespaces() {
+    // Trust finding 3: registrations filled the fixed table for good.
+    let mut c = limited(3);
+    let ids: Vec<NamespaceId> = (0..3u8).map(|i| NamespaceId([i; 16])).collect();
+    let held = c.register(ids[0], 4096).unwrap();
+    c.attach(A, held);
+    let full = c.register(ids[1], 4096).unwrap();
+    c.attach(B, full);
+    save(&mut c, full, &hs(0..2));
+    c.disconnect(B);
+    let empty = c.register(ids[2], 4096).unwrap();
+    // Full: the empty, unregistered namespace goes first, at no cost.
+    let fourth = c.register(NamespaceId([3; 16]), 8192).unwrap();
+    assert_eq!(fourth, empty, "its index is reused");
+    assert_eq!(c.find_namespace(&ids[2]), None);
+    assert_eq!(c.namespace(fourth).block_bytes, 8192);
+    assert_eq!(c.lookup(full, &hs(0..2)), 2, "the namespace holding blocks is kept while another way exists");
+    c.attach(A, fourth);
+    // Then the least recently used unregistered one is emptied.
+    let fifth = c.register(NamespaceId([4; 16]), 4096).unwrap();
+    assert_eq!(fifth, full);
+    assert_eq!(c.find_namespace(&ids[1]), None);
+    assert_eq!(c.lookup(fifth, &hs(0..2)), 0, "no block of the old namespace is seen in the new one");
+    assert_eq!(c.stats().evicted_blocks, 2);
+    assert_eq!(c.stats().reclaimed_namespaces, 2);
+    assert_eq!(c.stats().used_bytes, 0);
+    // Every namespace registered by a live connection: refused, nothing changes.
+    c.attach(A, fifth);
+    c.attach(A, fifth);
+    assert_eq!(c.attached(A), &[held, fourth, fifth], "each once");
+    assert_eq!(c.register(NamespaceId([5; 16]), 4096), Err(CacheError::TooManyNamespaces(3)));
+    assert_eq!(c.stats().namespaces, 3);
+}
+
+#[test]
+fn a_namespace_with_pinned_blocks_is_not_reclaimed() {
+    let mut c = limited(1);
+    let ns = c.register(NamespaceId([1; 16]), 4096).unwrap();
+    save(&mut c, ns, &hs(0..1));
+    let (lease, _) = c.acquire(A, ns, &hs(0..1)).unwrap();
+    assert_eq!(c.register(NamespaceId([2; 16]), 4096), Err(CacheError::TooManyNamespaces(1)));
+    assert_eq!(c.lookup(ns, &hs(0..1)), 1, "the pinned block is still served");
+    c.release(A, lease).unwrap();
+    assert!(c.register(NamespaceId([2; 16]), 4096).is_ok());
+}
+
+#[test]
+fn feed_events_keep_the_id_of_a_reclaimed_namespace() {
+    let mut c = limited(1);
+    let old = NamespaceId([1; 16]);
+    let ns = c.register(old, 4096).unwrap();
+    save(&mut c, ns, &hs(0..1));
+    let new = NamespaceId([2; 16]);
+    assert_eq!(c.register(new, 4096).unwrap(), ns);
+    save(&mut c, ns, &hs(5..6));
+    let ids: Vec<NamespaceId> = c.events().since(0).unwrap().iter().map(|e| e.namespace).collect();
+    assert_eq!(ids, vec![old, old, new], "stored, removed (old), stored (new)");
+}
+
+#[test]
 fn reservation_is_invisible_until_commit() {
     let (mut c, ns) = cache(1, PolicyKind::Lru);
     let (id, out) = c.reserve(A, ns, &hs(0..2), None).unwrap();
@@ -346,6 +423,36 @@ mod disk_tier {
     }
 
     #[test]
+    fn a_block_is_never_written_back_twice_at_once() {
+        // Trust finding 1: a committed block used once is queued for write-back twice (at
+        // commit, and at its first reuse); both entries were planned while the first write was
+        // in flight, giving the block two disk slots and two entries in the disk policy, until
+        // an eviction met the stale one and the demoter panicked ("live handle").
+        let (mut c, ns) = tiered(4, 4, AdmissionKind::Always);
+        save(&mut c, ns, &hs(0..1));
+        let (lease, _) = c.acquire(A, ns, &hs(0..1)).unwrap();
+        c.release(A, lease).unwrap();
+        let first = c.plan_demotions(usize::MAX);
+        assert_eq!(first.len(), 1, "one write per block: {first:?}");
+        assert!(c.plan_demotions(usize::MAX).is_empty(), "not again while the first is in flight");
+        c.complete_demotion(&first[0], Some(1));
+        assert!(c.plan_demotions(usize::MAX).is_empty(), "on disk now");
+        assert_eq!(c.disk_stats().unwrap().used_bytes, 4096 + HDR, "one disk slot");
+        // Churn the disk through eviction: every stale queue entry must be harmless.
+        for round in 0..20u64 {
+            save(&mut c, ns, &hs(100 + round * 8..108 + round * 8));
+            for i in 0..8 {
+                let k = 100 + round * 8 + i;
+                let (lease, _) = c.acquire(A, ns, &hs(k..k + 1)).unwrap();
+                c.release(A, lease).unwrap();
+            }
+            demote_all(&mut c);
+        }
+        let st = c.disk_stats().unwrap();
+        assert!(st.used_bytes <= st.capacity_bytes && st.blocks * (4096 + HDR) == st.used_bytes, "{st:?}");
+    }
+
+    #[test]
     fn discard_forgets_host_cold_and_disk_copies() {
         let (mut c, ns) = tiered(2, 2, AdmissionKind::Always);
         save(&mut c, ns, &hs(0..8));
@@ -509,7 +616,7 @@ mod router_events {
     }
 
     fn snapshot(c: &BlockCache) -> HashMap<BlockKey, TierKind> {
-        c.snapshot().1.into_iter().collect()
+        c.snapshot().1.into_iter().map(|(k, _, t)| (k, t)).collect()
     }
 
     #[test]

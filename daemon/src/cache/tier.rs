@@ -33,6 +33,12 @@ impl Tier {
         self.policies.push(self.kind.build());
     }
 
+    /// A fresh policy for a reclaimed namespace index (holding no block).
+    pub fn reset_namespace(&mut self, ns: NsIdx) {
+        debug_assert!(self.policies[ns.0 as usize].is_empty(), "a reclaimed namespace holds blocks");
+        self.policies[ns.0 as usize] = self.kind.build();
+    }
+
     /// The policy of `ns`.
     pub fn policy(&mut self, ns: NsIdx) -> &mut dyn Eviction {
         self.policies[ns.0 as usize].as_mut()

@@ -14,6 +14,7 @@ use crate::block::SlotId;
 use crate::cache::{BlockCache, DiskChange, DiskSetup};
 use crate::config::DiskConfig;
 use crate::pool::HostPool;
+use crate::supervise::{Part, Parts, Role};
 use format::{SlotHeader, HEADER_BYTES};
 use ring::{Dir, IoOp, Ring};
 use spill::{Found, SpillFile};
@@ -23,6 +24,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 use store::{Opened, Store, StoreOp, StoredBlock};
 use tracing::{info, warn};
 
@@ -81,7 +83,7 @@ pub struct DiskTier {
     slab_bytes: u64,
     slabs_per_device: u32,
     persist: Mutex<Option<mpsc::Sender<PersistMsg>>>,
-    persister: Option<std::thread::JoinHandle<()>>,
+    persister: Option<std::thread::JoinHandle<Option<()>>>,
     health: Arc<Health>,
     generation_floor: u64,
     config: DiskConfig,
@@ -91,7 +93,14 @@ impl DiskTier {
     /// Opens (or creates) the spill file and index in every directory of `cfg`, with the pool's
     /// segments registered for direct I/O.
     /// Failures (now or later, from any thread) are recorded in `health`.
-    pub fn open(cfg: &DiskConfig, pool: &HostPool, health: Arc<Health>) -> anyhow::Result<Self> {
+    /// Its threads (rings, persister) run as supervised parts of `parts`.
+    pub fn open(
+        cfg: &DiskConfig,
+        pool: &HostPool,
+        health: Arc<Health>,
+        parts: &Parts,
+        stall_after: Duration,
+    ) -> anyhow::Result<Self> {
         let slab_bytes = pool.geometry().slab_bytes;
         let slabs = cfg.bytes_per_dir.as_u64().saturating_sub(HEADER_BYTES) / slab_bytes;
         anyhow::ensure!(
@@ -116,7 +125,8 @@ impl DiskTier {
                 }
                 (Found::Reused, _) => {}
             }
-            let ring = Ring::start(spill.file.as_raw_fd(), &regions, cfg.queue_depth, &i.to_string())?;
+            let part = parts.add(format!("ring-{i}"), Role::Disk, Some(stall_after));
+            let ring = Ring::start(spill.file.as_raw_fd(), &regions, cfg.queue_depth, part)?;
             floor = floor.max(f);
             devices.push(Device { spill, ring });
             stores.push(store);
@@ -125,9 +135,8 @@ impl DiskTier {
         let (tx, rx) = mpsc::channel();
         let persister = {
             let (stores, health) = (Arc::clone(&stores), Arc::clone(&health));
-            std::thread::Builder::new()
-                .name("kvtier-persist".into())
-                .spawn(move || persist_loop(rx, &stores, &health))?
+            let part = parts.add("persister", Role::Disk, Some(stall_after));
+            crate::supervise::thread(part, move |part| persist_loop(rx, &stores, &health, part))?
         };
         Ok(Self {
             devices,
@@ -288,8 +297,12 @@ impl Drop for DiskTier {
 
 /// Applies batches in order; everything queued when a batch starts goes into one transaction
 /// per spill file (group commit).
-fn persist_loop(rx: mpsc::Receiver<PersistMsg>, stores: &[Store], health: &Health) {
-    while let Ok(first) = rx.recv() {
+fn persist_loop(rx: mpsc::Receiver<PersistMsg>, stores: &[Store], health: &Health, part: &Part) {
+    loop {
+        part.waiting(true);
+        let Ok(first) = rx.recv() else { return };
+        part.waiting(false);
+        crate::fault::point(&part.name);
         let mut per_dev: Vec<Vec<StoreOp>> = vec![Vec::new(); stores.len()];
         let mut barriers = Vec::new();
         for msg in std::iter::once(first).chain(rx.try_iter()) {
@@ -308,6 +321,7 @@ fn persist_loop(rx: mpsc::Receiver<PersistMsg>, stores: &[Store], health: &Healt
         for b in barriers {
             let _ = b.send(());
         }
+        part.beat();
     }
 }
 

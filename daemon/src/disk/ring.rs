@@ -5,6 +5,7 @@
 //! buffer or per-I/O page pinning. Callers hand operations over a channel and await a oneshot;
 //! the thread keeps up to `depth` of them in flight.
 
+use crate::supervise::Part;
 use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
 use std::io;
@@ -73,7 +74,7 @@ impl Drop for Pending {
 /// Handle to a ring thread. Dropping it lets the thread finish its in-flight work and exit.
 pub struct Ring {
     tx: mpsc::Sender<Pending>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Option<()>>>,
     queued: Arc<AtomicU64>,
 }
 
@@ -83,7 +84,8 @@ pub type Region = (usize, usize);
 impl Ring {
     /// Starts a ring of `depth` entries on `fd` with `buffers` registered as fixed buffers.
     /// Every buffer must stay mapped for as long as the ring lives, and be at most 1 GiB.
-    pub fn start(fd: RawFd, buffers: &[Region], depth: u32, name: &str) -> io::Result<Ring> {
+    /// The ring's thread runs as `part` (a stall: transfers in flight and none completing).
+    pub fn start(fd: RawFd, buffers: &[Region], depth: u32, part: Arc<Part>) -> io::Result<Ring> {
         let ring = IoUring::new(depth.max(1))?;
         let iovecs: Vec<libc::iovec> =
             buffers.iter().map(|&(addr, len)| libc::iovec { iov_base: addr as *mut _, iov_len: len }).collect();
@@ -91,9 +93,7 @@ impl Ring {
         unsafe { ring.submitter().register_buffers(&iovecs)? };
         ring.submitter().register_files(&[fd])?;
         let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("kvtier-ring-{name}"))
-            .spawn(move || drive(ring, rx, depth.max(1) as usize))?;
+        let thread = crate::supervise::thread(part, move |part| drive(ring, rx, depth.max(1) as usize, part))?;
         Ok(Ring { tx, thread: Some(thread), queued: Arc::new(AtomicU64::new(0)) })
     }
 
@@ -141,7 +141,7 @@ fn sqe_of(op: &IoOp, user_data: u64) -> io_uring::squeue::Entry {
     .user_data(user_data)
 }
 
-fn drive(mut ring: IoUring, rx: mpsc::Receiver<Pending>, depth: usize) {
+fn drive(mut ring: IoUring, rx: mpsc::Receiver<Pending>, depth: usize, part: &Part) {
     let mut inflight: HashMap<u64, Pending> = HashMap::with_capacity(depth);
     let mut next_id = 0u64;
     let mut open = true;
@@ -149,7 +149,10 @@ fn drive(mut ring: IoUring, rx: mpsc::Receiver<Pending>, depth: usize) {
         // Fill the queue: block only when nothing is in flight.
         while open && inflight.len() < depth {
             let p = if inflight.is_empty() {
-                match rx.recv() {
+                part.waiting(true);
+                let got = rx.recv();
+                part.waiting(false);
+                match got {
                     Ok(p) => p,
                     Err(_) => {
                         open = false;
@@ -166,6 +169,7 @@ fn drive(mut ring: IoUring, rx: mpsc::Receiver<Pending>, depth: usize) {
                     }
                 }
             };
+            crate::fault::point(&part.name);
             next_id += 1;
             // SAFETY: the buffer stays valid until its completion is reaped (callers await it;
             // the memory is the pool, registered for the ring's life).
@@ -192,6 +196,7 @@ fn drive(mut ring: IoUring, rx: mpsc::Receiver<Pending>, depth: usize) {
             continue;
         }
         for cqe in ring.completion() {
+            part.beat();
             let Some(p) = inflight.remove(&cqe.user_data()) else { continue };
             let res = cqe.result();
             let outcome = if res < 0 {
@@ -220,7 +225,8 @@ mod tests {
         file.set_len(1 << 20).unwrap();
         let mut buf = vec![7u8; 1 << 20];
         let base = buf.as_mut_ptr() as usize;
-        let ring = Ring::start(file.as_raw_fd(), &[(base, buf.len())], 4, "test").unwrap();
+        let part = crate::supervise::Parts::default().add("ring-test", crate::supervise::Role::Disk, None);
+        let ring = Ring::start(file.as_raw_fd(), &[(base, buf.len())], 4, part).unwrap();
         let op = |i: usize| IoOp {
             dir: Dir::Write,
             buf_index: 0,

@@ -54,19 +54,32 @@ fn random_uuid() -> anyhow::Result<[u8; 16]> {
     Ok(uuid)
 }
 
-fn preallocate(file: &File, path: &Path, bytes: u64) -> anyhow::Result<()> {
-    match fallocate(file, FallocateFlags::empty(), 0, bytes as i64) {
-        Ok(()) => Ok(()),
-        Err(Errno::ENOSPC) => {
-            let free = nix::sys::statvfs::fstatvfs(file).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0);
-            bail!(
-                "disk full: cannot preallocate {} for {} ({} free on that filesystem); lower disk.bytes_per_dir",
-                bytesize::ByteSize(bytes),
-                path.display(),
-                bytesize::ByteSize(free)
-            )
-        }
-        Err(e) => Err(e).with_context(|| format!("fallocate {} bytes for {}", bytes, path.display())),
+/// Bytes free to unprivileged writers on the filesystem holding `file`.
+fn free_bytes(file: &File) -> u64 {
+    nix::sys::statvfs::fstatvfs(file).map_or(0, |s| s.blocks_available().saturating_mul(s.fragment_size()))
+}
+
+/// Allocates `bytes` for the spill file, all or nothing: a failed `fallocate` may have taken
+/// part of the space, which is handed back (a new file removed, an old one cut back to
+/// `old_len`), so the filesystem is as full as before and the message tells what was free.
+fn preallocate(file: &File, path: &Path, bytes: u64, created: bool, old_len: u64) -> anyhow::Result<()> {
+    let free_before = free_bytes(file);
+    let Err(err) = fallocate(file, FallocateFlags::empty(), 0, bytes as i64) else { return Ok(()) };
+    let undo = match created {
+        true => std::fs::remove_file(path),
+        false => file.set_len(old_len),
+    };
+    if let Err(e) = undo {
+        tracing::error!("could not hand back the space of {} after a failed preallocation: {e}", path.display());
+    }
+    match err {
+        Errno::ENOSPC => bail!(
+            "disk full: cannot preallocate {} for {} ({} free on that filesystem); lower disk.bytes_per_dir",
+            bytesize::ByteSize(bytes),
+            path.display(),
+            bytesize::ByteSize(free_before)
+        ),
+        e => Err(e).with_context(|| format!("fallocate {} bytes for {}", bytes, path.display())),
     }
 }
 
@@ -74,8 +87,15 @@ impl SpillFile {
     /// Opens or creates `dir/kvtier.spill` for `slabs` slabs of `slab_bytes`, preallocated.
     /// An existing file with the same layout is kept (and resized if `slabs` changed).
     pub fn open(dir: &Path, slab_bytes: u64, slabs: u64) -> anyhow::Result<(SpillFile, Found)> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating spill directory {}", dir.display()))?;
+        if !dir.is_dir() {
+            bail!(
+                "spill directory {} does not exist: create it on the device meant for the disk tier \
+                 (kvtierd never creates it, so that a missing mount cannot fill another disk)",
+                dir.display()
+            );
+        }
         let path = dir.join(SPILL_FILE);
+        let created = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -119,7 +139,7 @@ impl SpillFile {
         if len > bytes {
             file.set_len(bytes).with_context(|| format!("shrinking {}", path.display()))?;
         }
-        preallocate(&file, &path, bytes)?;
+        preallocate(&file, &path, bytes, created, len.min(bytes))?;
         superblock.encode_into(&mut page.0 .0);
         file.write_all_at(&page.0 .0, 0).with_context(|| format!("writing the superblock of {}", path.display()))?;
         file.sync_all().with_context(|| format!("syncing {}", path.display()))?;

@@ -11,6 +11,41 @@ use crate::device::{DeviceError, EngineMemory, EngineTensor, Queued};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+/// Supervision of daemon-side copies: stalled while copies are in flight and none completes
+/// within the stall bound (a hung device), down once one panicked.
+pub struct CopyWatch {
+    /// The supervised part (`copies`).
+    pub part: Arc<crate::supervise::Part>,
+    inflight: std::sync::atomic::AtomicUsize,
+}
+
+/// A copy in flight; its end counts as progress.
+pub struct CopyBusy<'a>(&'a CopyWatch);
+
+impl CopyWatch {
+    /// Watches copies as `part`.
+    pub fn new(part: Arc<crate::supervise::Part>) -> Self {
+        part.waiting(true);
+        Self { part, inflight: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    fn start(&self) -> CopyBusy<'_> {
+        if self.inflight.fetch_add(1, Relaxed) == 0 {
+            self.part.waiting(false);
+        }
+        CopyBusy(self)
+    }
+}
+
+impl Drop for CopyBusy<'_> {
+    fn drop(&mut self) {
+        self.0.part.beat();
+        if self.0.inflight.fetch_sub(1, Relaxed) == 1 {
+            self.0.part.waiting(true);
+        }
+    }
+}
+
 /// An engine's KV cache, registered on one connection.
 pub struct KvCache {
     ns: NsIdx,
@@ -89,6 +124,7 @@ impl Node {
                 layout.block_bytes()
             )));
         }
+        self.copies_on()?;
         let memory = self.device().import(pid, tensors).map_err(|e| KvCopyError::Memory(e.to_string()))?;
         Ok(KvCache { ns, layout, memory: Arc::from(memory) })
     }
@@ -103,6 +139,7 @@ impl Node {
         parent: Option<BlockHash>,
     ) -> Result<Saved, KvCopyError> {
         check_blocks(cache, blocks)?;
+        self.copies_on()?;
         let (reservation, outcomes) = self.reserve(client, cache.ns, blocks.hashes, parent)?;
         let mut out = Saved::default();
         let mut copies = Vec::new();
@@ -146,6 +183,7 @@ impl Node {
         early: bool,
     ) -> Result<Loaded, KvCopyError> {
         check_blocks(cache, blocks)?;
+        self.copies_on()?;
         let (lease, slots) = self.acquire(client, cache.ns, blocks.hashes).await?;
         if slots.is_empty() {
             return Ok(Loaded::default());
@@ -195,12 +233,18 @@ impl Node {
         let memory = Arc::clone(&cache.memory);
         let bytes = plan.iter().map(|s| s.bytes).sum();
         let after = after.to_vec();
-        let queued = tokio::task::spawn_blocking(move || memory.queue(&plan, dir, &after)).await;
+        let _busy = self.copy_watch.start();
+        let queued = tokio::task::spawn_blocking(move || {
+            crate::fault::point("copies");
+            memory.queue(&plan, dir, &after)
+        })
+        .await;
         Ok((bytes, self.copy_outcome(queued)?))
     }
 
     /// Waits on a blocking thread until a queued copy has completed.
     async fn finish(&self, queued: Queued) -> Result<(), KvCopyError> {
+        let _busy = self.copy_watch.start();
         let done = tokio::task::spawn_blocking(queued.wait).await;
         self.copy_outcome(done)
     }
@@ -212,7 +256,23 @@ impl Node {
                 self.metrics.device_copy_failures.fetch_add(1, Relaxed);
                 Err(KvCopyError::Memory(e.to_string()))
             }
-            Err(e) => Err(KvCopyError::Memory(format!("copy task failed: {e}"))),
+            Err(e) => {
+                // The copy's thread unwound: nothing writes its slots any more.
+                let why = match e.try_into_panic() {
+                    Ok(payload) => format!("a copy panicked: {}", crate::supervise::panic_message(payload.as_ref())),
+                    Err(e) => format!("a copy task failed: {e}"),
+                };
+                self.copy_watch.part.fail(why.clone());
+                Err(KvCopyError::Memory(why))
+            }
+        }
+    }
+
+    /// `Err` once daemon-side copies were turned off by a failure: the client copies itself.
+    fn copies_on(&self) -> Result<(), KvCopyError> {
+        match self.copy_watch.part.down() {
+            Some(why) => Err(KvCopyError::Memory(format!("daemon-side copies are off after a failure ({why})"))),
+            None => Ok(()),
         }
     }
 }

@@ -7,7 +7,9 @@ use crate::block::{BlockHash, BlockKey, NsIdx, SlotId};
 use crate::cache::{BlockCache, PromotionOutcome, TierKind};
 use crate::disk::format::{SlotHeader, HEADER_BYTES};
 use crate::disk::{seal_slot, DiskTier};
+use crate::fault;
 use crate::namespace::NamespaceId;
+use crate::supervise::{self, Part, Role};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, warn};
@@ -39,24 +41,42 @@ fn job<T>(c: &BlockCache, plan: T, key: BlockKey, host: SlotId, disk: SlotId) ->
 }
 
 impl Node {
-    /// Starts the background tasks: the demoter when there is a disk tier, the load sampler
-    /// (call once, from the runtime).
+    /// Starts the background tasks, each supervised: the demoter when there is a disk tier, the
+    /// load sampler, and the watchdog that turns off what a failed part served (call once, from
+    /// the runtime).
     pub fn start_background(self: &Arc<Self>) {
+        let stall_after = Some(Duration::from_secs(self.config.server.stall_after_secs.max(1)));
         if self.disk.is_some() {
-            tokio::spawn(Arc::clone(self).demote_loop());
+            let part = self.parts.add("demoter", Role::Disk, stall_after);
+            supervise::task(Arc::clone(&part), Arc::clone(self).demote_loop(part));
         }
         let node = Arc::clone(self);
-        tokio::spawn(async move {
+        let part = self.parts.add("load", Role::Load, stall_after);
+        let load = Arc::clone(&part);
+        supervise::task(part, async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
+                fault::point_async(&load.name).await;
                 node.sample_load();
+                node.trim_memory();
+                load.beat();
+            }
+        });
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                for (part, reason) in node.parts.newly_down() {
+                    node.part_failed(&part, &reason);
+                }
             }
         });
     }
 
     /// Address of a host slot start in the daemon's mapping.
-    fn slot_ptr(&self, (segment, offset): (u32, u64)) -> *mut u8 {
+    pub(super) fn slot_ptr(&self, (segment, offset): (u32, u64)) -> *mut u8 {
         // SAFETY: the cache only hands out locations inside the pool's segments.
         unsafe { self.pool.segments()[segment as usize].as_ptr().add(offset as usize) }
     }
@@ -68,12 +88,14 @@ impl Node {
     /// Demotes blocks whenever the pool runs short of free or cold room, and writes admitted
     /// blocks back otherwise. Keeps up to two batches of `queue depth x files` in flight, so
     /// the rings never drain between batches.
-    async fn demote_loop(self: Arc<Self>) {
+    async fn demote_loop(self: Arc<Self>, part: Arc<Part>) {
         let cfg = self.disk().config();
         let batch = (cfg.queue_depth as usize * cfg.dirs.len()).clamp(8, 512);
         let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
         loop {
             let permit = Arc::clone(&in_flight).acquire_owned().await.expect("semaphore never closed");
+            part.beat();
+            fault::point_async(&part.name).await;
             self.check_disk_health();
             let jobs: Vec<_> = {
                 let mut c = self.cache();
@@ -149,7 +171,7 @@ impl Node {
     }
 
     /// Turns the disk tier off for good: logs once, forgets every disk copy.
-    fn disk_failed(&self, reason: String) {
+    pub(super) fn disk_failed(&self, reason: String) {
         self.disk_health.fail(reason);
         let forgotten = {
             let mut c = self.cache();
@@ -173,7 +195,7 @@ impl Node {
 
     /// Promotes the disk-only blocks of the held prefix of `hashes` and waits for them (and for
     /// promotions of that prefix started by others), up to `disk.promote_timeout_ms`.
-    pub async fn promote(&self, ns: NsIdx, hashes: &[BlockHash]) {
+    pub async fn promote(self: &Arc<Self>, ns: NsIdx, hashes: &[BlockHash]) {
         let Some(disk) = &self.disk else { return };
         let deadline = Instant::now() + Duration::from_millis(disk.config().promote_timeout_ms);
         loop {
@@ -188,10 +210,20 @@ impl Node {
                 (plan.pending, jobs)
             };
             if !jobs.is_empty() {
-                self.run_promotions(disk, &jobs).await;
-                self.promoted.send_modify(|n| *n += 1);
+                // In a task of its own: the reads finish (and their slots are accounted for)
+                // even if this caller stops waiting at its deadline, so that a disk that hangs
+                // delays a load by at most `promote_timeout_ms`, never forever.
+                let (node, started) = (Arc::clone(self), jobs.len());
+                let run = tokio::spawn(async move {
+                    node.run_promotions(&jobs).await;
+                    node.promoted.send_modify(|n| *n += 1);
+                });
+                if tokio::time::timeout_at(deadline.into(), run).await.is_err() || pending == started {
+                    return;
+                }
+                continue;
             }
-            if pending == jobs.len() {
+            if pending == 0 {
                 return;
             }
             if tokio::time::timeout_at(deadline.into(), changed.changed()).await.is_err() {
@@ -200,7 +232,8 @@ impl Node {
         }
     }
 
-    async fn run_promotions(&self, disk: &DiskTier, jobs: &[Job<crate::cache::Promotion>]) {
+    async fn run_promotions(&self, jobs: &[Job<crate::cache::Promotion>]) {
+        let disk = self.disk();
         let started = Instant::now();
         let reads: Vec<_> =
             jobs.iter().map(|j| disk.read(j.host.0, self.slot_ptr(j.host) as usize, j.stride, j.disk)).collect();

@@ -10,6 +10,7 @@ use crate::cache::ClientId;
 use crate::fingerprint::{block_seed, fingerprint, Coverage};
 use crate::namespace::NamespaceId;
 use crate::peer::{Contact, Receipts, Received, Remote, Span, MAX_LANES};
+use crate::supervise::Role;
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
@@ -36,12 +37,29 @@ pub struct Offer {
 #[derive(Debug)]
 pub(crate) struct Offered {
     client: ClientId,
+    /// Who asked for it (the caller's IP address, or "local"): its pins count against its quota.
+    caller: String,
     block_bytes: u64,
     /// (segment, payload offset) per offered block.
     blocks: Vec<(u32, u64)>,
     /// Shipments reading the blocks now: release waits for them.
     shipping: usize,
     released: bool,
+}
+
+/// Blocks of `block_bytes` an offer of `wanted` may pin when offers hold `total` bytes in all and
+/// `mine` for this caller, under `(total, per caller)` byte limits.
+///
+/// ```
+/// use kvtier_daemon::node::offer_room;
+/// assert_eq!(offer_room(10, 100, 0, 0, (2000, 500)), 5, "the caller's share");
+/// assert_eq!(offer_room(10, 100, 1800, 0, (2000, 500)), 2, "what is left in all");
+/// assert_eq!(offer_room(3, 100, 0, 0, (2000, 500)), 3);
+/// assert_eq!(offer_room(3, 100, 2500, 600, (2000, 500)), 0, "over already");
+/// ```
+pub fn offer_room(wanted: usize, block_bytes: u64, total: u64, mine: u64, (all, per_caller): (u64, u64)) -> usize {
+    let left = all.saturating_sub(total).min(per_caller.saturating_sub(mine));
+    (left / block_bytes.max(1)).min(wanted as u64) as usize
 }
 
 /// What a pull did.
@@ -156,6 +174,14 @@ impl Node {
         Ok(TransferServiceClient::new(channel))
     }
 
+    /// `Err` once peer transfers were turned off by a failed lane.
+    fn peer_on(&self) -> Result<(), String> {
+        match self.role_down(Role::Peer) {
+            Some(why) => Err(format!("peer transfers are off after a failure ({why})")),
+            None => Ok(()),
+        }
+    }
+
     fn transfer_client(&self) -> ClientId {
         ClientId(TRANSFER_CLIENTS + self.next_transfer.fetch_add(1, Relaxed))
     }
@@ -164,18 +190,36 @@ impl Node {
         (self.pool.segments()[segment as usize].as_ptr() as usize + offset as usize, bytes as usize)
     }
 
-    /// Pins the held prefix of `hashes` (promoting disk blocks) for a peer; released by
-    /// [`release_offer`](Self::release_offer) or after `peer.offer_timeout_secs`.
-    pub async fn offer(self: &Arc<Self>, id: &NamespaceId, hashes: &[BlockHash]) -> Offer {
+    /// Pins the held prefix of `hashes` (promoting disk blocks) for peer `caller`; released by
+    /// [`release_offer`](Self::release_offer) or after `peer.offer_timeout_secs`. Offers pin at
+    /// most `peer.offer_pool_share` of the pool in all and `peer.offer_caller_share` per caller:
+    /// past that the prefix offered is shorter (a partial hit for the puller).
+    pub async fn offer(self: &Arc<Self>, id: &NamespaceId, hashes: &[BlockHash], caller: &str) -> Offer {
+        if self.role_down(Role::Peer).is_some() {
+            return Offer::default();
+        }
         let Some(ns) = self.cache().find_namespace(id) else { return Offer::default() };
+        let block_bytes = self.cache().namespace(ns).block_bytes;
+        let room = {
+            let offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+            let bytes = |o: &Offered| o.block_bytes * o.blocks.len() as u64;
+            let total: u64 = offers.values().map(bytes).sum();
+            let mine: u64 = offers.values().filter(|o| o.caller == caller).map(bytes).sum();
+            let pool = self.pool.geometry().total_bytes() as f64;
+            let p = &self.config.peer;
+            let limits = ((pool * p.offer_pool_share) as u64, (pool * p.offer_caller_share) as u64);
+            offer_room(hashes.len(), block_bytes, total, mine, limits)
+        };
+        if room < hashes.len() {
+            self.metrics.peer_offers_limited.fetch_add(1, Relaxed);
+        }
         let client = self.transfer_client();
-        let Ok((lease, blocks)) = self.acquire(client, ns, hashes).await else { return Offer::default() };
+        let Ok((lease, blocks)) = self.acquire(client, ns, &hashes[..room]).await else { return Offer::default() };
         if lease == 0 {
             return Offer::default();
         }
-        let block_bytes = self.cache().namespace(ns).block_bytes;
         let offer = Offer { id: lease, block_bytes, blocks: blocks.len() };
-        let held = Offered { client, block_bytes, blocks, shipping: 0, released: false };
+        let held = Offered { client, caller: caller.to_string(), block_bytes, blocks, shipping: 0, released: false };
         self.offers.lock().unwrap_or_else(|e| e.into_inner()).insert(lease, held);
         let (node, timeout) = (Arc::clone(self), Duration::from_secs(self.config.peer.offer_timeout_secs));
         tokio::spawn(async move {
@@ -204,6 +248,7 @@ impl Node {
     /// caller stops waiting (a puller gone): the offer stays pinned until UCX is done with it.
     pub async fn ship(self: &Arc<Self>, s: Shipment) -> Result<Vec<u64>, String> {
         self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        self.peer_on()?;
         check_lanes(&s.lanes)?;
         let spans: Vec<Span> = {
             let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,6 +312,7 @@ impl Node {
         parent: Option<BlockHash>,
     ) -> Result<Pulled, String> {
         self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        self.peer_on()?;
         let (id, block_bytes) = {
             let c = self.cache();
             let n = c.namespace(ns);

@@ -101,6 +101,7 @@ pub(super) fn run(
     rx: mpsc::Receiver<Cmd>,
     bell: Arc<EventFd>,
     ready: mpsc::Sender<Ready>,
+    part: &crate::supervise::Part,
 ) {
     let setup = || -> anyhow::Result<(std::sync::Arc<Context>, Worker)> {
         let pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -142,6 +143,8 @@ pub(super) fn run(
     // Empty progress rounds in a row, and UCX refusals to sleep in a row.
     let (mut idle, mut stuck, mut can_sleep) = (0u32, 0u32, true);
     'serve: loop {
+        part.beat();
+        crate::fault::point(&part.name);
         loop {
             match rx.try_recv() {
                 Ok(cmd) => {

@@ -184,7 +184,12 @@ pub struct Peer {
 
 impl Peer {
     /// Starts `cfg.lanes` UCX threads with `cfg`'s transports.
-    pub fn start(cfg: &PeerConfig) -> anyhow::Result<Peer> {
+    /// Its lanes run as supervised parts of `parts`.
+    pub fn start(
+        cfg: &PeerConfig,
+        parts: &crate::supervise::Parts,
+        stall_after: std::time::Duration,
+    ) -> anyhow::Result<Peer> {
         let mut settings: Vec<(String, String)> = Vec::new();
         if !cfg.tls.is_empty() {
             settings.push(("TLS".into(), cfg.tls.clone()));
@@ -208,7 +213,7 @@ impl Peer {
             let bell = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?);
             let (ready_tx, ready_rx) = mpsc::channel();
             let settings = settings.clone();
-            let thread = std::thread::Builder::new().name(format!("kvtier-ucx-{lane}"));
+            let part = parts.add(format!("lane-{lane}"), crate::supervise::Role::Peer, Some(stall_after));
             // Lane i on listen_port + i (0: the system picks).
             let port = match cfg.listen_port {
                 0 => 0,
@@ -218,7 +223,9 @@ impl Peer {
             };
             let listen = detect.then_some(SocketAddr::new(ip, port));
             let lane_bell = Arc::clone(&bell);
-            thread.spawn(move || lane::run(settings, detect, listen, rx, lane_bell, ready_tx))?;
+            crate::supervise::thread(part, move |part| {
+                lane::run(settings, detect, listen, rx, lane_bell, ready_tx, part)
+            })?;
             let contact = ready_rx.recv().map_err(|_| anyhow::anyhow!("UCX thread died at start"))??;
             lanes.push(LaneTx { cmds, bell });
             contacts.push(contact);
@@ -370,11 +377,14 @@ mod tests {
             ..Default::default()
         };
         let first = two_free_ports();
-        let fixed = Peer::start(&PeerConfig { listen_port: first, ..tcp.clone() }).unwrap();
+        let parts = crate::supervise::Parts::default();
+        let stall = std::time::Duration::from_secs(30);
+        let fixed = Peer::start(&PeerConfig { listen_port: first, ..tcp.clone() }, &parts, stall).unwrap();
         assert_eq!(fixed.contacts(), [Contact::Port(first), Contact::Port(first + 1)]);
-        let any = Peer::start(&tcp).unwrap();
+        let any = Peer::start(&tcp, &parts, stall).unwrap();
         assert!(any.contacts().iter().all(|c| matches!(c, Contact::Port(p) if *p != 0)), "{:?}", any.contacts());
-        let shm = Peer::start(&PeerConfig { tls: "shm".into(), lanes: 1, ..Default::default() }).unwrap();
+        let shm =
+            Peer::start(&PeerConfig { tls: "shm".into(), lanes: 1, ..Default::default() }, &parts, stall).unwrap();
         assert!(matches!(shm.contacts(), [Contact::Worker(_)]), "shared memory only: worker addresses");
     }
 

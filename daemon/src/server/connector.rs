@@ -7,6 +7,7 @@
 //! reply and closes that connection only; whatever it held is released.
 
 use super::dispatch::{dispatch, op_of, Fatal, Session};
+use crate::clients::ConnectionLimits;
 use crate::node::Node;
 use kvtier_proto::frame::{encode_into, FrameDecoder, FrameError};
 use kvtier_proto::v1::{self as pb, response, ErrorCode, Request};
@@ -17,10 +18,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use std::time::Duration;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, info, warn};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
 
 /// Binds the connector socket, replacing a stale socket file but refusing to steal a live one.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
@@ -65,14 +67,19 @@ fn uid_admin(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::getuid().as_raw()
 }
 
-fn uid_allowed(node: &Node, uid: u32) -> bool {
-    let allowed = &node.config.server.allowed_uids;
-    if allowed.is_empty() {
-        uid_admin(uid)
-    } else {
-        allowed.contains(&uid)
-    }
+/// Whether `uid` may connect: root, the daemon's own uid, and `server.allowed_uids`.
+pub(crate) fn uid_allowed(node: &Node, uid: u32) -> bool {
+    uid_admin(uid) || node.config.server.allowed_uids.contains(&uid)
 }
+
+/// Logs a refused connection at warn level the 1st, 2nd, 4th, 8th... time (a flood of
+/// refusals must not flood the log; the metric counts them all).
+fn refusal_worth_logging(refused: u64) -> bool {
+    refused.is_power_of_two()
+}
+
+/// How long a staging window may sit idle with pages before they are handed back.
+const TRIM_IDLE_WINDOW: Duration = Duration::from_secs(2);
 
 async fn connection(node: Arc<Node>, mut stream: UnixStream) {
     let cred = match stream.peer_cred() {
@@ -82,27 +89,55 @@ async fn connection(node: Arc<Node>, mut stream: UnixStream) {
             return;
         }
     };
+    let refuse = |code: ErrorCode, why: String| {
+        let refused = node.metrics.connections_refused.fetch_add(1, Relaxed) + 1;
+        if refusal_worth_logging(refused) {
+            warn!(uid = cred.uid(), pid = ?cred.pid(), refused, "connection refused: {why}");
+        }
+        frame_of(&Fatal::new(code, why).into_response(0))
+    };
     if !uid_allowed(&node, cred.uid()) {
-        node.metrics.connections_refused.fetch_add(1, Relaxed);
-        warn!(uid = cred.uid(), pid = ?cred.pid(), "connection refused: uid not in server.allowed_uids");
-        let reply = Fatal::new(ErrorCode::PermissionDenied, format!("uid {} is not allowed", cred.uid()));
-        let _ = stream.write_all(&frame_of(&reply.into_response(0))).await;
+        let reply = refuse(ErrorCode::PermissionDenied, format!("uid {} is not allowed", cred.uid()));
+        let _ = stream.write_all(&reply).await;
         return;
     }
-    let registered = node.connections.open(node.new_client(), cred.pid(), cred.uid());
-    let mut session = Session::new(Arc::clone(&registered.record), uid_admin(cred.uid()));
+    let server = &node.config.server;
+    let limits =
+        ConnectionLimits { total: server.max_connections as usize, per_uid: server.max_connections_per_uid as usize };
+    let registered = match node.connections.open(node.new_client(), cred.pid(), cred.uid(), limits) {
+        Ok(r) => r,
+        Err(why) => {
+            let reply = refuse(ErrorCode::ResourceExhausted, why);
+            let _ = stream.write_all(&reply).await;
+            return;
+        }
+    };
+    let trusted = server.trusted_uids.contains(&cred.uid());
+    let mut session = Session::new(Arc::clone(&registered.record), uid_admin(cred.uid()), trusted);
     let client = session.client;
     node.metrics.connections_total.fetch_add(1, Relaxed);
     node.metrics.connected_clients.fetch_add(1, Relaxed);
-    debug!(?client, pid = ?cred.pid(), "client connected");
-    let result = run(&node, &mut stream, &mut session).await;
-    session.settle().await;
-    drop(session);
+    debug!(?client, pid = ?cred.pid(), trusted, "client connected");
+    // In a task of its own, so that whatever happens to it (a panic included) the client's
+    // reservations, pins and registrations are released here.
+    let served = Arc::clone(&node);
+    let result = tokio::spawn(async move {
+        let result = run(&served, &mut stream, &mut session).await;
+        session.settle().await;
+        result
+    })
+    .await;
     node.disconnect(client);
     node.metrics.connected_clients.fetch_sub(1, Relaxed);
+    drop(registered);
     match result {
-        Ok(()) => debug!(?client, "client disconnected"),
-        Err(e) => info!(?client, "connection closed: {e}"),
+        Ok(Ok(())) => debug!(?client, "client disconnected"),
+        Ok(Err(e)) => info!(?client, "connection closed: {e}"),
+        Err(e) => {
+            node.metrics.connection_panics.fetch_add(1, Relaxed);
+            let why = e.try_into_panic().map(|p| crate::supervise::panic_message(p.as_ref())).unwrap_or_default();
+            error!(?client, "connection task panicked ({why}): its reservations and pins are released");
+        }
     }
 }
 
@@ -112,22 +147,56 @@ fn frame_of(resp: &pb::Response) -> Vec<u8> {
     out
 }
 
+/// Waits until the connection has bytes to read, holding no buffer meanwhile. Before Hello the
+/// wait is bounded by `hello_deadline` (`Err` past it); an idle staging window's pages are handed
+/// back while waiting.
+async fn readable(stream: &UnixStream, session: &mut Session, hello_deadline: Instant) -> Result<(), Fatal> {
+    loop {
+        let trim = session.staging.as_ref().is_some_and(|st| st.window().idle_with_pages());
+        let deadline = match (session.greeted, trim) {
+            (false, _) => Some(hello_deadline),
+            (true, true) => Some(Instant::now() + TRIM_IDLE_WINDOW),
+            (true, false) => None,
+        };
+        let io = |e: std::io::Error| Fatal::new(ErrorCode::Internal, e.to_string());
+        let Some(deadline) = deadline else { return stream.readable().await.map_err(io) };
+        match tokio::time::timeout_at(deadline.into(), stream.readable()).await {
+            Ok(r) => return r.map_err(io),
+            Err(_) if !session.greeted => {
+                return Err(Fatal::new(ErrorCode::NotHello, "no Hello within server.hello_timeout_ms"));
+            }
+            Err(_) => {
+                if let Some(st) = session.staging.as_mut() {
+                    st.window_mut().trim();
+                }
+            }
+        }
+    }
+}
+
 /// Serves one connection until EOF or a fatal error (returned for the log).
 async fn run(node: &Arc<Node>, stream: &mut UnixStream, session: &mut Session) -> Result<(), String> {
     let max_inflight = node.config.server.max_inflight as usize;
+    let hello_deadline = Instant::now() + Duration::from_millis(node.config.server.hello_timeout_ms);
     let mut decoder = FrameDecoder::new(node.config.server.max_frame_bytes.as_u64() as usize);
-    let mut out = Vec::with_capacity(64 * 1024);
+    let mut out = Vec::new();
     loop {
         const READ: usize = 64 * 1024;
-        let n = stream.read(decoder.spare(READ)).await.map_err(|e| e.to_string());
-        let n = match n {
+        if let Err(f) = readable(stream, session, hello_deadline).await {
+            return fail(node, stream, &mut out, 0, f).await;
+        }
+        let n = match stream.try_read(decoder.spare(READ)) {
             Ok(n) => {
                 decoder.commit(n, READ);
                 n
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                decoder.commit(0, READ);
+                continue;
+            }
             Err(e) => {
                 decoder.commit(0, READ);
-                return Err(e);
+                return Err(e.to_string());
             }
         };
         if n == 0 {
@@ -166,7 +235,7 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, session: &mut Session) -
             let kind = op_of(&op);
             node.requests_total.fetch_add(1, Relaxed);
             session.record.requested();
-            let started = Instant::now();
+            let started = std::time::Instant::now();
             let result = dispatch(node, session, op).await;
             node.metrics.observe(kind, started.elapsed());
             match result {
@@ -174,7 +243,8 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, session: &mut Session) -
                     let is_hello = matches!(result, response::Result::Hello(_));
                     encode_into(&pb::Response { id: req.id, result: Some(result) }, &mut out);
                     if is_hello {
-                        send_with_fds(stream, &out, &segment_fds(node)).await.map_err(|e| e.to_string())?;
+                        let fds: Vec<RawFd> = session.hello_fds(node).iter().map(|fd| fd.as_raw_fd()).collect();
+                        send_with_fds(stream, &out, &fds).await.map_err(|e| e.to_string())?;
                         out.clear();
                     }
                 }
@@ -189,8 +259,10 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, session: &mut Session) -
         }
         if !out.is_empty() {
             stream.write_all(&out).await.map_err(|e| e.to_string())?;
-            out.clear();
         }
+        // Hold no buffer between requests: idle connections cost (almost) nothing.
+        out = Vec::new();
+        decoder.release_idle();
     }
 }
 
@@ -202,10 +274,6 @@ async fn fail(node: &Node, stream: &mut UnixStream, out: &mut Vec<u8>, id: u64, 
     let _ = stream.write_all(out).await;
     let _ = stream.shutdown().await;
     Err(why)
-}
-
-fn segment_fds(node: &Node) -> Vec<RawFd> {
-    node.pool().segments().iter().map(|s| s.fd().as_raw_fd()).collect()
 }
 
 /// Writes `bytes` with `fds` attached (SCM_RIGHTS) to the first chunk.

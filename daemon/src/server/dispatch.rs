@@ -8,9 +8,11 @@ use crate::device::EngineTensor;
 use crate::metrics::Op;
 use crate::namespace::{NamespaceId, NamespaceSelector, Naming};
 use crate::node::{Blocks, KvCache, KvCopyError, Node, ReservedAt};
+use crate::staging::{Staging, Window};
 use bytes::Bytes;
 use kvtier_proto::v1::{self as pb, request, response, ErrorCode, ReserveStatus};
 use kvtier_proto::PROTOCOL_VERSION;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 /// A protocol error: answered with a typed reply, then the connection is closed.
@@ -41,7 +43,7 @@ impl From<CacheError> for Fatal {
     fn from(e: CacheError) -> Self {
         let code = match e {
             CacheError::WrongBlockSize(_) => ErrorCode::WrongBlockSize,
-            CacheError::TooManyNamespaces(_) => ErrorCode::BadArgument,
+            CacheError::TooManyNamespaces(_) => ErrorCode::ResourceExhausted,
             CacheError::UnknownId(_) => ErrorCode::UnknownId,
             CacheError::TooManyHeld { .. } => ErrorCode::TooManyHeld,
         };
@@ -61,6 +63,10 @@ pub struct Session {
     pub record: Arc<Connection>,
     /// Whether the connected process may send admin requests (root or the daemon's own uid).
     pub admin: bool,
+    /// Whether the client maps the pool itself (`server.trusted_uids`) rather than a window.
+    pub trusted: bool,
+    /// The private window of an untrusted client (made at Hello).
+    pub staging: Option<Staging>,
     /// Whether Hello was received.
     pub greeted: bool,
     /// Namespaces registered on this connection, by handle.
@@ -72,12 +78,15 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for a new connection (`admin`: see [`Session::admin`]).
-    pub fn new(record: Arc<Connection>, admin: bool) -> Self {
+    /// A session for a new connection (`admin`, `trusted`: see [`Session::admin`],
+    /// [`Session::trusted`]).
+    pub fn new(record: Arc<Connection>, admin: bool, trusted: bool) -> Self {
         Self {
             client: record.client,
             record,
             admin,
+            trusted,
+            staging: None,
             greeted: false,
             handles: Vec::new(),
             kv_caches: Vec::new(),
@@ -89,6 +98,14 @@ impl Session {
     pub async fn settle(&mut self) {
         for pending in self.pending_loads.drain(..) {
             let _ = pending.await;
+        }
+    }
+
+    /// The fds the Hello reply carries: the pool's segments for a trusted client, else its window.
+    pub fn hello_fds<'a>(&'a self, node: &'a Node) -> Vec<BorrowedFd<'a>> {
+        match &self.staging {
+            Some(st) => vec![st.window().fd()],
+            None => node.pool().segments().iter().map(|seg| seg.fd()).collect(),
         }
     }
 
@@ -156,11 +173,13 @@ fn hashes(node: &Node, raw: &[Bytes]) -> Result<Vec<BlockHash>, Fatal> {
         .collect()
 }
 
-/// The optional parent hash of a Reserve or SaveKv (empty: none), validated like any hash.
-fn parent(node: &Node, raw: &Bytes) -> Result<Option<BlockHash>, Fatal> {
+/// The optional parent hash of a Reserve, Pull or SaveKv (empty: none), validated like any hash.
+fn parent(raw: &Bytes) -> Result<Option<BlockHash>, Fatal> {
     match raw.is_empty() {
         true => Ok(None),
-        false => Ok(Some(hashes(node, std::slice::from_ref(raw))?[0])),
+        false => BlockHash::new(raw).map(Some).ok_or_else(|| {
+            Fatal::new(ErrorCode::BadArgument, format!("parent hash has {} bytes; must be 1 to 32", raw.len()))
+        }),
     }
 }
 
@@ -181,7 +200,16 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             }
             s.greeted = true;
             s.record.named(&h.client_name);
-            let segments = node.pool().segments().iter().map(|seg| pb::SegmentInfo { bytes: seg.len() }).collect();
+            if !s.trusted {
+                let bytes = node.config.server.staging_bytes.as_u64().next_multiple_of(4096);
+                let window = Window::create(bytes, s.client.0)
+                    .map_err(|e| Fatal::new(ErrorCode::Internal, format!("creating a staging window: {e}")))?;
+                s.staging = Some(Staging::new(window));
+            }
+            let segments = match &s.staging {
+                Some(st) => vec![pb::SegmentInfo { bytes: st.window().len() }],
+                None => node.pool().segments().iter().map(|seg| pb::SegmentInfo { bytes: seg.len() }).collect(),
+            };
             Ok(A::Hello(pb::HelloReply {
                 protocol_version: h.protocol_version.min(PROTOCOL_VERSION),
                 daemon_version: env!("CARGO_PKG_VERSION").into(),
@@ -190,14 +218,22 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
                 max_inflight: node.config.server.max_inflight,
                 device_backend: node.device().name().into(),
                 device_dma: node.device().offers_dma(),
+                staged: s.staging.is_some(),
             }))
         }
         _ if !s.greeted => Err(Fatal::new(ErrorCode::NotHello, "the first request must be Hello")),
         R::Register(r) => {
             let desc = r.namespace.ok_or_else(|| Fatal::new(ErrorCode::BadArgument, "Register without a namespace"))?;
             let id = NamespaceId::of(&desc);
+            let quota = node.config.server.max_namespaces_per_client as usize;
+            if s.handles.len() >= quota && !s.handles.iter().any(|&ns| node.cache().namespace(ns).id == id) {
+                return Err(Fatal::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("this connection registered {quota} namespaces (server.max_namespaces_per_client)"),
+                ));
+            }
             let naming = Naming { model: desc.model.clone(), cache_salt: desc.cache_salt.clone() };
-            let (ns, stride) = node.register(id, desc.block_bytes, naming)?;
+            let (ns, stride) = node.register(s.client, id, desc.block_bytes, naming)?;
             s.record.registered(ns);
             let handle = match s.handles.iter().position(|&h| h == ns) {
                 Some(i) => i,
@@ -223,7 +259,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::Pull(p) => {
             let ns = s.ns(p.handle)?;
             let hs = hashes(node, &p.hashes)?;
-            let parent = parent(node, &p.parent)?;
+            let parent = parent(&p.parent)?;
             let reply = match node.pull(&p.source, ns, &hs, parent).await {
                 Ok(r) => pb::PullReply { pulled: r.pulled as u32, present: r.present as u32, error: String::new() },
                 Err(error) => pb::PullReply { error, ..Default::default() },
@@ -265,37 +301,28 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::Reserve(r) => {
             let ns = s.ns(r.handle)?;
             let hs = hashes(node, &r.hashes)?;
-            let parent = parent(node, &r.parent)?;
-            let (reservation, outcomes) = node.reserve(s.client, ns, &hs, parent)?;
-            let mut reply = pb::ReserveReply { reservation, ..Default::default() };
-            for o in outcomes {
-                let status = match o {
-                    ReservedAt::Slot((segment, offset)) => {
-                        reply.segments.push(segment);
-                        reply.offsets.push(offset);
-                        ReserveStatus::Reserved
-                    }
-                    ReservedAt::Present => ReserveStatus::Present,
-                    ReservedAt::NoSpace => ReserveStatus::NoSpace,
-                };
-                reply.status.push(status as i32);
-            }
-            Ok(A::Reserve(reply))
+            let parent = parent(&r.parent)?;
+            Ok(A::Reserve(reserve(node, s, ns, &hs, parent)?))
         }
-        R::Commit(c) => Ok(A::Commit(pb::CommitReply { committed: node.commit(s.client, c.reservation)? as u32 })),
+        R::Commit(c) => Ok(A::Commit(pb::CommitReply { committed: commit(node, s, c.reservation).await? })),
         R::Abort(a) => {
+            if let Some(st) = s.staging.as_mut() {
+                st.finish(a.reservation, true);
+            }
             node.abort(s.client, a.reservation)?;
             Ok(A::Abort(pb::AbortReply {}))
         }
         R::Acquire(a) => {
             let ns = s.ns(a.handle)?;
             let hs = hashes(node, &a.hashes)?;
-            let (lease, slots) = node.acquire(s.client, ns, &hs).await?;
-            let (segments, offsets) = slots.into_iter().unzip();
-            Ok(A::Acquire(pb::AcquireReply { lease, segments, offsets }))
+            Ok(A::Acquire(acquire(node, s, ns, &hs).await?))
         }
         R::Release(r) => {
-            node.release(s.client, r.lease)?;
+            // A staged lease's blocks were unpinned once copied: only its window ranges are held.
+            let staged = s.staging.as_mut().is_some_and(|st| st.finish(r.lease, false));
+            if !staged {
+                node.release(s.client, r.lease)?;
+            }
             Ok(A::Release(pb::ReleaseReply {}))
         }
         R::Stats(_) => Ok(A::Stats(stats_reply(node))),
@@ -318,7 +345,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         }
         R::SaveKv(r) => {
             let hs = hashes(node, &r.hashes)?;
-            let parent = parent(node, &r.parent)?;
+            let parent = parent(&r.parent)?;
             let blocks = Blocks { hashes: &hs, ids: &r.block_ids };
             let reply = match node.save_kv(s.client, s.kv_cache(r.cache)?, blocks, parent).await {
                 Ok(o) => pb::SaveKvReply {
@@ -348,6 +375,58 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             Ok(A::LoadKv(reply))
         }
     }
+}
+
+/// A Reserve, staged through the window of an untrusted client.
+fn reserve(
+    node: &Node,
+    s: &mut Session,
+    ns: NsIdx,
+    hashes: &[BlockHash],
+    parent: Option<BlockHash>,
+) -> Result<pb::ReserveReply, Fatal> {
+    let (reservation, outcomes) = match s.staging.as_mut() {
+        Some(st) => node.reserve_staged(s.client, st, ns, hashes, parent)?,
+        None => node.reserve(s.client, ns, hashes, parent)?,
+    };
+    let mut reply = pb::ReserveReply { reservation, ..Default::default() };
+    for o in outcomes {
+        let status = match o {
+            ReservedAt::Slot((segment, offset)) => {
+                reply.segments.push(segment);
+                reply.offsets.push(offset);
+                ReserveStatus::Reserved
+            }
+            ReservedAt::Present => ReserveStatus::Present,
+            ReservedAt::NoSpace => ReserveStatus::NoSpace,
+        };
+        reply.status.push(status as i32);
+    }
+    Ok(reply)
+}
+
+/// A Commit, staged through the window of an untrusted client.
+async fn commit(node: &Node, s: &mut Session, reservation: u64) -> Result<u32, Fatal> {
+    let n = match s.staging.as_mut() {
+        Some(st) => node.commit_staged(s.client, st, reservation).await?,
+        None => node.commit(s.client, reservation)?,
+    };
+    Ok(n as u32)
+}
+
+/// An Acquire, staged through the window of an untrusted client.
+async fn acquire(
+    node: &Arc<Node>,
+    s: &mut Session,
+    ns: NsIdx,
+    hashes: &[BlockHash],
+) -> Result<pb::AcquireReply, Fatal> {
+    let (lease, slots) = match s.staging.as_mut() {
+        Some(st) => node.acquire_staged(s.client, st, ns, hashes).await?,
+        None => node.acquire(s.client, ns, hashes).await?,
+    };
+    let (segments, offsets) = slots.into_iter().unzip();
+    Ok(pb::AcquireReply { lease, segments, offsets })
 }
 
 /// The layout and tensors of a RegisterKvCache, as the device module describes them.
@@ -387,7 +466,7 @@ fn kv_fatal(e: KvCopyError) -> Fatal {
 
 /// How the admin replies name namespaces `ns` (model and id prefix), from `usage`.
 fn namespace_refs(usage: &[crate::node::NamespaceUsage], ns: &[NsIdx]) -> Vec<pb::NamespaceRef> {
-    (ns.iter().filter_map(|ns| usage.get(ns.0 as usize)))
+    (ns.iter().filter_map(|ns| usage.iter().find(|u| u.ns == *ns)))
         .map(|u| pb::NamespaceRef { model: u.model.clone(), id_prefix: u.id.short() })
         .collect()
 }
@@ -443,6 +522,7 @@ fn stats_reply(node: &Node) -> pb::StatsReply {
         saved_bytes: st.saved_bytes,
         loaded_bytes: st.loaded_bytes,
         eviction_policy: node.policy_name().into(),
+        problems: node.problems(),
         daemon_version: env!("CARGO_PKG_VERSION").into(),
         namespace_usage: (node.namespace_usage().into_iter())
             .map(|u| pb::NamespaceUsage {

@@ -5,7 +5,7 @@
 
 use super::{parse_prefix, tier_stats, wire_tier};
 use crate::block::{BlockHash, BlockKey};
-use crate::cache::{BlockCache, TierKind};
+use crate::cache::TierKind;
 use crate::events::{Event, EventKind};
 use crate::namespace::NamespaceId;
 use crate::node::Node;
@@ -33,23 +33,19 @@ pub struct FeedService {
     node: Arc<Node>,
 }
 
-fn id_bytes(c: &BlockCache, key: &BlockKey) -> Bytes {
-    Bytes::copy_from_slice(&c.namespace(key.ns).id.0)
-}
-
-fn stored(c: &BlockCache, sequence: u64, key: &BlockKey, t: TierKind) -> pb::BlockEvent {
+fn stored(id: &NamespaceId, sequence: u64, key: &BlockKey, t: TierKind) -> pb::BlockEvent {
     pb::BlockEvent {
         sequence,
         kind: pb::block_event::Kind::Stored as i32,
-        namespace_id: id_bytes(c, key),
+        namespace_id: Bytes::copy_from_slice(&id.0),
         hash: Bytes::copy_from_slice(key.hash.as_bytes()),
         tier: wire_tier(t) as i32,
         ..Default::default()
     }
 }
 
-fn to_pb(c: &BlockCache, e: &Event) -> pb::BlockEvent {
-    let mut ev = stored(c, e.sequence, &e.key, TierKind::Host);
+fn to_pb(e: &Event) -> pb::BlockEvent {
+    let mut ev = stored(&e.namespace, e.sequence, &e.key, TierKind::Host);
     match e.kind {
         EventKind::Stored { tier: t, parent } => {
             ev.tier = wire_tier(t) as i32;
@@ -86,15 +82,12 @@ impl FeedService {
         let resume = req.after_sequence > 0 && req.instance_id == node.instance_id;
         let mut cursor = req.after_sequence;
         if !resume {
-            // Compact (40 bytes a block) under the lock; wire messages are built a page at a time.
+            // Compact (56 bytes a block) under the lock; wire messages are built a page at a time.
             let (as_of, blocks) = node.cache().snapshot();
             let pages = blocks.chunks(PAGE).count().max(1);
             let mut chunks = blocks.chunks(PAGE);
             for i in 0..pages {
-                let page = {
-                    let c = node.cache();
-                    chunks.next().unwrap_or_default().iter().map(|(k, t)| stored(&c, 0, k, *t)).collect()
-                };
+                let page = chunks.next().unwrap_or_default().iter().map(|(k, id, t)| stored(id, 0, k, *t)).collect();
                 let snap = pb::Snapshot { blocks: page, as_of_sequence: as_of, last_page: i + 1 == pages };
                 if tx.send(self.reply(Payload::Snapshot(snap))).await.is_err() {
                     return;
@@ -106,7 +99,7 @@ impl FeedService {
             seen.borrow_and_update();
             let batch = {
                 let c = node.cache();
-                c.events().since_at_most(cursor, PAGE).map(|evs| evs.iter().map(|e| to_pb(&c, e)).collect::<Vec<_>>())
+                c.events().since_at_most(cursor, PAGE).map(|evs| evs.iter().map(to_pb).collect::<Vec<_>>())
             };
             let events = match batch {
                 Ok(events) => events,
@@ -199,11 +192,12 @@ impl CacheService for FeedService {
     }
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
-        let detail = match self.node.disk_failure() {
-            Some(why) => format!("host tier serving; disk tier off: {why}"),
-            None => "serving".into(),
+        let problems = self.node.problems();
+        let (status, detail) = match problems.is_empty() {
+            true => (pb::health_response::Status::Serving, "serving".to_string()),
+            false => (pb::health_response::Status::Degraded, format!("host tier serving; {}", problems.join("; "))),
         };
-        Ok(Response::new(pb::HealthResponse { status: pb::health_response::Status::Serving as i32, detail }))
+        Ok(Response::new(pb::HealthResponse { status: status as i32, detail }))
     }
 }
 
@@ -230,7 +224,8 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
         let security = if tls.is_some() { "mutual TLS" } else { "plain text" };
         tracing::info!("router feed (gRPC) on {} ({security})", tcp.local_addr()?);
         let router = router.clone();
-        tokio::spawn(async move {
+        let part = node.parts.add("grpc-tcp", crate::supervise::Role::Grpc, None);
+        crate::supervise::task(part, async move {
             // No Nagle either way: a small reply must not wait for the peer's delayed ACK (40 ms).
             let served = match tls {
                 Some(tls) => router.serve_with_incoming(crate::tls::incoming(tcp, tls)).await,
@@ -246,9 +241,25 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
     }
     if !cfg.socket.as_os_str().is_empty() {
         let uds = super::connector::bind(&cfg.socket)?;
+        if !node.config.server.allowed_uids.is_empty() {
+            super::connector::open_to_all(&cfg.socket)?;
+        }
         tracing::info!("router feed (gRPC) on unix:{}", cfg.socket.display());
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
-        tokio::spawn(async move {
+        // The same uids as the connector socket (SO_PEERCRED): the feed names every block held.
+        let gate = Arc::clone(&node);
+        let incoming = tokio_stream::StreamExt::filter(
+            tokio_stream::wrappers::UnixListenerStream::new(uds),
+            move |conn| match conn.as_ref().map(|s| s.peer_cred()) {
+                Ok(Ok(cred)) if super::connector::uid_allowed(&gate, cred.uid()) => true,
+                Err(_) => true,
+                _ => {
+                    gate.metrics.grpc_refused.fetch_add(1, Relaxed);
+                    false
+                }
+            },
+        );
+        let part = node.parts.add("grpc-unix", crate::supervise::Role::Grpc, None);
+        crate::supervise::task(part, async move {
             if let Err(e) = router.serve_with_incoming(incoming).await {
                 tracing::error!("gRPC (unix socket) server: {e}");
             }

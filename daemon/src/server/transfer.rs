@@ -47,9 +47,10 @@ impl TransferGrpc {
 impl TransferService for TransferGrpc {
     async fn offer(&self, req: Request<pb::OfferRequest>) -> Result<Response<pb::OfferResponse>, Status> {
         self.node.peer().ok_or_else(|| Status::failed_precondition("peer tier disabled (peer.enabled)"))?;
+        let caller = req.remote_addr().map_or_else(|| "local".to_string(), |a| a.ip().to_canonical().to_string());
         let r = req.into_inner();
         let (id, hashes) = super::parse_prefix(&r.namespace_id, &r.hashes)?;
-        let offer = self.node.offer(&id, &hashes).await;
+        let offer = self.node.offer(&id, &hashes, &caller).await;
         Ok(Response::new(pb::OfferResponse {
             offer: offer.id,
             block_bytes: offer.block_bytes,
