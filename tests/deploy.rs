@@ -90,11 +90,13 @@ fn config_map_config(dir: &Path) -> (PathBuf, Config) {
     (path, config)
 }
 
-/// The volume mounted at a path holding `path`: (its volume, its mount path).
+/// The volume mounted nearest above `path` (the longest mount path holding it): (its volume,
+/// its mount path).
 fn mount_holding<'a>(pod: &'a Yaml, c: &'a Yaml, path: &Path) -> (&'a Yaml, String) {
     let mount = items(&c["volumeMounts"])
         .iter()
-        .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .filter(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
         .unwrap_or_else(|| panic!("nothing mounted over {}", path.display()));
     let name = mount["name"].as_str().unwrap();
     let volume = items(&pod["volumes"]).iter().find(|v| v["name"].as_str() == Some(name)).expect("the volume");
@@ -199,8 +201,34 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
     assert_eq!(cli_socket.as_ref(), Some(&config.server.socket), "`kubectl exec ... kvtier status` finds the daemon");
     assert!(!config.disk.dirs.is_empty(), "the DaemonSet runs a disk tier");
     for d in &config.disk.dirs {
-        assert!(mount_holding(pod, c, d).0["hostPath"]["path"].as_str().is_some(), "{}: a host path", d.display());
+        let host = &mount_holding(pod, c, d).0["hostPath"];
+        assert!(host["path"].as_str().is_some(), "{}: a host path", d.display());
+        assert_eq!(
+            host["type"].as_str(),
+            Some("Directory"),
+            "{}: must exist, never created on the root disk",
+            d.display()
+        );
     }
+
+    // Secure by default: the TCP port serves mutual TLS only, from the Secret, and so does the
+    // router dialing it.
+    assert!(config.grpc.tls.enabled() && !config.grpc.insecure, "the feed's TCP port needs mutual TLS");
+    for file in [&config.grpc.tls.cert, &config.grpc.tls.key, &config.grpc.tls.ca] {
+        let (volume, _) = mount_holding(pod, c, file);
+        assert_eq!(volume["secret"]["secretName"].as_str(), Some("kvtier-tls"), "{}", file.display());
+    }
+    let router_docs = manifests("router.yaml");
+    let router_deployment = object(&router_docs, "Deployment", "kvtier-router");
+    let rargs = strings(&container(router_deployment)["args"]);
+    for (flag, file) in [("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"), ("--tls-ca", "ca.crt")] {
+        let path = Path::new(flag_value(&rargs, flag));
+        assert_eq!(path.file_name().unwrap(), file);
+        let rpod = &router_deployment["spec"]["template"]["spec"];
+        let (volume, _) = mount_holding(rpod, container(router_deployment), path);
+        assert_eq!(volume["secret"]["secretName"].as_str(), Some("kvtier-tls"), "router {flag}");
+    }
+    assert!(config.server.trusted_uids.is_empty(), "no engine maps the pool by default");
 
     // Ports: configuration = container ports = probes = annotations = the Service.
     let svc = object(&docs, "Service", "kvtierd");
@@ -214,8 +242,10 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
     assert_eq!(service_port(svc, "metrics"), metrics);
     let grpc = port_of(&config.grpc.listen);
     assert_eq!(container_port(c, "grpc"), grpc);
-    assert_eq!(c["readinessProbe"]["grpc"]["port"].as_i64(), Some(grpc), "grpc.health.v1 is on the feed port");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"].as_i64(), Some(metrics), "readiness says what is off");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
     assert_eq!(service_port(svc, "grpc"), grpc);
+    assert_eq!(svc["spec"]["publishNotReadyAddresses"].as_bool(), Some(true), "routers follow degraded daemons");
     let router = object(&manifests("router.yaml"), "Deployment", "kvtier-router").clone();
     let dns = flag_value(&strings(&container(&router)["args"]), "--dns").to_string();
     assert_eq!(dns, format!("kvtierd.kvtier.svc.cluster.local:{grpc}"), "the router resolves the daemons' Service");
@@ -313,6 +343,14 @@ async fn the_configured_daemon_and_router_serve_and_export_every_metric_the_dash
     let tmp = tempfile::tempdir().unwrap();
     let (_, mut config) = config_map_config(tmp.path());
     config.peer.listen_port = 0;
+    // The Secret's files: a test CA's certificate for "kvtierd", as the secret volume holds them.
+    let pki = kvtier_tests::Pki::new(&[("ca", "node")]);
+    let secret = tmp.path().join("tls");
+    std::fs::create_dir(&secret).unwrap();
+    pki.install(&secret, "ca", "node");
+    let in_secret = |p: &Path| secret.join(p.file_name().unwrap());
+    let tls = &mut config.grpc.tls;
+    (tls.cert, tls.key, tls.ca) = (in_secret(&tls.cert), in_secret(&tls.key), in_secret(&tls.ca));
     let path = tmp.path().join("local.toml");
     std::fs::write(&path, config.to_toml()).unwrap();
     let spill = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(); // O_DIRECT: not tmpfs
@@ -356,6 +394,9 @@ async fn the_configured_daemon_and_router_serve_and_export_every_metric_the_dash
         match flag.as_str() {
             "--listen" | "--metrics-listen" => {}
             "--dns" => rest.extend([flag.clone(), format!("localhost:{}", port_of(&d.grpc))]),
+            "--tls-cert" | "--tls-key" | "--tls-ca" => {
+                rest.extend([flag.clone(), in_secret(Path::new(value)).display().to_string()])
+            }
             _ => rest.extend([flag.clone(), value.clone()]),
         }
     }

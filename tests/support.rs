@@ -34,6 +34,7 @@ pub struct Daemon {
     /// Address of the router feed (gRPC over TCP), kept across restarts.
     pub grpc: String,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Pool of test daemons unless the caller passes `--pool-bytes`: 32 MiB of 1 MiB slabs.
@@ -47,11 +48,17 @@ impl Daemon {
 
     /// Like [`start`](Self::start), with metrics on a free local port if `metrics`.
     pub fn start_with_metrics(extra: &[&str], metrics: bool) -> Self {
+        Self::start_with_env(extra, metrics, &[])
+    }
+
+    /// Like [`start_with_metrics`](Self::start_with_metrics), with `env` set for the daemon.
+    pub fn start_with_env(extra: &[&str], metrics: bool, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("kvtierd.sock");
         let metrics = metrics.then(free_local_addr);
         let extra = extra.iter().map(|s| s.to_string()).collect();
-        let mut d = Self { child: None, dir, socket, metrics, grpc: free_local_addr(), extra };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut d = Self { child: None, dir, socket, metrics, grpc: free_local_addr(), extra, env };
         d.spawn();
         d
     }
@@ -74,6 +81,7 @@ impl Daemon {
             cmd.args(SMALL_POOL);
         }
         cmd.args(&self.extra);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", std::env::var("KVTIERD_LOG").unwrap_or_else(|_| "debug".into()))
             .env_remove("KVTIER_CONFIG")
             .stdout(Stdio::null())
@@ -88,7 +96,12 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(bin("kvtierd"));
         cmd.arg("--socket").arg(dir.path().join("kvtierd.sock")).args(["--allow-unlocked", "--metrics-listen", ""]);
-        cmd.args(["--grpc-listen", "", "--grpc-socket", ""]).args(SMALL_POOL).args(extra);
+        for (flag, default) in [("--grpc-listen", ""), ("--grpc-socket", "")] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, default]);
+            }
+        }
+        cmd.args(SMALL_POOL).args(extra);
         let mut child = cmd.env_remove("KVTIER_CONFIG").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
@@ -539,5 +552,76 @@ impl Drop for RouterProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A CA and a certificate it signed for the name `kvtierd` (client and server use), as PEM
+/// files in a temporary directory.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out =
+        Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (scripts/packages installs it)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Pki {
+    /// Makes CAs and certificates named by `pairs` of (CA, certificate).
+    pub fn new(pairs: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for (ca, cert) in pairs {
+            if !d.join(format!("{ca}.pem")).exists() {
+                let (key, pem, subject) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN={ca}"));
+                openssl(
+                    d,
+                    &[&["req", "-x509"], &ec[..], &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subject]]
+                        .concat(),
+                );
+            }
+            let ext = format!("{cert}.ext");
+            std::fs::write(
+                d.join(&ext),
+                "subjectAltName=DNS:kvtierd\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
+            )
+            .unwrap();
+            let (key, csr, pem) = (format!("{cert}.key"), format!("{cert}.csr"), format!("{cert}.pem"));
+            openssl(d, &[&["req"], &ec[..], &["-keyout", &key, "-out", &csr, "-subj", "/CN=kvtierd"]].concat());
+            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+            let sign =
+                ["x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial", "-out", &pem];
+            openssl(d, &[&sign[..], &["-days", "2", "-extfile", &ext]].concat());
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    pub fn arg(&self, file: &str) -> String {
+        self.path(file).display().to_string()
+    }
+
+    /// Daemon flags serving with certificate `cert` of CA `ca`.
+    pub fn daemon_flags(&self, ca: &str, cert: &str) -> Vec<String> {
+        let (c, k, a) =
+            (self.arg(&format!("{cert}.pem")), self.arg(&format!("{cert}.key")), self.arg(&format!("{ca}.pem")));
+        ["--grpc-tls-cert", &c, "--grpc-tls-key", &k, "--grpc-tls-ca", &a].map(String::from).to_vec()
+    }
+
+    /// Puts certificate `cert` of CA `ca` in `dir` as `tls.crt`, `tls.key` and `ca.crt` the way
+    /// a secret volume is updated: each written aside, then renamed over the old one.
+    pub fn install(&self, dir: &Path, ca: &str, cert: &str) {
+        for (from, to) in
+            [(format!("{cert}.pem"), "tls.crt"), (format!("{cert}.key"), "tls.key"), (format!("{ca}.pem"), "ca.crt")]
+        {
+            let aside = dir.join(format!(".{to}.new"));
+            std::fs::copy(self.path(&from), &aside).unwrap();
+            std::fs::rename(&aside, dir.join(to)).unwrap();
+        }
     }
 }

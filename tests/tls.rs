@@ -11,82 +11,17 @@ use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_proto::v1::router_service_client::RouterServiceClient;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
-use kvtier_tests::{eventually_within, namespace, Daemon, RouterProc};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use kvtier_tests::{eventually_within, namespace, Daemon, Pki, RouterProc};
+use std::path::Path;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-/// A CA and a certificate it signed for the name `kvtierd` (client and server use), as PEM
-/// files in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out =
-        Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (scripts/packages installs it)");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-impl Pki {
-    /// Makes CAs and certificates named by `pairs` of (CA, certificate).
-    fn new(pairs: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        for (ca, cert) in pairs {
-            if !d.join(format!("{ca}.pem")).exists() {
-                let (key, pem, subject) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN={ca}"));
-                openssl(
-                    d,
-                    &[&["req", "-x509"], &ec[..], &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subject]]
-                        .concat(),
-                );
-            }
-            let ext = format!("{cert}.ext");
-            std::fs::write(
-                d.join(&ext),
-                "subjectAltName=DNS:kvtierd\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
-            )
-            .unwrap();
-            let (key, csr, pem) = (format!("{cert}.key"), format!("{cert}.csr"), format!("{cert}.pem"));
-            openssl(d, &[&["req"], &ec[..], &["-keyout", &key, "-out", &csr, "-subj", "/CN=kvtierd"]].concat());
-            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-            let sign =
-                ["x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial", "-out", &pem];
-            openssl(d, &[&sign[..], &["-days", "2", "-extfile", &ext]].concat());
-        }
-        Self { dir }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn arg(&self, file: &str) -> String {
-        self.path(file).display().to_string()
-    }
-
-    /// Daemon flags serving with certificate `cert` of CA `ca`.
-    fn daemon_flags(&self, ca: &str, cert: &str) -> Vec<String> {
-        let (c, k, a) =
-            (self.arg(&format!("{cert}.pem")), self.arg(&format!("{cert}.key")), self.arg(&format!("{ca}.pem")));
-        ["--grpc-tls-cert", &c, "--grpc-tls-key", &k, "--grpc-tls-ca", &a].map(String::from).to_vec()
-    }
-
-    /// Puts certificate `cert` of CA `ca` in `dir` as `tls.crt`, `tls.key` and `ca.crt` the way
-    /// a secret volume is updated: each written aside, then renamed over the old one.
-    fn install(&self, dir: &Path, ca: &str, cert: &str) {
-        for (from, to) in
-            [(format!("{cert}.pem"), "tls.crt"), (format!("{cert}.key"), "tls.key"), (format!("{ca}.pem"), "ca.crt")]
-        {
-            let aside = dir.join(format!(".{to}.new"));
-            std::fs::copy(self.path(&from), &aside).unwrap();
-            std::fs::rename(&aside, dir.join(to)).unwrap();
-        }
-    }
-
+/// The client side of a test PKI as tonic takes it.
+trait ClientSide {
     /// The client side with `cert` (None: no client certificate), trusting `ca`.
+    fn client(&self, ca: &str, cert: Option<&str>) -> ClientTlsConfig;
+}
+
+impl ClientSide for Pki {
     fn client(&self, ca: &str, cert: Option<&str>) -> ClientTlsConfig {
         let read = |f: String| std::fs::read(self.path(&f)).unwrap();
         let tls = ClientTlsConfig::new()

@@ -39,11 +39,23 @@ enum Command {
     Router(cli::router::RouterArgs),
 }
 
+/// Ends quietly, as Unix tools do, when the reader of our output goes away (`kvtier status |
+/// head`): `println!` panics on the broken pipe, which this turns into exit status 141 (what a
+/// SIGPIPE gives). SIGPIPE itself stays ignored: a socket that breaks under the router or a
+/// client must be an error it handles, not the end of the process.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or_default();
+        if message.starts_with("failed printing to stdout") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> std::process::ExitCode {
-    // Like every Unix tool, end quietly when the reader of our output goes away (`kvtier status
-    // | head`): Rust ignores SIGPIPE, and println! then panicked on the broken pipe.
-    // SAFETY: restoring the default disposition of one signal, before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Router(_)) {
         tracing_subscriber::fmt()

@@ -207,8 +207,8 @@ impl Default for PeerConfig {
             lanes: 2,
             listen_ip: "0.0.0.0".into(),
             listen_port: 0,
-            offer_pool_share: 0.75,
-            offer_caller_share: 0.5,
+            offer_pool_share: 0.9,
+            offer_caller_share: 0.9,
         }
     }
 }

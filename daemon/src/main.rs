@@ -201,7 +201,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Lets the daemon hold as many descriptors as the system allows it (each connection takes two:
+/// its socket and its staging window); the soft limit is often 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!("could not raise the open-file limit from {soft} to {hard}");
+        }
+    }
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
+    raise_fd_limit();
     if std::os::unix::net::UnixStream::connect(&config.server.socket).is_ok() {
         anyhow::bail!("another daemon is listening on {}", config.server.socket.display());
     }

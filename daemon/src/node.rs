@@ -8,7 +8,7 @@ mod tiering;
 mod transfer;
 
 pub use kv_copy::{Blocks, CopyWatch, KvCache, KvCopyError, Loaded, Saved};
-pub use transfer::{offer_room, verify_from_wire, Offer, Pulled, Shipment};
+pub use transfer::{offer_fit, verify_from_wire, Offer, Pulled, Shipment};
 
 use crate::alloc::SlabAllocator;
 use crate::block::{BlockHash, NsIdx};

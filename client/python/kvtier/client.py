@@ -1,8 +1,9 @@
 """A synchronous client of kvtierd's connector socket, in pure Python.
 
 Frames are a 4-byte little-endian length and one protobuf message (see docs/protocol.md). The
-daemon's pool segments arrive with the Hello reply as SCM_RIGHTS fds and are mapped shared, so a
-block moves with one copy between the engine's memory and the pool.
+Hello reply carries SCM_RIGHTS fds, mapped shared: the daemon's pool segments for a client the
+operator trusts (one copy between the engine's memory and the pool), else one staging window of
+this connection's own (`hello.staged`), through which the daemon copies blocks in and out.
 """
 
 import mmap
@@ -235,6 +236,15 @@ class Client:
             else:
                 out.append("no_space")
         return r.reservation, out
+
+    def blocks_at_once(self, block_bytes):
+        """How many blocks of `block_bytes` one Reserve or Acquire can hold at once: all of them
+        with the pool mapped (a trusted client), else as many as its staging window takes
+        (`hello.staged`): request no more, or the rest comes back NO_SPACE / unmatched."""
+        if not self.hello.staged:
+            return 1 << 30
+        stride = -(-block_bytes // 4096) * 4096
+        return max(1, self.hello.segments[0].bytes // stride)
 
     def commit(self, reservation):
         """Makes a reservation's blocks visible."""

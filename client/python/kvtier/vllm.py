@@ -614,16 +614,21 @@ class KvTierConnector(KVConnectorBase_V1):
         return saved, ""
 
     def _load_by_copy(self, client, ns, job):
-        """Loads the held prefix of `job` through the pool mapping; returns the blocks loaded."""
+        """Loads the held prefix of `job` through the client's mapping (the pool, or its staging
+        window, a window-full at a time); returns the blocks loaded."""
+        step = client.blocks_at_once(self._block_bytes)
         loaded = 0
-        lease, slots = client.acquire(ns, job.hashes)
-        try:
-            for block_id, slot in zip(job.block_ids, slots):
-                self._copy_block(client.view(slot, self._block_bytes), block_id, to_pool=False)
-                loaded += 1
-        finally:
-            if lease:
-                client.release(lease)
+        for at in range(0, len(job.hashes), step):
+            lease, slots = client.acquire(ns, job.hashes[at : at + step])
+            try:
+                for block_id, slot in zip(job.block_ids[at : at + step], slots):
+                    self._copy_block(client.view(slot, self._block_bytes), block_id, to_pool=False)
+                    loaded += 1
+            finally:
+                if lease:
+                    client.release(lease)
+            if len(slots) < len(job.hashes[at : at + step]):
+                break
         return loaded
 
     def wait_for_layer_load(self, layer_name):
@@ -682,20 +687,26 @@ class KvTierConnector(KVConnectorBase_V1):
             self._daemon.fail(e)
 
     def _save_by_copy(self, client, ns, job):
-        """Saves `job` through the pool mapping (reserve, copy, commit); returns the blocks stored."""
-        reservation, outcomes = client.reserve(ns, job.hashes)
+        """Saves `job` through the client's mapping (reserve, copy, commit; through a staging
+        window a window-full at a time); returns the blocks stored."""
+        step = client.blocks_at_once(self._block_bytes)
         stored = 0
-        try:
-            for block_id, outcome in zip(job.block_ids, outcomes):
-                if not isinstance(outcome, str):
-                    self._copy_block(client.view(outcome, self._block_bytes), block_id, to_pool=True)
-                    stored += 1
-        except BaseException:
+        for at in range(0, len(job.hashes), step):
+            parent = job.hashes[at - 1] if at else None
+            reservation, outcomes = client.reserve(ns, job.hashes[at : at + step], parent)
+            try:
+                for block_id, outcome in zip(job.block_ids[at : at + step], outcomes):
+                    if not isinstance(outcome, str):
+                        self._copy_block(client.view(outcome, self._block_bytes), block_id, to_pool=True)
+                        stored += 1
+            except BaseException:
+                if reservation:
+                    client.abort(reservation)
+                raise
             if reservation:
-                client.abort(reservation)
-            raise
-        if reservation:
-            client.commit(reservation)
+                client.commit(reservation)
+            if "no_space" in outcomes:
+                break
         return stored
 
     def get_finished(self, finished_req_ids):

@@ -299,7 +299,9 @@ impl Shared {
     }
 }
 
-fn apply(index: &mut GlobalIndex, node: NodeId, e: &pb::BlockEvent) {
+/// Applies one feed event (or snapshot block) of daemon `node` to the global index; events that
+/// do not parse (a bad namespace id or hash) are skipped.
+pub fn apply(index: &mut GlobalIndex, node: NodeId, e: &pb::BlockEvent) {
     let (Ok(ns), Some(hash)) = (<[u8; 16]>::try_from(&e.namespace_id[..]), BlockHash::new(&e.hash)) else { return };
     let tier = match pb::block_event::Kind::try_from(e.kind) {
         Ok(pb::block_event::Kind::Removed) => None,

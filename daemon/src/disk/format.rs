@@ -122,7 +122,8 @@ impl SlotHeader {
         block_bytes: u64,
     ) -> bool {
         let Ok(h) = Self::decode(slot) else { return false };
-        let Some(payload) = slot.get(header_bytes..header_bytes + block_bytes as usize) else { return false };
+        let end = usize::try_from(block_bytes).ok().and_then(|b| b.checked_add(header_bytes));
+        let Some(payload) = end.and_then(|end| slot.get(header_bytes..end)) else { return false };
         h.namespace == *namespace
             && h.hash == *hash
             && h.block_bytes == block_bytes

@@ -183,20 +183,8 @@ impl DiskTier {
         cache.set_generation_base(self.generation_floor);
         let mut report = Recovery::default();
         for (dev, store) in self.stores.iter().enumerate() {
-            let mut blocks = store.load()?;
-            // Ascending slots make allocator claims O(1); the newest generation of a slot wins.
-            blocks.sort_by_key(|b| (b.slab, b.slot, std::cmp::Reverse(b.generation)));
-            let mut drop = Vec::new();
-            for b in blocks {
-                let slot = SlotId { slab: dev as u32 * self.slabs_per_device + b.slab, slot: b.slot };
-                let ok = b.slab < self.slabs_per_device
-                    && cache.restore_disk_block(b.namespace, b.block_bytes, b.hash, slot).is_ok();
-                if ok {
-                    report.restored += 1;
-                } else {
-                    drop.push(StoreOp::Delete { namespace: b.namespace, hash: b.hash, slab: b.slab, slot: b.slot });
-                }
-            }
+            let (restored, drop) = restore(cache, dev as u32, self.slabs_per_device, store.load()?);
+            report.restored += restored;
             report.dropped += drop.len() as u64;
             store.apply(&drop)?;
         }
@@ -257,7 +245,10 @@ impl DiskTier {
     pub fn sync_index(&self) {
         let (tx, rx) = mpsc::channel();
         self.send(PersistMsg::Barrier(tx));
-        let _ = rx.recv();
+        // Bounded: a persister that stalled must not keep the daemon from exiting.
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() && !self.health.failed() {
+            self.health.fail("the disk index was not committed within 30 s".into());
+        }
     }
 
     fn store_op(&self, cache: &BlockCache, change: DiskChange) -> (usize, StoreOp) {
@@ -293,6 +284,33 @@ impl Drop for DiskTier {
             let _ = t.join();
         }
     }
+}
+
+/// Re-creates in `cache` the blocks the index of spill file `dev` (of `slabs_per_device` slabs)
+/// recorded; returns how many were restored and the deletions of those that could not be (past
+/// the file's end, a slot taken twice, a namespace that cannot be registered). Whatever the
+/// index holds, nothing here panics (`fuzz/`: `disk_recovery`).
+pub fn restore(
+    cache: &mut BlockCache,
+    dev: u32,
+    slabs_per_device: u32,
+    mut blocks: Vec<StoredBlock>,
+) -> (u64, Vec<StoreOp>) {
+    // Ascending slots make allocator claims O(1); the newest generation of a slot wins.
+    blocks.sort_by_key(|b| (b.slab, b.slot, std::cmp::Reverse(b.generation)));
+    let mut restored = 0;
+    let mut drop = Vec::new();
+    for b in blocks {
+        let ok = b.slab < slabs_per_device && {
+            let slot = SlotId { slab: dev * slabs_per_device + b.slab, slot: b.slot };
+            cache.restore_disk_block(b.namespace, b.block_bytes, b.hash, slot).is_ok()
+        };
+        match ok {
+            true => restored += 1,
+            false => drop.push(StoreOp::Delete { namespace: b.namespace, hash: b.hash, slab: b.slab, slot: b.slot }),
+        }
+    }
+    (restored, drop)
 }
 
 /// Applies batches in order; everything queued when a batch starts goes into one transaction

@@ -76,7 +76,8 @@ fn value_of(b: &StoredBlock) -> [u8; 32] {
     v
 }
 
-fn decode(key: &[u8], v: &[u8]) -> Option<StoredBlock> {
+/// The block an index entry records (None: an entry that does not decode, skipped at recovery).
+pub fn decode(key: &[u8], v: &[u8]) -> Option<StoredBlock> {
     if key.len() <= 16 || v.len() != 32 {
         return None;
     }

@@ -14,6 +14,7 @@ use crate::supervise::Role;
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -47,19 +48,40 @@ pub(crate) struct Offered {
     released: bool,
 }
 
-/// Blocks of `block_bytes` an offer of `wanted` may pin when offers hold `total` bytes in all and
-/// `mine` for this caller, under `(total, per caller)` byte limits.
+/// Pool locations pinned by offers, with their block sizes.
+pub type Pinned = HashMap<(u32, u64), u64>;
+
+/// How many leading blocks of a new offer, at pool locations `new` of `block_bytes` each, fit
+/// under `(in all, per caller)` byte limits, given what offers pin now in all (`all`) and for
+/// this caller (`mine`). A block some offer pins already costs nothing more: pins count blocks
+/// held, not offers.
 ///
 /// ```
-/// use kvtier_daemon::node::offer_room;
-/// assert_eq!(offer_room(10, 100, 0, 0, (2000, 500)), 5, "the caller's share");
-/// assert_eq!(offer_room(10, 100, 1800, 0, (2000, 500)), 2, "what is left in all");
-/// assert_eq!(offer_room(3, 100, 0, 0, (2000, 500)), 3);
-/// assert_eq!(offer_room(3, 100, 2500, 600, (2000, 500)), 0, "over already");
+/// use kvtier_daemon::node::offer_fit;
+/// use std::collections::HashMap;
+/// let none = HashMap::new();
+/// let at = |i: u64| (0u32, i * 100);
+/// let new: Vec<_> = (0..10).map(at).collect();
+/// assert_eq!(offer_fit(&new, 100, &none, &none, (2000, 500)), 5, "the caller's share");
+/// let others: HashMap<_, _> = (20..38).map(|i| (at(i), 100)).collect();
+/// assert_eq!(offer_fit(&new, 100, &others, &none, (2000, 500)), 2, "what is left in all");
+/// let mine: HashMap<_, _> = (0..10).map(|i| (at(i), 100)).collect();
+/// assert_eq!(offer_fit(&new, 100, &mine, &mine, (500, 500)), 10, "the same blocks again cost nothing");
 /// ```
-pub fn offer_room(wanted: usize, block_bytes: u64, total: u64, mine: u64, (all, per_caller): (u64, u64)) -> usize {
-    let left = all.saturating_sub(total).min(per_caller.saturating_sub(mine));
-    (left / block_bytes.max(1)).min(wanted as u64) as usize
+pub fn offer_fit(new: &[(u32, u64)], block_bytes: u64, all: &Pinned, mine: &Pinned, limits: (u64, u64)) -> usize {
+    let (mut in_all, mut of_mine) = (all.values().sum::<u64>(), mine.values().sum::<u64>());
+    let mut seen = std::collections::HashSet::new();
+    for (i, at) in new.iter().enumerate() {
+        if !seen.insert(at) {
+            continue;
+        }
+        in_all += if all.contains_key(at) { 0 } else { block_bytes };
+        of_mine += if mine.contains_key(at) { 0 } else { block_bytes };
+        if in_all > limits.0 || of_mine > limits.1 {
+            return i;
+        }
+    }
+    new.len()
 }
 
 /// What a pull did.
@@ -200,21 +222,17 @@ impl Node {
         }
         let Some(ns) = self.cache().find_namespace(id) else { return Offer::default() };
         let block_bytes = self.cache().namespace(ns).block_bytes;
-        let room = {
-            let offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
-            let bytes = |o: &Offered| o.block_bytes * o.blocks.len() as u64;
-            let total: u64 = offers.values().map(bytes).sum();
-            let mine: u64 = offers.values().filter(|o| o.caller == caller).map(bytes).sum();
-            let pool = self.pool.geometry().total_bytes() as f64;
-            let p = &self.config.peer;
-            let limits = ((pool * p.offer_pool_share) as u64, (pool * p.offer_caller_share) as u64);
-            offer_room(hashes.len(), block_bytes, total, mine, limits)
-        };
-        if room < hashes.len() {
-            self.metrics.peer_offers_limited.fetch_add(1, Relaxed);
-        }
         let client = self.transfer_client();
-        let Ok((lease, blocks)) = self.acquire(client, ns, &hashes[..room]).await else { return Offer::default() };
+        let Ok((mut lease, mut blocks)) = self.acquire(client, ns, hashes).await else { return Offer::default() };
+        let fit = self.offer_fit(&blocks, block_bytes, caller);
+        if fit < blocks.len() {
+            self.metrics.peer_offers_limited.fetch_add(1, Relaxed);
+            let _ = self.release(client, lease);
+            (lease, blocks) = match fit {
+                0 => (0, Vec::new()),
+                _ => self.acquire(client, ns, &hashes[..fit]).await.unwrap_or_default(),
+            };
+        }
         if lease == 0 {
             return Offer::default();
         }
@@ -228,6 +246,21 @@ impl Node {
         });
         self.metrics.peer_offers.fetch_add(1, Relaxed);
         offer
+    }
+
+    /// How many leading blocks at `new` (pool locations) a new offer for `caller` may keep
+    /// pinned under `peer.offer_pool_share` and `peer.offer_caller_share`.
+    fn offer_fit(&self, new: &[(u32, u64)], block_bytes: u64, caller: &str) -> usize {
+        let offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+        let pinned = |mine: bool| -> HashMap<(u32, u64), u64> {
+            (offers.values().filter(|o| !mine || o.caller == caller))
+                .flat_map(|o| o.blocks.iter().map(|&at| (at, o.block_bytes)))
+                .collect()
+        };
+        let pool = self.pool.geometry().total_bytes() as f64;
+        let p = &self.config.peer;
+        let limits = ((pool * p.offer_pool_share) as u64, (pool * p.offer_caller_share) as u64);
+        offer_fit(new, block_bytes, &pinned(false), &pinned(true), limits)
     }
 
     /// Unpins an offer (idempotent); one being shipped is unpinned when its shipments end.

@@ -191,7 +191,9 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, session: &mut Session) -
                 n
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // A spurious wake-up (a new socket starts out as readable): hold no buffer.
                 decoder.commit(0, READ);
+                decoder.release_idle();
                 continue;
             }
             Err(e) => {
@@ -236,7 +238,9 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, session: &mut Session) -
             node.requests_total.fetch_add(1, Relaxed);
             session.record.requested();
             let started = std::time::Instant::now();
-            let result = dispatch(node, session, op).await;
+            // Boxed: the future of the largest request is big, and an idle connection must not
+            // carry its room while it waits for the next one.
+            let result = Box::pin(dispatch(node, session, op)).await;
             node.metrics.observe(kind, started.elapsed());
             match result {
                 Ok(result) => {
