@@ -95,8 +95,14 @@ impl Client {
         let mut out = Vec::new();
         encode_into(&pb::Request { id: 0, op: Some(hello) }, &mut out);
         let mut stream = stream;
-        stream.write_all(&out).await?;
-        let (frame, fds) = recv_frame_with_fds(&stream, &mut decoder).await?;
+        // A daemon that refuses the connection (a uid not allowed, a limit reached) answers and
+        // closes before reading: its reason comes before a broken pipe.
+        let sent = stream.write_all(&out).await;
+        let (frame, fds) = match (recv_frame_with_fds(&stream, &mut decoder).await, sent) {
+            (Ok(got), _) => got,
+            (Err(_), Err(e)) => return Err(e.into()),
+            (Err(e), Ok(())) => return Err(e),
+        };
         let reply = pb::Response::decode(&frame[..]).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let hello = match into_result(reply)? {
             response::Result::Hello(h) => h,

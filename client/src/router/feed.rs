@@ -210,8 +210,9 @@ impl Shared {
             });
             if expire {
                 tracing::warn!(%endpoint, "unreachable for {:?}: its blocks are forgotten", self.expiry);
-                self.index().clear_node(node);
+                // Counted first: whoever sees the node's blocks gone sees the expiry counted.
                 self.counters.expirations.fetch_add(1, Relaxed);
+                self.index().clear_node(node);
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -75,11 +75,13 @@ pub fn offer_fit(new: &[(u32, u64)], block_bytes: u64, all: &Pinned, mine: &Pinn
         if !seen.insert(at) {
             continue;
         }
-        in_all += if all.contains_key(at) { 0 } else { block_bytes };
-        of_mine += if mine.contains_key(at) { 0 } else { block_bytes };
-        if in_all > limits.0 || of_mine > limits.1 {
+        let cost_all = if all.contains_key(at) { 0 } else { block_bytes };
+        let cost_mine = if mine.contains_key(at) { 0 } else { block_bytes };
+        if cost_mine > 0 && (in_all + cost_all > limits.0 || of_mine + cost_mine > limits.1) {
             return i;
         }
+        in_all += cost_all;
+        of_mine += cost_mine;
     }
     new.len()
 }
