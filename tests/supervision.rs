@@ -65,6 +65,19 @@ fn disk_parts_that_panic_or_stall_turn_off_the_disk_tier_only() {
 }
 
 #[test]
+fn a_promotion_that_panics_turns_off_the_disk_tier_and_the_load_is_a_miss() {
+    let (mut d, _spill) = daemon("promoter:panic", &[]);
+    put(&d, 1, 32);
+    eventually_within("written to disk", 30, || d.metric("kvtier_disk_blocks") >= 32.0);
+    d.terminate();
+    d.restart();
+    // Disk-only now: the load promotes, the promotion panics, the load is a miss.
+    assert!(get(&d, 1, 32).starts_with("loaded 0 of"), "nothing half-promoted is served");
+    reported_and_still_serving(&d, "promoter", "disk tier", "a promotion panicked: fault injected into promoter");
+    assert_eq!(d.metric("kvtier_disk_enabled"), 0.0);
+}
+
+#[test]
 fn a_peer_lane_that_panics_or_stalls_turns_off_peer_transfers_only() {
     for (fault, why) in [("lane:panic", "panicked: fault injected into lane-0"), ("lane:stall", "stalled")] {
         let (d, _spill) = daemon(fault, &["--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"]);

@@ -86,6 +86,8 @@ pub struct Node {
     connections_peak: AtomicU64,
     /// Supervision of daemon-side copies.
     pub copy_watch: CopyWatch,
+    /// Promotions (tasks of their own, one per Acquire or Prefetch that reads from disk).
+    promoter: Arc<crate::supervise::Part>,
 }
 
 /// Block handles one step of a Discard visits while it holds the cache lock (about a
@@ -203,6 +205,7 @@ impl Node {
             connections: Default::default(),
             connections_peak: AtomicU64::new(0),
             copy_watch: CopyWatch::new(parts.add("copies", Role::DeviceCopies, Some(stall_after))),
+            promoter: parts.add("promoter", Role::Disk, None),
             parts,
         })
     }

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(batch) = EventBatch::decode(data) else { return };
     let mut index = GlobalIndex::new(64);
     for e in &batch.events {
-        let node = (e.sequence % MAX_NODES as u64) as usize;
+        let node = (e.sequence % MAX_NODES as u64) as u8;
         apply(&mut index, node, e);
         assert!(index.len() <= 64);
         let (Ok(ns), Some(hash)) = (<[u8; 16]>::try_from(&e.namespace_id[..]), BlockHash::new(&e.hash)) else {

@@ -30,6 +30,9 @@ pub enum FormatError {
     /// A field is out of range.
     #[error("bad field: {0}")]
     BadField(&'static str),
+    /// Fewer bytes than a header holds.
+    #[error("{0} bytes: shorter than a header")]
+    Short(usize),
 }
 
 fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
@@ -46,6 +49,9 @@ fn u32_at(buf: &[u8], at: usize) -> u32 {
 
 /// Checks magic, version and the checksum stored at `sum_at` over `buf[..sum_at]`.
 fn check_envelope(buf: &[u8], magic: &[u8; 8], sum_at: usize) -> Result<(), FormatError> {
+    if buf.len() < sum_at + 8 {
+        return Err(FormatError::Short(buf.len()));
+    }
     if &buf[..8] != magic {
         return Err(FormatError::BadMagic);
     }
@@ -246,5 +252,21 @@ mod tests {
         buf[SPILL_SUM_AT..SPILL_SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
         assert_eq!(Superblock::decode(&buf), Err(FormatError::Version(2)));
         assert_eq!(Superblock::decode(&slot()), Err(FormatError::BadMagic));
+    }
+
+    #[test]
+    fn short_buffers_are_refused_not_panicked_on() {
+        // Found by fuzz/disk_recovery: decoding fewer bytes than a header indexed past the end.
+        for len in [0, 7, 8, 63, SLOT_SUM_AT + 7] {
+            assert_eq!(SlotHeader::decode(&slot()[..len]), Err(FormatError::Short(len)));
+            assert!(!SlotHeader::verify(
+                &slot()[..len],
+                HEADER_BYTES as usize,
+                &NamespaceId([3; 16]),
+                &header().hash,
+                1
+            ));
+        }
+        assert_eq!(Superblock::decode(&[0u8; SPILL_SUM_AT + 7]), Err(FormatError::Short(SPILL_SUM_AT + 7)));
     }
 }

@@ -215,13 +215,22 @@ impl Node {
                 // delays a load by at most `promote_timeout_ms`, never forever.
                 let (node, started) = (Arc::clone(self), jobs.len());
                 let run = tokio::spawn(async move {
+                    fault::point_async("promoter").await;
                     node.run_promotions(&jobs).await;
                     node.promoted.send_modify(|n| *n += 1);
                 });
-                if tokio::time::timeout_at(deadline.into(), run).await.is_err() || pending == started {
-                    return;
+                match tokio::time::timeout_at(deadline.into(), run).await {
+                    Err(_) => return,
+                    Ok(Err(e)) => {
+                        // Its blocks stay PROMOTING (never served, their slots never reused
+                        // under a read that may still land): the disk tier goes off.
+                        let why = e.try_into_panic().map(|p| supervise::panic_message(p.as_ref())).unwrap_or_default();
+                        self.promoter.fail(format!("a promotion panicked: {why}"));
+                        return;
+                    }
+                    Ok(Ok(())) if pending == started => return,
+                    Ok(Ok(())) => continue,
                 }
-                continue;
             }
             if pending == 0 {
                 return;
