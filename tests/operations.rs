@@ -93,22 +93,23 @@ fn metrics_and_status_show_the_host_tier() {
     let status = ok_stdout(&d.kvtier(&["status"]));
     assert!(status.contains("namespace other ["), "{status}");
 
-    // Lookups are counted per namespace too, in status and in labelled metrics.
+    // Lookups (and the `get` above: a load no Lookup announced) are counted per namespace too,
+    // in status and in labelled metrics.
     ok_stdout(&d.kvtier(&["lookup", "--count", "12", "--block-bytes", "8192"]));
     let json: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
     let ours = &json["namespace_usage"][0];
-    assert_eq!((ours["hit_blocks"].as_u64(), ours["miss_blocks"].as_u64()), (Some(10), Some(2)), "{ours}");
+    assert_eq!((ours["hit_blocks"].as_u64(), ours["miss_blocks"].as_u64()), (Some(20), Some(4)), "{ours}");
     assert_eq!(json["namespace_usage"][1]["hit_blocks"].as_u64(), Some(0));
     let labels = format!("model=\"kvtier-cli-test\",namespace=\"{}\"", ours["id_prefix"].as_str().unwrap());
     let m = d.http_get("/metrics");
     for line in [
-        format!("kvtier_namespace_hit_blocks_total{{{labels}}} 10\n"),
-        format!("kvtier_namespace_miss_blocks_total{{{labels}}} 2\n"),
+        format!("kvtier_namespace_hit_blocks_total{{{labels}}} 20\n"),
+        format!("kvtier_namespace_miss_blocks_total{{{labels}}} 4\n"),
         format!("kvtier_namespace_blocks{{{labels},tier=\"host\"}} 10\n"),
     ] {
         assert!(m.contains(&line), "missing {line:?} in\n{m}");
     }
-    assert!(ok_stdout(&d.kvtier(&["status"])).contains("hit rate 0.833 (10 of 12 blocks, 0 from disk)"));
+    assert!(ok_stdout(&d.kvtier(&["status"])).contains("hit rate 0.833 (20 of 24 blocks, 0 from disk)"));
 }
 
 /// The next `kvtier top --json` line.

@@ -424,6 +424,15 @@ fn small_things_the_report_found() {
     let (resp, _) = h.call(Op::Reserve(pb::Reserve { handle: reg.handle, hashes, parent }));
     let (code, why) = error_of(&resp);
     assert!(code == ErrorCode::BadArgument && why.starts_with("parent hash has 33 bytes"), "{why}");
+    // Loads that no Lookup announced count in the hit rate (they were ignored: 0 of 0 blocks).
+    ok_stdout(&d.kvtier(&["put", "--count", "8"]));
+    ok_stdout(&d.kvtier(&["get", "--count", "10"]));
+    let status: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
+    assert_eq!((status["hit_blocks"].as_u64(), status["miss_blocks"].as_u64()), (Some(8), Some(2)), "{status}");
+    let looked = ok_stdout(&d.kvtier(&["lookup", "--count", "8"]));
+    assert!(looked.contains("matched 8"), "{looked}");
+    let status: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
+    assert_eq!(status["hit_blocks"].as_u64(), Some(16), "a Lookup counts once: {status}");
     // `kvtier status | head` ends quietly (it panicked on the broken pipe).
     let cli = kvtier_tests::bin("kvtier");
     let script = format!("set -o pipefail; {} status | head -c 1 >/dev/null", cli.display());

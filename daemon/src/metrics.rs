@@ -283,8 +283,18 @@ impl Metrics {
             "counter",
             cache.reclaimed_namespaces,
         );
-        gauge("kvtier_hit_blocks_total", "Blocks found by lookups.", "counter", cache.hit_blocks);
-        gauge("kvtier_miss_blocks_total", "Blocks asked by lookups and not found.", "counter", cache.miss_blocks);
+        gauge(
+            "kvtier_hit_blocks_total",
+            "Blocks found by lookups (and by loads that no lookup of the same prefix announced).",
+            "counter",
+            cache.hit_blocks,
+        );
+        gauge(
+            "kvtier_miss_blocks_total",
+            "Blocks asked by lookups (and such loads) and not found.",
+            "counter",
+            cache.miss_blocks,
+        );
         gauge("kvtier_evicted_blocks_total", "Blocks evicted from the host tier.", "counter", cache.evicted_blocks);
         gauge(
             "kvtier_discarded_blocks_total",

@@ -69,6 +69,9 @@ pub struct Session {
     pub staging: Option<Staging>,
     /// Whether Hello was received.
     pub greeted: bool,
+    /// The last Lookup (namespace, first hash, length): an Acquire of the same prefix right
+    /// after it is not counted again in the hit and miss counters.
+    looked_up: Option<(NsIdx, BlockHash, usize)>,
     /// Namespaces registered on this connection, by handle.
     pub handles: Vec<NsIdx>,
     /// KV caches registered for daemon-side copies, by id.
@@ -88,6 +91,7 @@ impl Session {
             trusted,
             staging: None,
             greeted: false,
+            looked_up: None,
             handles: Vec::new(),
             kv_caches: Vec::new(),
             pending_loads: Vec::new(),
@@ -253,6 +257,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             let ns = s.ns(l.handle)?;
             let hs = hashes(node, &l.hashes)?;
             let tiers = node.lookup(ns, &hs);
+            s.looked_up = hs.first().map(|&h| (ns, h, hs.len()));
             let tiers: Vec<i32> = tiers.into_iter().map(|t| super::wire_tier(t) as i32).collect();
             Ok(A::Lookup(pb::LookupReply { matched: tiers.len() as u32, tiers }))
         }
@@ -315,6 +320,11 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
         R::Acquire(a) => {
             let ns = s.ns(a.handle)?;
             let hs = hashes(node, &a.hashes)?;
+            // A load not announced by a Lookup of the same prefix counts as one (trust report:
+            // clients that only acquire showed a hit rate of 0).
+            if s.looked_up.take() != hs.first().map(|&h| (ns, h, hs.len())) {
+                node.lookup(ns, &hs);
+            }
             Ok(A::Acquire(acquire(node, s, ns, &hs).await?))
         }
         R::Release(r) => {
