@@ -3,8 +3,8 @@
 //!
 //! `cargo bench -p kvtier-benches --bench hit_rate` (trace: ../shared/data/traces or KVTIER_TRACE)
 
-use kvtier_daemon::policy::PolicyKind;
-use kvtier_daemon::sim::{sweep, Trace, DEFAULT_CAPACITY_PCTS};
+use kvtier_core::policy::PolicyKind;
+use kvtier_core::sim::{sweep, Trace, DEFAULT_CAPACITY_PCTS};
 
 fn main() {
     let path = std::env::var("KVTIER_TRACE").unwrap_or_else(|_| {

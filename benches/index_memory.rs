@@ -5,11 +5,11 @@
 //!
 //! `cargo bench -p kvtier-benches --bench index_memory`
 
-use kvtier_daemon::alloc::SlabAllocator;
-use kvtier_daemon::block::BlockHash;
-use kvtier_daemon::cache::{BlockCache, CacheLimits, ClientId};
-use kvtier_daemon::namespace::NamespaceId;
-use kvtier_daemon::policy::PolicyKind;
+use kvtier_core::alloc::SlabAllocator;
+use kvtier_core::block::BlockHash;
+use kvtier_core::cache::{BlockCache, CacheLimits, ClientId};
+use kvtier_core::namespace::NamespaceId;
+use kvtier_core::policy::PolicyKind;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -73,8 +73,8 @@ fn main() {
         let b = bytes_per_block(policy);
         println!("{:<12} {:>10.1} {:>15.2}x {:>13.2}x", format!("{policy:?}"), b, b / 32.0, b / 128.0);
     }
-    let event = std::mem::size_of::<kvtier_daemon::events::Event>();
-    let events = kvtier_daemon::cache::DEFAULT_EVENT_CAPACITY;
+    let event = std::mem::size_of::<kvtier_core::events::Event>();
+    let events = kvtier_core::cache::DEFAULT_EVENT_CAPACITY;
     println!(
         "plus the router feed's event log, a fixed budget: {events} events x {event} B = {:.1} MiB",
         (events * event) as f64 / (1 << 20) as f64

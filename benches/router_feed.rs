@@ -8,12 +8,12 @@
 //!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench router_feed`
 
-use kvtier_client::router::feed::channel;
-use kvtier_client::router::index::GlobalIndex;
-use kvtier_client::router::score::{pick, score, NodeView, Weights};
+use kvtier_router::feed::channel;
+use kvtier_router::index::GlobalIndex;
+use kvtier_router::score::{pick, score, NodeView, Weights};
 use kvtier_client::{testdata, Bytes};
-use kvtier_daemon::block::BlockHash;
-use kvtier_daemon::cache::TierKind;
+use kvtier_core::block::BlockHash;
+use kvtier_core::cache::TierKind;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_tests::{namespace, Daemon};

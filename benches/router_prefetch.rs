@@ -7,7 +7,7 @@
 //!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench router_prefetch`
 
-use kvtier_client::router::feed::channel;
+use kvtier_router::feed::channel;
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;

@@ -1,5 +1,5 @@
 //! Compiles the `.proto` contracts with protox (pure Rust, no protoc) and generates prost messages
-//! plus the tonic service code. Also writes the serialized descriptor set of the connector
+//! plus, with the `grpc` feature, the tonic service code. Also writes the serialized descriptor set of the connector
 //! protocol, which the Python client embeds (see `client/python/kvtier/_descriptor.py`).
 
 use prost::Message;
@@ -23,9 +23,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         f.source_code_info = None;
     }
     std::fs::write(out.join("connector_descriptor.bin"), connector.encode_to_vec())?;
+    // Service code only with the `grpc` feature, so the messages build without tonic.
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
+        .build_client(grpc)
+        .build_server(grpc)
         // Hashes decode as slices of the frame buffer: no allocation per hash.
         .bytes(".")
         .compile_fds(descriptors)?;

@@ -406,7 +406,7 @@ async fn the_configured_daemon_and_router_serve_and_export_every_metric_the_dash
         http_get(&metrics, "/metrics").is_some_and(|m| m.contains("kvtier_router_endpoints_healthy 1"))
     });
     assert_eq!(http_get(&metrics, "/healthz").as_deref().map(str::trim), Some("ok"));
-    let channel = kvtier_client::router::feed::channel(&listen).await.unwrap();
+    let channel = kvtier_router::feed::channel(&listen).await.unwrap();
     let health = tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
         .await

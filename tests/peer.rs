@@ -6,7 +6,7 @@
 //! a stopped source resumes.
 
 use bytes::Bytes;
-use kvtier_client::router::feed::channel;
+use kvtier_router::feed::channel;
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;

@@ -4,7 +4,7 @@
 //! the daemon grow.
 
 use bytes::Bytes;
-use kvtier_client::router::feed::channel;
+use kvtier_router::feed::channel;
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;

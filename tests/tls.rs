@@ -5,7 +5,7 @@
 //! certificates replaced on disk are served, and dialed with, without a restart.
 
 use bytes::Bytes;
-use kvtier_client::router::feed::{channel, channel_with};
+use kvtier_router::feed::{channel, channel_with};
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;

@@ -374,7 +374,7 @@ fn the_grpc_plane_reveals_and_pins_nothing_without_authorization() {
     // Root's router feed over the same socket works.
     let rt = runtime();
     let stats = rt.block_on(async {
-        let ch = kvtier_client::router::feed::channel(&format!("unix:{}", grpc.display())).await.unwrap();
+        let ch = kvtier_router::feed::channel(&format!("unix:{}", grpc.display())).await.unwrap();
         pb::cache_service_client::CacheServiceClient::new(ch).stats(pb::NodeStatsRequest {}).await
     });
     assert!(stats.is_ok(), "{stats:?}");
@@ -395,7 +395,7 @@ fn offers_pin_at_most_their_callers_share() {
     assert_eq!(rt.block_on(c.save(&ns, &hashes, &refs(&blocks_for(&hashes, 1 << 20)))).unwrap().stored, 24);
     let offer = |hashes: &[bytes::Bytes]| {
         rt.block_on(async {
-            let ch = kvtier_client::router::feed::channel(&d.grpc).await.unwrap();
+            let ch = kvtier_router::feed::channel(&d.grpc).await.unwrap();
             let mut t = pb::transfer_service_client::TransferServiceClient::new(ch);
             let r = pb::OfferRequest { namespace_id: ns.id.clone(), hashes: hashes.to_vec() };
             t.offer(r).await.unwrap().into_inner()

@@ -18,11 +18,10 @@
 pub mod bench;
 mod conn;
 mod pool;
-pub mod router;
 pub mod testdata;
 
 pub use bytes::Bytes;
 pub use conn::{chunk_blocks, Client, ClientError, Namespace, Reservation, Result, SaveReport, CHUNK_BLOCKS};
-pub use kvtier_daemon::config::default_socket;
+pub use kvtier_net::paths::default_socket;
 pub use kvtier_proto::v1::NamespaceDescriptor;
 pub use pool::{OutOfBounds, PoolMapping, Slot};

@@ -1,8 +1,8 @@
 //! Who is connected to the connector socket, for the admin view (`kvtier clients`): each
 //! connection's task keeps its own record up to date; the registry lists the live ones.
 
-use crate::block::NsIdx;
-use crate::cache::ClientId;
+use kvtier_core::block::NsIdx;
+use kvtier_core::cache::ClientId;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};

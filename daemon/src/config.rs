@@ -4,10 +4,14 @@
 //! directory, a 256 MiB pool, metrics on localhost. `kvtierd --print-config` shows the result.
 
 use crate::device::BackendKind;
-use crate::policy::{AdmissionKind, PolicyKind};
+use kvtier_core::policy::{AdmissionKind, PolicyKind};
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
+use kvtier_net::paths::{default_grpc_socket, default_socket};
 use std::path::{Path, PathBuf};
+
+/// Most lanes a daemon runs, and a shipment may name.
+pub const MAX_LANES: usize = 16;
 
 /// The whole daemon configuration (the TOML file's shape).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -150,7 +154,7 @@ pub struct GrpcConfig {
     /// Node name reported in Stats (default: the host name).
     pub node_name: String,
     /// Mutual TLS on the TCP listener and for pulls from other daemons (`[grpc.tls]`).
-    pub tls: crate::tls::TlsConfig,
+    pub tls: kvtier_net::tls::TlsConfig,
 }
 
 impl Default for GrpcConfig {
@@ -158,7 +162,7 @@ impl Default for GrpcConfig {
         Self {
             listen: String::new(),
             insecure: false,
-            socket: runtime_dir().join("kvtierd-grpc.sock"),
+            socket: default_grpc_socket(),
             event_capacity: 1 << 18,
             node_name: String::new(),
             tls: Default::default(),
@@ -181,7 +185,7 @@ pub struct PeerConfig {
     pub offer_timeout_secs: u64,
     /// What the fingerprints of pulled blocks cover: "sampled" (eight 4 KiB pages per block,
     /// chosen at random per pull) or "full" (every byte; costs a hash pass on both sides).
-    pub verify: crate::fingerprint::Coverage,
+    pub verify: kvtier_core::fingerprint::Coverage,
     /// UCX threads (each its own worker): a pull is striped over the puller's lanes, so the
     /// copies landing its blocks run on that many cores.
     pub lanes: usize,
@@ -235,19 +239,6 @@ impl Default for DeviceConfig {
 pub struct MetricsConfig {
     /// Address of the HTTP server serving /metrics; empty disables it.
     pub listen: String,
-}
-
-/// Per-user runtime directory: `$XDG_RUNTIME_DIR/kvtier`, else `/tmp/kvtier-$UID`.
-pub fn runtime_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => Path::new(&d).join("kvtier"),
-        _ => PathBuf::from(format!("/tmp/kvtier-{}", nix::unistd::getuid())),
-    }
-}
-
-/// The default socket path (also what clients try when given none).
-pub fn default_socket() -> PathBuf {
-    runtime_dir().join("kvtierd.sock")
 }
 
 impl Default for ServerConfig {
@@ -333,9 +324,9 @@ impl Config {
             "peer.listen_port + peer.lanes runs past port 65535"
         );
         anyhow::ensure!(
-            (1..=crate::peer::MAX_LANES).contains(&self.peer.lanes),
+            (1..=MAX_LANES).contains(&self.peer.lanes),
             "peer.lanes must be in 1..={}",
-            crate::peer::MAX_LANES
+            MAX_LANES
         );
         self.grpc.tls.validate()?;
         let p = &self.peer;

@@ -1,31 +1,22 @@
 //! kvtierd: the node-local KV-cache tiering daemon.
 //!
-//! Policy (what to keep, where) is pure logic in [`block`], [`index`], [`policy`], [`alloc`] and
-//! [`cache`]; mechanism (memory, files, sockets) lives in [`pool`], [`disk`] and [`server`]. [`sim`] replays traces
-//! through the same policy code.
+//! Policy (what to keep, where) is pure logic in the `kvtier-core` crate; this crate is the
+//! mechanism that carries it out: memory ([`pool`], [`staging`]), files ([`disk`]), device copies
+//! ([`device`]), daemon-to-daemon transfer ([`peer`]), the servers that translate the wire to
+//! [`node`] calls ([`server`]), and supervision of the background parts ([`supervise`]).
 
 #![warn(missing_docs)]
 
-pub mod alloc;
-pub mod block;
-pub mod cache;
 pub mod clients;
 pub mod config;
 pub mod device;
 pub mod disk;
-pub mod events;
 pub mod fault;
-pub mod fingerprint;
-pub mod index;
 pub mod logging;
 pub mod metrics;
-pub mod namespace;
 pub mod node;
 pub mod peer;
-pub mod policy;
 pub mod pool;
 pub mod server;
-pub mod sim;
 pub mod staging;
 pub mod supervise;
-pub mod tls;

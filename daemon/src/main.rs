@@ -5,7 +5,7 @@ use clap::Parser;
 use kvtier_daemon::config::Config;
 use kvtier_daemon::device::BackendKind;
 use kvtier_daemon::node::Node;
-use kvtier_daemon::policy::{AdmissionKind, PolicyKind};
+use kvtier_core::policy::{AdmissionKind, PolicyKind};
 use kvtier_daemon::server::{connector, grpc, http};
 use kvtier_daemon::supervise::{self, Role};
 use std::path::PathBuf;
@@ -92,7 +92,7 @@ struct Args {
     peer_net_devices: Option<String>,
     /// What fingerprints of pulled blocks cover (peer.verify).
     #[arg(long, env = "KVTIER_PEER_VERIFY", value_enum)]
-    peer_verify: Option<kvtier_daemon::fingerprint::Coverage>,
+    peer_verify: Option<kvtier_core::fingerprint::Coverage>,
     /// UCX threads a pull is striped over (peer.lanes).
     #[arg(long, env = "KVTIER_PEER_LANES")]
     peer_lanes: Option<usize>,

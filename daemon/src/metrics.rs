@@ -1,7 +1,9 @@
 //! Daemon metrics: counters kept with atomics on the hot path, rendered as Prometheus text.
 
-use crate::cache::{CacheStats, DiskStats};
-use crate::node::NamespaceUsage;
+use kvtier_core::cache::{CacheStats, DiskStats};
+use kvtier_core::block::NsIdx;
+use kvtier_core::histogram::Histogram;
+use kvtier_core::namespace::NamespaceId;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -91,40 +93,21 @@ impl Op {
     }
 }
 
-/// Upper bounds of the latency histogram buckets, in microseconds.
-const LATENCY_BUCKETS_US: [u64; 10] = [5, 10, 25, 50, 100, 250, 1000, 5000, 25_000, 100_000];
-
-/// A fixed-bucket latency histogram.
-#[derive(Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
-    count: AtomicU64,
-    sum_ns: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        if let Some(i) = LATENCY_BUCKETS_US.iter().position(|&b| us <= b) {
-            self.buckets[i].fetch_add(1, Relaxed);
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
-    }
-
-    /// Prometheus text of the histogram as `name` with `labels` (e.g. `op="x"`).
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (b, le) in self.buckets.iter().zip(LATENCY_BUCKETS_US) {
-            cumulative += b.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", le as f64 / 1e6);
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
+/// What one registered namespace holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceUsage {
+    /// Its index in this daemon.
+    pub ns: NsIdx,
+    /// The model of its descriptor.
+    pub model: String,
+    /// Its id (a hash of the whole descriptor, tenant salt included).
+    pub id: NamespaceId,
+    /// Bytes per block.
+    pub block_bytes: u64,
+    /// Committed blocks by best tier.
+    pub held: kvtier_core::events::Held,
+    /// Lookup outcomes since start.
+    pub lookups: kvtier_core::cache::Lookups,
 }
 
 /// Counters of the servers (the cache keeps its own; both are rendered together).
@@ -536,12 +519,12 @@ mod tests {
     #[test]
     fn namespace_labels_cannot_forge_lines() {
         let hostile = NamespaceUsage {
-            ns: crate::block::NsIdx(0),
+            ns: kvtier_core::block::NsIdx(0),
             model: "m\"} 1\nkvtier_fake 9\\".into(),
-            id: crate::namespace::NamespaceId([0xab; 16]),
+            id: kvtier_core::namespace::NamespaceId([0xab; 16]),
             block_bytes: 4096,
-            held: crate::events::Held { host: 3, disk: 1 },
-            lookups: crate::cache::Lookups { hit_blocks: 5, disk_hit_blocks: 1, miss_blocks: 2 },
+            held: kvtier_core::events::Held { host: 3, disk: 1 },
+            lookups: kvtier_core::cache::Lookups { hit_blocks: 5, disk_hit_blocks: 1, miss_blocks: 2 },
         };
         let now = Readings { namespaces: vec![hostile], ..Default::default() };
         let text = Metrics::default().render(&CacheStats::default(), None, &now);

@@ -10,14 +10,14 @@ mod transfer;
 pub use kv_copy::{Blocks, CopyWatch, KvCache, KvCopyError, Loaded, Saved};
 pub use transfer::{offer_fit, verify_from_wire, Offer, Pulled, Shipment};
 
-use crate::alloc::SlabAllocator;
-use crate::block::{BlockHash, NsIdx};
-use crate::cache::{BlockCache, CacheError, CacheLimits, CacheStats, ClientId, DiskStats, Reserved, TierKind};
+use kvtier_core::alloc::SlabAllocator;
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::{BlockCache, CacheError, CacheLimits, CacheStats, ClientId, DiskStats, Reserved, TierKind};
 use crate::config::Config;
 use crate::device::DeviceBackend;
 use crate::disk::{DiskTier, Health};
-use crate::metrics::Metrics;
-use crate::namespace::{NamespaceId, Naming};
+use crate::metrics::{Metrics, NamespaceUsage};
+use kvtier_core::namespace::{NamespaceId, Naming};
 use crate::pool::{HostPool, LockMode, PoolGeometry};
 use crate::supervise::{Parts, Role};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +61,7 @@ pub struct Node {
     next_transfer: AtomicU64,
     /// gRPC channels to the TransferServices pulled from, by address (with mutual TLS when
     /// `grpc.tls` is set): a pull per request must not pay a connection handshake each time.
-    sources: crate::tls::Channels,
+    sources: kvtier_net::tls::Channels,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
@@ -93,23 +93,6 @@ pub struct Node {
 /// Block handles one step of a Discard visits while it holds the cache lock (about a
 /// millisecond of work).
 pub const DISCARD_BATCH: usize = 4096;
-
-/// What one registered namespace holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NamespaceUsage {
-    /// Its index in this daemon.
-    pub ns: NsIdx,
-    /// The model of its descriptor.
-    pub model: String,
-    /// Its id (a hash of the whole descriptor, tenant salt included).
-    pub id: NamespaceId,
-    /// Bytes per block.
-    pub block_bytes: u64,
-    /// Committed blocks by best tier.
-    pub held: crate::events::Held,
-    /// Lookup outcomes since start.
-    pub lookups: crate::cache::Lookups,
-}
 
 /// The cache, locked; on unlock, routers watching the event feed are woken if it grew.
 pub struct CacheGuard<'a> {
@@ -158,7 +141,7 @@ impl Node {
             ),
             false => None,
         };
-        let source_tls = config.grpc.tls.enabled().then(|| crate::tls::client_tls(&config.grpc.tls)).transpose()?;
+        let source_tls = config.grpc.tls.enabled().then(|| kvtier_net::tls::client_tls(&config.grpc.tls)).transpose()?;
         let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_namespaces: config.server.max_namespaces as usize,
@@ -192,7 +175,7 @@ impl Node {
             peer,
             offers: Mutex::new(std::collections::HashMap::new()),
             next_transfer: AtomicU64::new(0),
-            sources: crate::tls::Channels::new(source_tls),
+            sources: kvtier_net::tls::Channels::new(source_tls),
             pool,
             metrics: Metrics::default(),
             config,
@@ -362,16 +345,16 @@ impl Node {
     }
 
     /// Removes every unused block of the namespaces `selector` names from every tier (see
-    /// [`crate::cache::BlockCache::discard`]) and persists the disk index's removals; returns
+    /// [`kvtier_core::cache::BlockCache::discard`]) and persists the disk index's removals; returns
     /// how many namespaces were selected and what was removed. Blocking: it walks the whole
     /// index, [`DISCARD_BATCH`] handles per hold of the cache lock, so that engines' requests
     /// are served in between (a million blocks take a few hundred milliseconds).
     /// With `dry_run`, removes nothing and counts what the selected namespaces hold now.
     pub fn discard(
         &self,
-        selector: &crate::namespace::NamespaceSelector,
+        selector: &kvtier_core::namespace::NamespaceSelector,
         dry_run: bool,
-    ) -> (Vec<NsIdx>, crate::cache::Discarded) {
+    ) -> (Vec<NsIdx>, kvtier_core::cache::Discarded) {
         let selected: Vec<bool> = {
             let c = self.cache();
             let names = self.names.lock().expect("names lock");
@@ -384,12 +367,12 @@ impl Node {
         };
         let chosen: Vec<NsIdx> =
             (selected.iter().enumerate()).filter(|(_, &s)| s).map(|(i, _)| NsIdx(i as u16)).collect();
-        let mut out = crate::cache::Discarded::default();
+        let mut out = kvtier_core::cache::Discarded::default();
         if dry_run {
             let c = self.cache();
             for &ns in &chosen {
                 let held = c.events().held(ns);
-                out += crate::cache::Discarded { host: held.host, disk: held.disk, busy: 0 };
+                out += kvtier_core::cache::Discarded { host: held.host, disk: held.disk, busy: 0 };
             }
             return (chosen, out);
         }

@@ -35,7 +35,7 @@ impl PoolGeometry {
     /// assert_eq!(g.total_bytes(), 10 << 20);
     /// ```
     pub fn plan(budget: u64, max_segment_bytes: u64, slab_bytes: u64) -> anyhow::Result<Self> {
-        if slab_bytes == 0 || !slab_bytes.is_multiple_of(crate::alloc::SLOT_ALIGN) {
+        if slab_bytes == 0 || !slab_bytes.is_multiple_of(kvtier_core::alloc::SLOT_ALIGN) {
             bail!("pool.slab_bytes must be a positive multiple of 4096, got {slab_bytes}");
         }
         let slabs = budget / slab_bytes;

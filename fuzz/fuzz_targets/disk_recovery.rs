@@ -5,12 +5,12 @@
 
 #![no_main]
 
-use kvtier_daemon::alloc::SlabAllocator;
-use kvtier_daemon::block::BlockHash;
-use kvtier_daemon::cache::{BlockCache, CacheLimits, DiskSetup};
+use kvtier_core::alloc::SlabAllocator;
+use kvtier_core::block::BlockHash;
+use kvtier_core::cache::{BlockCache, CacheLimits, DiskSetup};
 use kvtier_daemon::disk::format::{SlotHeader, Superblock, HEADER_BYTES};
 use kvtier_daemon::disk::{restore, store};
-use kvtier_daemon::policy::{AdmissionKind, PolicyKind};
+use kvtier_core::policy::{AdmissionKind, PolicyKind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     let host = SlabAllocator::new(4, 256 << 10, 4);
     let limits = CacheLimits { max_namespaces: 8, ..CacheLimits::default() };
     let mut cache = BlockCache::with_disk(host, PolicyKind::PrefixLfu, limits, setup);
-    let hashes: Vec<(kvtier_daemon::namespace::NamespaceId, BlockHash, u64)> =
+    let hashes: Vec<(kvtier_core::namespace::NamespaceId, BlockHash, u64)> =
         blocks.iter().map(|b| (b.namespace, b.hash, b.block_bytes)).collect();
     let (restored, dropped) = restore(&mut cache, 1, 4, blocks);
     assert_eq!(restored as usize + dropped.len(), n, "every entry restored or dropped");
@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let plan = cache.begin_promotions(ns, &[hash]);
         for p in &plan.started {
-            cache.complete_promotion(p, kvtier_daemon::cache::PromotionOutcome::Verified);
+            cache.complete_promotion(p, kvtier_core::cache::PromotionOutcome::Verified);
         }
         let _ = cache.plan_demotions(4);
     }

@@ -4,9 +4,9 @@
 
 #![no_main]
 
-use kvtier_client::router::feed::apply;
-use kvtier_client::router::index::{GlobalIndex, MAX_NODES};
-use kvtier_daemon::block::BlockHash;
+use kvtier_router::feed::apply;
+use kvtier_router::index::{GlobalIndex, MAX_NODES};
+use kvtier_core::block::BlockHash;
 use kvtier_proto::v1::{block_event::Kind, EventBatch};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;

@@ -2,10 +2,10 @@
 //! `kvtier.v1.RouterService` (Route, Score) and `grpc.health.v1`, plus Prometheus metrics and
 //! `/healthz`.
 
-use kvtier_client::router::feed::{discover, Shared};
-use kvtier_client::router::score::Weights;
-use kvtier_client::router::service::{grpc, Router, RouterGrpc};
-use kvtier_daemon::tls::{server_tls, ClientTls, TlsConfig};
+use kvtier_router::feed::{discover, Shared};
+use kvtier_router::score::Weights;
+use kvtier_router::service::{grpc, Router, RouterGrpc};
+use kvtier_net::tls::{server_tls, ClientTls, TlsConfig};
 use kvtier_proto::v1::router_service_server::RouterServiceServer;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,7 +77,7 @@ impl RouterArgs {
 
     /// The client side of mutual TLS towards the daemons, if asked for (following its files).
     fn tls(&self) -> anyhow::Result<Option<Arc<ClientTls>>> {
-        self.tls_files().map(|f| kvtier_daemon::tls::client_tls(&f)).transpose()
+        self.tls_files().map(|f| kvtier_net::tls::client_tls(&f)).transpose()
     }
 }
 
@@ -119,7 +119,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     reporter.set_serving::<RouterServiceServer<RouterGrpc>>().await;
     let server = tonic::transport::Server::builder().add_service(health).add_service(grpc(router));
     match args.tls_files().filter(|_| args.serve_tls) {
-        Some(files) => server.serve_with_incoming(kvtier_daemon::tls::incoming(tcp, server_tls(&files)?)).await?,
+        Some(files) => server.serve_with_incoming(kvtier_net::tls::incoming(tcp, server_tls(&files)?)).await?,
         None => server.serve_with_incoming(TcpIncoming::from(tcp).with_nodelay(Some(true))).await?,
     }
     Ok(())

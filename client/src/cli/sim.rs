@@ -1,7 +1,7 @@
 //! `kvtier sim`: replays a trace through the real index and policy code.
 
-use kvtier_daemon::policy::{AdmissionKind, PolicyKind};
-use kvtier_daemon::sim::{sweep, sweep_tiered, Trace, DEFAULT_CAPACITY_PCTS};
+use kvtier_core::policy::{AdmissionKind, PolicyKind};
+use kvtier_core::sim::{sweep, sweep_tiered, Trace, DEFAULT_CAPACITY_PCTS};
 use std::path::PathBuf;
 
 /// Arguments of `kvtier sim`.
@@ -35,7 +35,7 @@ pub struct SimArgs {
 fn run_cluster(args: &SimArgs, trace: &Trace) -> anyhow::Result<()> {
     let pct = args.capacity_pct.first().copied().unwrap_or(5.0);
     let policy = args.policy.iter().copied().find(|p| *p != PolicyKind::Belady).unwrap_or(PolicyKind::Lru);
-    let results = kvtier_client::router::sim::sweep_cluster(trace, &args.nodes, pct, policy);
+    let results = kvtier_router::sim::sweep_cluster(trace, &args.nodes, pct, policy);
     if args.json {
         for r in &results {
             println!("{}", serde_json::to_string(r)?);

@@ -9,7 +9,6 @@
 
 mod cma;
 pub mod cuda;
-mod cuda_ipc;
 pub mod gather;
 mod host;
 pub mod layout;

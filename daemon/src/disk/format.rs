@@ -4,8 +4,8 @@
 //! judged on its own: a torn write, a corrupt sector or a slot reused by another block fails
 //! [`SlotHeader::verify`] and is never served. See `docs/disk-format.md`.
 
-use crate::block::BlockHash;
-use crate::namespace::NamespaceId;
+use kvtier_core::block::BlockHash;
+use kvtier_core::namespace::NamespaceId;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Bytes reserved for the superblock at the start of a spill file, and for each slot header.

@@ -1,6 +1,6 @@
 //! The disk tier's mechanism: spill files, their io_uring rings and their persistent indexes.
 //!
-//! What moves where is decided by the cache (`crate::cache`, pure logic); this module moves the
+//! What moves where is decided by the cache (`kvtier_core::cache`, pure logic); this module moves the
 //! bytes between pool slots and spill slots, verifies them, and keeps the redb index of each
 //! spill file up to date from a persister thread (group commit, ordered).
 
@@ -9,9 +9,9 @@ pub mod ring;
 pub mod spill;
 pub mod store;
 
-use crate::alloc::SlabAllocator;
-use crate::block::SlotId;
-use crate::cache::{BlockCache, DiskChange, DiskSetup};
+use kvtier_core::alloc::SlabAllocator;
+use kvtier_core::block::SlotId;
+use kvtier_core::cache::{BlockCache, DiskChange, DiskSetup};
 use crate::config::DiskConfig;
 use crate::pool::HostPool;
 use crate::supervise::{Part, Parts, Role};

@@ -3,8 +3,8 @@
 //! with the bytes moved by the device backend along a layout plan, off the runtime's threads.
 
 use super::{Node, SlotLocation};
-use crate::block::{BlockHash, NsIdx};
-use crate::cache::{CacheError, ClientId};
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::{CacheError, ClientId};
 use crate::device::gather::Direction;
 use crate::device::layout::KvLayout;
 use crate::device::{DeviceError, EngineMemory, EngineTensor, Queued};

@@ -3,9 +3,9 @@
 //! daemon copying each block between the pool and the client's window.
 
 use super::{Node, ReservedAt, SlotLocation};
-use crate::alloc::slot_stride;
-use crate::block::{BlockHash, NsIdx};
-use crate::cache::{CacheError, ClientId};
+use kvtier_core::alloc::slot_stride;
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::{CacheError, ClientId};
 use crate::staging::{Direction, Staging};
 use std::sync::Arc;
 

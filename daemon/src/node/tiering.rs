@@ -3,12 +3,12 @@
 //! goes back to the cache, and what changed goes to the persistent index.
 
 use super::Node;
-use crate::block::{BlockHash, BlockKey, NsIdx, SlotId};
-use crate::cache::{BlockCache, PromotionOutcome, TierKind};
+use kvtier_core::block::{BlockHash, BlockKey, NsIdx, SlotId};
+use kvtier_core::cache::{BlockCache, PromotionOutcome, TierKind};
 use crate::disk::format::{SlotHeader, HEADER_BYTES};
 use crate::disk::{seal_slot, DiskTier};
 use crate::fault;
-use crate::namespace::NamespaceId;
+use kvtier_core::namespace::NamespaceId;
 use crate::supervise::{self, Part, Role};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,7 +116,7 @@ impl Node {
         }
     }
 
-    async fn run_demotions(&self, jobs: Vec<Job<crate::cache::Demotion>>) {
+    async fn run_demotions(&self, jobs: Vec<Job<kvtier_core::cache::Demotion>>) {
         let started = Instant::now();
         let writes: Vec<_> = jobs
             .iter()
@@ -241,7 +241,7 @@ impl Node {
         }
     }
 
-    async fn run_promotions(&self, jobs: &[Job<crate::cache::Promotion>]) {
+    async fn run_promotions(&self, jobs: &[Job<kvtier_core::cache::Promotion>]) {
         let disk = self.disk();
         let started = Instant::now();
         let reads: Vec<_> =

@@ -5,10 +5,10 @@
 //! matched does the reservation commit: nothing partial is ever visible.
 
 use super::{Node, ReservedAt};
-use crate::block::{BlockHash, NsIdx};
-use crate::cache::ClientId;
-use crate::fingerprint::{block_seed, fingerprint, Coverage};
-use crate::namespace::NamespaceId;
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::ClientId;
+use kvtier_core::fingerprint::{block_seed, fingerprint, Coverage};
+use kvtier_core::namespace::NamespaceId;
 use crate::peer::{Contact, Receipts, Received, Remote, Span, MAX_LANES};
 use crate::supervise::Role;
 use bytes::Bytes;
@@ -193,7 +193,7 @@ impl Node {
     /// The TransferService of the daemon at `addr` ("host:port"), over a cached channel (with
     /// mutual TLS when `grpc.tls` is set: every daemon of the cluster then speaks it).
     async fn source_client(&self, addr: &str) -> Result<Client, String> {
-        let connect = |tls: Option<_>| async move { Ok(crate::tls::endpoint(addr, tls.as_ref())?.connect().await?) };
+        let connect = |tls: Option<_>| async move { Ok(kvtier_net::tls::endpoint(addr, tls.as_ref())?.connect().await?) };
         let channel = self.sources.get(addr, connect).await.map_err(|e| format!("source {addr}: {e}"))?;
         Ok(TransferServiceClient::new(channel))
     }

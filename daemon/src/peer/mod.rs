@@ -39,7 +39,7 @@ pub use lane::GRACE;
 const STOPPED: &str = "UCX thread stopped";
 
 /// Most lanes a daemon runs, and a shipment may name.
-pub const MAX_LANES: usize = 16;
+pub use crate::config::MAX_LANES;
 
 /// One block's bytes in our pool: (address, length).
 pub type Span = (usize, usize);

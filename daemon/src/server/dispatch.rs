@@ -1,12 +1,12 @@
 //! Connector requests to `Node` calls: validation, translation, typed errors.
 
-use crate::block::{BlockHash, NsIdx};
-use crate::cache::{CacheError, ClientId};
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::{CacheError, ClientId};
 use crate::clients::Connection;
 use crate::device::layout::{KvLayout, LayerPlacement};
 use crate::device::EngineTensor;
 use crate::metrics::Op;
-use crate::namespace::{NamespaceId, NamespaceSelector, Naming};
+use kvtier_core::namespace::{NamespaceId, NamespaceSelector, Naming};
 use crate::node::{Blocks, KvCache, KvCopyError, Node, ReservedAt};
 use crate::staging::{Staging, Window};
 use bytes::Bytes;
@@ -475,7 +475,7 @@ fn kv_fatal(e: KvCopyError) -> Fatal {
 }
 
 /// How the admin replies name namespaces `ns` (model and id prefix), from `usage`.
-fn namespace_refs(usage: &[crate::node::NamespaceUsage], ns: &[NsIdx]) -> Vec<pb::NamespaceRef> {
+fn namespace_refs(usage: &[crate::metrics::NamespaceUsage], ns: &[NsIdx]) -> Vec<pb::NamespaceRef> {
     (ns.iter().filter_map(|ns| usage.iter().find(|u| u.ns == *ns)))
         .map(|u| pb::NamespaceRef { model: u.model.clone(), id_prefix: u.id.short() })
         .collect()

@@ -4,10 +4,10 @@
 //! Translation only: every answer comes from `Node`.
 
 use super::{parse_prefix, tier_stats, wire_tier};
-use crate::block::{BlockHash, BlockKey};
-use crate::cache::TierKind;
-use crate::events::{Event, EventKind};
-use crate::namespace::NamespaceId;
+use kvtier_core::block::{BlockHash, BlockKey};
+use kvtier_core::cache::TierKind;
+use kvtier_core::events::{Event, EventKind};
+use kvtier_core::namespace::NamespaceId;
 use crate::node::Node;
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
@@ -217,7 +217,7 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
     };
     let router = services(tonic::transport::Server::builder());
     if !cfg.listen.is_empty() {
-        let tls = cfg.tls.enabled().then(|| crate::tls::server_tls(&cfg.tls)).transpose()?;
+        let tls = cfg.tls.enabled().then(|| kvtier_net::tls::server_tls(&cfg.tls)).transpose()?;
         let tcp = tokio::net::TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("grpc.listen {}: {e}", cfg.listen))?;
@@ -228,7 +228,7 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
         crate::supervise::task(part, async move {
             // No Nagle either way: a small reply must not wait for the peer's delayed ACK (40 ms).
             let served = match tls {
-                Some(tls) => router.serve_with_incoming(crate::tls::incoming(tcp, tls)).await,
+                Some(tls) => router.serve_with_incoming(kvtier_net::tls::incoming(tcp, tls)).await,
                 None => {
                     let incoming = tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
                     router.serve_with_incoming(incoming).await

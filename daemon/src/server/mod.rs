@@ -6,9 +6,9 @@ pub mod grpc;
 pub mod http;
 pub mod transfer;
 
-use crate::block::BlockHash;
-use crate::cache::{CacheStats, DiskStats, TierKind};
-use crate::namespace::NamespaceId;
+use kvtier_core::block::BlockHash;
+use kvtier_core::cache::{CacheStats, DiskStats, TierKind};
+use kvtier_core::namespace::NamespaceId;
 use kvtier_proto::v1 as pb;
 
 /// A tier as the wire names it.

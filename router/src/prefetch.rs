@@ -4,7 +4,7 @@
 //! them in memory. Fire and forget: a failed prefetch costs only the head start.
 
 use super::feed::channel_with;
-use kvtier_daemon::tls::{Channels, ClientTls};
+use kvtier_net::tls::{Channels, ClientTls};
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

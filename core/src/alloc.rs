@@ -39,8 +39,8 @@ impl Slab {
 /// Hands out slots of per-namespace strides from a fixed set of equal slabs.
 ///
 /// ```
-/// use kvtier_daemon::alloc::SlabAllocator;
-/// use kvtier_daemon::block::NsIdx;
+/// use kvtier_core::alloc::SlabAllocator;
+/// use kvtier_core::block::NsIdx;
 /// let mut a = SlabAllocator::new(2, 1 << 20, 2);
 /// let s = a.alloc(NsIdx(0), 4096, 7).unwrap();
 /// assert_eq!(a.location(s), (0, 0));

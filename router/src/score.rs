@@ -2,7 +2,7 @@
 //! against load. Pure: the router service and the cluster simulation call the same code.
 
 use super::index::{GlobalIndex, NodeId};
-use kvtier_daemon::block::BlockHash;
+use kvtier_core::block::BlockHash;
 
 /// How much a held block and a unit of load count.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -109,7 +109,7 @@ pub fn pick(scored: &[Scored], tie_break: usize) -> Option<(NodeId, Reason)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvtier_daemon::cache::TierKind;
+    use kvtier_core::cache::TierKind;
 
     const NS: [u8; 16] = [1; 16];
 

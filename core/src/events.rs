@@ -7,8 +7,7 @@
 //! add up to per namespace (blocks whose best tier is the host pool, and disk-only blocks): the
 //! node's view a router replaying them would have.
 
-use crate::block::{BlockHash, BlockKey, NsIdx};
-use crate::cache::TierKind;
+use crate::block::{BlockHash, BlockKey, NsIdx, TierKind};
 use crate::namespace::NamespaceId;
 use std::collections::VecDeque;
 
@@ -59,10 +58,10 @@ pub struct Resync {
 /// A bounded, gap-free log of the newest events.
 ///
 /// ```
-/// use kvtier_daemon::block::{BlockHash, BlockKey, NsIdx};
-/// use kvtier_daemon::cache::TierKind;
-/// use kvtier_daemon::events::{EventKind, EventLog};
-/// use kvtier_daemon::namespace::NamespaceId;
+/// use kvtier_core::block::{BlockHash, BlockKey, NsIdx};
+/// use kvtier_core::cache::TierKind;
+/// use kvtier_core::events::{EventKind, EventLog};
+/// use kvtier_core::namespace::NamespaceId;
 /// let mut log = EventLog::new(2);
 /// let key = BlockKey { ns: NsIdx(0), hash: BlockHash::from_u64(1) };
 /// for _ in 0..3 {

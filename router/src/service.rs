@@ -4,8 +4,8 @@
 use super::feed::Shared;
 use super::prefetch::Prefetcher;
 use super::score::{pick, score, Reason, Weights};
-use kvtier_daemon::block::BlockHash;
-use kvtier_daemon::metrics::Histogram;
+use kvtier_core::block::BlockHash;
+use kvtier_core::histogram::Histogram;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::router_service_server::{RouterService, RouterServiceServer};
 use std::fmt::Write;

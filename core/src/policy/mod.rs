@@ -55,7 +55,8 @@ pub trait Eviction: Send {
 }
 
 /// The policies a daemon or a simulation can be configured with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
     /// Least recently used.

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashSet, VecDeque};
 
 /// Admission rules a daemon or a simulation can be configured with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum AdmissionKind {
     /// Write every block that leaves the host tier.
@@ -32,7 +33,7 @@ impl AdmissionKind {
 /// The admission filter: the rule plus its memory of recently dropped blocks.
 ///
 /// ```
-/// use kvtier_daemon::policy::{Admission, AdmissionKind};
+/// use kvtier_core::policy::{Admission, AdmissionKind};
 /// let mut a = Admission::new(AdmissionKind::Reused, 2);
 /// assert!(!a.admit(false));
 /// a.dropped(7);

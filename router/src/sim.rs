@@ -4,13 +4,13 @@
 
 use super::index::{GlobalIndex, NodeId, MAX_NODES};
 use super::score::{pick, score, NodeView, Weights};
-use kvtier_daemon::alloc::SlabAllocator;
-use kvtier_daemon::block::{BlockHash, NsIdx};
-use kvtier_daemon::cache::{BlockCache, CacheLimits, ClientId, TierKind};
-use kvtier_daemon::events::EventKind;
-use kvtier_daemon::namespace::NamespaceId;
-use kvtier_daemon::policy::PolicyKind;
-use kvtier_daemon::sim::Trace;
+use kvtier_core::alloc::SlabAllocator;
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::{BlockCache, CacheLimits, ClientId, TierKind};
+use kvtier_core::events::EventKind;
+use kvtier_core::namespace::NamespaceId;
+use kvtier_core::policy::PolicyKind;
+use kvtier_core::sim::Trace;
 use serde::Serialize;
 use std::collections::VecDeque;
 
@@ -163,7 +163,7 @@ pub fn sweep_cluster(trace: &Trace, node_counts: &[usize], node_pct: f64, policy
                 imbalance: *per_node.iter().max().unwrap_or(&0) as f64 / mean.max(f64::MIN_POSITIVE),
             });
         }
-        let (hits, total) = kvtier_daemon::sim::simulate(trace, node_blocks * nodes, policy);
+        let (hits, total) = kvtier_core::sim::simulate(trace, node_blocks * nodes, policy);
         out.push(ClusterResult {
             nodes,
             node_pct,
@@ -178,7 +178,7 @@ pub fn sweep_cluster(trace: &Trace, node_counts: &[usize], node_pct: f64, policy
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvtier_daemon::sim::TraceRequest;
+    use kvtier_core::sim::TraceRequest;
 
     /// Five prompt families arriving in turn, each repeated: cache-aware routing keeps every
     /// family on one node; round-robin spreads each family over all four nodes.

@@ -7,8 +7,8 @@ const ABSENT: u32 = u32::MAX;
 /// A min-heap of handles ordered by a key `K`, with O(log n) update and removal by handle.
 ///
 /// ```
-/// use kvtier_daemon::block::Handle;
-/// use kvtier_daemon::policy::IndexedHeap;
+/// use kvtier_core::block::Handle;
+/// use kvtier_core::policy::IndexedHeap;
 /// let mut heap = IndexedHeap::default();
 /// heap.push(Handle(1), 5u64);
 /// heap.push(Handle(2), 3u64);

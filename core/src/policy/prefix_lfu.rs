@@ -47,8 +47,8 @@ const EMPTY: Meta = Meta { parent: NONE, parent_gen: 0, children: 0, uses: 0, la
 /// Frequency- and prefix-aware eviction (leaf-first, hyperbolic over frequency classes).
 ///
 /// ```
-/// use kvtier_daemon::block::Handle;
-/// use kvtier_daemon::policy::{Access, Eviction, PrefixLfu};
+/// use kvtier_core::block::Handle;
+/// use kvtier_core::policy::{Access, Eviction, PrefixLfu};
 /// let mut p = PrefixLfu::default();
 /// p.insert(Handle(0), &Access::default());
 /// p.insert(Handle(1), &Access { parent: Some(Handle(0)), ..Default::default() });

@@ -9,8 +9,8 @@ const NIL: u32 = u32::MAX;
 /// Least-recently-used eviction.
 ///
 /// ```
-/// use kvtier_daemon::block::Handle;
-/// use kvtier_daemon::policy::{Access, Eviction, Lru};
+/// use kvtier_core::block::Handle;
+/// use kvtier_core::policy::{Access, Eviction, Lru};
 /// let mut lru = Lru::default();
 /// for i in 0..3 { lru.insert(Handle(i), &Access::default()); }
 /// lru.touch(Handle(0), &Access::default());

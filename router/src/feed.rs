@@ -5,9 +5,9 @@
 
 use super::index::{GlobalIndex, NodeId, MAX_NODES};
 use super::score::NodeView;
-use kvtier_daemon::block::BlockHash;
-use kvtier_daemon::cache::TierKind;
-use kvtier_daemon::tls::ClientTls;
+use kvtier_core::block::BlockHash;
+use kvtier_core::cache::TierKind;
+use kvtier_net::tls::ClientTls;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_proto::v1::watch_events_response::Payload;
@@ -33,7 +33,7 @@ pub async fn channel_with(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::
         });
         return Ok(Endpoint::from_static("http://localhost").connect_with_connector(connector).await?);
     }
-    Ok(kvtier_daemon::tls::endpoint(addr, tls)?.connect().await?)
+    Ok(kvtier_net::tls::endpoint(addr, tls)?.connect().await?)
 }
 
 /// What the router knows of one endpoint.

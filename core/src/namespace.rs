@@ -17,7 +17,7 @@ impl NamespaceId {
     /// lock others out of it with a wrong size.
     ///
     /// ```
-    /// use kvtier_daemon::namespace::NamespaceId;
+    /// use kvtier_core::namespace::NamespaceId;
     /// use kvtier_proto::v1::NamespaceDescriptor;
     /// let a = NamespaceDescriptor { model: "m".into(), cache_salt: "tenant-a".into(), block_bytes: 4096, ..Default::default() };
     /// let b = NamespaceDescriptor { cache_salt: "tenant-b".into(), ..a.clone() };
@@ -36,7 +36,7 @@ impl NamespaceId {
     /// The first 4 bytes in hex: how Stats, Clients and metrics name a namespace.
     ///
     /// ```
-    /// use kvtier_daemon::namespace::NamespaceId;
+    /// use kvtier_core::namespace::NamespaceId;
     /// assert_eq!(NamespaceId([0xab; 16]).short(), "abababab");
     /// ```
     pub fn short(&self) -> String {
@@ -237,7 +237,7 @@ impl NamespaceSelector {
     /// selects nothing by accident or mixes `all` with criteria.
     ///
     /// ```
-    /// use kvtier_daemon::namespace::NamespaceSelector;
+    /// use kvtier_core::namespace::NamespaceSelector;
     /// assert!(NamespaceSelector::new("", "", &[], false).is_err());
     /// assert_eq!(NamespaceSelector::new("", "", &[], true), Ok(NamespaceSelector::All));
     /// ```

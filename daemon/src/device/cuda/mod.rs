@@ -7,38 +7,27 @@
 //! CUDA IPC memory handles; each copy is one `kvtier_copy` launch. See `docs/gpu.md` for what is
 //! verified where.
 
-use super::cuda_ipc::CudaMemory;
+mod driver;
+mod ipc;
+
+pub use driver::{driver_present, nvrtc_present};
+pub use ipc::IPC_HANDLE_BYTES;
+
 use super::gather::KernelArgs;
 use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
+use driver::{driver_err, enqueue, pool_device_address, upload, Registered};
+use ipc::CudaMemory;
 use crate::pool::HostPool;
-use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaStream};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-/// Threads per thread block of `kvtier_copy` (each block copies one piece).
-const THREADS: u32 = 256;
 
 /// The CUDA bindings this backend uses (for benchmarks and tools built on it).
 pub use cudarc;
 
 /// Source of the gather/scatter kernel, compiled at run time.
 pub const KERNEL_SOURCE: &str = include_str!("kernel.cu");
-
-/// Whether the CUDA driver library can be loaded on this machine.
-pub fn driver_present() -> bool {
-    // SAFETY: only tries to load the library; no CUDA call is made.
-    unsafe { sys::is_culib_present() }
-}
-
-/// Whether NVRTC (the run-time compiler) can be loaded on this machine.
-pub fn nvrtc_present() -> bool {
-    // SAFETY: as above.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
-
-/// Registered pool segments: (host address, bytes, device address).
-pub(super) type Registered = Arc<Vec<(usize, usize, u64)>>;
 
 /// One GPU as the daemon uses it: its (primary) context, the copy kernel loaded there and the
 /// pool's device addresses in that context.
@@ -83,12 +72,8 @@ pub struct CudaBackend {
     devices: Mutex<HashMap<usize, Arc<Device>>>,
 }
 
-pub(super) fn driver_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DeviceError + '_ {
-    move |e| DeviceError::Driver(format!("CUDA {what}: {e:?}"))
-}
-
 /// The ordinal of the GPU with `uuid` among `uuids`; the first GPU for an empty one.
-pub(super) fn gpu_of(uuids: &[[u8; 16]], uuid: &[u8]) -> Result<usize, DeviceError> {
+fn gpu_of(uuids: &[[u8; 16]], uuid: &[u8]) -> Result<usize, DeviceError> {
     if uuid.is_empty() {
         return Ok(0);
     }
@@ -213,11 +198,6 @@ fn gpu_uuids() -> Result<Vec<[u8; 16]>, DeviceError> {
         .collect()
 }
 
-pub(super) fn pool_device_address(registered: &[(usize, usize, u64)], host: usize) -> Option<u64> {
-    let &(base, _, device) = registered.iter().find(|&&(b, l, _)| host >= b && host < b + l)?;
-    Some(device + (host - base) as u64)
-}
-
 fn launch(
     ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
@@ -234,38 +214,6 @@ fn launch(
     }
     done.record(stream).map_err(driver_err("recording the copy's event"))?;
     Ok(done)
-}
-
-/// A copy's arguments on the device; they must outlive the launch that reads them.
-pub(super) struct Uploaded {
-    /// `KernelArgs::packed`.
-    packed: CudaSlice<u64>,
-    segments: usize,
-}
-
-/// Uploads `args` on stream `upload` (one copy); None for an empty plan. From pageable memory the
-/// driver returns once the bytes are staged, i.e. once `upload` reaches the copy: give it a stream
-/// with nothing queued behind another process's event, or this thread waits for that process.
-pub(super) fn upload(upload: &Arc<CudaStream>, args: &KernelArgs) -> Result<Option<Uploaded>, DeviceError> {
-    if args.is_empty() {
-        return Ok(None);
-    }
-    let packed = upload.clone_htod(&args.packed()).map_err(driver_err("uploading copy arguments"))?;
-    Ok(Some(Uploaded { packed, segments: args.len() }))
-}
-
-/// Queues one `kvtier_copy` of uploaded arguments on `stream`, which must be ordered after their
-/// upload.
-pub(super) fn enqueue(stream: &Arc<CudaStream>, copy: &CudaFunction, args: &Uploaded) -> Result<(), DeviceError> {
-    let cfg = LaunchConfig { grid_dim: (args.segments as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    let n = args.segments as i32;
-    let mut launch = stream.launch_builder(copy);
-    launch.arg(&args.packed).arg(&n);
-    // SAFETY: the kernel's signature is (u64* packed arguments, int segments); the addresses are
-    // the caller's engine memory and our registered pool, valid until the caller's event behind
-    // the launch completes.
-    unsafe { launch.launch(cfg) }.map_err(driver_err("launching kvtier_copy"))?;
-    Ok(())
 }
 
 impl Drop for CudaBackend {
@@ -321,7 +269,7 @@ mod tests {
 #[cfg(test)]
 mod gpu_tests {
     use super::*;
-    use crate::device::cuda_ipc::IPC_HANDLE_BYTES;
+    use super::IPC_HANDLE_BYTES;
     use crate::device::gather::{kernel_args, Direction};
     use crate::device::layout::KvLayout;
     use crate::pool::{LockMode, PoolGeometry};

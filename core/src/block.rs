@@ -8,7 +8,7 @@ pub const MAX_HASH_BYTES: usize = kvtier_proto::MAX_HASH_BYTES;
 /// An engine block hash (the chained prefix hash of one block), stored inline.
 ///
 /// ```
-/// use kvtier_daemon::block::BlockHash;
+/// use kvtier_core::block::BlockHash;
 /// let h = BlockHash::new(b"abc").unwrap();
 /// assert_eq!(h.as_bytes(), b"abc");
 /// assert!(BlockHash::new(&[0u8; 33]).is_none());
@@ -98,4 +98,13 @@ impl SlotId {
     pub fn is_none(self) -> bool {
         self == Self::NONE
     }
+}
+
+/// Where a held block can be served from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TierKind {
+    /// In the host pool, ready to be acquired.
+    Host,
+    /// Only on disk: promoted into the pool before it is served.
+    Disk,
 }

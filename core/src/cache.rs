@@ -16,6 +16,7 @@ mod tier;
 pub use disk::{Demotion, DiskChange, DiskSetup, DiskStats, Promotion, PromotionOutcome, PromotionPlan, RestoreError};
 
 use crate::alloc::{slot_stride, SlabAllocator};
+pub use crate::block::TierKind;
 use crate::block::{BlockHash, BlockKey, Handle, NsIdx, SlotId};
 use crate::events::{EventKind, EventLog};
 use crate::index::{flags, BlockIndex, EntryState};
@@ -60,15 +61,6 @@ pub enum Reserved {
     Present,
     /// No room could be made.
     NoSpace,
-}
-
-/// Where a held block can be served from.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum TierKind {
-    /// In the host pool, ready to be acquired.
-    Host,
-    /// Only on disk: promoted into the pool before it is served.
-    Disk,
 }
 
 /// Counters and gauges of the host tier.

@@ -12,7 +12,8 @@ use std::ops::Range;
 use xxhash_rust::xxh3::Xxh3;
 
 /// What a fingerprint covers.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Coverage {
     /// Eight 4 KiB pages chosen by the seed (the whole block when it is smaller).

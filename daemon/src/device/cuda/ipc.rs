@@ -6,11 +6,11 @@
 //! own, whose handle the engine's stream waits on: neither side's CPU waits for the other's GPU
 //! work.
 
-use super::cuda::{driver_err, enqueue, pool_device_address, upload, Registered};
-use super::gather::{kernel_args, Direction};
-use super::layout::Segment;
-use super::process::EngineProcess;
-use super::{DeviceError, EngineMemory, EngineTensor, Queued};
+use super::driver::{driver_err, enqueue, pool_device_address, upload, Registered};
+use crate::device::gather::{kernel_args, Direction};
+use crate::device::layout::Segment;
+use crate::device::process::EngineProcess;
+use crate::device::{DeviceError, EngineMemory, EngineTensor, Queued};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

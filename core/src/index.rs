@@ -55,8 +55,8 @@ pub struct Entry {
 /// Maps block keys to entries with stable handles.
 ///
 /// ```
-/// use kvtier_daemon::block::{BlockHash, BlockKey, NsIdx, SlotId};
-/// use kvtier_daemon::index::{BlockIndex, EntryState};
+/// use kvtier_core::block::{BlockHash, BlockKey, NsIdx, SlotId};
+/// use kvtier_core::index::{BlockIndex, EntryState};
 /// let mut idx = BlockIndex::default();
 /// let key = BlockKey { ns: NsIdx(0), hash: BlockHash::from_u64(7) };
 /// let h = idx.insert(key, SlotId { slab: 0, slot: 0 }, None);

@@ -5,8 +5,8 @@
 //! and two 128-bit node masks (host, disk), so a router follows at most [`MAX_NODES`] nodes.
 
 use hashbrown::HashMap;
-use kvtier_daemon::block::BlockHash;
-use kvtier_daemon::cache::TierKind;
+use kvtier_core::block::BlockHash;
+use kvtier_core::cache::TierKind;
 
 /// Most nodes one router follows.
 pub const MAX_NODES: usize = 128;
