@@ -18,10 +18,10 @@
 //! (`PEER_SHIP_ONLY=tcp` or `=shm` runs one transport's rows; `PEER_SHIP_PAGES=4k` puts pools
 //! and buffers on 4 KiB pages, the daemon's default, instead of reserving huge pages.)
 
-use kvtier_router::feed::channel;
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
+use kvtier_router::feed::channel;
 use kvtier_tests::{namespace, Daemon};
 use kvtier_ucx::{Context, Woken, Worker};
 use std::process::{Command, Stdio};

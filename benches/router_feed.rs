@@ -8,14 +8,14 @@
 //!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench router_feed`
 
-use kvtier_router::feed::channel;
-use kvtier_router::index::GlobalIndex;
-use kvtier_router::score::{pick, score, NodeView, Weights};
 use kvtier_client::{testdata, Bytes};
 use kvtier_core::block::BlockHash;
 use kvtier_core::cache::TierKind;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
+use kvtier_router::feed::channel;
+use kvtier_router::index::GlobalIndex;
+use kvtier_router::score::{pick, score, NodeView, Weights};
 use kvtier_tests::{namespace, Daemon};
 use std::time::{Duration, Instant};
 

@@ -7,11 +7,11 @@
 //!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench router_prefetch`
 
-use kvtier_router::feed::channel;
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_proto::v1::router_service_client::RouterServiceClient;
+use kvtier_router::feed::channel;
 use kvtier_tests::{namespace, Daemon, RouterProc};
 use std::time::{Duration, Instant};
 

@@ -108,7 +108,7 @@ async fn engine(
     stop: Arc<AtomicBool>,
     k: Arc<Counters>,
 ) {
-    let mut rng = Rng(0x9e37_79b9 ^ (id + 1) * 0x1000_0001);
+    let mut rng = Rng(0x9e37_79b9 ^ ((id + 1) * 0x1000_0001));
     let tenant = id % 4;
     while !stop.load(Relaxed) {
         let path = socket.lock().unwrap().clone();

@@ -6,10 +6,10 @@
 //! a stopped source resumes.
 
 use bytes::Bytes;
-use kvtier_router::feed::channel;
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
+use kvtier_router::feed::channel;
 use kvtier_tests::{eventually_within, namespace, Daemon};
 
 fn daemon(pool: &str, tls: &[&str]) -> Daemon {

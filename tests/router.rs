@@ -4,11 +4,11 @@
 //! the daemon grow.
 
 use bytes::Bytes;
-use kvtier_router::feed::channel;
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_proto::v1::router_service_client::RouterServiceClient;
+use kvtier_router::feed::channel;
 use kvtier_tests::{eventually_within, namespace, ok_stdout, Daemon, RouterProc, TcpProxy};
 
 const BLOCK: u64 = 16 * 1024;

@@ -52,9 +52,12 @@ fn paths_after<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
     let mut at = 0;
     while let Some(i) = text[at..].find(prefix) {
         let start = at + i;
-        let ok_before = start == 0 || !text.as_bytes()[start - 1].is_ascii_alphanumeric() && text.as_bytes()[start - 1] != b'_';
+        let ok_before =
+            start == 0 || !text.as_bytes()[start - 1].is_ascii_alphanumeric() && text.as_bytes()[start - 1] != b'_';
         let body = start + prefix.len();
-        let end = text[body..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')).map_or(text.len(), |e| body + e);
+        let end = text[body..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .map_or(text.len(), |e| body + e);
         if ok_before {
             out.push(text[body..end].trim_end_matches(':'));
         }
@@ -137,7 +140,8 @@ fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
             }
         }
     }
-    let mut s = State { graph, index: BTreeMap::new(), low: BTreeMap::new(), stack: Vec::new(), next: 0, found: Vec::new() };
+    let mut s =
+        State { graph, index: BTreeMap::new(), low: BTreeMap::new(), stack: Vec::new(), next: 0, found: Vec::new() };
     for v in graph.keys() {
         if !s.index.contains_key(v.as_str()) {
             visit(&mut s, v);
@@ -171,10 +175,13 @@ fn the_cycle_finder_finds_cycles() {
     .into_iter()
     .map(|(m, to)| (m.to_string(), to.iter().map(|t| t.to_string()).collect()))
     .collect();
-    let mut found: Vec<Vec<String>> = cycles(&graph).into_iter().map(|mut c| {
-        c.sort();
-        c
-    }).collect();
+    let mut found: Vec<Vec<String>> = cycles(&graph)
+        .into_iter()
+        .map(|mut c| {
+            c.sort();
+            c
+        })
+        .collect();
     found.sort();
     assert_eq!(found, vec![vec!["cache".to_string(), "events".into()], vec!["metrics".to_string(), "node".into()]]);
     assert_eq!(paths_after("use crate::a::b; x_crate::c; super::d::E", "crate::"), vec!["a::b"]);
@@ -190,7 +197,11 @@ fn linked(package: &str) -> BTreeSet<String> {
         .output()
         .expect("running cargo tree");
     assert!(out.status.success(), "cargo tree -p {package}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]

@@ -5,12 +5,12 @@
 //! certificates replaced on disk are served, and dialed with, without a restart.
 
 use bytes::Bytes;
-use kvtier_router::feed::{channel, channel_with};
 use kvtier_client::testdata;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_proto::v1::router_service_client::RouterServiceClient;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
+use kvtier_router::feed::{channel, channel_with};
 use kvtier_tests::{eventually_within, namespace, Daemon, Pki, RouterProc};
 use std::path::Path;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};

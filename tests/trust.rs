@@ -451,7 +451,7 @@ fn small_things_the_report_found() {
     let (resp, _) = c.call(Op::Reserve(pb::Reserve { handle: reg.handle, hashes: blocks, parent: Default::default() }));
     let Some(response::Result::Reserve(res)) = resp.result else { panic!("{resp:?}") };
     for &off in &res.offsets {
-        (&file).write_all_at(&[1u8; 65536], off).unwrap();
+        file.write_all_at(&[1u8; 65536], off).unwrap();
     }
     let allocated = |f: &std::fs::File| std::os::unix::fs::MetadataExt::blocks(&f.metadata().unwrap());
     assert!(allocated(&file) >= 64 * 128, "the writes gave the window pages");

@@ -4,10 +4,10 @@
 //! directory, a 256 MiB pool, metrics on localhost. `kvtierd --print-config` shows the result.
 
 use crate::device::BackendKind;
-use kvtier_core::policy::{AdmissionKind, PolicyKind};
 use bytesize::ByteSize;
-use serde::{Deserialize, Serialize};
+use kvtier_core::policy::{AdmissionKind, PolicyKind};
 use kvtier_net::paths::{default_grpc_socket, default_socket};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Most lanes a daemon runs, and a shipment may name.
@@ -323,11 +323,7 @@ impl Config {
             self.peer.listen_port == 0 || u32::from(self.peer.listen_port) + self.peer.lanes as u32 <= 65536,
             "peer.listen_port + peer.lanes runs past port 65535"
         );
-        anyhow::ensure!(
-            (1..=MAX_LANES).contains(&self.peer.lanes),
-            "peer.lanes must be in 1..={}",
-            MAX_LANES
-        );
+        anyhow::ensure!((1..=MAX_LANES).contains(&self.peer.lanes), "peer.lanes must be in 1..={}", MAX_LANES);
         self.grpc.tls.validate()?;
         let p = &self.peer;
         anyhow::ensure!(

@@ -2,10 +2,10 @@
 
 use bytesize::ByteSize;
 use clap::Parser;
+use kvtier_core::policy::{AdmissionKind, PolicyKind};
 use kvtier_daemon::config::Config;
 use kvtier_daemon::device::BackendKind;
 use kvtier_daemon::node::Node;
-use kvtier_core::policy::{AdmissionKind, PolicyKind};
 use kvtier_daemon::server::{connector, grpc, http};
 use kvtier_daemon::supervise::{self, Role};
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! Daemon metrics: counters kept with atomics on the hot path, rendered as Prometheus text.
 
-use kvtier_core::cache::{CacheStats, DiskStats};
 use kvtier_core::block::NsIdx;
+use kvtier_core::cache::{CacheStats, DiskStats};
 use kvtier_core::histogram::Histogram;
 use kvtier_core::namespace::NamespaceId;
 use std::fmt::Write;

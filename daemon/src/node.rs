@@ -2,24 +2,28 @@
 //! tier's mechanism and the metrics. Servers translate wire messages into calls on [`Node`] and
 //! nothing more.
 
+mod feed;
 mod kv_copy;
+mod source;
 mod staged;
 mod tiering;
 mod transfer;
 
+pub use feed::{CacheView, Feed};
 pub use kv_copy::{Blocks, CopyWatch, KvCache, KvCopyError, Loaded, Saved};
-pub use transfer::{offer_fit, verify_from_wire, Offer, Pulled, Shipment};
+pub use source::{verify_from_wire, GrpcSource, ShipOrder, Source, SourceOffer};
+pub use transfer::{offer_fit, Offer, Pulled, Shipment};
 
-use kvtier_core::alloc::SlabAllocator;
-use kvtier_core::block::{BlockHash, NsIdx};
-use kvtier_core::cache::{BlockCache, CacheError, CacheLimits, CacheStats, ClientId, DiskStats, Reserved, TierKind};
 use crate::config::Config;
 use crate::device::DeviceBackend;
 use crate::disk::{DiskTier, Health};
 use crate::metrics::{Metrics, NamespaceUsage};
-use kvtier_core::namespace::{NamespaceId, Naming};
 use crate::pool::{HostPool, LockMode, PoolGeometry};
 use crate::supervise::{Parts, Role};
+use kvtier_core::alloc::SlabAllocator;
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::{BlockCache, CacheError, CacheLimits, CacheStats, ClientId, DiskStats, Reserved, TierKind};
+use kvtier_core::namespace::{NamespaceId, Naming};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::{error, info};
@@ -49,45 +53,44 @@ pub enum ReservedAt {
 pub struct Node {
     cache: Mutex<BlockCache>,
     // Declared before `pool`: its rings must stop before the pool memory they target is unmapped.
-    disk: Option<DiskTier>,
-    disk_health: Arc<Health>,
-    demote_wake: tokio::sync::Notify,
-    promoted: tokio::sync::watch::Sender<u64>,
+    disk: tiering::DiskSide,
     /// How blocks move between engine memory and the pool (dropped before the pool it registered).
-    device: Box<dyn DeviceBackend>,
-    /// The UCX thread, when the peer tier is enabled.
-    peer: Option<crate::peer::Peer>,
-    offers: Mutex<std::collections::HashMap<u64, transfer::Offered>>,
-    next_transfer: AtomicU64,
-    /// gRPC channels to the TransferServices pulled from, by address (with mutual TLS when
-    /// `grpc.tls` is set): a pull per request must not pay a connection handshake each time.
-    sources: kvtier_net::tls::Channels,
+    copies: kv_copy::Copies,
+    /// Daemon-to-daemon transfers: the UCX thread, offers held for peers, channels to sources.
+    transfers: transfer::Transfers,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
     /// The configuration the daemon runs with.
     pub config: Config,
-    next_client: AtomicU64,
-    /// Random id of this daemon run: routers re-snapshot when it changes.
-    pub instance_id: String,
-    /// Sequence of the newest router-feed event, published after every change.
-    events: tokio::sync::watch::Sender<u64>,
-    /// Connector requests served, for the load signal.
-    pub requests_total: AtomicU64,
-    load: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+    /// Connector clients: ids, live connections, how they named their namespaces.
+    pub clients: ClientState,
+    /// The router feed: this run's id and the newest event's sequence.
+    pub feed: feed::Feed,
+    /// The load signal: connector requests over a sliding window.
+    pub load: LoadSignal,
+    /// The supervised background parts (tasks and threads).
+    pub parts: Arc<Parts>,
+}
+
+/// Connector clients as the node keeps them.
+pub struct ClientState {
+    next_id: AtomicU64,
     /// How clients named each namespace, by index (None: restored from disk, not registered
     /// since).
     names: Mutex<Vec<Option<Naming>>>,
     /// The connector socket's live connections (for the admin view).
     pub connections: crate::clients::Connections,
-    /// The supervised background parts (tasks and threads).
-    pub parts: Arc<Parts>,
     /// Connections opened in all at the last heap trim.
-    connections_peak: AtomicU64,
-    /// Supervision of daemon-side copies.
-    pub copy_watch: CopyWatch,
-    /// Promotions (tasks of their own, one per Acquire or Prefetch that reads from disk).
-    promoter: Arc<crate::supervise::Part>,
+    trimmed_at: AtomicU64,
+}
+
+/// Connector requests served, sampled for the load signal routers read.
+pub struct LoadSignal {
+    /// Connector requests served since start.
+    pub requests_total: AtomicU64,
+    /// (when, requests_total) samples of the last ~10 s.
+    window: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
 }
 
 /// Block handles one step of a Discard visits while it holds the cache lock (about a
@@ -95,7 +98,7 @@ pub struct Node {
 pub const DISCARD_BATCH: usize = 4096;
 
 /// The cache, locked; on unlock, routers watching the event feed are woken if it grew.
-pub struct CacheGuard<'a> {
+struct CacheGuard<'a> {
     guard: MutexGuard<'a, BlockCache>,
     events_at_lock: u64,
     events: &'a tokio::sync::watch::Sender<u64>,
@@ -141,7 +144,8 @@ impl Node {
             ),
             false => None,
         };
-        let source_tls = config.grpc.tls.enabled().then(|| kvtier_net::tls::client_tls(&config.grpc.tls)).transpose()?;
+        let source_tls =
+            config.grpc.tls.enabled().then(|| kvtier_net::tls::client_tls(&config.grpc.tls)).transpose()?;
         let alloc = || SlabAllocator::new(geometry.slab_count, geometry.slab_bytes, geometry.slabs_per_segment);
         let limits = CacheLimits {
             max_namespaces: config.server.max_namespaces as usize,
@@ -167,28 +171,37 @@ impl Node {
         };
         Ok(Self {
             cache: Mutex::new(cache),
-            disk,
-            disk_health,
-            demote_wake: tokio::sync::Notify::new(),
-            promoted: tokio::sync::watch::Sender::new(0),
-            device,
-            peer,
-            offers: Mutex::new(std::collections::HashMap::new()),
-            next_transfer: AtomicU64::new(0),
-            sources: kvtier_net::tls::Channels::new(source_tls),
+            disk: tiering::DiskSide {
+                tier: disk,
+                health: disk_health,
+                demote_wake: tokio::sync::Notify::new(),
+                promoted: tokio::sync::watch::Sender::new(0),
+                promoter: parts.add("promoter", Role::Disk, None),
+            },
+            copies: kv_copy::Copies {
+                backend: device,
+                watch: CopyWatch::new(parts.add("copies", Role::DeviceCopies, Some(stall_after))),
+            },
+            transfers: transfer::Transfers {
+                peer,
+                offers: Mutex::new(std::collections::HashMap::new()),
+                next_id: AtomicU64::new(0),
+                sources: kvtier_net::tls::Channels::new(source_tls),
+            },
             pool,
             metrics: Metrics::default(),
             config,
-            next_client: AtomicU64::new(1),
-            instance_id: random_instance_id(),
-            events: tokio::sync::watch::Sender::new(0),
-            requests_total: AtomicU64::new(0),
-            load: Mutex::new(std::collections::VecDeque::new()),
-            names: Mutex::new(Vec::new()),
-            connections: Default::default(),
-            connections_peak: AtomicU64::new(0),
-            copy_watch: CopyWatch::new(parts.add("copies", Role::DeviceCopies, Some(stall_after))),
-            promoter: parts.add("promoter", Role::Disk, None),
+            clients: ClientState {
+                next_id: AtomicU64::new(1),
+                names: Mutex::new(Vec::new()),
+                connections: Default::default(),
+                trimmed_at: AtomicU64::new(0),
+            },
+            feed: feed::Feed { instance_id: random_instance_id(), events: tokio::sync::watch::Sender::new(0) },
+            load: LoadSignal {
+                requests_total: AtomicU64::new(0),
+                window: Mutex::new(std::collections::VecDeque::new()),
+            },
             parts,
         })
     }
@@ -218,10 +231,10 @@ impl Node {
     }
 
     /// The cache, locked (every operation is microseconds of bookkeeping).
-    pub fn cache(&self) -> CacheGuard<'_> {
+    fn cache(&self) -> CacheGuard<'_> {
         // The cache's invariants hold between calls; a panic mid-call is a bug we still survive.
         let guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        CacheGuard { events_at_lock: guard.events().last_sequence(), guard, events: &self.events }
+        CacheGuard { events_at_lock: guard.events().last_sequence(), guard, events: &self.feed.events }
     }
 
     /// Node name for the router feed: `grpc.node_name`, else the host name.
@@ -234,13 +247,13 @@ impl Node {
 
     /// Subscribes to the sequence of the newest router-feed event.
     pub fn watch_events(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.events.subscribe()
+        self.feed.events.subscribe()
     }
 
     /// Records a sample of `requests_total` (call about once a second).
     pub fn sample_load(&self) {
-        let mut load = self.load.lock().unwrap_or_else(|e| e.into_inner());
-        load.push_back((std::time::Instant::now(), self.requests_total.load(Ordering::Relaxed)));
+        let mut load = self.load.window.lock().unwrap_or_else(|e| e.into_inner());
+        load.push_back((std::time::Instant::now(), self.load.requests_total.load(Ordering::Relaxed)));
         while load.len() > 11 {
             load.pop_front();
         }
@@ -251,9 +264,9 @@ impl Node {
     /// went, RSS stayed at its peak; with a trim it returns to within a few MiB of where it was.
     pub fn trim_memory(&self) {
         let opened = self.metrics.connections_total.load(Ordering::Relaxed);
-        let then = self.connections_peak.load(Ordering::Relaxed);
+        let then = self.clients.trimmed_at.load(Ordering::Relaxed);
         if opened >= then + 64 {
-            self.connections_peak.store(opened, Ordering::Relaxed);
+            self.clients.trimmed_at.store(opened, Ordering::Relaxed);
             // SAFETY: malloc_trim only returns free memory to the kernel.
             #[cfg(target_env = "gnu")]
             unsafe {
@@ -264,7 +277,7 @@ impl Node {
 
     /// Connector requests per second over the last ~10 s of samples.
     pub fn requests_per_second(&self) -> f64 {
-        let load = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        let load = self.load.window.lock().unwrap_or_else(|e| e.into_inner());
         match (load.front(), load.back()) {
             (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
             _ => 0.0,
@@ -273,12 +286,12 @@ impl Node {
 
     /// This daemon's UCX worker, when the peer tier is enabled.
     pub fn peer(&self) -> Option<&crate::peer::Peer> {
-        self.peer.as_ref()
+        self.transfers.peer.as_ref()
     }
 
     /// The device backend.
     pub fn device(&self) -> &dyn DeviceBackend {
-        self.device.as_ref()
+        self.copies.backend.as_ref()
     }
 
     /// The pool (for passing segment fds).
@@ -288,7 +301,7 @@ impl Node {
 
     /// A fresh client id for a new connection.
     pub fn new_client(&self) -> ClientId {
-        ClientId(self.next_client.fetch_add(1, Ordering::Relaxed))
+        ClientId(self.clients.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Registers a namespace for connection `client` (`naming`: how operators select it, its
@@ -306,11 +319,11 @@ impl Node {
         let new = c.find_namespace(&id).is_none();
         let ns = c.register(id, block_bytes)?;
         c.attach(client, ns);
-        if let Some(disk) = &self.disk {
+        if let Some(disk) = &self.disk.tier {
             let changes = c.take_disk_changes();
             disk.persist(&c, changes);
         }
-        let mut names = self.names.lock().expect("names lock");
+        let mut names = self.clients.names.lock().expect("names lock");
         let i = ns.0 as usize;
         if names.len() <= i {
             names.resize(i + 1, None);
@@ -328,7 +341,7 @@ impl Node {
     /// model is empty until a client registers them again).
     pub fn namespace_usage(&self) -> Vec<NamespaceUsage> {
         let c = self.cache();
-        let names = self.names.lock().expect("names lock");
+        let names = self.clients.names.lock().expect("names lock");
         (c.registered().into_iter().map(|ns| ns.0 as usize))
             .map(|i| {
                 let info = c.namespace(NsIdx(i as u16));
@@ -357,7 +370,7 @@ impl Node {
     ) -> (Vec<NsIdx>, kvtier_core::cache::Discarded) {
         let selected: Vec<bool> = {
             let c = self.cache();
-            let names = self.names.lock().expect("names lock");
+            let names = self.clients.names.lock().expect("names lock");
             let mut selected = vec![false; c.handle_bound_namespaces()];
             for ns in c.registered() {
                 let i = ns.0 as usize;
@@ -380,7 +393,7 @@ impl Node {
         loop {
             let mut c = self.cache();
             out += c.discard_handles(&selected, at..at + DISCARD_BATCH);
-            if let Some(disk) = &self.disk {
+            if let Some(disk) = &self.disk.tier {
                 let changes = c.take_disk_changes();
                 disk.persist(&c, changes);
             }
@@ -425,8 +438,8 @@ impl Node {
     /// Commits a reservation.
     pub fn commit(&self, client: ClientId, reservation: u64) -> Result<usize, CacheError> {
         let n = self.cache().commit(client, reservation)?;
-        if self.disk.is_some() {
-            self.demote_wake.notify_one();
+        if self.disk.tier.is_some() {
+            self.disk.demote_wake.notify_one();
         }
         Ok(n)
     }
@@ -480,7 +493,7 @@ impl Node {
 
     /// Why the disk tier is off, if it failed.
     pub fn disk_failure(&self) -> Option<String> {
-        self.disk_health.reason()
+        self.disk.health.reason()
     }
 
     /// Why `role` is off, if a part serving it failed.
@@ -517,7 +530,7 @@ impl Node {
         let parts = self.parts.all().iter().map(|p| (p.name.clone(), p.role.name(), p.down().is_none())).collect();
         let now = crate::metrics::Readings {
             pool_locked: self.pool.is_locked(),
-            disk_queued_ios: self.disk.as_ref().map_or(0, DiskTier::queued_ios),
+            disk_queued_ios: self.disk.tier.as_ref().map_or(0, DiskTier::queued_ios),
             namespaces: self.namespace_usage(),
             parts,
             ready: self.problems().is_empty(),

@@ -33,7 +33,11 @@ fn node() -> &'static (Arc<Node>, tokio::runtime::Runtime) {
 fuzz_target!(|data: &[u8]| {
     let (node, rt) = node();
     let Some((&flags, stream)) = data.split_first() else { return };
-    let registered = node.connections.open(node.new_client(), Some(std::process::id() as i32), 0, ConnectionLimits::NONE).unwrap();
+    let registered = node
+        .clients
+        .connections
+        .open(node.new_client(), Some(std::process::id() as i32), 0, ConnectionLimits::NONE)
+        .unwrap();
     let mut session = Session::new(Arc::clone(&registered.record), false, flags & 1 == 1);
     let client = session.client;
     let mut decoder = FrameDecoder::new(64 << 10);
@@ -53,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(session.settle());
     drop(session);
     node.disconnect(client);
-    let c = node.cache();
+    let c = node.cache_view();
     assert_eq!(c.held_by(client), 0, "a gone client holds nothing");
     assert!(c.attached(client).is_empty(), "nor keeps a namespace registered");
     assert_eq!(c.stats().reserved_blocks, 0, "its reservations are aborted");

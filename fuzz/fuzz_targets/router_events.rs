@@ -4,10 +4,10 @@
 
 #![no_main]
 
-use kvtier_router::feed::apply;
-use kvtier_router::index::{GlobalIndex, MAX_NODES};
 use kvtier_core::block::BlockHash;
 use kvtier_proto::v1::{block_event::Kind, EventBatch};
+use kvtier_router::feed::apply;
+use kvtier_router::index::{GlobalIndex, MAX_NODES};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 

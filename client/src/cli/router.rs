@@ -2,11 +2,11 @@
 //! `kvtier.v1.RouterService` (Route, Score) and `grpc.health.v1`, plus Prometheus metrics and
 //! `/healthz`.
 
+use kvtier_net::tls::{server_tls, ClientTls, TlsConfig};
+use kvtier_proto::v1::router_service_server::RouterServiceServer;
 use kvtier_router::feed::{discover, Shared};
 use kvtier_router::score::Weights;
 use kvtier_router::service::{grpc, Router, RouterGrpc};
-use kvtier_net::tls::{server_tls, ClientTls, TlsConfig};
-use kvtier_proto::v1::router_service_server::RouterServiceServer;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::server::TcpIncoming;

@@ -9,13 +9,13 @@ pub mod ring;
 pub mod spill;
 pub mod store;
 
-use kvtier_core::alloc::SlabAllocator;
-use kvtier_core::block::SlotId;
-use kvtier_core::cache::{BlockCache, DiskChange, DiskSetup};
 use crate::config::DiskConfig;
 use crate::pool::HostPool;
 use crate::supervise::{Part, Parts, Role};
 use format::{SlotHeader, HEADER_BYTES};
+use kvtier_core::alloc::SlabAllocator;
+use kvtier_core::block::SlotId;
+use kvtier_core::cache::{BlockCache, DiskChange, DiskSetup};
 use ring::{Dir, IoOp, Ring};
 use spill::{Found, SpillFile};
 use std::future::Future;

@@ -5,9 +5,9 @@
 //! at a slot that was not written. A slot reused before its old entry was removed is caught by
 //! the header check on promote (hash, namespace, checksum); at recovery the newer generation wins.
 
+use anyhow::Context;
 use kvtier_core::block::BlockHash;
 use kvtier_core::namespace::NamespaceId;
-use anyhow::Context;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 

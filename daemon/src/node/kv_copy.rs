@@ -3,13 +3,21 @@
 //! with the bytes moved by the device backend along a layout plan, off the runtime's threads.
 
 use super::{Node, SlotLocation};
-use kvtier_core::block::{BlockHash, NsIdx};
-use kvtier_core::cache::{CacheError, ClientId};
 use crate::device::gather::Direction;
 use crate::device::layout::KvLayout;
 use crate::device::{DeviceError, EngineMemory, EngineTensor, Queued};
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::{CacheError, ClientId};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+
+/// Daemon-side copies between engines' KV memory and the pool.
+pub(crate) struct Copies {
+    /// The device backend that copies (CMA, CUDA, ROCm, or the connector itself).
+    pub(crate) backend: Box<dyn crate::device::DeviceBackend>,
+    /// Supervision of copies in flight.
+    pub(crate) watch: CopyWatch,
+}
 
 /// Supervision of daemon-side copies: stalled while copies are in flight and none completes
 /// within the stall bound (a hung device), down once one panicked.
@@ -233,7 +241,7 @@ impl Node {
         let memory = Arc::clone(&cache.memory);
         let bytes = plan.iter().map(|s| s.bytes).sum();
         let after = after.to_vec();
-        let _busy = self.copy_watch.start();
+        let _busy = self.copies.watch.start();
         let queued = tokio::task::spawn_blocking(move || {
             crate::fault::point("copies");
             memory.queue(&plan, dir, &after)
@@ -244,7 +252,7 @@ impl Node {
 
     /// Waits on a blocking thread until a queued copy has completed.
     async fn finish(&self, queued: Queued) -> Result<(), KvCopyError> {
-        let _busy = self.copy_watch.start();
+        let _busy = self.copies.watch.start();
         let done = tokio::task::spawn_blocking(queued.wait).await;
         self.copy_outcome(done)
     }
@@ -262,7 +270,7 @@ impl Node {
                     Ok(payload) => format!("a copy panicked: {}", crate::supervise::panic_message(payload.as_ref())),
                     Err(e) => format!("a copy task failed: {e}"),
                 };
-                self.copy_watch.part.fail(why.clone());
+                self.copies.watch.part.fail(why.clone());
                 Err(KvCopyError::Memory(why))
             }
         }
@@ -270,7 +278,7 @@ impl Node {
 
     /// `Err` once daemon-side copies were turned off by a failure: the client copies itself.
     fn copies_on(&self) -> Result<(), KvCopyError> {
-        match self.copy_watch.part.down() {
+        match self.copies.watch.part.down() {
             Some(why) => Err(KvCopyError::Memory(format!("daemon-side copies are off after a failure ({why})"))),
             None => Ok(()),
         }

@@ -3,10 +3,10 @@
 //! daemon copying each block between the pool and the client's window.
 
 use super::{Node, ReservedAt, SlotLocation};
+use crate::staging::{Direction, Staging};
 use kvtier_core::alloc::slot_stride;
 use kvtier_core::block::{BlockHash, NsIdx};
 use kvtier_core::cache::{CacheError, ClientId};
-use crate::staging::{Direction, Staging};
 use std::sync::Arc;
 
 /// Copies above this many bytes leave the async runtime's thread for the copy.

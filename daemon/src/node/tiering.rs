@@ -3,16 +3,31 @@
 //! goes back to the cache, and what changed goes to the persistent index.
 
 use super::Node;
-use kvtier_core::block::{BlockHash, BlockKey, NsIdx, SlotId};
-use kvtier_core::cache::{BlockCache, PromotionOutcome, TierKind};
 use crate::disk::format::{SlotHeader, HEADER_BYTES};
 use crate::disk::{seal_slot, DiskTier};
 use crate::fault;
-use kvtier_core::namespace::NamespaceId;
 use crate::supervise::{self, Part, Role};
+use kvtier_core::block::{BlockHash, BlockKey, NsIdx, SlotId};
+use kvtier_core::cache::{BlockCache, PromotionOutcome, TierKind};
+use kvtier_core::namespace::NamespaceId;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, warn};
+
+/// The disk tier as the node runs it.
+pub(crate) struct DiskSide {
+    /// The spill files, their rings and the index persister (None: host tier only).
+    pub(crate) tier: Option<DiskTier>,
+    /// Set once an I/O or index failure turned the tier off.
+    pub(crate) health: Arc<crate::disk::Health>,
+    /// Wakes the demoter when the host tier wants room.
+    pub(crate) demote_wake: tokio::sync::Notify,
+    /// Counts finished promotions (Acquire waits on it for blocks being promoted).
+    pub(crate) promoted: tokio::sync::watch::Sender<u64>,
+    /// Supervision of promotions (tasks of their own, one per Acquire or Prefetch that reads
+    /// from disk).
+    pub(crate) promoter: Arc<Part>,
+}
 
 /// A planned move with everything the I/O needs, resolved under the lock.
 struct Job<T> {
@@ -46,7 +61,7 @@ impl Node {
     /// the runtime).
     pub fn start_background(self: &Arc<Self>) {
         let stall_after = Some(Duration::from_secs(self.config.server.stall_after_secs.max(1)));
-        if self.disk.is_some() {
+        if self.disk.tier.is_some() {
             let part = self.parts.add("demoter", Role::Disk, stall_after);
             supervise::task(Arc::clone(&part), Arc::clone(self).demote_loop(part));
         }
@@ -82,7 +97,7 @@ impl Node {
     }
 
     fn disk(&self) -> &DiskTier {
-        self.disk.as_ref().expect("disk tier")
+        self.disk.tier.as_ref().expect("disk tier")
     }
 
     /// Demotes blocks whenever the pool runs short of free or cold room, and writes admitted
@@ -104,14 +119,14 @@ impl Node {
             };
             if jobs.is_empty() {
                 drop(permit);
-                let _ = tokio::time::timeout(Duration::from_millis(100), self.demote_wake.notified()).await;
+                let _ = tokio::time::timeout(Duration::from_millis(100), self.disk.demote_wake.notified()).await;
                 continue;
             }
             let node = Arc::clone(&self);
             tokio::spawn(async move {
                 node.run_demotions(jobs).await;
                 drop(permit);
-                node.demote_wake.notify_one();
+                node.disk.demote_wake.notify_one();
             });
         }
     }
@@ -157,10 +172,10 @@ impl Node {
     /// Clean shutdown: lets queued write-backs finish (up to `budget`) and commits the disk
     /// index, so that a restart serves every admitted block.
     pub async fn shutdown(&self, budget: Duration) {
-        let Some(disk) = &self.disk else { return };
+        let Some(disk) = &self.disk.tier else { return };
         let deadline = Instant::now() + budget;
         while self.cache().disk_backlog() > 0 && Instant::now() < deadline {
-            self.demote_wake.notify_one();
+            self.disk.demote_wake.notify_one();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = self.cache().disk_backlog();
@@ -172,7 +187,7 @@ impl Node {
 
     /// Turns the disk tier off for good: logs once, forgets every disk copy.
     pub(super) fn disk_failed(&self, reason: String) {
-        self.disk_health.fail(reason);
+        self.disk.health.fail(reason);
         let forgotten = {
             let mut c = self.cache();
             if !c.has_disk() {
@@ -180,7 +195,7 @@ impl Node {
             }
             c.disable_disk()
         };
-        let reason = self.disk_health.reason().unwrap_or_default();
+        let reason = self.disk.health.reason().unwrap_or_default();
         error!("disk tier FAILED, running host-only from now on: {reason}");
         if forgotten > 0 {
             warn!("disk tier off: {forgotten} blocks held only on disk are gone (a miss, never wrong data)");
@@ -188,18 +203,18 @@ impl Node {
     }
 
     fn check_disk_health(&self) {
-        if self.disk_health.failed() && self.cache().has_disk() {
-            self.disk_failed(self.disk_health.reason().unwrap_or_default());
+        if self.disk.health.failed() && self.cache().has_disk() {
+            self.disk_failed(self.disk.health.reason().unwrap_or_default());
         }
     }
 
     /// Promotes the disk-only blocks of the held prefix of `hashes` and waits for them (and for
     /// promotions of that prefix started by others), up to `disk.promote_timeout_ms`.
     pub async fn promote(self: &Arc<Self>, ns: NsIdx, hashes: &[BlockHash]) {
-        let Some(disk) = &self.disk else { return };
+        let Some(disk) = &self.disk.tier else { return };
         let deadline = Instant::now() + Duration::from_millis(disk.config().promote_timeout_ms);
         loop {
-            let mut changed = self.promoted.subscribe();
+            let mut changed = self.disk.promoted.subscribe();
             let (pending, jobs) = {
                 let mut c = self.cache();
                 if !c.has_disk() {
@@ -217,7 +232,7 @@ impl Node {
                 let run = tokio::spawn(async move {
                     fault::point_async("promoter").await;
                     node.run_promotions(&jobs).await;
-                    node.promoted.send_modify(|n| *n += 1);
+                    node.disk.promoted.send_modify(|n| *n += 1);
                 });
                 match tokio::time::timeout_at(deadline.into(), run).await {
                     Err(_) => return,
@@ -225,7 +240,7 @@ impl Node {
                         // Its blocks stay PROMOTING (never served, their slots never reused
                         // under a read that may still land): the disk tier goes off.
                         let why = e.try_into_panic().map(|p| supervise::panic_message(p.as_ref())).unwrap_or_default();
-                        self.promoter.fail(format!("a promotion panicked: {why}"));
+                        self.disk.promoter.fail(format!("a promotion panicked: {why}"));
                         return;
                     }
                     Ok(Ok(())) if pending == started => return,

@@ -4,21 +4,32 @@
 //! the puller has been computing over what arrived meanwhile. Only when every block arrived and
 //! matched does the reservation commit: nothing partial is ever visible.
 
+use super::source::{GrpcSource, ShipOrder, Source};
 use super::{Node, ReservedAt};
+use crate::peer::{Receipts, Received, Remote, Span, MAX_LANES};
+use crate::supervise::Role;
 use kvtier_core::block::{BlockHash, NsIdx};
 use kvtier_core::cache::ClientId;
 use kvtier_core::fingerprint::{block_seed, fingerprint, Coverage};
 use kvtier_core::namespace::NamespaceId;
-use crate::peer::{Contact, Receipts, Received, Remote, Span, MAX_LANES};
-use crate::supervise::Role;
-use bytes::Bytes;
-use kvtier_proto::v1 as pb;
-use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Daemon-to-daemon transfers as the node keeps them.
+pub(crate) struct Transfers {
+    /// The UCX thread, when peer transfers are enabled.
+    pub(crate) peer: Option<crate::peer::Peer>,
+    /// Offers held for pullers, by id.
+    pub(crate) offers: std::sync::Mutex<HashMap<u64, Offered>>,
+    /// Sequence of transfer client ids.
+    pub(crate) next_id: std::sync::atomic::AtomicU64,
+    /// gRPC channels to the TransferServices pulled from, by address (with mutual TLS when
+    /// `grpc.tls` is set): a pull per request must not pay a connection handshake each time.
+    pub(crate) sources: kvtier_net::tls::Channels,
+}
 
 /// Client ids of transfers, far from connector connections' ids.
 const TRANSFER_CLIENTS: u64 = 1 << 62;
@@ -105,7 +116,7 @@ struct AbortOnDrop<'a> {
 
 impl Drop for AbortOnDrop<'_> {
     fn drop(&mut self) {
-        if let (true, Some(peer)) = (self.armed, self.node.peer.as_ref()) {
+        if let (true, Some(peer)) = (self.armed, self.node.transfers.peer.as_ref()) {
             peer.abort_sends_to(&self.lanes);
         }
     }
@@ -125,24 +136,6 @@ pub struct Shipment {
     pub coverage: Coverage,
     /// The puller's seed.
     pub seed: u64,
-}
-
-type Client = TransferServiceClient<tonic::transport::Channel>;
-
-/// Wire form of a coverage.
-fn wire_verify(c: Coverage) -> pb::Verify {
-    match c {
-        Coverage::Sampled => pb::Verify::Sampled,
-        Coverage::Full => pb::Verify::Full,
-    }
-}
-
-/// The coverage a wire `Verify` names (None: a value this build does not know).
-pub fn verify_from_wire(v: i32) -> Option<Coverage> {
-    match pb::Verify::try_from(v).ok()? {
-        pb::Verify::Sampled => Some(Coverage::Sampled),
-        pb::Verify::Full => Some(Coverage::Full),
-    }
 }
 
 /// Fingerprints of the blocks in `spans`, each given as (its position in the shipment, its
@@ -192,10 +185,11 @@ fn note(ev: Option<Received>, arrived: &mut Vec<usize>, failure: &mut Option<Str
 impl Node {
     /// The TransferService of the daemon at `addr` ("host:port"), over a cached channel (with
     /// mutual TLS when `grpc.tls` is set: every daemon of the cluster then speaks it).
-    async fn source_client(&self, addr: &str) -> Result<Client, String> {
-        let connect = |tls: Option<_>| async move { Ok(kvtier_net::tls::endpoint(addr, tls.as_ref())?.connect().await?) };
-        let channel = self.sources.get(addr, connect).await.map_err(|e| format!("source {addr}: {e}"))?;
-        Ok(TransferServiceClient::new(channel))
+    async fn source(&self, addr: &str) -> Result<GrpcSource, String> {
+        let connect =
+            |tls: Option<_>| async move { Ok(kvtier_net::tls::endpoint(addr, tls.as_ref())?.connect().await?) };
+        let channel = self.transfers.sources.get(addr, connect).await.map_err(|e| format!("source {addr}: {e}"))?;
+        Ok(GrpcSource::new(addr, channel))
     }
 
     /// `Err` once peer transfers were turned off by a failed lane.
@@ -207,7 +201,7 @@ impl Node {
     }
 
     fn transfer_client(&self) -> ClientId {
-        ClientId(TRANSFER_CLIENTS + self.next_transfer.fetch_add(1, Relaxed))
+        ClientId(TRANSFER_CLIENTS + self.transfers.next_id.fetch_add(1, Relaxed))
     }
 
     fn span(&self, (segment, offset): (u32, u64), bytes: u64) -> Span {
@@ -240,7 +234,7 @@ impl Node {
         }
         let offer = Offer { id: lease, block_bytes, blocks: blocks.len() };
         let held = Offered { client, caller: caller.to_string(), block_bytes, blocks, shipping: 0, released: false };
-        self.offers.lock().unwrap_or_else(|e| e.into_inner()).insert(lease, held);
+        self.transfers.offers.lock().unwrap_or_else(|e| e.into_inner()).insert(lease, held);
         let (node, timeout) = (Arc::clone(self), Duration::from_secs(self.config.peer.offer_timeout_secs));
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
@@ -253,7 +247,7 @@ impl Node {
     /// How many leading blocks at `new` (pool locations) a new offer for `caller` may keep
     /// pinned under `peer.offer_pool_share` and `peer.offer_caller_share`.
     fn offer_fit(&self, new: &[(u32, u64)], block_bytes: u64, caller: &str) -> usize {
-        let offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+        let offers = self.transfers.offers.lock().unwrap_or_else(|e| e.into_inner());
         let pinned = |mine: bool| -> HashMap<(u32, u64), u64> {
             (offers.values().filter(|o| !mine || o.caller == caller))
                 .flat_map(|o| o.blocks.iter().map(|&at| (at, o.block_bytes)))
@@ -267,7 +261,7 @@ impl Node {
 
     /// Unpins an offer (idempotent); one being shipped is unpinned when its shipments end.
     pub fn release_offer(&self, id: u64) {
-        let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut offers = self.transfers.offers.lock().unwrap_or_else(|e| e.into_inner());
         let Some(held) = offers.get_mut(&id) else { return };
         held.released = true;
         if held.shipping == 0 {
@@ -282,11 +276,11 @@ impl Node {
     /// fingerprints (computed while the sends run). The shipment runs to its end even if the
     /// caller stops waiting (a puller gone): the offer stays pinned until UCX is done with it.
     pub async fn ship(self: &Arc<Self>, s: Shipment) -> Result<Vec<u64>, String> {
-        self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        self.transfers.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
         self.peer_on()?;
         check_lanes(&s.lanes)?;
         let spans: Vec<Span> = {
-            let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut offers = self.transfers.offers.lock().unwrap_or_else(|e| e.into_inner());
             let held = offers.get_mut(&s.offer).filter(|h| !h.released).ok_or("no such offer (released or expired)")?;
             let mut spans = Vec::with_capacity(s.blocks.len());
             for &i in &s.blocks {
@@ -305,7 +299,7 @@ impl Node {
     }
 
     async fn send_pinned(&self, s: Shipment, spans: Vec<Span>) -> Result<Vec<u64>, String> {
-        let peer = self.peer.as_ref().ok_or("peer tier disabled")?;
+        let peer = self.transfers.peer.as_ref().ok_or("peer tier disabled")?;
         let deadline = Instant::now() + Duration::from_secs(self.config.peer.offer_timeout_secs);
         let numbered = spans.iter().copied().enumerate().collect();
         let bytes = spans.iter().map(|s| s.1 as u64).sum();
@@ -315,7 +309,7 @@ impl Node {
         let (sent, sums) = tokio::join!(send, fingerprints(numbered, s.coverage, s.seed));
         self.metrics.peer_shipments_in_flight.fetch_sub(1, Relaxed);
         let release = {
-            let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut offers = self.transfers.offers.lock().unwrap_or_else(|e| e.into_inner());
             let held = offers.get_mut(&s.offer).expect("a shipping offer stays held");
             held.shipping -= 1;
             held.released && held.shipping == 0
@@ -346,7 +340,7 @@ impl Node {
         hashes: &[BlockHash],
         parent: Option<BlockHash>,
     ) -> Result<Pulled, String> {
-        self.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        self.transfers.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
         self.peer_on()?;
         let (id, block_bytes) = {
             let c = self.cache();
@@ -354,30 +348,23 @@ impl Node {
             (n.id, n.block_bytes)
         };
         let started = Instant::now();
-        let mut client = self.source_client(source).await?;
-        let request = pb::OfferRequest {
-            namespace_id: Bytes::copy_from_slice(&id.0),
-            hashes: hashes.iter().map(|h| Bytes::copy_from_slice(h.as_bytes())).collect(),
-        };
-        let offer =
-            client.offer(request).await.map_err(|e| format!("source {source}: offer failed: {}", e.message()))?;
-        let offer = offer.into_inner();
-        if offer.offer == 0 {
+        let mut from = self.source(source).await?;
+        let offer = from.offer(&id, hashes).await?;
+        if offer.id == 0 {
             return Ok(Pulled::default());
         }
         let offered = started.elapsed();
         let result = if offer.block_bytes != block_bytes {
             Err(format!("source blocks are {} bytes, ours {block_bytes}", offer.block_bytes))
         } else {
-            let n = (offer.blocks as usize).min(hashes.len());
-            self.receive(&mut client, offer.offer, ns, &hashes[..n], parent, block_bytes).await
+            let n = offer.blocks.min(hashes.len());
+            self.receive(&mut from, offer.id, ns, &hashes[..n], parent, block_bytes).await
         };
         // Released in the background: the pulled blocks are ours already, and a source that
         // stalls now must not hold the pull (the offer also expires on its own).
         let expiry = Duration::from_secs(self.config.peer.offer_timeout_secs);
-        let release = pb::ReleaseOfferRequest { offer: offer.offer };
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(expiry, client.release_offer(release)).await;
+            let _ = tokio::time::timeout(expiry, from.release(offer.id)).await;
         });
         let (offer_us, total_us) = (offered.as_micros(), started.elapsed().as_micros());
         tracing::debug!(source, offer_us, total_us, outcome = ?result, "pull finished");
@@ -388,14 +375,14 @@ impl Node {
     /// into them, verifies, commits.
     async fn receive(
         self: &Arc<Self>,
-        source: &mut Client,
+        source: &mut impl Source,
         offer: u64,
         ns: NsIdx,
         hashes: &[BlockHash],
         parent: Option<BlockHash>,
         block_bytes: u64,
     ) -> Result<Pulled, String> {
-        let peer = self.peer.as_ref().ok_or("peer tier disabled")?;
+        let peer = self.transfers.peer.as_ref().ok_or("peer tier disabled")?;
         let client = self.transfer_client();
         let (reservation, outcomes) = self.reserve(client, ns, hashes, parent).map_err(|e| e.to_string())?;
         let (mut wanted, mut spans, mut present) = (Vec::new(), Vec::new(), 0);
@@ -450,7 +437,7 @@ impl Node {
     async fn ship_into(
         &self,
         peer: &crate::peer::Peer,
-        source: &mut Client,
+        source: &mut impl Source,
         offer: u64,
         wanted: &[u32],
         spans: Vec<Span>,
@@ -459,23 +446,15 @@ impl Node {
     ) -> Result<(), (String, Option<Receipts>)> {
         // SAFETY: reserved slots of ours, invisible and unwritten until this pull ends.
         let (receiving, mut events) = unsafe { peer.receive(spans.clone()) }.map_err(|e| (e, None))?;
-        let (mut worker_addresses, mut lane_ports) = (Vec::new(), Vec::new());
-        for lane in &receiving.lanes {
-            match lane {
-                Contact::Port(port) => lane_ports.push(u32::from(*port)),
-                Contact::Worker(a) => worker_addresses.push(Bytes::copy_from_slice(a)),
-            }
-        }
-        let request = pb::ShipRequest {
+        let order = ShipOrder {
             offer,
-            worker_addresses,
-            lane_ports,
+            lanes: receiving.lanes.clone(),
             tag_base: receiving.tag_base,
             blocks: wanted.to_vec(),
-            verify: wire_verify(coverage) as i32,
+            coverage,
             seed,
         };
-        let ship = source.ship(request);
+        let ship = source.ship(order);
         tokio::pin!(ship);
         let (mut theirs, mut ours) = (None, vec![None; spans.len()]);
         let mut failure: Option<String> = None;
@@ -484,8 +463,8 @@ impl Node {
             let mut arrived = Vec::new();
             tokio::select! {
                 r = &mut ship, if theirs.is_none() => match r {
-                    Ok(r) => theirs = Some(r.into_inner().fingerprints),
-                    Err(e) => failure = Some(format!("source failed to ship: {}", e.message())),
+                    Ok(sums) => theirs = Some(sums),
+                    Err(e) => failure = Some(e),
                 },
                 ev = events.recv(), if !finished => note(ev, &mut arrived, &mut failure, &mut finished),
             }

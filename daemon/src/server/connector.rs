@@ -104,7 +104,7 @@ async fn connection(node: Arc<Node>, mut stream: UnixStream) {
     let server = &node.config.server;
     let limits =
         ConnectionLimits { total: server.max_connections as usize, per_uid: server.max_connections_per_uid as usize };
-    let registered = match node.connections.open(node.new_client(), cred.pid(), cred.uid(), limits) {
+    let registered = match node.clients.connections.open(node.new_client(), cred.pid(), cred.uid(), limits) {
         Ok(r) => r,
         Err(why) => {
             let reply = refuse(ErrorCode::ResourceExhausted, why);
@@ -160,7 +160,7 @@ async fn readable(stream: &UnixStream, session: &mut Session, hello_deadline: In
         };
         let io = |e: std::io::Error| Fatal::new(ErrorCode::Internal, e.to_string());
         let Some(deadline) = deadline else { return stream.readable().await.map_err(io) };
-        match tokio::time::timeout_at(deadline.into(), stream.readable()).await {
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
             Ok(r) => return r.map_err(io),
             Err(_) if !session.greeted => {
                 return Err(Fatal::new(ErrorCode::NotHello, "no Hello within server.hello_timeout_ms"));
@@ -235,7 +235,7 @@ async fn run(node: &Arc<Node>, stream: &mut UnixStream, session: &mut Session) -
                 return fail(node, stream, &mut out, req.id, f).await;
             };
             let kind = op_of(&op);
-            node.requests_total.fetch_add(1, Relaxed);
+            node.load.requests_total.fetch_add(1, Relaxed);
             session.record.requested();
             let started = std::time::Instant::now();
             // Boxed: the future of the largest request is big, and an idle connection must not

@@ -1,15 +1,15 @@
 //! Connector requests to `Node` calls: validation, translation, typed errors.
 
-use kvtier_core::block::{BlockHash, NsIdx};
-use kvtier_core::cache::{CacheError, ClientId};
 use crate::clients::Connection;
 use crate::device::layout::{KvLayout, LayerPlacement};
 use crate::device::EngineTensor;
 use crate::metrics::Op;
-use kvtier_core::namespace::{NamespaceId, NamespaceSelector, Naming};
 use crate::node::{Blocks, KvCache, KvCopyError, Node, ReservedAt};
 use crate::staging::{Staging, Window};
 use bytes::Bytes;
+use kvtier_core::block::{BlockHash, NsIdx};
+use kvtier_core::cache::{CacheError, ClientId};
+use kvtier_core::namespace::{NamespaceId, NamespaceSelector, Naming};
 use kvtier_proto::v1::{self as pb, request, response, ErrorCode, ReserveStatus};
 use kvtier_proto::PROTOCOL_VERSION;
 use std::os::fd::BorrowedFd;
@@ -230,7 +230,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             let desc = r.namespace.ok_or_else(|| Fatal::new(ErrorCode::BadArgument, "Register without a namespace"))?;
             let id = NamespaceId::of(&desc);
             let quota = node.config.server.max_namespaces_per_client as usize;
-            if s.handles.len() >= quota && !s.handles.iter().any(|&ns| node.cache().namespace(ns).id == id) {
+            if s.handles.len() >= quota && !s.handles.iter().any(|&ns| node.namespace_id(ns) == id) {
                 return Err(Fatal::new(
                     ErrorCode::ResourceExhausted,
                     format!("this connection registered {quota} namespaces (server.max_namespaces_per_client)"),
@@ -483,11 +483,8 @@ fn namespace_refs(usage: &[crate::metrics::NamespaceUsage], ns: &[NsIdx]) -> Vec
 
 fn clients_reply(node: &Node) -> pb::ClientsReply {
     let usage = node.namespace_usage();
-    let connections = node.connections.list();
-    let held: Vec<usize> = {
-        let c = node.cache();
-        connections.iter().map(|conn| c.held_by(conn.client)).collect()
-    };
+    let connections = node.clients.connections.list();
+    let held = node.held_by(&connections.iter().map(|conn| conn.client).collect::<Vec<_>>());
     let clients = (connections.iter().zip(held))
         .map(|(conn, held)| {
             let a = conn.activity();

@@ -4,12 +4,12 @@
 //! Translation only: every answer comes from `Node`.
 
 use super::{parse_prefix, tier_stats, wire_tier};
+use crate::node::Node;
+use bytes::Bytes;
 use kvtier_core::block::{BlockHash, BlockKey};
 use kvtier_core::cache::TierKind;
 use kvtier_core::events::{Event, EventKind};
 use kvtier_core::namespace::NamespaceId;
-use crate::node::Node;
-use bytes::Bytes;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_server::{CacheService, CacheServiceServer};
 use kvtier_proto::v1::watch_events_response::Payload;
@@ -71,7 +71,7 @@ impl FeedService {
     }
 
     fn reply(&self, payload: Payload) -> Result<pb::WatchEventsResponse, Status> {
-        Ok(pb::WatchEventsResponse { instance_id: self.node.instance_id.clone(), payload: Some(payload) })
+        Ok(pb::WatchEventsResponse { instance_id: self.node.feed.instance_id.clone(), payload: Some(payload) })
     }
 
     /// Streams a snapshot (unless resuming) and then every event, until the watcher goes away
@@ -79,11 +79,11 @@ impl FeedService {
     async fn feed(self, req: pb::WatchEventsRequest, tx: mpsc::Sender<Result<pb::WatchEventsResponse, Status>>) {
         let node = Arc::clone(&self.node);
         let mut seen = node.watch_events();
-        let resume = req.after_sequence > 0 && req.instance_id == node.instance_id;
+        let resume = req.after_sequence > 0 && req.instance_id == node.feed.instance_id;
         let mut cursor = req.after_sequence;
         if !resume {
-            // Compact (56 bytes a block) under the lock; wire messages are built a page at a time.
-            let (as_of, blocks) = node.cache().snapshot();
+            // Compact under the lock; wire messages are built a page at a time.
+            let (as_of, blocks) = node.feed_snapshot();
             let pages = blocks.chunks(PAGE).count().max(1);
             let mut chunks = blocks.chunks(PAGE);
             for i in 0..pages {
@@ -97,10 +97,7 @@ impl FeedService {
         }
         loop {
             seen.borrow_and_update();
-            let batch = {
-                let c = node.cache();
-                c.events().since_at_most(cursor, PAGE).map(|evs| evs.iter().map(to_pb).collect::<Vec<_>>())
-            };
+            let batch = node.feed_events(cursor, PAGE).map(|evs| evs.iter().map(to_pb).collect::<Vec<_>>());
             let events = match batch {
                 Ok(events) => events,
                 Err(r) => {
@@ -136,15 +133,10 @@ impl CacheService for FeedService {
             return Err(Status::invalid_argument(format!("{} queries, limit {MAX_QUERIES}", queries.len())));
         }
         let parsed = queries.iter().map(parse_query).collect::<Result<Vec<_>, _>>()?;
-        let c = self.node.cache();
-        let matches = parsed
-            .iter()
-            .map(|(id, hashes)| {
-                let tiers = c.find_namespace(id).map(|ns| c.peek_tiers(ns, hashes)).unwrap_or_default();
-                pb::PrefixMatch {
-                    matched: tiers.len() as u32,
-                    tiers: tiers.into_iter().map(|t| wire_tier(t) as i32).collect(),
-                }
+        let matches = (self.node.held_prefixes(&parsed).into_iter())
+            .map(|tiers| pb::PrefixMatch {
+                matched: tiers.len() as u32,
+                tiers: tiers.into_iter().map(|t| wire_tier(t) as i32).collect(),
             })
             .collect();
         Ok(Response::new(pb::BatchLookupResponse { matches }))
@@ -186,7 +178,7 @@ impl CacheService for FeedService {
         if hashes.len() > most {
             return Err(Status::invalid_argument(format!("{} hashes, limit {most}", hashes.len())));
         }
-        let ns = self.node.cache().find_namespace(&id);
+        let ns = self.node.find_namespace(&id);
         let promoting = ns.map_or(0, |ns| self.node.prefetch(ns, hashes));
         Ok(Response::new(pb::PrefetchResponse { promoting: promoting as u32 }))
     }

@@ -83,7 +83,6 @@ impl TransferService for TransferGrpc {
         let (id, hashes) = super::parse_prefix(&r.namespace_id, &r.hashes)?;
         let ns = self
             .node
-            .cache()
             .find_namespace(&id)
             .ok_or_else(|| Status::failed_precondition("namespace not registered on this daemon"))?;
         let pulled = self.node.pull(&r.source, ns, &hashes, None).await.map_err(Status::aborted)?;

@@ -127,7 +127,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 != 0 {
+            if !x.is_multiple_of(3) {
                 let len = 4096 * (1 + x % 4);
                 if let Some(at) = r.take(len) {
                     assert!(held.iter().all(|&(s, l)| at + len <= s || s + l <= at), "overlap at {at}");

@@ -55,7 +55,11 @@ pub(in crate::device) fn upload(upload: &Arc<CudaStream>, args: &KernelArgs) -> 
 
 /// Queues one `kvtier_copy` of uploaded arguments on `stream`, which must be ordered after their
 /// upload.
-pub(in crate::device) fn enqueue(stream: &Arc<CudaStream>, copy: &CudaFunction, args: &Uploaded) -> Result<(), DeviceError> {
+pub(in crate::device) fn enqueue(
+    stream: &Arc<CudaStream>,
+    copy: &CudaFunction,
+    args: &Uploaded,
+) -> Result<(), DeviceError> {
     let cfg = LaunchConfig { grid_dim: (args.segments as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let n = args.segments as i32;
     let mut launch = stream.launch_builder(copy);

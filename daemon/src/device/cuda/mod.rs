@@ -15,11 +15,11 @@ pub use ipc::IPC_HANDLE_BYTES;
 
 use super::gather::KernelArgs;
 use super::{DeviceBackend, DeviceError, EngineMemory, EngineTensor};
-use driver::{driver_err, enqueue, pool_device_address, upload, Registered};
-use ipc::CudaMemory;
 use crate::pool::HostPool;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaStream};
 use cudarc::nvrtc::Ptx;
+use driver::{driver_err, enqueue, pool_device_address, upload, Registered};
+use ipc::CudaMemory;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -268,8 +268,8 @@ mod tests {
 /// Runs on a machine with an NVIDIA GPU (the `device` tool's); elsewhere it says it skipped.
 #[cfg(test)]
 mod gpu_tests {
-    use super::*;
     use super::IPC_HANDLE_BYTES;
+    use super::*;
     use crate::device::gather::{kernel_args, Direction};
     use crate::device::layout::KvLayout;
     use crate::pool::{LockMode, PoolGeometry};
