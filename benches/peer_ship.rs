@@ -10,7 +10,7 @@
 //! kvtier runs lanes (messages striped over them as a pull is). kvtier is measured with one lane
 //! and with the default.
 //!
-//! Then the same pull with `--peer-verify full` (every byte hashed on both sides), and the first
+//! Then the same pull with `--transfer-verify full` (every byte hashed on both sides), and the first
 //! of kvtier x2's rounds alone: the pull that also connects the daemons' lanes.
 //! A last table pulls 16 prompts at once (P/D-shaped) against UCX distinct.
 //!
@@ -194,7 +194,7 @@ fn drain(worker: &Worker, n: usize, sending: bool) {
 /// daemons' lanes). Every round's prompts are saved on the source first, so that no pull shares
 /// the machine with the benchmark making and saving data.
 async fn kvtier(flags: &[&str], size: u64, huge: bool, prompts: usize) -> (f64, f64) {
-    let mut args = vec!["--pool-bytes", "1 GiB", "--slab-bytes", "8 MiB", "--peer"];
+    let mut args = vec!["--pool-bytes", "1 GiB", "--slab-bytes", "8 MiB", "--transfer"];
     args.extend(flags);
     if huge {
         args.push("--hugetlb");
@@ -259,7 +259,7 @@ async fn main() {
     );
     println!(
         "  references: ucx_perftest tag_bw (one reused buffer); UCX tag over 256 MiB of distinct buffers each side, \
-         over 1 and {LANES} worker pairs (kvtier's lanes); kvtier with --peer-lanes 1 and {LANES} (the default)"
+         over 1 and {LANES} worker pairs (kvtier's lanes); kvtier with --transfer-lanes 1 and {LANES} (the default)"
     );
     println!(
         "{:>9} {:>6} {:>13} {:>13} {:>13} {:>13} {:>13} {:>11} {:>11} {:>13} {:>13}",
@@ -276,11 +276,11 @@ async fn main() {
         "1st pull"
     );
     let transports: [Transport; 2] = [
-        ("tcp", &[("TLS", "tcp"), ("NET_DEVICES", "lo")], &["--peer-tls", "tcp", "--peer-net-devices", "lo"]),
-        ("shm", &[("TLS", "shm")], &["--peer-tls", "shm"]),
+        ("tcp", &[("TLS", "tcp"), ("NET_DEVICES", "lo")], &["--ucx-transports", "tcp", "--transfer-net-devices", "lo"]),
+        ("shm", &[("TLS", "shm")], &["--ucx-transports", "shm"]),
     ];
     let mut port = 13500;
-    let one_lane = ["--peer-lanes", "1"];
+    let one_lane = ["--transfer-lanes", "1"];
     let only = std::env::var("PEER_SHIP_ONLY").unwrap_or_default();
     let transports: Vec<Transport> = transports.into_iter().filter(|t| only.is_empty() || t.0 == only).collect();
     for &(name, settings, flags) in &transports {
@@ -291,7 +291,7 @@ async fn main() {
                 (ucx_distinct(settings, size, huge, 1), ucx_distinct(settings, size, huge, LANES));
             let (ours1, _) = kvtier(&[flags, &one_lane[..]].concat(), size, huge, 1).await;
             let (ours, first) = kvtier(flags, size, huge, 1).await;
-            let (full, _) = kvtier(&[flags, &["--peer-verify", "full"][..]].concat(), size, huge, 1).await;
+            let (full, _) = kvtier(&[flags, &["--transfer-verify", "full"][..]].concat(), size, huge, 1).await;
             let g = |bps: f64| format!("{:.2} GB/s", bps / 1e9);
             println!(
                 "{name:>9} {:>6} {:>13} {:>13} {:>13} {:>13} {:>13} {:>10.2}x {:>10.2}x {:>13} {:>13}",

@@ -241,10 +241,10 @@ fn disk_flags(spill: &std::path::Path) -> Vec<String> {
         "--disk-admission",
         "always",
         "--disk-optional",
-        "--peer",
-        "--peer-tls",
+        "--transfer",
+        "--ucx-transports",
         "tcp",
-        "--peer-net-devices",
+        "--transfer-net-devices",
         "lo",
         "--stall-after-secs",
         "20",
@@ -265,8 +265,17 @@ fn main() {
     let mut spill = fs.mount.join("spill");
     std::fs::create_dir(&spill).unwrap();
     let mut a = Daemon::start_with_metrics(&strs(&disk_flags(&spill)), true);
-    let peer =
-        ["--pool-bytes", "96 MiB", "--slab-bytes", "4 MiB", "--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"];
+    let peer = [
+        "--pool-bytes",
+        "96 MiB",
+        "--slab-bytes",
+        "4 MiB",
+        "--transfer",
+        "--ucx-transports",
+        "tcp",
+        "--transfer-net-devices",
+        "lo",
+    ];
     let mut b = Daemon::start_with_metrics(&peer, true);
     std::thread::sleep(Duration::from_secs(1));
     let mut base = [(a.rss_kib(), open_fds(a.pid())), (b.rss_kib(), open_fds(b.pid()))];

@@ -90,8 +90,17 @@ fn main() {
         if r / c.max(k) >= 5.0 { "met" } else { "NOT met" }
     );
 
-    let peer =
-        ["--pool-bytes", "2 GiB", "--slab-bytes", "64 MiB", "--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"];
+    let peer = [
+        "--pool-bytes",
+        "2 GiB",
+        "--slab-bytes",
+        "64 MiB",
+        "--transfer",
+        "--ucx-transports",
+        "tcp",
+        "--transfer-net-devices",
+        "lo",
+    ];
     let (a, b) = (Daemon::start(&peer), Daemon::start_with_metrics(&peer, true));
     let params = work.path().join("params.json");
     let (a_sock, b_sock, params) = (a.socket.to_str().unwrap(), b.socket.to_str().unwrap(), params.to_str().unwrap());

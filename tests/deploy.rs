@@ -249,10 +249,13 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
     let router = object(&manifests("router.yaml"), "Deployment", "kvtier-router").clone();
     let dns = flag_value(&strings(&container(&router)["args"]), "--dns").to_string();
     assert_eq!(dns, format!("kvtierd.kvtier.svc.cluster.local:{grpc}"), "the router resolves the daemons' Service");
-    assert!(config.peer.enabled, "the DaemonSet ships P/D blocks");
-    assert!(config.peer.listen_port > 0, "lane ports must be fixed to be opened between nodes");
-    for lane in 0..config.peer.lanes {
-        assert_eq!(container_port(c, &format!("ucx-lane-{lane}")), (config.peer.listen_port as usize + lane) as i64);
+    assert!(config.transfer.enabled, "the DaemonSet ships P/D blocks");
+    assert!(config.transfer.listen_port > 0, "lane ports must be fixed to be opened between nodes");
+    for lane in 0..config.transfer.lanes {
+        assert_eq!(
+            container_port(c, &format!("ucx-lane-{lane}")),
+            (config.transfer.listen_port as usize + lane) as i64
+        );
     }
 
     // What the configuration needs of the pod.
@@ -342,7 +345,7 @@ async fn the_configured_daemon_and_router_serve_and_export_every_metric_the_dash
     // size, spill directory, sockets and ports (flags win over the file).
     let tmp = tempfile::tempdir().unwrap();
     let (_, mut config) = config_map_config(tmp.path());
-    config.peer.listen_port = 0;
+    config.transfer.listen_port = 0;
     // The Secret's files: a test CA's certificate for "kvtierd", as the secret volume holds them.
     let pki = kvtier_tests::Pki::new(&[("ca", "node")]);
     let secret = tmp.path().join("tls");

@@ -2,8 +2,8 @@
 //! corruption, configuration changes, a full disk and a dying disk. Whatever happens, a block
 //! that is served is byte-exact (`kvtier get` checks every byte and fails otherwise).
 
-use kvtier_daemon::disk::format::{SlotHeader, HEADER_BYTES};
-use kvtier_daemon::disk::spill::SPILL_FILE;
+use kvtier_daemon::disk_io::format::{SlotHeader, HEADER_BYTES};
+use kvtier_daemon::disk_io::spill::SPILL_FILE;
 use kvtier_tests::{eventually, eventually_within, ok_stdout, Daemon, LoopFs};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

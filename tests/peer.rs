@@ -13,7 +13,7 @@ use kvtier_router::feed::channel;
 use kvtier_tests::{eventually_within, namespace, Daemon};
 
 fn daemon(pool: &str, tls: &[&str]) -> Daemon {
-    let mut args = vec!["--pool-bytes", pool, "--slab-bytes", "4 MiB", "--peer", "--peer-tls"];
+    let mut args = vec!["--pool-bytes", pool, "--slab-bytes", "4 MiB", "--transfer", "--ucx-transports"];
     args.extend(tls);
     Daemon::start_with_metrics(&args, true)
 }
@@ -106,19 +106,25 @@ async fn ships_byte_exact_between(a: &Daemon, b: &Daemon, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_blocks_ship_byte_exact_over_tcp() {
-    ships_byte_exact(&["tcp", "--peer-net-devices", "lo"]).await;
+    ships_byte_exact(&["tcp", "--transfer-net-devices", "lo"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_blocks_ship_byte_exact_over_shared_memory_verifying_every_byte() {
-    ships_byte_exact(&["shm", "--peer-verify", "full"]).await;
+    ships_byte_exact(&["shm", "--transfer-verify", "full"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemons_with_different_lane_counts_ship_byte_exact_both_ways() {
     // A pull is striped over the puller's lanes; the source spreads them over its own.
-    let one = daemon("96 MiB", &["tcp", "--peer-net-devices", "lo", "--peer-lanes", "1", "--peer-verify", "full"]);
-    let three = daemon("96 MiB", &["tcp", "--peer-net-devices", "lo", "--peer-lanes", "3", "--peer-verify", "full"]);
+    let one = daemon(
+        "96 MiB",
+        &["tcp", "--transfer-net-devices", "lo", "--transfer-lanes", "1", "--transfer-verify", "full"],
+    );
+    let three = daemon(
+        "96 MiB",
+        &["tcp", "--transfer-net-devices", "lo", "--transfer-lanes", "3", "--transfer-verify", "full"],
+    );
     ships_byte_exact_between(&one, &three, 1).await;
     ships_byte_exact_between(&three, &one, 2).await;
 }
@@ -136,7 +142,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_daemons_sleep_after_shipping() {
     // Lanes once polled for commands every 100 us when idle: a quarter of a core per daemon.
-    for tls in [&["tcp", "--peer-net-devices", "lo"][..], &["shm"]] {
+    for tls in [&["tcp", "--transfer-net-devices", "lo"][..], &["shm"]] {
         let (a, b) = (daemon("64 MiB", tls), daemon("64 MiB", tls));
         let (ns, hashes) = save(&a, 5, 64, 64 << 10).await;
         save(&b, 6, 1, 64 << 10).await;
@@ -153,7 +159,7 @@ async fn idle_daemons_sleep_after_shipping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puller_waiting_on_a_stopped_source_sleeps_then_finishes_when_it_resumes() {
     // Receiving lanes once spun and napped for as long as nothing came: 0.4 of a core here.
-    for tls in [&["tcp", "--peer-net-devices", "lo"][..], &["shm"]] {
+    for tls in [&["tcp", "--transfer-net-devices", "lo"][..], &["shm"]] {
         let (a, b) = (daemon("768 MiB", tls), daemon("768 MiB", tls));
         save(&b, 2, 1, KILL_BLOCK).await;
         connect_lanes(&b, &a).await;
@@ -192,16 +198,16 @@ async fn sender_killed_mid_transfer(tls: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_killed_mid_transfer_leaves_nothing_partial() {
-    sender_killed_mid_transfer(&["tcp", "--peer-net-devices", "lo"]).await;
+    sender_killed_mid_transfer(&["tcp", "--transfer-net-devices", "lo"]).await;
 }
 
 // No shared-memory variant: UCX 1.13 has no peer-failure handling over shared memory (its
 // sysv/posix/cma transports refuse UCP_ERR_HANDLING_MODE_PEER), and a sender killed while data
-// flows aborts the receiver inside UCX; docs/peer.md says so and the daemon warns.
+// flows aborts the receiver inside UCX; docs/transfer.md says so and the daemon warns.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puller_killed_mid_transfer_leaves_the_sender_serving() {
-    let tls = ["tcp", "--peer-net-devices", "lo"];
+    let tls = ["tcp", "--transfer-net-devices", "lo"];
     let (a, mut b) = (daemon("768 MiB", &tls), daemon("768 MiB", &tls));
     save(&b, 2, 1, KILL_BLOCK).await;
     connect_lanes(&b, &a).await;
@@ -221,7 +227,7 @@ async fn a_puller_killed_mid_transfer_leaves_the_sender_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pulls_of_many_prompts_stay_apart() {
-    let tls = ["tcp", "--peer-net-devices", "lo"];
+    let tls = ["tcp", "--transfer-net-devices", "lo"];
     let (a, b) = (daemon("256 MiB", &tls), daemon("256 MiB", &tls));
     let block = 64 * 1024;
     save(&b, 2, 1, block).await;
@@ -254,7 +260,7 @@ async fn concurrent_pulls_of_many_prompts_stay_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_shipments_are_refused_and_the_sender_carries_on() {
-    let tls = ["tcp", "--peer-net-devices", "lo"];
+    let tls = ["tcp", "--transfer-net-devices", "lo"];
     let (mut a, b) = (daemon("64 MiB", &tls), daemon("64 MiB", &tls));
     let block = 16 * 1024;
     let (ns, hashes) = save(&a, 1, 10, block).await;

@@ -80,8 +80,8 @@ fn a_promotion_that_panics_turns_off_the_disk_tier_and_the_load_is_a_miss() {
 #[test]
 fn a_peer_lane_that_panics_or_stalls_turns_off_peer_transfers_only() {
     for (fault, why) in [("lane:panic", "panicked: fault injected into lane-0"), ("lane:stall", "stalled")] {
-        let (d, _spill) = daemon(fault, &["--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"]);
-        reported_and_still_serving(&d, "lane-0", "peer transfers", why);
+        let (d, _spill) = daemon(fault, &["--transfer", "--ucx-transports", "tcp", "--transfer-net-devices", "lo"]);
+        reported_and_still_serving(&d, "lane-0", "daemon-to-daemon transfers", why);
         assert_eq!(d.metric("kvtier_disk_enabled"), 1.0, "{fault}: the disk tier is not affected");
     }
 }

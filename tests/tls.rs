@@ -116,7 +116,8 @@ async fn only_clients_with_the_clusters_certificate_are_served_and_routers_follo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemons_pull_from_each_other_over_mutual_tls() {
     let pki = Pki::new(&[("ca", "a"), ("ca", "b")]);
-    let peer = ["--pool-bytes", "64 MiB", "--slab-bytes", "4 MiB", "--peer", "--peer-tls", "tcp"].map(String::from);
+    let peer =
+        ["--pool-bytes", "64 MiB", "--slab-bytes", "4 MiB", "--transfer", "--ucx-transports", "tcp"].map(String::from);
     let a = Daemon::start(&strs(&[&peer[..], &pki.daemon_flags("ca", "a")].concat()));
     let b = Daemon::start(&strs(&[&peer[..], &pki.daemon_flags("ca", "b")].concat()));
     let (ns, hashes) = save(&a, 2, 64).await;
@@ -163,6 +164,7 @@ async fn certificates_replaced_on_disk_are_served_and_dialed_with_without_a_rest
     let (live_a, live_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     pki.install(live_a.path(), "ca", "a");
     pki.install(live_b.path(), "ca", "b");
+    // Earlier releases' flag names, still accepted (aliases of --transfer and --ucx-transports).
     let peer = ["--pool-bytes", "64 MiB", "--slab-bytes", "4 MiB", "--peer", "--peer-tls", "tcp"].map(String::from);
     let mut a = Daemon::start(&strs(&[&peer[..], &live_flags(live_a.path())].concat()));
     let b = Daemon::start(&strs(&[&peer[..], &live_flags(live_b.path())].concat()));

@@ -385,7 +385,7 @@ fn offers_pin_at_most_their_callers_share() {
     let tmp = tempfile::tempdir().unwrap();
     let config = config_file(&tmp, "[peer]\noffer_caller_share = 0.25\noffer_pool_share = 0.5\n");
     let d = Daemon::start_with_metrics(
-        &["--config", &config, "--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"],
+        &["--config", &config, "--transfer", "--ucx-transports", "tcp", "--transfer-net-devices", "lo"],
         true,
     );
     let rt = runtime();

@@ -270,8 +270,17 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     // Prefill/decode: a prefill vLLM saves into its daemon and hands each request's
     // kv_transfer_params on; a decode vLLM on another daemon gets the prompt pulled over UCX
     // (TCP) by its daemon and loads it instead of recomputing, with the same outputs.
-    let peer =
-        ["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--peer", "--peer-tls", "tcp", "--peer-net-devices", "lo"];
+    let peer = [
+        "--pool-bytes",
+        "256 MiB",
+        "--slab-bytes",
+        "4 MiB",
+        "--transfer",
+        "--ucx-transports",
+        "tcp",
+        "--transfer-net-devices",
+        "lo",
+    ];
     let (prefill, decode) = (Daemon::start(&peer), Daemon::start(&peer));
     let params = work.path().join("transfer-params.json");
     let params_arg = params.to_str().unwrap();

@@ -10,10 +10,12 @@
 //! permitting) or not -> cold queue (still servable; dropped from the host first when room is
 //! needed) -> disk-only -> promoted back into the host tier when acquired or prefetched.
 
-mod disk;
+mod disk_plan;
 mod tier;
 
-pub use disk::{Demotion, DiskChange, DiskSetup, DiskStats, Promotion, PromotionOutcome, PromotionPlan, RestoreError};
+pub use disk_plan::{
+    Demotion, DiskChange, DiskSetup, DiskStats, Promotion, PromotionOutcome, PromotionPlan, RestoreError,
+};
 
 use crate::alloc::{slot_stride, SlabAllocator};
 pub use crate::block::TierKind;
@@ -22,7 +24,7 @@ use crate::events::{EventKind, EventLog};
 use crate::index::{flags, BlockIndex, EntryState};
 use crate::namespace::{NamespaceId, NamespaceInfo, NamespaceTable};
 use crate::policy::{Access, PolicyKind};
-use disk::DiskState;
+use disk_plan::DiskState;
 use std::collections::HashMap;
 use tier::{Tier, TierSel};
 
@@ -514,7 +516,7 @@ impl BlockCache {
     fn insert_reserved(&mut self, key: BlockKey, parent: Option<Handle>) -> Option<Handle> {
         let h = self.new_entry(key, SlotId::NONE, parent);
         if let Some(d) = &mut self.disk {
-            if d.admission.seen_before(disk::fingerprint(&key)) {
+            if d.admission.seen_before(disk_plan::fingerprint(&key)) {
                 self.index.get_mut(h).flags |= flags::REUSED;
             }
         }
@@ -614,7 +616,7 @@ impl BlockCache {
                     self.log(key, EventKind::TierChanged { from: TierKind::Host, to: TierKind::Disk });
                 } else {
                     if let Some(d) = &mut self.disk {
-                        d.admission.dropped(disk::fingerprint(&key));
+                        d.admission.dropped(disk_plan::fingerprint(&key));
                     }
                     self.remove_visible(h, TierKind::Host);
                 }

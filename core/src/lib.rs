@@ -2,7 +2,7 @@
 //!
 //! [`block`] names blocks and tiers, [`index`] finds them, [`alloc`] places them in slabs,
 //! [`policy`] chooses what to evict and what to admit to disk, [`cache`] ties those into the
-//! tiered block cache (its disk plan in `cache/disk.rs`; the daemon executes it), [`events`] is
+//! tiered block cache (its disk plan in `cache/disk_plan.rs`; the daemon executes it), [`events`] is
 //! the log routers follow, [`namespace`] the ids of models and tenants, [`fingerprint`] the
 //! end-to-end check of shipped blocks, [`histogram`] a latency histogram, and [`sim`] replays
 //! traces through the same code. The daemon (`kvtier-daemon`) supplies the mechanism: memory,

@@ -30,8 +30,10 @@ pub struct Config {
     pub grpc: GrpcConfig,
     /// How blocks move between engine memory and the pool.
     pub device: DeviceConfig,
-    /// Shipping blocks between daemons (UCX).
-    pub peer: PeerConfig,
+    /// Daemon-to-daemon transfer: shipping blocks between daemons over UCX (`[peer]`, its name
+    /// in earlier releases, is read as an alias).
+    #[serde(alias = "peer")]
+    pub transfer: TransferConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
 }
@@ -170,14 +172,18 @@ impl Default for GrpcConfig {
     }
 }
 
-/// The peer tier: daemon-to-daemon block shipping over UCX.
+/// Daemon-to-daemon transfer: shipping blocks between daemons over UCX. Not a tier of the
+/// cache: pulled blocks land in the host tier.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct PeerConfig {
+pub struct TransferConfig {
     /// Start UCX, register the pool, and serve and run transfers.
     pub enabled: bool,
-    /// UCX transports (passed to UCX as `UCX_TLS`), e.g. "tcp", "shm", "rc,ud"; empty: UCX's choice.
-    pub tls: String,
+    /// UCX transports (passed to UCX as `UCX_TLS`), e.g. "tcp", "shm", "rc,ud"; empty: UCX's
+    /// choice. (`tls`, its name in earlier releases, is read as an alias; "tls" in this
+    /// configuration means certificates only.)
+    #[serde(alias = "tls")]
+    pub ucx_transports: String,
     /// Network devices (`UCX_NET_DEVICES`), e.g. "mlx5_0:1" or "lo"; empty: UCX's choice.
     pub net_devices: String,
     /// Seconds an offer stays pinned if the puller never releases it; also the most a shipment
@@ -200,11 +206,11 @@ pub struct PeerConfig {
     pub offer_caller_share: f64,
 }
 
-impl Default for PeerConfig {
+impl Default for TransferConfig {
     fn default() -> Self {
         Self {
             enabled: false,
-            tls: String::new(),
+            ucx_transports: String::new(),
             net_devices: String::new(),
             offer_timeout_secs: 60,
             verify: Default::default(),
@@ -315,20 +321,21 @@ impl Config {
         anyhow::ensure!(self.server.max_inflight > 0, "server.max_inflight must be > 0");
         anyhow::ensure!(self.server.max_frame_bytes.as_u64() >= 1024, "server.max_frame_bytes must be >= 1 KiB");
         anyhow::ensure!(
-            self.peer.listen_ip.parse::<std::net::IpAddr>().is_ok(),
-            "peer.listen_ip must be an IP address, not {:?}",
-            self.peer.listen_ip
+            self.transfer.listen_ip.parse::<std::net::IpAddr>().is_ok(),
+            "transfer.listen_ip must be an IP address, not {:?}",
+            self.transfer.listen_ip
         );
         anyhow::ensure!(
-            self.peer.listen_port == 0 || u32::from(self.peer.listen_port) + self.peer.lanes as u32 <= 65536,
-            "peer.listen_port + peer.lanes runs past port 65535"
+            self.transfer.listen_port == 0
+                || u32::from(self.transfer.listen_port) + self.transfer.lanes as u32 <= 65536,
+            "transfer.listen_port + transfer.lanes runs past port 65535"
         );
-        anyhow::ensure!((1..=MAX_LANES).contains(&self.peer.lanes), "peer.lanes must be in 1..={}", MAX_LANES);
+        anyhow::ensure!((1..=MAX_LANES).contains(&self.transfer.lanes), "transfer.lanes must be in 1..={}", MAX_LANES);
         self.grpc.tls.validate()?;
-        let p = &self.peer;
+        let p = &self.transfer;
         anyhow::ensure!(
             (0.0..=1.0).contains(&p.offer_pool_share) && (0.0..=p.offer_pool_share).contains(&p.offer_caller_share),
-            "peer.offer_pool_share must be in 0..=1 and peer.offer_caller_share in 0..=offer_pool_share"
+            "transfer.offer_pool_share must be in 0..=1 and transfer.offer_caller_share in 0..=offer_pool_share"
         );
         anyhow::ensure!(
             self.grpc.listen.is_empty() || self.grpc.tls.enabled() || self.grpc.insecure,
@@ -392,17 +399,26 @@ mod tests {
     }
 
     #[test]
-    fn peer_lanes_and_listeners_are_checked() {
+    fn transfer_lanes_and_listeners_are_checked() {
         let refused = |toml: &str, why: &str| {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err().to_string();
             assert!(err.contains(why), "{toml}: {err}");
         };
-        refused("[peer]\nlanes = 0\n", "peer.lanes");
-        refused("[peer]\nlanes = 17\n", "peer.lanes");
-        refused("[peer]\nlisten_ip = \"eth0\"\n", "peer.listen_ip");
-        refused("[peer]\nlisten_port = 65535\n", "past port 65535");
-        let c = Config::from_toml("[peer]\nlanes = 4\nlisten_ip = \"::\"\nlisten_port = 65532\n").unwrap();
+        refused("[transfer]\nlanes = 0\n", "transfer.lanes");
+        refused("[transfer]\nlanes = 17\n", "transfer.lanes");
+        refused("[transfer]\nlisten_ip = \"eth0\"\n", "transfer.listen_ip");
+        refused("[transfer]\nlisten_port = 65535\n", "past port 65535");
+        let c = Config::from_toml("[transfer]\nlanes = 4\nlisten_ip = \"::\"\nlisten_port = 65532\n").unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn earlier_releases_peer_section_and_tls_key_still_configure_transfers() {
+        let old = Config::from_toml("[peer]\nenabled = true\ntls = \"tcp\"\nlanes = 3\n").unwrap();
+        let new = Config::from_toml("[transfer]\nenabled = true\nucx_transports = \"tcp\"\nlanes = 3\n").unwrap();
+        assert_eq!(old, new);
+        assert!(new.transfer.enabled && new.transfer.ucx_transports == "tcp" && new.transfer.lanes == 3);
+        assert!(Config::from_toml("[peer]\nlanes = 3\n[transfer]\nlanes = 2\n").is_err(), "both names at once");
     }
 
     #[test]

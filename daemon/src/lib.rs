@@ -2,7 +2,7 @@
 //!
 //! Policy (what to keep, where) is pure logic in the `kvtier-core` crate; this crate is the
 //! mechanism that carries it out: memory ([`pool`], [`staging`]), files ([`disk`]), device copies
-//! ([`device`]), daemon-to-daemon transfer ([`peer`]), the servers that translate the wire to
+//! ([`device`]), daemon-to-daemon transfer ([`transfer`]), the servers that translate the wire to
 //! [`node`] calls ([`server`]), and supervision of the background parts ([`supervise`]).
 
 #![warn(missing_docs)]
@@ -10,13 +10,13 @@
 pub mod clients;
 pub mod config;
 pub mod device;
-pub mod disk;
+pub mod disk_io;
 pub mod fault;
 pub mod logging;
 pub mod metrics;
 pub mod node;
-pub mod peer;
 pub mod pool;
 pub mod server;
 pub mod staging;
 pub mod supervise;
+pub mod transfer;

@@ -20,7 +20,7 @@ pub fn init() {
     }
 }
 
-/// Replaces the log filter with `directives` (`RUST_LOG` syntax, e.g. `info,kvtier_daemon::peer=debug`);
+/// Replaces the log filter with `directives` (`RUST_LOG` syntax, e.g. `info,kvtier_daemon::transfer=debug`);
 /// an empty string changes nothing. Returns the filter before and after.
 pub fn set_filter(directives: &str) -> Result<(String, String), String> {
     let handle = FILTER.get().ok_or("this process did not set up its logger with logging::init")?;

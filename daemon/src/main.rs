@@ -81,21 +81,23 @@ struct Args {
     /// Device backend: auto (default), cma, host, cuda or rocm.
     #[arg(long, env = "KVTIER_DEVICE_BACKEND")]
     device_backend: Option<BackendKind>,
-    /// Enable the peer tier (UCX daemon-to-daemon shipping).
-    #[arg(long, env = "KVTIER_PEER")]
-    peer: bool,
-    /// UCX transports for the peer tier (UCX_TLS), e.g. "tcp" or "shm".
-    #[arg(long, env = "KVTIER_PEER_TLS")]
-    peer_tls: Option<String>,
-    /// Network devices for the peer tier (UCX_NET_DEVICES), e.g. "lo".
-    #[arg(long, env = "KVTIER_PEER_NET_DEVICES")]
-    peer_net_devices: Option<String>,
-    /// What fingerprints of pulled blocks cover (peer.verify).
-    #[arg(long, env = "KVTIER_PEER_VERIFY", value_enum)]
-    peer_verify: Option<kvtier_core::fingerprint::Coverage>,
-    /// UCX threads a pull is striped over (peer.lanes).
-    #[arg(long, env = "KVTIER_PEER_LANES")]
-    peer_lanes: Option<usize>,
+    /// Enable daemon-to-daemon transfer (UCX shipping; transfer.enabled). `--peer`: its earlier name.
+    #[arg(long, alias = "peer", env = "KVTIER_TRANSFER")]
+    transfer: bool,
+    /// UCX transports for transfers (UCX_TLS; transfer.ucx_transports), e.g. "tcp" or "shm".
+    /// `--ucx-transports`: its earlier name.
+    #[arg(long, alias = "peer-tls", env = "KVTIER_UCX_TRANSPORTS")]
+    ucx_transports: Option<String>,
+    /// Network devices for transfers (UCX_NET_DEVICES), e.g. "lo". `--transfer-net-devices`: its
+    /// earlier name.
+    #[arg(long, alias = "peer-net-devices", env = "KVTIER_TRANSFER_NET_DEVICES")]
+    transfer_net_devices: Option<String>,
+    /// What fingerprints of pulled blocks cover (transfer.verify). `--transfer-verify`: its earlier name.
+    #[arg(long, alias = "peer-verify", env = "KVTIER_TRANSFER_VERIFY", value_enum)]
+    transfer_verify: Option<kvtier_core::fingerprint::Coverage>,
+    /// UCX threads a pull is striped over (transfer.lanes). `--transfer-lanes`: its earlier name.
+    #[arg(long, alias = "peer-lanes", env = "KVTIER_TRANSFER_LANES")]
+    transfer_lanes: Option<usize>,
     /// Seconds without progress after which a background part is declared stalled.
     #[arg(long, env = "KVTIER_STALL_AFTER_SECS")]
     stall_after_secs: Option<u64>,
@@ -127,18 +129,18 @@ impl Args {
         if let Some(m) = &self.metrics_listen {
             c.metrics.listen = m.clone();
         }
-        c.peer.enabled |= self.peer;
-        if let Some(t) = &self.peer_tls {
-            c.peer.tls = t.clone();
+        c.transfer.enabled |= self.transfer;
+        if let Some(t) = &self.ucx_transports {
+            c.transfer.ucx_transports = t.clone();
         }
-        if let Some(d) = &self.peer_net_devices {
-            c.peer.net_devices = d.clone();
+        if let Some(d) = &self.transfer_net_devices {
+            c.transfer.net_devices = d.clone();
         }
-        if let Some(v) = self.peer_verify {
-            c.peer.verify = v;
+        if let Some(v) = self.transfer_verify {
+            c.transfer.verify = v;
         }
-        if let Some(l) = self.peer_lanes {
-            c.peer.lanes = l;
+        if let Some(l) = self.transfer_lanes {
+            c.transfer.lanes = l;
         }
         if let Some(b) = self.device_backend {
             c.device.backend = b;

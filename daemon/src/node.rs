@@ -2,21 +2,21 @@
 //! tier's mechanism and the metrics. Servers translate wire messages into calls on [`Node`] and
 //! nothing more.
 
+mod disk_execution;
 mod feed;
 mod kv_copy;
+mod shipping;
 mod source;
 mod staged;
-mod tiering;
-mod transfer;
 
 pub use feed::{CacheView, Feed};
 pub use kv_copy::{Blocks, CopyWatch, KvCache, KvCopyError, Loaded, Saved};
+pub use shipping::{offer_fit, Offer, Pulled, Shipment};
 pub use source::{verify_from_wire, GrpcSource, ShipOrder, Source, SourceOffer};
-pub use transfer::{offer_fit, Offer, Pulled, Shipment};
 
 use crate::config::Config;
 use crate::device::DeviceBackend;
-use crate::disk::{DiskTier, Health};
+use crate::disk_io::{DiskTier, Health};
 use crate::metrics::{Metrics, NamespaceUsage};
 use crate::pool::{HostPool, LockMode, PoolGeometry};
 use crate::supervise::{Parts, Role};
@@ -53,11 +53,11 @@ pub enum ReservedAt {
 pub struct Node {
     cache: Mutex<BlockCache>,
     // Declared before `pool`: its rings must stop before the pool memory they target is unmapped.
-    disk: tiering::DiskSide,
+    disk: disk_execution::DiskSide,
     /// How blocks move between engine memory and the pool (dropped before the pool it registered).
     copies: kv_copy::Copies,
     /// Daemon-to-daemon transfers: the UCX thread, offers held for peers, channels to sources.
-    transfers: transfer::Transfers,
+    transfers: shipping::Transfers,
     pool: HostPool,
     /// Server-side counters.
     pub metrics: Metrics,
@@ -137,10 +137,10 @@ impl Node {
         let device = crate::device::open(config.device.backend, &pool)?;
         let parts = Arc::new(Parts::default());
         let stall_after = std::time::Duration::from_secs(config.server.stall_after_secs.max(1));
-        let peer = match config.peer.enabled {
+        let peer = match config.transfer.enabled {
             true => Some(
-                crate::peer::Peer::start(&config.peer, &parts, stall_after)
-                    .map_err(|e| anyhow::anyhow!("peer tier (UCX): {e:#}"))?,
+                crate::transfer::Peer::start(&config.transfer, &parts, stall_after)
+                    .map_err(|e| anyhow::anyhow!("daemon-to-daemon transfer (UCX): {e:#}"))?,
             ),
             false => None,
         };
@@ -171,7 +171,7 @@ impl Node {
         };
         Ok(Self {
             cache: Mutex::new(cache),
-            disk: tiering::DiskSide {
+            disk: disk_execution::DiskSide {
                 tier: disk,
                 health: disk_health,
                 demote_wake: tokio::sync::Notify::new(),
@@ -182,7 +182,7 @@ impl Node {
                 backend: device,
                 watch: CopyWatch::new(parts.add("copies", Role::DeviceCopies, Some(stall_after))),
             },
-            transfers: transfer::Transfers {
+            transfers: shipping::Transfers {
                 peer,
                 offers: Mutex::new(std::collections::HashMap::new()),
                 next_id: AtomicU64::new(0),
@@ -284,8 +284,8 @@ impl Node {
         }
     }
 
-    /// This daemon's UCX worker, when the peer tier is enabled.
-    pub fn peer(&self) -> Option<&crate::peer::Peer> {
+    /// This daemon's UCX worker, when daemon-to-daemon transfer is enabled.
+    pub fn peer(&self) -> Option<&crate::transfer::Peer> {
         self.transfers.peer.as_ref()
     }
 
@@ -521,7 +521,7 @@ impl Node {
         error!(part = %part.name, "{} FAILED ({reason}): {} off, everything else keeps serving", part.name, part.role.name());
         match part.role {
             Role::Disk => self.disk_failed(format!("{} {reason}", part.name)),
-            Role::Peer | Role::DeviceCopies | Role::Grpc | Role::Metrics | Role::Load => {}
+            Role::Transfer | Role::DeviceCopies | Role::Grpc | Role::Metrics | Role::Load => {}
         }
     }
 

@@ -19,7 +19,7 @@ pub enum Role {
     /// The disk tier (demoter, persister, rings): off, host-only from then on.
     Disk,
     /// Daemon-to-daemon transfers (UCX lanes): pulls and offers refused.
-    Peer,
+    Transfer,
     /// Daemon-side copies of engine memory: connectors copy themselves.
     DeviceCopies,
     /// The router feed and transfer control (gRPC servers).
@@ -35,7 +35,7 @@ impl Role {
     pub fn name(self) -> &'static str {
         match self {
             Role::Disk => "disk tier",
-            Role::Peer => "peer transfers",
+            Role::Transfer => "daemon-to-daemon transfers",
             Role::DeviceCopies => "daemon-side copies",
             Role::Grpc => "gRPC (router feed, transfers)",
             Role::Metrics => "metrics endpoint",
@@ -200,8 +200,8 @@ mod tests {
         let boom = parts.add("boom", Role::Disk, None);
         let t = thread(Arc::clone(&boom), |_| panic!("kaput")).unwrap();
         assert!(t.join().unwrap().is_none());
-        let slow = parts.add("slow", Role::Peer, Some(Duration::from_millis(30)));
-        let idle = parts.add("idle", Role::Peer, Some(Duration::from_millis(30)));
+        let slow = parts.add("slow", Role::Transfer, Some(Duration::from_millis(30)));
+        let idle = parts.add("idle", Role::Transfer, Some(Duration::from_millis(30)));
         idle.waiting(true);
         std::thread::sleep(Duration::from_millis(60));
         let down = parts.newly_down();

@@ -9,8 +9,8 @@ use kvtier_core::alloc::SlabAllocator;
 use kvtier_core::block::BlockHash;
 use kvtier_core::cache::{BlockCache, CacheLimits, DiskSetup};
 use kvtier_core::policy::{AdmissionKind, PolicyKind};
-use kvtier_daemon::disk::format::{SlotHeader, Superblock, HEADER_BYTES};
-use kvtier_daemon::disk::{restore, store};
+use kvtier_daemon::disk_io::format::{SlotHeader, Superblock, HEADER_BYTES};
+use kvtier_daemon::disk_io::{restore, store};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -8,7 +8,7 @@ use super::common::ConnectArgs;
 pub struct LogFilterArgs {
     #[command(flatten)]
     conn: ConnectArgs,
-    /// The new filter in RUST_LOG syntax, e.g. `info,kvtier_daemon::peer=debug`; without it,
+    /// The new filter in RUST_LOG syntax, e.g. `info,kvtier_daemon::transfer=debug`; without it,
     /// prints the current one.
     filter: Option<String>,
 }

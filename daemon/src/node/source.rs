@@ -3,7 +3,7 @@
 //! (`transfer.rs`) never builds a wire message. [`GrpcSource`] speaks the service over a cached
 //! channel.
 
-use crate::peer::Contact;
+use crate::transfer::Contact;
 use bytes::Bytes;
 use kvtier_core::block::BlockHash;
 use kvtier_core::fingerprint::Coverage;

@@ -2,7 +2,7 @@
 //! Translation only: the work is in `Node::offer`, `Node::ship` and `Node::pull`.
 
 use crate::node::{verify_from_wire, Node, Shipment};
-use crate::peer::Remote;
+use crate::transfer::Remote;
 use bytes::Bytes;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_server::TransferService;
@@ -46,7 +46,9 @@ impl TransferGrpc {
 #[tonic::async_trait]
 impl TransferService for TransferGrpc {
     async fn offer(&self, req: Request<pb::OfferRequest>) -> Result<Response<pb::OfferResponse>, Status> {
-        self.node.peer().ok_or_else(|| Status::failed_precondition("peer tier disabled (peer.enabled)"))?;
+        self.node
+            .peer()
+            .ok_or_else(|| Status::failed_precondition("daemon-to-daemon transfer is off (transfer.enabled)"))?;
         let caller = req.remote_addr().map_or_else(|| "local".to_string(), |a| a.ip().to_canonical().to_string());
         let r = req.into_inner();
         let (id, hashes) = super::parse_prefix(&r.namespace_id, &r.hashes)?;

@@ -1,4 +1,4 @@
-//! The peer tier's mechanism: `peer.lanes` threads, each owning a UCX context and worker, run
+//! Daemon-to-daemon transfer's mechanism: `transfer.lanes` threads, each owning a UCX context and worker, run
 //! many transfers at once as tagged messages (the protocol `ucx_perftest -t tag_bw` measures):
 //! - receiving: a receive per block is posted straight into its reserved pool slot (zero copy
 //!   where the transport allows: rendezvous into the slot). A receive writes only while pending:
@@ -25,7 +25,7 @@
 
 mod lane;
 
-use crate::config::PeerConfig;
+use crate::config::TransferConfig;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -186,22 +186,22 @@ impl Peer {
     /// Starts `cfg.lanes` UCX threads with `cfg`'s transports.
     /// Its lanes run as supervised parts of `parts`.
     pub fn start(
-        cfg: &PeerConfig,
+        cfg: &TransferConfig,
         parts: &crate::supervise::Parts,
         stall_after: std::time::Duration,
     ) -> anyhow::Result<Peer> {
         let mut settings: Vec<(String, String)> = Vec::new();
-        if !cfg.tls.is_empty() {
-            settings.push(("TLS".into(), cfg.tls.clone()));
+        if !cfg.ucx_transports.is_empty() {
+            settings.push(("TLS".into(), cfg.ucx_transports.clone()));
         }
         if !cfg.net_devices.is_empty() {
             settings.push(("NET_DEVICES".into(), cfg.net_devices.clone()));
         }
-        let detect = !shared_memory_only(&cfg.tls);
+        let detect = !shared_memory_only(&cfg.ucx_transports);
         if !detect {
             tracing::warn!(
-                tls = %cfg.tls,
-                "peer tier over shared memory only: UCX detects no peer failure there, so a peer dying \
+                tls = %cfg.ucx_transports,
+                "transfers over shared memory only: UCX detects no peer failure there, so a peer dying \
                  mid-transfer may stop this daemon; use tcp or RDMA transports in production"
             );
         }
@@ -213,7 +213,7 @@ impl Peer {
             let bell = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?);
             let (ready_tx, ready_rx) = mpsc::channel();
             let settings = settings.clone();
-            let part = parts.add(format!("lane-{lane}"), crate::supervise::Role::Peer, Some(stall_after));
+            let part = parts.add(format!("lane-{lane}"), crate::supervise::Role::Transfer, Some(stall_after));
             // Lane i on listen_port + i (0: the system picks).
             let port = match cfg.listen_port {
                 0 => 0,
@@ -370,8 +370,8 @@ mod tests {
 
     #[test]
     fn lanes_listen_on_the_configured_ports_or_any() {
-        let tcp = PeerConfig {
-            tls: "tcp".into(),
+        let tcp = TransferConfig {
+            ucx_transports: "tcp".into(),
             net_devices: "lo".into(),
             listen_ip: "127.0.0.1".into(),
             ..Default::default()
@@ -379,12 +379,16 @@ mod tests {
         let first = two_free_ports();
         let parts = crate::supervise::Parts::default();
         let stall = std::time::Duration::from_secs(30);
-        let fixed = Peer::start(&PeerConfig { listen_port: first, ..tcp.clone() }, &parts, stall).unwrap();
+        let fixed = Peer::start(&TransferConfig { listen_port: first, ..tcp.clone() }, &parts, stall).unwrap();
         assert_eq!(fixed.contacts(), [Contact::Port(first), Contact::Port(first + 1)]);
         let any = Peer::start(&tcp, &parts, stall).unwrap();
         assert!(any.contacts().iter().all(|c| matches!(c, Contact::Port(p) if *p != 0)), "{:?}", any.contacts());
-        let shm =
-            Peer::start(&PeerConfig { tls: "shm".into(), lanes: 1, ..Default::default() }, &parts, stall).unwrap();
+        let shm = Peer::start(
+            &TransferConfig { ucx_transports: "shm".into(), lanes: 1, ..Default::default() },
+            &parts,
+            stall,
+        )
+        .unwrap();
         assert!(matches!(shm.contacts(), [Contact::Worker(_)]), "shared memory only: worker addresses");
     }
 

@@ -6,8 +6,8 @@
 
 use super::source::{GrpcSource, ShipOrder, Source};
 use super::{Node, ReservedAt};
-use crate::peer::{Receipts, Received, Remote, Span, MAX_LANES};
 use crate::supervise::Role;
+use crate::transfer::{Receipts, Received, Remote, Span, MAX_LANES};
 use kvtier_core::block::{BlockHash, NsIdx};
 use kvtier_core::cache::ClientId;
 use kvtier_core::fingerprint::{block_seed, fingerprint, Coverage};
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 /// Daemon-to-daemon transfers as the node keeps them.
 pub(crate) struct Transfers {
     /// The UCX thread, when peer transfers are enabled.
-    pub(crate) peer: Option<crate::peer::Peer>,
+    pub(crate) peer: Option<crate::transfer::Peer>,
     /// Offers held for pullers, by id.
     pub(crate) offers: std::sync::Mutex<HashMap<u64, Offered>>,
     /// Sequence of transfer client ids.
@@ -194,8 +194,8 @@ impl Node {
 
     /// `Err` once peer transfers were turned off by a failed lane.
     fn peer_on(&self) -> Result<(), String> {
-        match self.role_down(Role::Peer) {
-            Some(why) => Err(format!("peer transfers are off after a failure ({why})")),
+        match self.role_down(Role::Transfer) {
+            Some(why) => Err(format!("daemon-to-daemon transfers are off after a failure ({why})")),
             None => Ok(()),
         }
     }
@@ -213,7 +213,7 @@ impl Node {
     /// most `peer.offer_pool_share` of the pool in all and `peer.offer_caller_share` per caller:
     /// past that the prefix offered is shorter (a partial hit for the puller).
     pub async fn offer(self: &Arc<Self>, id: &NamespaceId, hashes: &[BlockHash], caller: &str) -> Offer {
-        if self.role_down(Role::Peer).is_some() {
+        if self.role_down(Role::Transfer).is_some() {
             return Offer::default();
         }
         let Some(ns) = self.cache().find_namespace(id) else { return Offer::default() };
@@ -235,7 +235,7 @@ impl Node {
         let offer = Offer { id: lease, block_bytes, blocks: blocks.len() };
         let held = Offered { client, caller: caller.to_string(), block_bytes, blocks, shipping: 0, released: false };
         self.transfers.offers.lock().unwrap_or_else(|e| e.into_inner()).insert(lease, held);
-        let (node, timeout) = (Arc::clone(self), Duration::from_secs(self.config.peer.offer_timeout_secs));
+        let (node, timeout) = (Arc::clone(self), Duration::from_secs(self.config.transfer.offer_timeout_secs));
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             node.release_offer(lease);
@@ -254,7 +254,7 @@ impl Node {
                 .collect()
         };
         let pool = self.pool.geometry().total_bytes() as f64;
-        let p = &self.config.peer;
+        let p = &self.config.transfer;
         let limits = ((pool * p.offer_pool_share) as u64, (pool * p.offer_caller_share) as u64);
         offer_fit(new, block_bytes, &pinned(false), &pinned(true), limits)
     }
@@ -276,7 +276,7 @@ impl Node {
     /// fingerprints (computed while the sends run). The shipment runs to its end even if the
     /// caller stops waiting (a puller gone): the offer stays pinned until UCX is done with it.
     pub async fn ship(self: &Arc<Self>, s: Shipment) -> Result<Vec<u64>, String> {
-        self.transfers.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        self.transfers.peer.as_ref().ok_or("daemon-to-daemon transfer is off on this daemon (transfer.enabled)")?;
         self.peer_on()?;
         check_lanes(&s.lanes)?;
         let spans: Vec<Span> = {
@@ -299,8 +299,8 @@ impl Node {
     }
 
     async fn send_pinned(&self, s: Shipment, spans: Vec<Span>) -> Result<Vec<u64>, String> {
-        let peer = self.transfers.peer.as_ref().ok_or("peer tier disabled")?;
-        let deadline = Instant::now() + Duration::from_secs(self.config.peer.offer_timeout_secs);
+        let peer = self.transfers.peer.as_ref().ok_or("daemon-to-daemon transfer is off")?;
+        let deadline = Instant::now() + Duration::from_secs(self.config.transfer.offer_timeout_secs);
         let numbered = spans.iter().copied().enumerate().collect();
         let bytes = spans.iter().map(|s| s.1 as u64).sum();
         // SAFETY: the offer pins these slots until this shipment ends (release waits for it).
@@ -340,7 +340,7 @@ impl Node {
         hashes: &[BlockHash],
         parent: Option<BlockHash>,
     ) -> Result<Pulled, String> {
-        self.transfers.peer.as_ref().ok_or("peer tier disabled on this daemon (peer.enabled)")?;
+        self.transfers.peer.as_ref().ok_or("daemon-to-daemon transfer is off on this daemon (transfer.enabled)")?;
         self.peer_on()?;
         let (id, block_bytes) = {
             let c = self.cache();
@@ -362,7 +362,7 @@ impl Node {
         };
         // Released in the background: the pulled blocks are ours already, and a source that
         // stalls now must not hold the pull (the offer also expires on its own).
-        let expiry = Duration::from_secs(self.config.peer.offer_timeout_secs);
+        let expiry = Duration::from_secs(self.config.transfer.offer_timeout_secs);
         tokio::spawn(async move {
             let _ = tokio::time::timeout(expiry, from.release(offer.id)).await;
         });
@@ -382,7 +382,7 @@ impl Node {
         parent: Option<BlockHash>,
         block_bytes: u64,
     ) -> Result<Pulled, String> {
-        let peer = self.transfers.peer.as_ref().ok_or("peer tier disabled")?;
+        let peer = self.transfers.peer.as_ref().ok_or("daemon-to-daemon transfer is off")?;
         let client = self.transfer_client();
         let (reservation, outcomes) = self.reserve(client, ns, hashes, parent).map_err(|e| e.to_string())?;
         let (mut wanted, mut spans, mut present) = (Vec::new(), Vec::new(), 0);
@@ -401,7 +401,7 @@ impl Node {
             return Ok(Pulled { pulled: 0, present });
         }
         let (coverage, seed) =
-            (self.config.peer.verify, std::collections::hash_map::RandomState::new().hash_one(offer));
+            (self.config.transfer.verify, std::collections::hash_map::RandomState::new().hash_one(offer));
         let started = Instant::now();
         self.metrics.peer_pulls_in_flight.fetch_add(1, Relaxed);
         let outcome = self.ship_into(peer, source, offer, &wanted, spans, coverage, seed).await;
@@ -436,7 +436,7 @@ impl Node {
     #[allow(clippy::too_many_arguments)]
     async fn ship_into(
         &self,
-        peer: &crate::peer::Peer,
+        peer: &crate::transfer::Peer,
         source: &mut impl Source,
         offer: u64,
         wanted: &[u32],

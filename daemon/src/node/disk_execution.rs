@@ -3,8 +3,8 @@
 //! goes back to the cache, and what changed goes to the persistent index.
 
 use super::Node;
-use crate::disk::format::{SlotHeader, HEADER_BYTES};
-use crate::disk::{seal_slot, DiskTier};
+use crate::disk_io::format::{SlotHeader, HEADER_BYTES};
+use crate::disk_io::{seal_slot, DiskTier};
 use crate::fault;
 use crate::supervise::{self, Part, Role};
 use kvtier_core::block::{BlockHash, BlockKey, NsIdx, SlotId};
@@ -19,7 +19,7 @@ pub(crate) struct DiskSide {
     /// The spill files, their rings and the index persister (None: host tier only).
     pub(crate) tier: Option<DiskTier>,
     /// Set once an I/O or index failure turned the tier off.
-    pub(crate) health: Arc<crate::disk::Health>,
+    pub(crate) health: Arc<crate::disk_io::Health>,
     /// Wakes the demoter when the host tier wants room.
     pub(crate) demote_wake: tokio::sync::Notify,
     /// Counts finished promotions (Acquire waits on it for blocks being promoted).

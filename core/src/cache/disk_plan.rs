@@ -1,7 +1,7 @@
 //! Disk-tier planning: demotion under host pressure, promotion on demand, disk eviction, recovery
 //! from the persistent index, and giving up on a failed disk.
 //!
-//! Pure logic like the rest of the cache: the disk mechanism (`crate::disk`) executes the planned
+//! Pure logic like the rest of the cache: the disk mechanism (`crate::disk_io`) executes the planned
 //! [`Demotion`]s and [`Promotion`]s and reports each outcome back; [`DiskChange`]s tell it what to
 //! persist, in order.
 
