@@ -80,6 +80,20 @@ fn metrics_and_status_show_the_host_tier() {
     });
     assert_eq!(d.http_get("/healthz").trim(), "ok");
 
+    // Every counter is declared once: Stats carries what /metrics exports, and `kvtier status
+    // --counters` lists each with its help.
+    let json: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
+    let m = d.http_get("/metrics");
+    let counters = json["counters"].as_object().unwrap();
+    assert!(counters.len() > 30, "{json}");
+    for (name, value) in counters {
+        if name != "kvtier_connected_clients" && name != "kvtier_connections_total" {
+            assert!(m.contains(&format!("\n{name} {value}\n")), "{name} {value} not in /metrics:\n{m}");
+        }
+    }
+    let listed = ok_stdout(&d.kvtier(&["status", "--counters"]));
+    assert!(listed.contains("kvtier_host_blocks") && listed.contains("Committed blocks in the host tier."), "{listed}");
+
     // Per namespace: another model's blocks are counted apart.
     ok_stdout(&d.kvtier(&["put", "--count", "4", "--block-bytes", "16384", "--model", "other"]));
     let json: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();

@@ -303,7 +303,7 @@ fn one_client_cannot_exhaust_the_namespace_table() {
     }
     let status = ok_stdout(&d.kvtier(&["status", "--json"]));
     let json: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert!(json["namespaces"].as_u64().unwrap() <= 9, "{status}");
+    assert!(json["counters"]["kvtier_namespaces"].as_u64().unwrap() <= 9, "{status}");
 }
 
 #[test]

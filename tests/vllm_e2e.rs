@@ -168,8 +168,9 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert_eq!(scheduler["matched_tokens"].as_u64(), Some(4 * held_tokens), "{scheduler}");
     assert_eq!(out, reference, "greedy tokens equal those of a run without kvtier");
     let stats = daemon_stats(&d);
-    let loaded_blocks = stats["loaded_bytes"].as_u64().unwrap()
-        / (stats["saved_bytes"].as_u64().unwrap() / stats["tiers"][0]["blocks"].as_u64().unwrap());
+    let loaded_blocks = stats["counters"]["kvtier_loaded_bytes_total"].as_u64().unwrap()
+        / (stats["counters"]["kvtier_saved_bytes_total"].as_u64().unwrap()
+            / stats["tiers"][0]["blocks"].as_u64().unwrap());
     assert!(loaded_blocks >= 4 * held_tokens / BLOCK as u64, "each of 4 prompts loaded the prefix: {stats}");
 
     // Daemon-side copies (backend "cma"): the connector registers vLLM's KV tensors once and the
@@ -235,7 +236,7 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
         }
     }
     assert!(hits_after_restart >= 2, "the connector found the restarted daemon again");
-    assert!(daemon_stats(&d)["loaded_bytes"].as_u64().unwrap() > 0);
+    assert!(daemon_stats(&d)["counters"]["kvtier_loaded_bytes_total"].as_u64().unwrap() > 0);
     drop(e);
 
     // With a disk tier: the prefix saved by one vLLM survives a daemon restart on disk only, is
@@ -262,9 +263,12 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert_eq!(out, reference, "outputs with the prefix promoted from disk");
     assert!(cached.iter().all(|&c| c == held_tokens), "every prompt loaded the prefix: {cached:?}");
     let stats = daemon_stats(&d);
-    assert!(stats["promoted_blocks"].as_u64() >= Some(held_tokens / BLOCK as u64), "{stats}");
-    assert!(stats["disk_hit_blocks"].as_u64() > Some(0), "{stats}");
-    assert_eq!(stats["corrupt_blocks"].as_u64(), Some(0), "{stats}");
+    assert!(
+        stats["counters"]["kvtier_disk_promoted_blocks_total"].as_u64() >= Some(held_tokens / BLOCK as u64),
+        "{stats}"
+    );
+    assert!(stats["counters"]["kvtier_disk_hit_blocks_total"].as_u64() > Some(0), "{stats}");
+    assert_eq!(stats["counters"]["kvtier_disk_corrupt_blocks_total"].as_u64(), Some(0), "{stats}");
     drop(d);
 
     // Prefill/decode: a prefill vLLM saves into its daemon and hands each request's
@@ -307,7 +311,7 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert_eq!(worker["pull_errors"].as_u64(), Some(0), "{worker}");
     assert!(worker["pulled_blocks"].as_u64() >= Some(held_tokens / BLOCK as u64), "{worker}");
     assert_eq!(worker["load_errors"].as_u64(), Some(0), "{worker}");
-    let shipped = daemon_stats(&decode)["saved_bytes"].as_u64().unwrap();
+    let shipped = daemon_stats(&decode)["counters"]["kvtier_saved_bytes_total"].as_u64().unwrap();
     assert!(shipped > 0, "blocks arrived through the peer tier");
 
     // The prefill daemon gone: a fresh decode daemon's pulls fail, the parked request's blocks

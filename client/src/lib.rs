@@ -18,6 +18,7 @@
 pub mod bench;
 mod conn;
 mod pool;
+pub mod stats;
 pub mod testdata;
 
 pub use bytes::Bytes;

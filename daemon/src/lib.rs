@@ -9,6 +9,7 @@
 
 pub mod clients;
 pub mod config;
+pub mod counters;
 pub mod device;
 pub mod disk_io;
 pub mod fault;

@@ -527,14 +527,23 @@ impl Node {
 
     /// Prometheus text of everything.
     pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.stats(), self.disk_stats().as_ref(), &self.readings())
+    }
+
+    /// Every scalar counter and gauge ([`crate::counters`]): what `/metrics` exports, for Stats.
+    pub fn counters(&self) -> Vec<crate::counters::Counter> {
+        crate::counters::counters(&self.metrics, &self.stats(), self.disk_stats().as_ref(), &self.readings())
+    }
+
+    /// The mechanism's readings the metrics report besides the counters.
+    fn readings(&self) -> crate::metrics::Readings {
         let parts = self.parts.all().iter().map(|p| (p.name.clone(), p.role.name(), p.down().is_none())).collect();
-        let now = crate::metrics::Readings {
+        crate::metrics::Readings {
             pool_locked: self.pool.is_locked(),
             disk_queued_ios: self.disk.tier.as_ref().map_or(0, DiskTier::queued_ios),
             namespaces: self.namespace_usage(),
             parts,
             ready: self.problems().is_empty(),
-        };
-        self.metrics.render(&self.stats(), self.disk_stats().as_ref(), &now)
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 use super::common::{tier_json, tier_line, ConnectArgs};
 use bytesize::ByteSize;
+use kvtier_client::stats::{names, Counters};
 
 /// Arguments of `kvtier status`.
 #[derive(clap::Args, Debug)]
@@ -11,6 +12,9 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Also list every counter and gauge (what `/metrics` exports), with its help.
+    #[arg(long)]
+    counters: bool,
 }
 
 /// Prints the daemon's statistics.
@@ -22,13 +26,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         let tiers: Vec<_> = s.tiers.iter().map(tier_json).collect();
         let v = serde_json::json!({
             "daemon_version": s.daemon_version, "eviction_policy": s.eviction_policy, "tiers": tiers,
-            "namespaces": s.namespaces, "clients": s.clients, "hit_blocks": s.hit_blocks,
-            "miss_blocks": s.miss_blocks, "evicted_blocks": s.evicted_blocks,
-            "discarded_blocks": s.discarded_blocks,
-            "saved_bytes": s.saved_bytes, "loaded_bytes": s.loaded_bytes,
-            "disk_hit_blocks": s.disk_hit_blocks, "demoted_blocks": s.demoted_blocks,
-            "promoted_blocks": s.promoted_blocks, "disk_written_bytes": s.disk_written_bytes,
-            "not_admitted_blocks": s.not_admitted_blocks, "corrupt_blocks": s.corrupt_blocks,
+            "counters": s.counter_map(),
             "disk_failure": s.disk_failure, "device_backend": backend, "device_dma": dma,
             "problems": s.problems,
             "namespace_usage": s.namespace_usage.iter().map(|u| serde_json::json!({"model": u.model,
@@ -49,27 +47,26 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     for t in &s.tiers {
         println!("{}", tier_line(t));
     }
-    let lookups = s.hit_blocks + s.miss_blocks;
+    let n = |name| s.counter(name);
+    let (hits, lookups) = (n(names::HITS), n(names::HITS) + n(names::MISSES));
     println!(
-        "  namespaces {}, clients {}, hit rate {:.3} ({} of {} blocks), evicted {}",
-        s.namespaces,
-        s.clients,
-        s.hit_blocks as f64 / lookups.max(1) as f64,
-        s.hit_blocks,
-        lookups,
-        s.evicted_blocks
+        "  namespaces {}, clients {}, hit rate {:.3} ({hits} of {lookups} blocks), evicted {}",
+        n(names::NAMESPACES),
+        n(names::CLIENTS),
+        hits as f64 / lookups.max(1) as f64,
+        n(names::EVICTED)
     );
-    println!("  saved {}, loaded {}", ByteSize(s.saved_bytes), ByteSize(s.loaded_bytes));
+    println!("  saved {}, loaded {}", ByteSize(n(names::SAVED_BYTES)), ByteSize(n(names::LOADED_BYTES)));
     if s.tiers.iter().any(|t| t.tier() == kvtier_proto::v1::Tier::Disk) || !s.disk_failure.is_empty() {
         println!(
             "  disk: {} hits, demoted {}, promoted {}, not admitted {}, corrupt {}; wrote {} ({:.2} bytes per saved byte)",
-            s.disk_hit_blocks,
-            s.demoted_blocks,
-            s.promoted_blocks,
-            s.not_admitted_blocks,
-            s.corrupt_blocks,
-            ByteSize(s.disk_written_bytes),
-            s.disk_written_bytes as f64 / s.saved_bytes.max(1) as f64
+            n(names::DISK_HITS),
+            n(names::DEMOTED),
+            n(names::PROMOTED),
+            n(names::NOT_ADMITTED),
+            n(names::CORRUPT),
+            ByteSize(n(names::DISK_WRITTEN_BYTES)),
+            n(names::DISK_WRITTEN_BYTES) as f64 / n(names::SAVED_BYTES).max(1) as f64
         );
     }
     if !s.disk_failure.is_empty() {
@@ -80,6 +77,11 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     for u in &s.namespace_usage {
         println!("{}", namespace_line(u));
+    }
+    if args.counters {
+        for c in &s.counters {
+            println!("  {:<48} {:>16}  {}", c.name, c.value, c.help);
+        }
     }
     Ok(())
 }

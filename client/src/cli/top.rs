@@ -5,7 +5,9 @@
 
 use super::common::{tier_json, tier_line, ConnectArgs};
 use bytesize::ByteSize;
+use kvtier_client::stats::{names, Counters};
 use kvtier_proto::v1::StatsReply;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -26,69 +28,45 @@ pub struct TopArgs {
     json: bool,
 }
 
-/// What changed between two samples of a daemon's counters (`--json` prints it as is).
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+/// What changed between two samples of a daemon's counters (`--json` prints it as is): every
+/// monotonic counter's increase, by name.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Delta {
     /// Seconds between the samples.
     pub secs: f64,
-    /// Blocks found by lookups.
-    pub hit_blocks: u64,
-    /// Of them, found only on disk.
-    pub disk_hit_blocks: u64,
-    /// Blocks lookups did not find.
-    pub miss_blocks: u64,
-    /// Bytes committed.
-    pub saved_bytes: u64,
-    /// Bytes acquired.
-    pub loaded_bytes: u64,
-    /// Blocks evicted from the host tier.
-    pub evicted_blocks: u64,
-    /// Blocks written to disk.
-    pub demoted_blocks: u64,
-    /// Blocks read back from disk.
-    pub promoted_blocks: u64,
-    /// Bytes written to disk.
-    pub disk_written_bytes: u64,
-    /// Disk slots found corrupt (never served).
-    pub corrupt_blocks: u64,
+    /// Increase of each counter.
+    #[serde(flatten)]
+    pub increase: BTreeMap<String, u64>,
 }
 
 impl Delta {
     /// The change from `prev` to `cur`, `secs` apart. A counter that went down (the daemon
     /// restarted) counts from zero.
     pub fn between(prev: &StatsReply, cur: &StatsReply, secs: f64) -> Self {
-        let d = |f: fn(&StatsReply) -> u64| {
-            let (a, b) = (f(prev), f(cur));
-            if b >= a {
-                b - a
-            } else {
-                b
-            }
-        };
-        Self {
-            secs,
-            hit_blocks: d(|s| s.hit_blocks),
-            disk_hit_blocks: d(|s| s.disk_hit_blocks),
-            miss_blocks: d(|s| s.miss_blocks),
-            saved_bytes: d(|s| s.saved_bytes),
-            loaded_bytes: d(|s| s.loaded_bytes),
-            evicted_blocks: d(|s| s.evicted_blocks),
-            demoted_blocks: d(|s| s.demoted_blocks),
-            promoted_blocks: d(|s| s.promoted_blocks),
-            disk_written_bytes: d(|s| s.disk_written_bytes),
-            corrupt_blocks: d(|s| s.corrupt_blocks),
-        }
+        let before = prev.counter_map();
+        let increase = (cur.counters.iter().filter(|c| c.monotonic))
+            .map(|c| {
+                let a = before.get(&c.name).copied().unwrap_or(0);
+                (c.name.clone(), if c.value >= a { c.value - a } else { c.value })
+            })
+            .collect();
+        Self { secs, increase }
     }
 
-    /// `n` per second over the interval.
-    pub fn rate(&self, n: u64) -> f64 {
-        n as f64 / self.secs.max(1e-9)
+    /// How much counter `name` grew.
+    pub fn of(&self, name: &str) -> u64 {
+        self.increase.get(name).copied().unwrap_or(0)
+    }
+
+    /// Counter `name`'s growth per second over the interval.
+    pub fn rate(&self, name: &str) -> f64 {
+        self.of(name) as f64 / self.secs.max(1e-9)
     }
 
     /// Share of the interval's looked-up blocks that were found (None: no lookups).
     pub fn hit_rate(&self) -> Option<f64> {
-        let asked = self.hit_blocks + self.miss_blocks;
-        (asked > 0).then(|| self.hit_blocks as f64 / asked as f64)
+        let (hits, asked) = (self.of(names::HITS), self.of(names::HITS) + self.of(names::MISSES));
+        (asked > 0).then(|| hits as f64 / asked as f64)
     }
 }
 
@@ -98,7 +76,10 @@ pub fn screen(s: &StatsReply, delta: Option<&Delta>) -> String {
     let _ = writeln!(
         o,
         "kvtierd {}  eviction {}  clients {}  namespaces {}",
-        s.daemon_version, s.eviction_policy, s.clients, s.namespaces
+        s.daemon_version,
+        s.eviction_policy,
+        s.counter(names::CLIENTS),
+        s.counter(names::NAMESPACES)
     );
     for t in &s.tiers {
         let _ = writeln!(o, "{}", tier_line(t));
@@ -113,31 +94,31 @@ pub fn screen(s: &StatsReply, delta: Option<&Delta>) -> String {
         let _ = writeln!(o, "  (rates after the next refresh)");
         return o;
     };
-    let per_s = |n: u64| format!("{}/s", ByteSize(d.rate(n) as u64));
+    let per_s = |name: &str| format!("{}/s", ByteSize(d.rate(name) as u64));
     let hit_rate = d.hit_rate().map_or("-".to_string(), |r| format!("{r:.3}"));
     let _ = writeln!(o, "  per second over the last {:.1} s:", d.secs);
     let _ = writeln!(
         o,
         "  hits {:>9.1}  misses {:>9.1}  hit rate {hit_rate:>5}  from disk {:>7.1}",
-        d.rate(d.hit_blocks),
-        d.rate(d.miss_blocks),
-        d.rate(d.disk_hit_blocks)
+        d.rate(names::HITS),
+        d.rate(names::MISSES),
+        d.rate(names::DISK_HITS)
     );
     let _ = writeln!(
         o,
         "  saved {:>12}  loaded {:>12}  evicted {:>9.1} blocks",
-        per_s(d.saved_bytes),
-        per_s(d.loaded_bytes),
-        d.rate(d.evicted_blocks)
+        per_s(names::SAVED_BYTES),
+        per_s(names::LOADED_BYTES),
+        d.rate(names::EVICTED)
     );
     if s.tiers.iter().any(|t| t.tier() == kvtier_proto::v1::Tier::Disk) {
         let _ = writeln!(
             o,
             "  disk written {:>12}  demoted {:>7.1}  promoted {:>7.1}  corrupt {}",
-            per_s(d.disk_written_bytes),
-            d.rate(d.demoted_blocks),
-            d.rate(d.promoted_blocks),
-            d.corrupt_blocks
+            per_s(names::DISK_WRITTEN_BYTES),
+            d.rate(names::DEMOTED),
+            d.rate(names::PROMOTED),
+            d.of(names::CORRUPT)
         );
     }
     o
@@ -146,9 +127,8 @@ pub fn screen(s: &StatsReply, delta: Option<&Delta>) -> String {
 /// One `--json` line: the totals and, after the first sample, the interval's deltas.
 fn json_line(s: &StatsReply, delta: Option<&Delta>) -> serde_json::Value {
     let tiers: Vec<_> = s.tiers.iter().map(tier_json).collect();
-    serde_json::json!({"tiers": tiers, "clients": s.clients, "namespaces": s.namespaces,
-        "hit_blocks": s.hit_blocks, "miss_blocks": s.miss_blocks, "saved_bytes": s.saved_bytes,
-        "loaded_bytes": s.loaded_bytes, "disk_failure": s.disk_failure, "delta": delta})
+    serde_json::json!({"tiers": tiers, "counters": s.counter_map(), "disk_failure": s.disk_failure,
+        "delta": delta})
 }
 
 /// Refreshes until interrupted (or `--count` refreshes).
@@ -194,13 +174,16 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvtier_proto::v1::{Tier, TierStats};
+    use kvtier_proto::v1::{Counter, Tier, TierStats};
 
     fn stats(hits: u64, misses: u64, saved: u64) -> StatsReply {
+        let counter = |name: &str, value| Counter { name: name.into(), help: String::new(), monotonic: true, value };
         StatsReply {
-            hit_blocks: hits,
-            miss_blocks: misses,
-            saved_bytes: saved,
+            counters: vec![
+                counter(names::HITS, hits),
+                counter(names::MISSES, misses),
+                counter(names::SAVED_BYTES, saved),
+            ],
             daemon_version: "0.1.0".into(),
             eviction_policy: "prefix-lfu".into(),
             tiers: vec![TierStats {
@@ -216,9 +199,9 @@ mod tests {
     #[test]
     fn deltas_and_rates_over_the_interval() {
         let d = Delta::between(&stats(10, 5, 1000), &stats(40, 15, 5000), 2.0);
-        assert_eq!((d.hit_blocks, d.miss_blocks, d.saved_bytes), (30, 10, 4000));
-        assert_eq!(d.rate(d.hit_blocks), 15.0);
-        assert_eq!(d.rate(d.saved_bytes), 2000.0);
+        assert_eq!((d.of(names::HITS), d.of(names::MISSES), d.of(names::SAVED_BYTES)), (30, 10, 4000));
+        assert_eq!(d.rate(names::HITS), 15.0);
+        assert_eq!(d.rate(names::SAVED_BYTES), 2000.0);
         assert_eq!(d.hit_rate(), Some(0.75));
         assert_eq!(Delta::between(&stats(1, 1, 1), &stats(1, 1, 1), 1.0).hit_rate(), None);
     }
@@ -226,7 +209,7 @@ mod tests {
     #[test]
     fn a_restarted_daemon_counts_from_zero() {
         let d = Delta::between(&stats(100, 50, 9000), &stats(3, 1, 200), 1.0);
-        assert_eq!((d.hit_blocks, d.miss_blocks, d.saved_bytes), (3, 1, 200));
+        assert_eq!((d.of(names::HITS), d.of(names::MISSES), d.of(names::SAVED_BYTES)), (3, 1, 200));
     }
 
     #[test]

@@ -506,28 +506,11 @@ fn clients_reply(node: &Node) -> pb::ClientsReply {
 }
 
 fn stats_reply(node: &Node) -> pb::StatsReply {
-    use std::sync::atomic::Ordering::Relaxed;
     let st = node.stats();
     let disk = node.disk_stats();
-    let tiers = super::tier_stats(&st, disk.as_ref());
-    let d = disk.unwrap_or_default();
     pb::StatsReply {
-        tiers,
-        disk_hit_blocks: st.disk_hit_blocks,
-        demoted_blocks: d.demoted_blocks,
-        promoted_blocks: d.promoted_blocks,
-        disk_written_bytes: d.written_bytes,
-        corrupt_blocks: d.corrupt_blocks,
-        not_admitted_blocks: d.not_admitted_blocks,
+        tiers: super::tier_stats(&st, disk.as_ref()),
         disk_failure: node.disk_failure().unwrap_or_default(),
-        namespaces: st.namespaces as u32,
-        clients: node.metrics.connected_clients.load(Relaxed) as u32,
-        hit_blocks: st.hit_blocks,
-        miss_blocks: st.miss_blocks,
-        evicted_blocks: st.evicted_blocks,
-        discarded_blocks: st.discarded_blocks,
-        saved_bytes: st.saved_bytes,
-        loaded_bytes: st.loaded_bytes,
         eviction_policy: node.policy_name().into(),
         problems: node.problems(),
         daemon_version: env!("CARGO_PKG_VERSION").into(),
@@ -542,6 +525,9 @@ fn stats_reply(node: &Node) -> pb::StatsReply {
                 disk_hit_blocks: u.lookups.disk_hit_blocks,
                 miss_blocks: u.lookups.miss_blocks,
             })
+            .collect(),
+        counters: (node.counters().into_iter())
+            .map(|c| pb::Counter { name: c.name.into(), help: c.help.into(), monotonic: c.monotonic, value: c.value })
             .collect(),
     }
 }
