@@ -31,7 +31,7 @@ async fn main() {
             let mut c = d.client("bench-host-tier").await;
             assert_eq!(c.hello().staged, mode == "staged");
             let ns = c.register(namespace(&format!("bench-{block}"), block)).await.unwrap();
-            let r = kvtier_client::bench::measure(&mut c, &ns, 256 << 20, 10, false).await.unwrap();
+            let r = kvtier_client::bench::measure(&mut c, &ns, 256 << 20, 10, false, None).await.unwrap();
             let g = |bps: f64| format!("{:.2} GB/s", bps / 1e9);
             println!(
                 "{:>10} {:>8} {:>12} {:>12} {:>7.2}x {:>12} {:>7.2}x",

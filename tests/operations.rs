@@ -358,3 +358,43 @@ fn discard_by_tenant_salt_removes_every_model_of_that_tenant_and_nothing_else() 
     assert!(run("lookup", "a", "t3").contains("matched 4 of 4"));
     assert!(!d.log().contains("t1\""), "salts stay out of the log");
 }
+
+#[test]
+fn kvtier_bench_never_evicts_other_clients_blocks() {
+    // 32 MiB pool: an engine's 16 MiB, and a bench moving 8 MiB a round for 5 rounds.
+    let d = Daemon::start(&["--allowed-uid", "4242"]);
+    ok_stdout(&d.kvtier(&["put", "--count", "256", "--model", "engine"]));
+    let bench = ["bench", "--bytes", "8388608", "--rounds", "5", "--json"];
+    // An admin's bench removes each round's blocks: it fits, and leaves nothing behind.
+    let r: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&bench))).unwrap();
+    assert!(r["save_bps"].as_f64().unwrap() > 0.0, "{r}");
+    let got = ok_stdout(&d.kvtier(&["lookup", "--count", "256", "--model", "engine"]));
+    assert!(got.contains("matched 256"), "the engine's blocks are all still held: {got}");
+    let json: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
+    let bench_blocks: u64 = (json["namespace_usage"].as_array().unwrap().iter())
+        .filter(|u| u["model"] == "kvtier-bench")
+        .map(|u| u["host_blocks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(bench_blocks, 0, "{json}");
+    // Anyone else's bench must fit in the free room all rounds together: refused, nothing evicted.
+    let (ok, text) = d.kvtier_as(4242, &bench);
+    assert!(!ok && text.contains("would evict other clients' blocks"), "{text}");
+    let (ok, text) = d.kvtier_as(4242, &["bench", "--bytes", "1048576", "--rounds", "2", "--json"]);
+    assert!(ok, "a bench that fits runs: {text}");
+    assert!(ok_stdout(&d.kvtier(&["lookup", "--count", "256", "--model", "engine"])).contains("matched 256"));
+}
+
+#[test]
+fn the_readmes_sim_examples_run_on_the_trace_shipped_with_the_repository() {
+    let readme = std::fs::read_to_string(kvtier_tests::repo().join("README.md")).unwrap();
+    let examples: Vec<Vec<&str>> = (readme.lines())
+        .filter(|l| l.starts_with("kvtier sim "))
+        .map(|l| l.split('#').next().unwrap().split_whitespace().skip(1).collect())
+        .collect();
+    assert!(examples.len() >= 3, "README lost its sim examples");
+    for args in examples {
+        let out = Command::new(bin("kvtier")).args(&args).current_dir(kvtier_tests::repo()).output().unwrap();
+        let text = ok_stdout(&out);
+        assert!(text.contains("belady") || text.contains("cache-aware"), "kvtier {args:?}:\n{text}");
+    }
+}

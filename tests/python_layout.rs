@@ -1,6 +1,7 @@
-//! The connector's layout module (`client/python/kvtier/layout.py`), which describes vLLM's KV
-//! tensors to the daemon for daemon-side copies, checked on CPU tensors with the vLLM venv's
-//! torch: strides, chunk sizes, the byte order of a pool slot, and the layouts it must refuse.
+//! The connector's Python pieces, checked with the vLLM venv: the layout module
+//! (`client/python/kvtier/layout.py`), which describes vLLM's KV tensors to the daemon for
+//! daemon-side copies, on CPU tensors (strides, chunk sizes, the byte order of a pool slot, the
+//! layouts it must refuse); and where clients look for the daemon.
 
 use kvtier_tests::{repo, vllm_python};
 use std::process::Command;
@@ -14,4 +15,15 @@ fn the_connector_describes_vllm_kv_layouts_byte_for_byte() {
         .expect("run the layout checks");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("LAYOUT OK"), "stdout:\n{stdout}\nstderr:\n{stderr}");
+}
+
+#[test]
+fn python_clients_find_the_daemon_as_the_cli_does_and_the_connector_says_when_none_listens() {
+    let out = Command::new(vllm_python())
+        .arg(repo().join("tests/e2e/check_socket.py"))
+        .env("PYTHONPATH", repo().join("client/python"))
+        .output()
+        .expect("run the socket checks");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("SOCKET OK"), "stdout:\n{stdout}\nstderr:\n{stderr}");
 }

@@ -53,13 +53,16 @@ async fn load_round(
 }
 
 /// Runs `rounds` rounds of memcpy, save and load of `bytes` in blocks of the namespace's size;
-/// keeps the best round of each. Fails if a loaded byte differs from the saved one.
+/// keeps the best round of each. Fails if a loaded byte differs from the saved one. With
+/// `clean` (an admin's Discard of the bench's own namespace), each round's blocks are removed
+/// after it, so the bench never holds more than one round's bytes.
 pub async fn measure(
     c: &mut Client,
     ns: &Namespace,
     bytes: u64,
     rounds: u32,
     progress: bool,
+    clean: Option<&kvtier_proto::v1::Discard>,
 ) -> anyhow::Result<BenchResult> {
     let block = ns.block_bytes as usize;
     let n = (bytes as usize / block).max(1);
@@ -89,6 +92,9 @@ pub async fn measure(
         best_load = best_load.min(load_round(c, ns, &hashes, &mut dst, block).await?);
         anyhow::ensure!(dst[..] == src[..], "loaded bytes differ from saved bytes");
         dst.fill(1);
+        if let Some(discard) = clean {
+            c.discard(discard.clone()).await?;
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();

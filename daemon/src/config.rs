@@ -6,7 +6,7 @@
 use crate::device::BackendKind;
 use bytesize::ByteSize;
 use kvtier_core::policy::{AdmissionKind, PolicyKind};
-use kvtier_net::paths::{default_grpc_socket, default_socket};
+use kvtier_net::paths::{daemon_socket, default_grpc_socket};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -250,7 +250,7 @@ pub struct MetricsConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            socket: default_socket(),
+            socket: daemon_socket(),
             max_frame_bytes: ByteSize::mib(1),
             max_inflight: 64,
             max_hashes_per_request: 8192,

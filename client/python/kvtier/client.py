@@ -9,6 +9,7 @@ this connection's own (`hello.staged`), through which the daemon copies blocks i
 import mmap
 import os
 import socket
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -49,11 +50,34 @@ class Slot:
     offset: int
 
 
-def default_socket():
-    """Where kvtierd listens by default: $XDG_RUNTIME_DIR/kvtier or /tmp/kvtier-$UID."""
+# The socket of a node's system daemon (the Kubernetes DaemonSet's).
+SYSTEM_SOCKET = "/run/kvtier/kvtierd.sock"
+
+
+def socket_candidates():
+    """Where clients look for kvtierd when given no socket, in order (as the Rust client and the
+    CLI do): this user's own daemon ($XDG_RUNTIME_DIR/kvtier or /tmp/kvtier-$UID), the node's
+    system daemon, and a daemon root started by hand."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = os.path.join(runtime, "kvtier") if runtime else f"/tmp/kvtier-{os.getuid()}"
-    return os.environ.get("KVTIER_SOCKET", os.path.join(base, "kvtierd.sock"))
+    candidates = [os.path.join(base, "kvtierd.sock"), SYSTEM_SOCKET, "/tmp/kvtier-0/kvtierd.sock"]
+    return list(dict.fromkeys(candidates))
+
+
+def is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def default_socket():
+    """$KVTIER_SOCKET, else the first of `socket_candidates()` that is a socket, else this
+    user's own path (which then names the path in the "not found" error)."""
+    if os.environ.get("KVTIER_SOCKET"):
+        return os.environ["KVTIER_SOCKET"]
+    candidates = socket_candidates()
+    return next((c for c in candidates if is_socket(c)), candidates[0])
 
 
 class Client:

@@ -1,16 +1,25 @@
 //! `kvtier bench`: host-tier save and load through the shared pool, next to a plain memcpy of
 //! the same bytes with the same block size, measured in the same run (see `kvtier_client::bench`).
+//!
+//! The bench never evicts engines' blocks: it saves into a namespace of its own (its model and a
+//! salt unique to the run), and either fits in the pool's free room or, run by an admin (root
+//! or the daemon's uid), discards each round's blocks after the round and its namespace at the
+//! end.
 
-use super::common::{rate, ConnectArgs, NamespaceArgs};
+use super::common::{rate, ConnectArgs};
+use bytesize::ByteSize;
 use kvtier_client::bench::measure;
+use kvtier_client::NamespaceDescriptor;
+use kvtier_proto::v1 as pb;
 
 /// Arguments of `kvtier bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     conn: ConnectArgs,
-    #[command(flatten)]
-    ns: NamespaceArgs,
+    /// Bytes per block.
+    #[arg(long, default_value_t = 64 * 1024)]
+    block_bytes: u64,
     /// Bytes moved per round (must fit the pool).
     #[arg(long, default_value_t = 64 << 20)]
     bytes: u64,
@@ -25,8 +34,44 @@ pub struct BenchArgs {
 /// `kvtier bench`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect("bench").await?;
-    let ns = args.ns.register(&mut c).await?;
-    let r = measure(&mut c, &ns, args.bytes, args.rounds.max(1), !args.json).await?;
+    let rounds = args.rounds.max(1);
+    let salt = format!("kvtier-bench-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed()?.as_nanos());
+    let desc = NamespaceDescriptor {
+        model: "kvtier-bench".into(),
+        cache_salt: salt.clone(),
+        layout: format!("opaque-{}", args.block_bytes),
+        block_bytes: args.block_bytes,
+        ..Default::default()
+    };
+    let ns = c.register(desc).await?;
+    let ours = pb::Discard { model: "kvtier-bench".into(), cache_salt: salt, ..Default::default() };
+    // Asked on a connection of its own: the daemon closes a connection that sends an admin
+    // request it may not.
+    let mut probe = args.conn.connect("bench-probe").await?;
+    let admin = probe.discard(pb::Discard { dry_run: true, ..ours.clone() }).await.is_ok();
+    drop(probe);
+    let stats = c.stats().await?;
+    let host = stats.tiers.iter().find(|t| t.tier() == pb::Tier::Host).cloned().unwrap_or_default();
+    let (free, footprint) = (host.capacity_bytes.saturating_sub(host.used_bytes), args.bytes * u64::from(rounds));
+    let needed = if admin { args.bytes } else { footprint };
+    anyhow::ensure!(
+        needed <= free,
+        "kvtier bench would hold {} and the pool has {} free: it would evict other clients' blocks. \
+         Lower --bytes or --rounds{}",
+        ByteSize(needed),
+        ByteSize(free),
+        if admin {
+            ""
+        } else {
+            ", or run it as an admin (root or the daemon's uid), whose bench removes each round's blocks"
+        }
+    );
+    let clean = admin.then_some(&ours);
+    let r = measure(&mut c, &ns, args.bytes, rounds, !args.json, clean).await;
+    if admin {
+        c.discard(ours.clone()).await?;
+    }
+    let r = r?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());

@@ -31,9 +31,11 @@ tokens, or blocks reported through `get_block_ids_with_load_errors` (vLLM recomp
 connection is retried with backoff and an outage is logged once.
 """
 
+import os
+
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
-from .common import Counters, KvTierMetadata, KvTierStats, Settings, warn_if_hashes_are_private
+from .common import Counters, KvTierMetadata, KvTierStats, Settings, warn_if_hashes_are_private, warn_if_no_daemon
 from .scheduler import SchedulerSide
 from .worker import WorkerSide
 
@@ -49,6 +51,7 @@ class KvTierConnector(KVConnectorBase_V1):
         settings = Settings.of(vllm_config, role, kv_cache_config, extra)
         self._counters = Counters(extra.get("stats_file"), role.name.lower())
         warn_if_hashes_are_private(vllm_config)
+        warn_if_no_daemon(settings.socket_path, explicit="socket" in extra or "KVTIER_SOCKET" in os.environ)
         if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
             # A cache miss is never an error: blocks that fail to load are recomputed.
             self._kv_transfer_config.kv_load_failure_policy = "recompute"

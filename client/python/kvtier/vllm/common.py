@@ -12,7 +12,7 @@ from typing import Optional
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from ..client import Client, KvTierError, default_socket
+from ..client import Client, KvTierError, default_socket, is_socket, socket_candidates
 
 # Under vLLM's logger so its handlers and levels apply.
 logger = logging.getLogger("vllm.kvtier")
@@ -303,3 +303,18 @@ def warn_if_hashes_are_private(vllm_config):
             "process, so blocks saved by this engine cannot be shared with any other process",
             algo,
         )
+
+
+def warn_if_no_daemon(socket_path, explicit):
+    """Says loudly, once at start, that no daemon listens where the connector will connect: the
+    engine then serves uncached (and keeps retrying), which is easy to miss otherwise."""
+    if is_socket(socket_path):
+        return
+    looked = socket_path if explicit else ", ".join(socket_candidates())
+    logger.warning(
+        "kvtier: no kvtierd listening at %s (looked at: %s); this engine runs WITHOUT the KV cache "
+        "until one does. Start kvtierd, or point the connector at its socket "
+        "(kv_connector_extra_config {\"socket\": PATH} or KVTIER_SOCKET).",
+        socket_path,
+        looked,
+    )
