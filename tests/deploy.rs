@@ -289,7 +289,10 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
     assert_eq!(extra["socket"].as_str().map(PathBuf::from), Some(config.server.socket.clone()));
     assert_eq!(extra["transfer_source"].as_str(), Some(format!("$(HOST_IP):{grpc}").as_str()));
     let module = kv["kv_connector_module_path"].as_str().unwrap().replace('.', "/");
-    let source = std::fs::read_to_string(repo().join("client/python").join(module + ".py")).unwrap();
+    let (file, package) =
+        (repo().join("client/python").join(format!("{module}.py")), repo().join("client/python").join(&module));
+    let source =
+        std::fs::read_to_string(file).or_else(|_| std::fs::read_to_string(package.join("__init__.py"))).unwrap();
     assert!(source.contains(&format!("class {}", kv["kv_connector"].as_str().unwrap())));
     let host_ip = items(&ec["env"]).iter().find(|e| e["name"].as_str() == Some("HOST_IP")).expect("HOST_IP");
     assert_eq!(host_ip["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("status.hostIP"));

@@ -167,14 +167,15 @@ fn top_reports_each_intervals_traffic_and_follows_a_restarted_daemon() {
     // 16 blocks of 64 KiB saved, then loaded: exactly that, in the intervals that follow.
     ok_stdout(&d.kvtier(&["put", "--count", "16"]));
     ok_stdout(&d.kvtier(&["get", "--count", "16"]));
-    let sums = top_deltas_reach(&mut lines, &["saved_bytes", "loaded_bytes"], &[16 << 16, 16 << 16]);
+    let sums =
+        top_deltas_reach(&mut lines, &["kvtier_saved_bytes_total", "kvtier_loaded_bytes_total"], &[16 << 16, 16 << 16]);
     assert_eq!(sums, [16 << 16, 16 << 16]);
 
     // The daemon restarts: top reconnects, starts a new baseline, and counts from there.
     d.restart();
     while !top_line(&mut lines)["delta"].is_null() {}
     ok_stdout(&d.kvtier(&["put", "--count", "8", "--seed", "2"]));
-    let sums = top_deltas_reach(&mut lines, &["saved_bytes"], &[8 << 16]);
+    let sums = top_deltas_reach(&mut lines, &["kvtier_saved_bytes_total"], &[8 << 16]);
     assert_eq!(sums, [8 << 16]);
     let _ = top.kill();
     let _ = top.wait();

@@ -6,6 +6,7 @@
 
 use crate::metrics::{Metrics, Readings};
 use kvtier_core::cache::{CacheStats, DiskStats};
+use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// One exported number.
@@ -30,6 +31,16 @@ impl Counter {
             "gauge"
         }
     }
+}
+
+/// Prometheus text of `counters` (HELP, TYPE and value of each).
+pub fn exposition(counters: &[Counter]) -> String {
+    let mut o = String::with_capacity(64 * counters.len());
+    for c in counters {
+        let (name, help, kind, value) = (c.name, c.help, c.kind(), c.value);
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+    o
 }
 
 /// Every scalar counter and gauge, in exposition order: the cache's, the disk tier's (when one
@@ -240,6 +251,10 @@ mod tests {
         let host_only = counters(&m, &cache, None, &now);
         let with_disk = counters(&m, &cache, Some(&DiskStats::default()), &now);
         assert!(host_only.len() > 30 && with_disk.len() > host_only.len());
+        let cache = CacheStats { capacity_bytes: 7, ..Default::default() };
+        assert!(exposition(&counters(&m, &cache, None, &now)).contains(
+            "# HELP kvtier_host_capacity_bytes Host pool budget in bytes.\n# TYPE kvtier_host_capacity_bytes gauge\nkvtier_host_capacity_bytes 7\n"
+        ));
         let mut names: Vec<_> = with_disk.iter().map(|c| c.name).collect();
         names.sort();
         names.dedup();

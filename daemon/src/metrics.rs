@@ -1,7 +1,6 @@
 //! Daemon metrics: counters kept with atomics on the hot path, rendered as Prometheus text.
 
 use kvtier_core::block::NsIdx;
-use kvtier_core::cache::{CacheStats, DiskStats};
 use kvtier_core::histogram::Histogram;
 use kvtier_core::namespace::NamespaceId;
 use std::fmt::Write;
@@ -242,14 +241,11 @@ impl Metrics {
         self.errors[(code.max(0) as usize).min(15)].fetch_add(1, Relaxed);
     }
 
-    /// Prometheus text exposition: every scalar of [`counters`](crate::counters::counters), then
-    /// the labelled families (errors by code, latency histograms, namespaces, parts).
-    pub fn render(&self, cache: &CacheStats, disk: Option<&DiskStats>, now: &Readings) -> String {
+    /// Prometheus text of the labelled families (errors by code, latency histograms, namespaces,
+    /// parts); the scalars come from `counters.rs`. `disk`: whether a disk tier is
+    /// configured (its histogram is shown then).
+    pub fn render_families(&self, disk: bool, now: &Readings) -> String {
         let mut o = String::with_capacity(8192);
-        for c in crate::counters::counters(self, cache, disk, now) {
-            let (name, help, kind, value) = (c.name, c.help, c.kind(), c.value);
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        }
         let _ = writeln!(o, "# HELP kvtier_errors_total Error replies by code.\n# TYPE kvtier_errors_total counter");
         for (code, n) in self.errors.iter().enumerate() {
             let n = n.load(Relaxed);
@@ -269,7 +265,7 @@ impl Metrics {
             "# HELP {name} Time of one successful pull: its blocks shipped and verified.\n# TYPE {name} histogram"
         );
         self.peer_pull_latency.render(&mut o, name, "dir=\"in\"");
-        if disk.is_some() {
+        if disk {
             let name = "kvtier_disk_move_seconds";
             let _ = writeln!(
                 o,
@@ -303,12 +299,12 @@ mod tests {
     }
 
     #[test]
-    fn renders_cache_and_error_counters() {
+    fn renders_error_counters_by_code() {
         let m = Metrics::default();
         m.error(kvtier_proto::v1::ErrorCode::Malformed as i32);
-        let text = m.render(&CacheStats { capacity_bytes: 7, ..Default::default() }, None, &Readings::default());
-        assert!(text.contains("kvtier_host_capacity_bytes 7\n"));
+        let text = m.render_families(false, &Readings::default());
         assert!(text.contains("kvtier_errors_total{code=\"MALFORMED\"} 1\n"));
+        assert!(!text.contains("kvtier_disk_move_seconds"), "no disk tier, no disk histogram");
     }
 
     #[test]
@@ -322,7 +318,7 @@ mod tests {
             lookups: kvtier_core::cache::Lookups { hit_blocks: 5, disk_hit_blocks: 1, miss_blocks: 2 },
         };
         let now = Readings { namespaces: vec![hostile], ..Default::default() };
-        let text = Metrics::default().render(&CacheStats::default(), None, &now);
+        let text = Metrics::default().render_families(false, &now);
         let l = r#"model="m\"} 1\nkvtier_fake 9\\",namespace="abababab""#;
         assert!(text.contains(&format!("kvtier_namespace_blocks{{{l},tier=\"host\"}} 3\n")), "{text}");
         assert!(text.contains(&format!("kvtier_namespace_hit_blocks_total{{{l}}} 5\n")), "{text}");

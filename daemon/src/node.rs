@@ -527,7 +527,9 @@ impl Node {
 
     /// Prometheus text of everything.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&self.stats(), self.disk_stats().as_ref(), &self.readings())
+        let (disk, now) = (self.disk_stats(), self.readings());
+        let counters = crate::counters::counters(&self.metrics, &self.stats(), disk.as_ref(), &now);
+        crate::counters::exposition(&counters) + &self.metrics.render_families(disk.is_some(), &now)
     }
 
     /// Every scalar counter and gauge ([`crate::counters`]): what `/metrics` exports, for Stats.
