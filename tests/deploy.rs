@@ -13,11 +13,44 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// The documents of `deploy/kubernetes/<file>`.
+/// The documents of `deploy/kubernetes/base/<file>`, or of `deploy/kubernetes/<file>` for the
+/// examples.
 fn manifests(file: &str) -> Vec<Yaml> {
-    let path = repo().join("deploy/kubernetes").join(file);
+    let dir = if file.starts_with("examples/") { "deploy/kubernetes" } else { "deploy/kubernetes/base" };
+    let path = repo().join(dir).join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `kubectl`: `$KVTIER_KUBECTL` (`scripts/k8s-tools` installs one where the machine has none),
+/// else the one on the PATH.
+fn kubectl() -> PathBuf {
+    std::env::var_os("KVTIER_KUBECTL").map_or_else(|| PathBuf::from("kubectl"), PathBuf::from)
+}
+
+/// The kustomizations an operator applies: the base and every overlay.
+fn kustomizations() -> Vec<PathBuf> {
+    let overlays = repo().join("deploy/kubernetes/overlays");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&overlays).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    assert!(dirs.len() >= 2, "overlays in {}", overlays.display());
+    [vec![repo().join("deploy/kubernetes/base")], dirs].concat()
+}
+
+/// What `kubectl kustomize dir` renders, as text.
+fn render_text(dir: &Path) -> String {
+    let out = Command::new(kubectl())
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/k8s-tools, or set KVTIER_KUBECTL)", kubectl().display()));
+    assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The objects `kubectl kustomize dir` renders.
+fn rendered(dir: &Path) -> Vec<Yaml> {
+    YamlLoader::load_from_str(&render_text(dir)).unwrap()
 }
 
 /// The object of `kind` named `name` among `docs`.
@@ -81,9 +114,8 @@ fn quantity_bytes(q: &str) -> u64 {
 
 /// The daemon's configuration as the ConfigMap holds it, written to `dir`, parsed by the daemon's
 /// own loader (unknown keys refused).
-fn config_map_config(dir: &Path) -> (PathBuf, Config) {
-    let docs = manifests("kvtierd.yaml");
-    let cm = object(&docs, "ConfigMap", "kvtierd-config");
+fn config_map_config(docs: &[Yaml], dir: &Path) -> (PathBuf, Config) {
+    let cm = object(docs, "ConfigMap", "kvtierd-config");
     let path = dir.join("kvtierd.toml");
     std::fs::write(&path, cm["data"]["kvtierd.toml"].as_str().expect("kvtierd.toml in the ConfigMap")).unwrap();
     let config = Config::load(&path).unwrap_or_else(|e| panic!("the ConfigMap's kvtierd.toml: {e:#}"));
@@ -104,8 +136,8 @@ fn mount_holding<'a>(pod: &'a Yaml, c: &'a Yaml, path: &Path) -> (&'a Yaml, Stri
 }
 
 #[test]
-fn kustomization_lists_every_manifest_and_every_object_is_well_formed() {
-    let dir = repo().join("deploy/kubernetes");
+fn the_base_lists_every_manifest_and_every_kustomization_renders_well_formed_objects() {
+    let dir = repo().join("deploy/kubernetes/base");
     let kustomization = &manifests("kustomization.yaml")[0];
     let listed: BTreeSet<String> = strings(&kustomization["resources"]).into_iter().collect();
     let present: BTreeSet<String> = std::fs::read_dir(&dir)
@@ -113,13 +145,24 @@ fn kustomization_lists_every_manifest_and_every_object_is_well_formed() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
         .collect();
-    assert_eq!(listed, present, "kustomization.yaml resources vs the manifests in deploy/kubernetes");
-    let docs: Vec<Yaml> = listed.iter().flat_map(|f| manifests(f)).collect();
+    assert_eq!(listed, present, "kustomization.yaml resources vs the manifests in deploy/kubernetes/base");
+    for dir in kustomizations() {
+        well_formed(&rendered(&dir));
+    }
+}
+
+/// Every object has its apiVersion and namespace, workloads' selectors match their pods, priority
+/// classes exist, and Services select a workload serving their ports.
+fn well_formed(docs: &[Yaml]) {
     let workloads: Vec<&Yaml> =
         docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("DaemonSet" | "Deployment"))).collect();
-    for d in &docs {
+    for d in docs {
         let (kind, name) = (d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap());
         assert!(d["apiVersion"].as_str().is_some(), "{kind} {name}: apiVersion");
+        if kind == "PriorityClass" {
+            let policy = d["preemptionPolicy"].as_str();
+            assert_eq!(policy, Some("Never"), "{name}: a daemon never evicts running inference pods to be placed");
+        }
         if !matches!(kind, "Namespace" | "PriorityClass") {
             assert_eq!(d["metadata"]["namespace"].as_str(), Some("kvtier"), "{kind} {name}: namespace");
         }
@@ -154,6 +197,36 @@ fn kustomization_lists_every_manifest_and_every_object_is_well_formed() {
     }
 }
 
+/// `kubernetes-validate`: `$KVTIER_K8S_VALIDATE` (`scripts/k8s-tools` installs it), else the one
+/// on the PATH.
+fn validator() -> PathBuf {
+    std::env::var_os("KVTIER_K8S_VALIDATE").map_or_else(|| PathBuf::from("kubernetes-validate"), PathBuf::from)
+}
+
+#[test]
+fn every_kustomization_validates_against_the_kubernetes_schemas_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let validate = |file: &Path| {
+        let out = Command::new(validator()).arg("--strict").arg("--quiet").arg(file).output().unwrap_or_else(|e| {
+            panic!("{}: {e} (run scripts/k8s-tools, or set KVTIER_K8S_VALIDATE)", validator().display())
+        });
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    for dir in kustomizations() {
+        let file = tmp.path().join(format!("{}.yaml", dir.file_name().unwrap().to_string_lossy()));
+        std::fs::write(&file, render_text(&dir)).unwrap();
+        let (ok, text) = validate(&file);
+        assert!(ok, "{}: {text}", dir.display());
+    }
+    // The validator refuses what it should: a field the schema does not have.
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\nspec:\n  nonsense: 1\n").unwrap();
+    assert!(!validate(&bad).0, "an invalid object passed validation");
+}
+
 #[test]
 fn the_pod_monitor_scrapes_every_workload_where_its_annotations_point() {
     let monitor = &manifests("examples/podmonitor.yaml")[0];
@@ -172,23 +245,57 @@ fn the_pod_monitor_scrapes_every_workload_where_its_annotations_point() {
     }
 }
 
+/// The settings a DaemonSet's container takes from its `envFrom` ConfigMap (an overlay's
+/// settings.env), as (name, value); none where the ConfigMap is absent (optional in the base).
+fn settings_env(docs: &[Yaml], c: &Yaml) -> Vec<(String, String)> {
+    let Some(name) = items(&c["envFrom"]).iter().find_map(|e| e["configMapRef"]["name"].as_str()) else {
+        return Vec::new();
+    };
+    let cm =
+        docs.iter().find(|d| d["kind"].as_str() == Some("ConfigMap") && d["metadata"]["name"].as_str() == Some(name));
+    let data = cm.and_then(|cm| cm["data"].as_hash()).map(|h| h.iter().collect::<Vec<_>>()).unwrap_or_default();
+    data.into_iter().map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string())).collect()
+}
+
 #[test]
-fn the_daemon_set_matches_its_configuration_and_the_engines() {
+fn every_daemon_set_matches_its_configuration_and_the_engines() {
+    for dir in kustomizations() {
+        check_daemon_set(&dir);
+    }
+}
+
+/// The DaemonSet `dir` renders against the configuration its daemon would run with (the
+/// ConfigMap's file and the overlay's settings, as the real kvtierd reads them), the router and
+/// the engine example.
+fn check_daemon_set(dir: &Path) {
+    let at = dir.strip_prefix(repo()).unwrap().display().to_string();
+    let docs = rendered(dir);
     let tmp = tempfile::tempdir().unwrap();
-    let (path, config) = config_map_config(tmp.path());
-    let docs = manifests("kvtierd.yaml");
+    let (path, _) = config_map_config(&docs, tmp.path());
     let ds = object(&docs, "DaemonSet", "kvtierd");
     let (pod, c) = (&ds["spec"]["template"]["spec"], container(ds));
 
-    // The real daemon accepts the file as the DaemonSet passes it.
+    // The real daemon accepts the file and the settings as the DaemonSet passes them; what it
+    // prints is the configuration it would run with.
     let args = strings(&c["args"]);
     let mounted = Path::new(flag_value(&args, "--config"));
     let (volume, _) = mount_holding(pod, c, mounted);
-    assert_eq!(volume["configMap"]["name"].as_str(), Some("kvtierd-config"));
+    assert_eq!(volume["configMap"]["name"].as_str(), Some("kvtierd-config"), "{at}");
     assert_eq!(mounted.file_name().unwrap(), "kvtierd.toml");
     let mut local = args.clone();
     local[1 + args.iter().position(|a| a == "--config").unwrap()] = path.display().to_string();
-    ok_stdout(&Command::new(bin("kvtierd")).args(&local).arg("--print-config").output().unwrap());
+    let settings = settings_env(&docs, c);
+    let mut daemon = Command::new(bin("kvtierd"));
+    daemon.args(&local).arg("--print-config").env_clear().envs(settings.iter().map(|(k, v)| (k, v)));
+    let config = Config::from_toml(&ok_stdout(&daemon.output().unwrap())).unwrap();
+    let setting = |name: &str| settings.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    if at.contains("overlays") {
+        for name in ["KVTIER_POOL_BYTES", "POD_MEMORY", "SPILL_HOST_PATH"] {
+            assert!(setting(name).is_some(), "{at}: settings.env sets {name}");
+        }
+        let pool: bytesize::ByteSize = setting("KVTIER_POOL_BYTES").unwrap().parse().unwrap();
+        assert_eq!(config.pool.bytes, pool, "{at}: the daemon runs with the overlay's pool size");
+    }
 
     // Sockets on the host directory engines mount; spill directories on host paths.
     let (run, run_mount) = mount_holding(pod, c, &config.server.socket);
@@ -203,6 +310,9 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
     for d in &config.disk.dirs {
         let host = &mount_holding(pod, c, d).0["hostPath"];
         assert!(host["path"].as_str().is_some(), "{}: a host path", d.display());
+        if let Some(spill) = setting("SPILL_HOST_PATH") {
+            assert_eq!(host["path"].as_str(), Some(spill), "{at}: the spill directory is the overlay's");
+        }
         assert_eq!(
             host["type"].as_str(),
             Some("Directory"),
@@ -218,8 +328,7 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
         let (volume, _) = mount_holding(pod, c, file);
         assert_eq!(volume["secret"]["secretName"].as_str(), Some("kvtier-tls"), "{}", file.display());
     }
-    let router_docs = manifests("router.yaml");
-    let router_deployment = object(&router_docs, "Deployment", "kvtier-router");
+    let router_deployment = object(&docs, "Deployment", "kvtier-router");
     let rargs = strings(&container(router_deployment)["args"]);
     for (flag, file) in [("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"), ("--tls-ca", "ca.crt")] {
         let path = Path::new(flag_value(&rargs, flag));
@@ -246,8 +355,7 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
     assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
     assert_eq!(service_port(svc, "grpc"), grpc);
     assert_eq!(svc["spec"]["publishNotReadyAddresses"].as_bool(), Some(true), "routers follow degraded daemons");
-    let router = object(&manifests("router.yaml"), "Deployment", "kvtier-router").clone();
-    let dns = flag_value(&strings(&container(&router)["args"]), "--dns").to_string();
+    let dns = flag_value(&strings(&container(router_deployment)["args"]), "--dns").to_string();
     assert_eq!(dns, format!("kvtierd.kvtier.svc.cluster.local:{grpc}"), "the router resolves the daemons' Service");
     assert!(config.transfer.enabled, "the DaemonSet ships P/D blocks");
     assert!(config.transfer.listen_port > 0, "lane ports must be fixed to be opened between nodes");
@@ -273,7 +381,7 @@ fn the_daemon_set_matches_its_configuration_and_the_engines() {
         assert!(quantity_bytes(limits["hugepages-2Mi"].as_str().expect("hugepages-2Mi limit")) >= pool);
     } else {
         let memory = quantity_bytes(limits["memory"].as_str().expect("a memory limit"));
-        assert!(memory >= pool + (1 << 30), "the pool ({pool} B) is charged to the pod: limit {memory} B");
+        assert!(memory >= pool + (1 << 30), "{at}: the pool ({pool} B) is charged to the pod: limit {memory} B");
     }
     assert_eq!(c["resources"]["requests"], *limits, "Guaranteed QoS: the pool is locked memory");
 
@@ -347,7 +455,7 @@ async fn the_configured_daemon_and_router_serve_and_export_every_metric_the_dash
     // kvtierd with the ConfigMap's configuration; what is the node's here is the test's: pool
     // size, spill directory, sockets and ports (flags win over the file).
     let tmp = tempfile::tempdir().unwrap();
-    let (_, mut config) = config_map_config(tmp.path());
+    let (_, mut config) = config_map_config(&manifests("kvtierd.yaml"), tmp.path());
     config.transfer.listen_port = 0;
     // The Secret's files: a test CA's certificate for "kvtierd", as the secret volume holds them.
     let pki = kvtier_tests::Pki::new(&[("ca", "node")]);
