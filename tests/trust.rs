@@ -428,11 +428,11 @@ fn small_things_the_report_found() {
     ok_stdout(&d.kvtier(&["put", "--count", "8"]));
     ok_stdout(&d.kvtier(&["get", "--count", "10"]));
     let status: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
-    assert_eq!((status["hit_blocks"].as_u64(), status["miss_blocks"].as_u64()), (Some(8), Some(2)), "{status}");
+    assert_eq!((status["counters"]["kvtier_hit_blocks_total"].as_u64(), status["counters"]["kvtier_miss_blocks_total"].as_u64()), (Some(8), Some(2)), "{status}");
     let looked = ok_stdout(&d.kvtier(&["lookup", "--count", "8"]));
     assert!(looked.contains("matched 8"), "{looked}");
     let status: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
-    assert_eq!(status["hit_blocks"].as_u64(), Some(16), "a Lookup counts once: {status}");
+    assert_eq!(status["counters"]["kvtier_hit_blocks_total"].as_u64(), Some(16), "a Lookup counts once: {status}");
     // `kvtier status | head` ends quietly (it panicked on the broken pipe).
     let cli = kvtier_tests::bin("kvtier");
     let script = format!("set -o pipefail; {} status | head -c 1 >/dev/null", cli.display());

@@ -106,7 +106,7 @@ class WorkerSide:
             client, ns, cache = daemon.kv_cache(job.cache_salt, self.dma_layout)
             if client is None:
                 return 0
-            loaded = self.daemon_copy(client, cache, job, save=False, on_engine_stream=on_engine_stream)
+            loaded = self._daemon_copy(client, cache, job, save=False, on_engine_stream=on_engine_stream)
             return self._load_by_copy(client, ns, job) if loaded is None else loaded
         except (OSError, KvTierError) as e:
             daemon.fail(e)
@@ -291,7 +291,7 @@ class WorkerSide:
                 # engine's: a save is sent only for blocks known written. (Handing the daemon the
                 # event instead could let an engine killed mid-step have it fire without them.)
                 job.written.synchronize()
-            saved = self.daemon_copy(client, cache, job, save=True)
+            saved = self._daemon_copy(client, cache, job, save=True)
             if saved is None:
                 saved = self._save_by_copy(client, ns, job)
             self.counters.count("saved_tokens", saved * self.settings.block_size)
