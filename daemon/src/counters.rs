@@ -149,7 +149,7 @@ pub fn counters(m: &Metrics, cache: &CacheStats, disk: Option<&DiskStats>, now: 
     gauge("kvtier_peer_offers_total", "Offers of blocks made to peer daemons.", "counter", m.peer_offers.load(Relaxed));
     gauge(
         "kvtier_peer_offers_limited_total",
-        "Offers cut short by the offer quotas (peer.offer_pool_share, peer.offer_caller_share).",
+        "Offers cut short by the offer quotas (transfer.offer_pool_share, transfer.offer_caller_share).",
         "counter",
         m.peer_offers_limited.load(Relaxed),
     );

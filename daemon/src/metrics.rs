@@ -130,7 +130,7 @@ pub struct Metrics {
     pub feed_watchers: AtomicU64,
     /// Offers made to peers.
     pub peer_offers: AtomicU64,
-    /// Offers cut short by the offer quotas (`peer.offer_pool_share`, `offer_caller_share`).
+    /// Offers cut short by the offer quotas (`transfer.offer_pool_share`, `offer_caller_share`).
     pub peer_offers_limited: AtomicU64,
     /// Blocks pulled from peers, verified and visible.
     pub peer_pulled_blocks: AtomicU64,
