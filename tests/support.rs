@@ -209,8 +209,18 @@ impl Daemon {
             std::fs::copy(bin("kvtier"), &cli).unwrap();
             std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let out = Command::new(&cli).args(args).env("KVTIER_SOCKET", &self.socket).uid(uid).gid(uid).output();
-        let out = out.expect("run kvtier as another uid");
+        // The copy was open for writing: a child another test thread forked meanwhile holds
+        // that descriptor until it execs, and exec fails with ETXTBSY until then.
+        let mut tries = 0;
+        let out = loop {
+            match Command::new(&cli).args(args).env("KVTIER_SOCKET", &self.socket).uid(uid).gid(uid).output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                out => break out.expect("run kvtier as another uid"),
+            }
+        };
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     }
 
