@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use kvtier_client::{testdata, Client, NamespaceDescriptor};
 use kvtier_proto::v1::{self as pb, request::Op, response};
-use kvtier_tests::{bin, Daemon, LoopFs};
+use kvtier_tests::{bin, Daemon, LoopFs, TRANSFER_OVER_TCP};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -265,17 +265,7 @@ fn main() {
     let mut spill = fs.mount.join("spill");
     std::fs::create_dir(&spill).unwrap();
     let mut a = Daemon::start_with_metrics(&strs(&disk_flags(&spill)), true);
-    let peer = [
-        "--pool-bytes",
-        "96 MiB",
-        "--slab-bytes",
-        "4 MiB",
-        "--transfer",
-        "--ucx-transports",
-        "tcp",
-        "--transfer-net-devices",
-        "lo",
-    ];
+    let peer = [&["--pool-bytes", "96 MiB", "--slab-bytes", "4 MiB"][..], TRANSFER_OVER_TCP].concat();
     let mut b = Daemon::start_with_metrics(&peer, true);
     std::thread::sleep(Duration::from_secs(1));
     let mut base = [(a.rss_kib(), open_fds(a.pid())), (b.rss_kib(), open_fds(b.pid()))];

@@ -10,7 +10,7 @@
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench vllm_ttft`
 //! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`)
 
-use kvtier_tests::{make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon};
+use kvtier_tests::{make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon, TRANSFER_OVER_TCP};
 use std::path::Path;
 
 const PREFIX_TOKENS: usize = 4096;
@@ -90,17 +90,7 @@ fn main() {
         if r / c.max(k) >= 5.0 { "met" } else { "NOT met" }
     );
 
-    let peer = [
-        "--pool-bytes",
-        "2 GiB",
-        "--slab-bytes",
-        "64 MiB",
-        "--transfer",
-        "--ucx-transports",
-        "tcp",
-        "--transfer-net-devices",
-        "lo",
-    ];
+    let peer = [&["--pool-bytes", "2 GiB", "--slab-bytes", "64 MiB"][..], TRANSFER_OVER_TCP].concat();
     let (a, b) = (Daemon::start(&peer), Daemon::start_with_metrics(&peer, true));
     let params = work.path().join("params.json");
     let (a_sock, b_sock, params) = (a.socket.to_str().unwrap(), b.socket.to_str().unwrap(), params.to_str().unwrap());

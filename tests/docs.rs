@@ -4,7 +4,7 @@
 //! table names every `kvtier` subcommand.
 
 use kvtier_daemon::config::Config;
-use kvtier_tests::{bin, ok_stdout, repo, Daemon};
+use kvtier_tests::{bin, ok_stdout, repo, Daemon, TRANSFER_OVER_TCP};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
@@ -82,17 +82,8 @@ fn docs_metrics_lists_every_metric_the_daemon_exports() {
     // Every family: a disk tier, daemon-to-daemon transfer and a copy served, so that nothing
     // conditional is left out.
     let spill = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(); // O_DIRECT: not tmpfs
-    let args = [
-        "--disk-dir",
-        spill.path().to_str().unwrap(),
-        "--disk-bytes-per-dir",
-        "64 MiB",
-        "--transfer",
-        "--ucx-transports",
-        "tcp",
-        "--transfer-net-devices",
-        "lo",
-    ];
+    let disk = ["--disk-dir", spill.path().to_str().unwrap(), "--disk-bytes-per-dir", "64 MiB"];
+    let args = [&disk[..], TRANSFER_OVER_TCP].concat();
     let d = Daemon::start_with_metrics(&args, true);
     ok_stdout(&d.kvtier(&["put", "--count", "4"]));
     let exported = families(&d.http_get("/metrics"));

@@ -6,24 +6,23 @@
 use kvtier_tests::{repo, vllm_python};
 use std::process::Command;
 
-#[test]
-fn the_connector_describes_vllm_kv_layouts_byte_for_byte() {
+/// Runs `tests/e2e/<script>` with the connector on the path; passes if it prints `ok_line`.
+fn python_check(script: &str, ok_line: &str) {
     let out = Command::new(vllm_python())
-        .arg(repo().join("tests/e2e/check_layout.py"))
+        .arg(repo().join("tests/e2e").join(script))
         .env("PYTHONPATH", repo().join("client/python"))
         .output()
-        .expect("run the layout checks");
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && stdout.contains("LAYOUT OK"), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(out.status.success() && stdout.contains(ok_line), "stdout:\n{stdout}\nstderr:\n{stderr}");
+}
+
+#[test]
+fn the_connector_describes_vllm_kv_layouts_byte_for_byte() {
+    python_check("check_layout.py", "LAYOUT OK");
 }
 
 #[test]
 fn python_clients_find_the_daemon_as_the_cli_does_and_the_connector_says_when_none_listens() {
-    let out = Command::new(vllm_python())
-        .arg(repo().join("tests/e2e/check_socket.py"))
-        .env("PYTHONPATH", repo().join("client/python"))
-        .output()
-        .expect("run the socket checks");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && stdout.contains("SOCKET OK"), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    python_check("check_socket.py", "SOCKET OK");
 }

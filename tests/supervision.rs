@@ -4,7 +4,9 @@
 //! rest. Before, the demoter's panic left the disk tier silently dead with health SERVING.
 
 use kvtier_client::testdata;
-use kvtier_tests::{eventually_within, flash_attention_kv_cache, namespace, ok_stdout, refs, Daemon};
+use kvtier_tests::{
+    eventually_within, flash_attention_kv_cache, namespace, ok_stdout, refs, Daemon, TRANSFER_OVER_TCP,
+};
 
 /// `kvtier_part_up` of `part` (None: no such part).
 fn part_up(d: &Daemon, part: &str) -> Option<f64> {
@@ -80,7 +82,7 @@ fn a_promotion_that_panics_turns_off_the_disk_tier_and_the_load_is_a_miss() {
 #[test]
 fn a_peer_lane_that_panics_or_stalls_turns_off_peer_transfers_only() {
     for (fault, why) in [("lane:panic", "panicked: fault injected into lane-0"), ("lane:stall", "stalled")] {
-        let (d, _spill) = daemon(fault, &["--transfer", "--ucx-transports", "tcp", "--transfer-net-devices", "lo"]);
+        let (d, _spill) = daemon(fault, TRANSFER_OVER_TCP);
         reported_and_still_serving(&d, "lane-0", "daemon-to-daemon transfers", why);
         assert_eq!(d.metric("kvtier_disk_enabled"), 1.0, "{fault}: the disk tier is not affected");
     }

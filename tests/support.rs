@@ -37,6 +37,10 @@ pub struct Daemon {
     env: Vec<(String, String)>,
 }
 
+/// Daemon-to-daemon transfer over TCP on loopback (what tests and benchmarks of two daemons on
+/// one machine use).
+pub const TRANSFER_OVER_TCP: &[&str] = &["--transfer", "--ucx-transports", "tcp", "--transfer-net-devices", "lo"];
+
 /// Pool of test daemons unless the caller passes `--pool-bytes`: 32 MiB of 1 MiB slabs.
 pub const SMALL_POOL: &[&str] = &["--pool-bytes", "32 MiB", "--slab-bytes", "1 MiB"];
 

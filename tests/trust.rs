@@ -5,7 +5,7 @@
 use kvtier_client::testdata;
 use kvtier_proto::frame::encode;
 use kvtier_proto::v1::{self as pb, request::Op, response, ErrorCode};
-use kvtier_tests::{blocks_for, eventually, namespace, ok_stdout, refs, Daemon};
+use kvtier_tests::{blocks_for, eventually, namespace, ok_stdout, refs, Daemon, TRANSFER_OVER_TCP};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use prost::Message;
 use std::io::{IoSliceMut, Write};
@@ -383,11 +383,9 @@ fn the_grpc_plane_reveals_and_pins_nothing_without_authorization() {
 #[test]
 fn offers_pin_at_most_their_callers_share() {
     let tmp = tempfile::tempdir().unwrap();
+    // `[peer]`: the section's name in earlier releases, still read as `[transfer]`.
     let config = config_file(&tmp, "[peer]\noffer_caller_share = 0.25\noffer_pool_share = 0.5\n");
-    let d = Daemon::start_with_metrics(
-        &["--config", &config, "--transfer", "--ucx-transports", "tcp", "--transfer-net-devices", "lo"],
-        true,
-    );
+    let d = Daemon::start_with_metrics(&[&["--config", config.as_str()][..], TRANSFER_OVER_TCP].concat(), true);
     let rt = runtime();
     let mut c = rt.block_on(d.client("saver"));
     let ns = rt.block_on(c.register(namespace("m", 1 << 20))).unwrap();
@@ -428,7 +426,14 @@ fn small_things_the_report_found() {
     ok_stdout(&d.kvtier(&["put", "--count", "8"]));
     ok_stdout(&d.kvtier(&["get", "--count", "10"]));
     let status: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();
-    assert_eq!((status["counters"]["kvtier_hit_blocks_total"].as_u64(), status["counters"]["kvtier_miss_blocks_total"].as_u64()), (Some(8), Some(2)), "{status}");
+    assert_eq!(
+        (
+            status["counters"]["kvtier_hit_blocks_total"].as_u64(),
+            status["counters"]["kvtier_miss_blocks_total"].as_u64()
+        ),
+        (Some(8), Some(2)),
+        "{status}"
+    );
     let looked = ok_stdout(&d.kvtier(&["lookup", "--count", "8"]));
     assert!(looked.contains("matched 8"), "{looked}");
     let status: serde_json::Value = serde_json::from_str(&ok_stdout(&d.kvtier(&["status", "--json"]))).unwrap();

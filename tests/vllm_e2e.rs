@@ -7,7 +7,7 @@
 //! vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
 
-use kvtier_tests::{kill_group, make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon};
+use kvtier_tests::{kill_group, make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon, TRANSFER_OVER_TCP};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -274,17 +274,7 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     // Prefill/decode: a prefill vLLM saves into its daemon and hands each request's
     // kv_transfer_params on; a decode vLLM on another daemon gets the prompt pulled over UCX
     // (TCP) by its daemon and loads it instead of recomputing, with the same outputs.
-    let peer = [
-        "--pool-bytes",
-        "256 MiB",
-        "--slab-bytes",
-        "4 MiB",
-        "--transfer",
-        "--ucx-transports",
-        "tcp",
-        "--transfer-net-devices",
-        "lo",
-    ];
+    let peer = [&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB"][..], TRANSFER_OVER_TCP].concat();
     let (prefill, decode) = (Daemon::start(&peer), Daemon::start(&peer));
     let params = work.path().join("transfer-params.json");
     let params_arg = params.to_str().unwrap();
