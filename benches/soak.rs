@@ -1,4 +1,4 @@
-//! Soak and chaos: many clients for a long time against two real daemons with the disk and peer
+//! Soak and chaos: many clients for a long time against two real daemons with the disk tier and transfers
 //! tiers on, while the daemons are killed and restarted, engines are killed mid-save, the disk
 //! fills up and then fails, and hostile clients send garbage. Asserts that no loaded byte is ever
 //! wrong, that the daemons keep serving, and that once the clients are gone the daemons hold no
@@ -273,7 +273,7 @@ fn main() {
     let k = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
     let (sock_a, sock_b) = (Arc::new(Mutex::new(a.socket.clone())), Arc::new(Mutex::new(b.socket.clone())));
-    println!("soak: {clients} clients for {minutes} min on two daemons (disk and peer tiers on)");
+    println!("soak: {clients} clients for {minutes} min on two daemons (disk tier and daemon-to-daemon transfer on)");
     let mut tasks = Vec::new();
     for id in 0..clients {
         let (stop, k) = (Arc::clone(&stop), Arc::clone(&k));
