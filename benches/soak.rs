@@ -1,5 +1,5 @@
-//! Soak and chaos: many clients for a long time against two real daemons with the disk tier and transfers
-//! tiers on, while the daemons are killed and restarted, engines are killed mid-save, the disk
+//! Soak and chaos: many clients for a long time against two real daemons with the disk tier and
+//! daemon-to-daemon transfer on, while the daemons are killed and restarted, engines are killed mid-save, the disk
 //! fills up and then fails, and hostile clients send garbage. Asserts that no loaded byte is ever
 //! wrong, that the daemons keep serving, and that once the clients are gone the daemons hold no
 //! reservation, pin or connection, and their RSS and open files are back near where they started.
