@@ -233,7 +233,7 @@ pub fn counters(m: &Metrics, cache: &CacheStats, disk: Option<&DiskStats>, now: 
     );
     gauge(
         "kvtier_connections_refused_total",
-        "Connections refused by the uid allowlist.",
+        "Connector connections refused: uid not allowed, or a connection limit reached.",
         "counter",
         m.connections_refused.load(Relaxed),
     );
