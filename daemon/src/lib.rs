@@ -1,7 +1,7 @@
 //! kvtierd: the node-local KV-cache tiering daemon.
 //!
 //! Policy (what to keep, where) is pure logic in the `kvtier-core` crate; this crate is the
-//! mechanism that carries it out: memory ([`pool`], [`staging`]), files ([`disk`]), device copies
+//! mechanism that carries it out: memory ([`pool`], [`staging`]), files ([`disk_io`]), device copies
 //! ([`device`]), daemon-to-daemon transfer ([`transfer`]), the servers that translate the wire to
 //! [`node`] calls ([`server`]), and supervision of the background parts ([`supervise`]).
 

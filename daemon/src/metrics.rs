@@ -150,7 +150,7 @@ pub struct Metrics {
     pub peer_ship_failures: AtomicU64,
     /// Shipments sending now.
     pub peer_shipments_in_flight: AtomicU64,
-    /// Bytes the daemon copied itself from engines into the pool [0] and back [1] (SaveKv, LoadKv).
+    /// Bytes the daemon copied itself from engines into the pool (index 0, SaveKv) and back (index 1, LoadKv).
     pub device_copied_bytes: [AtomicU64; 2],
     /// Daemon-side copies that failed (nothing committed; loads became misses).
     pub device_copy_failures: AtomicU64,
