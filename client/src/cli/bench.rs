@@ -6,10 +6,9 @@
 //! or the daemon's uid), discards each round's blocks after the round and its namespace at the
 //! end.
 
-use super::common::{rate, ConnectArgs};
+use super::common::{rate, ConnectArgs, NamespaceArgs};
 use bytesize::ByteSize;
 use kvtier_client::bench::measure;
-use kvtier_client::NamespaceDescriptor;
 use kvtier_proto::v1 as pb;
 
 /// Arguments of `kvtier bench`.
@@ -36,14 +35,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect("bench").await?;
     let rounds = args.rounds.max(1);
     let salt = format!("kvtier-bench-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed()?.as_nanos());
-    let desc = NamespaceDescriptor {
-        model: "kvtier-bench".into(),
-        cache_salt: salt.clone(),
-        layout: format!("opaque-{}", args.block_bytes),
-        block_bytes: args.block_bytes,
-        ..Default::default()
-    };
-    let ns = c.register(desc).await?;
+    let own = NamespaceArgs { model: "kvtier-bench".into(), block_bytes: args.block_bytes, cache_salt: salt.clone() };
+    let ns = own.register(&mut c).await?;
     let ours = pb::Discard { model: "kvtier-bench".into(), cache_salt: salt, ..Default::default() };
     // Asked on a connection of its own: the daemon closes a connection that sends an admin
     // request it may not.
