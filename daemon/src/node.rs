@@ -12,7 +12,7 @@ mod staged;
 pub use feed::{CacheView, Feed};
 pub use kv_copy::{Blocks, CopyWatch, KvCache, KvCopyError, Loaded, Saved};
 pub use shipping::{offer_fit, Offer, Pulled, Shipment};
-pub use source::{verify_from_wire, GrpcSource, ShipOrder, Source, SourceOffer};
+pub use source::{verify_from_wire, GrpcSource, Ship, ShipOrder, Source, SourceOffer};
 
 use crate::config::Config;
 use crate::device::DeviceBackend;
@@ -230,10 +230,15 @@ impl Node {
         Ok((cache, disk))
     }
 
+    /// The cache's lock. Its invariants hold between calls; a panic mid-call is a bug we still
+    /// survive, so a poisoned lock is taken as it is.
+    fn lock_cache(&self) -> MutexGuard<'_, BlockCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The cache, locked (every operation is microseconds of bookkeeping).
     fn cache(&self) -> CacheGuard<'_> {
-        // The cache's invariants hold between calls; a panic mid-call is a bug we still survive.
-        let guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self.lock_cache();
         CacheGuard { events_at_lock: guard.events().last_sequence(), guard, events: &self.feed.events }
     }
 

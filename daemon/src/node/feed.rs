@@ -68,6 +68,6 @@ impl Node {
     /// The cache, read-only, for invariant checks (fuzzing, tests). Holds the cache lock: drop
     /// it before calling the node again.
     pub fn cache_view(&self) -> CacheView<'_> {
-        CacheView(self.cache.lock().unwrap_or_else(|e| e.into_inner()))
+        CacheView(self.lock_cache())
     }
 }

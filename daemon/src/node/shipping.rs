@@ -122,21 +122,8 @@ impl Drop for AbortOnDrop<'_> {
     }
 }
 
-/// A shipment request as the source sees it (decoded by the server).
-pub struct Shipment {
-    /// The offer.
-    pub offer: u64,
-    /// The puller's lanes (message `j` to `j % len`).
-    pub lanes: Vec<Remote>,
-    /// Tag of message 0.
-    pub tag_base: u64,
-    /// Offered block indices, in message order.
-    pub blocks: Vec<u32>,
-    /// What the fingerprints cover.
-    pub coverage: Coverage,
-    /// The puller's seed.
-    pub seed: u64,
-}
+/// A shipment request as the source sees it (decoded by the server): lanes resolved to addresses.
+pub type Shipment = super::source::Ship<Remote>;
 
 /// Fingerprints of the blocks in `spans`, each given as (its position in the shipment, its
 /// span), computed off the runtime.

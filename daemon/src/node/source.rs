@@ -23,22 +23,27 @@ pub struct SourceOffer {
     pub blocks: usize,
 }
 
-/// What the puller asks a source to ship.
+/// A shipment of offered blocks into a puller's receives: what the puller orders (lanes named
+/// as [`Contact`]s, [`ShipOrder`]) and what the source carries out (lanes resolved to
+/// addresses, [`Shipment`](super::Shipment)).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShipOrder {
+pub struct Ship<Lane> {
     /// The offer shipped from.
     pub offer: u64,
-    /// How the source reaches each of our receiving lanes.
-    pub lanes: Vec<Contact>,
+    /// The puller's receiving lanes (message `j` goes to lane `j % len`).
+    pub lanes: Vec<Lane>,
     /// Tag of the first shipped block; the `j`-th is `tag_base + j`.
     pub tag_base: u64,
-    /// Which offered blocks to ship, by position in the offer.
+    /// Which offered blocks to ship, by position in the offer, in message order.
     pub blocks: Vec<u32>,
     /// How much of each block the fingerprints cover.
     pub coverage: Coverage,
     /// The puller's fingerprint seed.
     pub seed: u64,
 }
+
+/// What the puller asks a source to ship.
+pub type ShipOrder = Ship<Contact>;
 
 /// Wire form of a coverage.
 fn wire_verify(c: Coverage) -> pb::Verify {
