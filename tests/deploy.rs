@@ -6,7 +6,7 @@
 
 use kvtier_daemon::config::Config;
 use kvtier_daemon::device::BackendKind;
-use kvtier_tests::{bin, eventually, http_get, ok_stdout, repo, Daemon, RouterProc};
+use kvtier_tests::{bin, eventually, http_get, metric_families, ok_stdout, repo, Daemon, RouterProc};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -406,32 +406,6 @@ fn check_daemon_set(dir: &Path) {
     assert_eq!(host_ip["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("status.hostIP"));
 }
 
-/// Metric families of Prometheus text: name -> (type, label names seen on its samples).
-fn families(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
-    let mut out: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap();
-            out.entry(name.into()).or_default().0 = kind.into();
-        } else if !line.starts_with('#') && !line.is_empty() {
-            let name_end = line.find(['{', ' ']).unwrap();
-            let mut name = &line[..name_end];
-            for suffix in ["_bucket", "_sum", "_count"] {
-                if let Some(base) =
-                    name.strip_suffix(suffix).filter(|b| out.get(*b).is_some_and(|f| f.0 == "histogram"))
-                {
-                    name = base;
-                }
-            }
-            if let Some(labels) = line[name_end..].strip_prefix('{').and_then(|l| l.split_once('}')).map(|l| l.0) {
-                let entry = out.entry(name.into()).or_default();
-                entry.1.extend(labels.split(',').filter_map(|kv| kv.split_once('=')).map(|kv| kv.0.to_string()));
-            }
-        }
-    }
-    out
-}
-
 /// Metric names and grouping labels of a PromQL expression and its legend.
 fn query_names(expr: &str, legend: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     let ident = |s: &str| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>();
@@ -529,8 +503,8 @@ async fn the_configured_daemon_and_router_serve_and_export_every_metric_the_dash
     assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
     // Every query of the dashboard names exported families, grouped by labels they carry.
-    let mut exported = families(&d.http_get("/metrics"));
-    exported.extend(families(&http_get(&metrics, "/metrics").unwrap()));
+    let mut exported = metric_families(&d.http_get("/metrics"));
+    exported.extend(metric_families(&http_get(&metrics, "/metrics").unwrap()));
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/kvtier.json")).unwrap()).unwrap();
     let mut queries = 0;
@@ -545,9 +519,9 @@ async fn the_configured_daemon_and_router_serve_and_export_every_metric_the_dash
                 let family = exported.get(name.as_str()).or_else(|| exported.get(base));
                 let family = family.unwrap_or_else(|| panic!("{expr}: {name} is not exported"));
                 if name != base {
-                    assert_eq!(family.0, "histogram", "{expr}: {name} of a {}", family.0);
+                    assert_eq!(family.kind, "histogram", "{expr}: {name} of a {}", family.kind);
                 }
-                carried.extend(family.1.iter().cloned());
+                carried.extend(family.labels.iter().cloned());
             }
             for label in labels {
                 assert!(carried.contains(&label), "{expr}: no label {label} on {names:?}");

@@ -4,8 +4,8 @@
 //! table names every `kvtier` subcommand.
 
 use kvtier_daemon::config::Config;
-use kvtier_tests::{bin, ok_stdout, repo, Daemon, TRANSFER_OVER_TCP};
-use std::collections::{BTreeMap, BTreeSet};
+use kvtier_tests::{bin, metric_families, ok_stdout, repo, Daemon, TRANSFER_OVER_TCP};
+use std::collections::BTreeSet;
 use std::process::Command;
 
 /// `section.key` of every `key = ...` line of a TOML text, by its `[section]` header.
@@ -62,21 +62,6 @@ fn the_readmes_cli_table_names_every_subcommand() {
     }
 }
 
-/// (name, type, help) of every metric family in a Prometheus exposition.
-fn families(text: &str) -> BTreeMap<String, (String, String)> {
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').unwrap();
-            out.entry(name.to_string()).or_insert((String::new(), String::new())).1 = help.to_string();
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap();
-            out.entry(name.to_string()).or_insert((String::new(), String::new())).0 = kind.to_string();
-        }
-    }
-    out
-}
-
 #[test]
 fn docs_metrics_lists_every_metric_the_daemon_exports() {
     // Every family: a disk tier, daemon-to-daemon transfer and a copy served, so that nothing
@@ -86,7 +71,7 @@ fn docs_metrics_lists_every_metric_the_daemon_exports() {
     let args = [&disk[..], TRANSFER_OVER_TCP].concat();
     let d = Daemon::start_with_metrics(&args, true);
     ok_stdout(&d.kvtier(&["put", "--count", "4"]));
-    let exported = families(&d.http_get("/metrics"));
+    let exported = metric_families(&d.http_get("/metrics"));
     let mut table = String::from(
         "# Metrics reference\n\nEvery metric `kvtierd` exports on `/metrics`, with the daemon's own help text. Generated \
          from a running daemon by `KVTIER_REGEN=1 cargo test -p kvtier-tests --test docs`; `tests/docs.rs` fails when \
@@ -95,8 +80,8 @@ fn docs_metrics_lists_every_metric_the_daemon_exports() {
          `daemon/src/metrics.rs`. The `kvtier_disk_*` scalars are exported only with a disk tier; the router's \
          metrics are in `docs/router.md`.\n\n| metric | type | what it is |\n|---|---|---|\n",
     );
-    for (name, (kind, help)) in &exported {
-        table += &format!("| `{name}` | {kind} | {} |\n", help.replace('|', "\\|"));
+    for (name, f) in &exported {
+        table += &format!("| `{name}` | {} | {} |\n", f.kind, f.help.replace('|', "\\|"));
     }
     let path = repo().join("docs/metrics.md");
     if std::env::var_os("KVTIER_REGEN").is_some() {

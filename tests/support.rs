@@ -639,3 +639,44 @@ impl Pki {
         }
     }
 }
+
+/// One metric family of a Prometheus exposition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Family {
+    /// Its `# TYPE` (counter, gauge, histogram).
+    pub kind: String,
+    /// Its `# HELP` text.
+    pub help: String,
+    /// Label names seen on its samples.
+    pub labels: std::collections::BTreeSet<String>,
+}
+
+/// The metric families of Prometheus text, by name (a histogram's `_bucket`, `_sum` and
+/// `_count` samples count as its own).
+pub fn metric_families(text: &str) -> std::collections::BTreeMap<String, Family> {
+    let mut out: std::collections::BTreeMap<String, Family> = Default::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            out.entry(name.into()).or_default().kind = kind.into();
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            out.entry(name.into()).or_default().help = help.into();
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let name_end = line.find(['{', ' ']).unwrap();
+            let mut name = &line[..name_end];
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) =
+                    name.strip_suffix(suffix).filter(|b| out.get(*b).is_some_and(|f| f.kind == "histogram"))
+                {
+                    name = base;
+                }
+            }
+            if let Some(labels) = line[name_end..].strip_prefix('{').and_then(|l| l.split_once('}')).map(|l| l.0) {
+                let entry = out.entry(name.into()).or_default();
+                entry.labels.extend(labels.split(',').filter_map(|kv| kv.split_once('=')).map(|kv| kv.0.to_string()));
+            }
+        }
+    }
+    out
+}
