@@ -162,7 +162,7 @@ async fn hostile(id: u64, socket: Arc<Mutex<std::path::PathBuf>>, stop: Arc<Atom
             continue;
         };
         let frame = |op: Op| kvtier_proto::frame::encode(&pb::Request { id: 1, op: Some(op) });
-        let hello = frame(Op::Hello(pb::Hello { client_name: "hostile".into(), protocol_version: 1 }));
+        let hello = frame(Op::Hello(pb::Hello { client_name: "hostile".into(), protocol_version: 1, engine: None }));
         let bad: Vec<u8> = match rng.below(6) {
             0 => (0..rng.below(512)).map(|_| rng.next() as u8).collect(),
             1 => u32::MAX.to_le_bytes().to_vec(),

@@ -31,7 +31,8 @@ fn request(id: u64, op: Op) -> Vec<u8> {
 /// A connection that has said Hello (the pool fds it was sent are dropped by plain reads).
 fn greeted(d: &Daemon) -> UnixStream {
     let mut s = connect(d);
-    s.write_all(&request(1, Op::Hello(pb::Hello { client_name: "raw".into(), protocol_version: 1 }))).unwrap();
+    s.write_all(&request(1, Op::Hello(pb::Hello { client_name: "raw".into(), protocol_version: 1, engine: None })))
+        .unwrap();
     assert!(matches!(read_response(&mut s).result, Some(response::Result::Hello(_))));
     s
 }
@@ -118,9 +119,9 @@ async fn each_bad_message_closes_only_its_connection() {
 
     // Ops before Hello, Hello twice.
     expect_error_and_close(connect(&d), &request(1, Op::Stats(pb::Stats {})), ErrorCode::NotHello);
-    let hello = request(9, Op::Hello(pb::Hello { client_name: "x".into(), protocol_version: 1 }));
+    let hello = request(9, Op::Hello(pb::Hello { client_name: "x".into(), protocol_version: 1, engine: None }));
     expect_error_and_close(greeted(&d), &hello, ErrorCode::NotHello);
-    let old = request(1, Op::Hello(pb::Hello { client_name: "x".into(), protocol_version: 0 }));
+    let old = request(1, Op::Hello(pb::Hello { client_name: "x".into(), protocol_version: 0, engine: None }));
     expect_error_and_close(connect(&d), &old, ErrorCode::UnsupportedVersion);
 
     // Bad hashes: empty and too long.

@@ -103,7 +103,7 @@ fn random_op(rng: &mut Rng, seen: &Seen, engine: &Engine) -> Op {
     }
     match draw {
         0 if rng.chance(20) => {
-            Op::Hello(pb::Hello { client_name: "fuzz".into(), protocol_version: rng.below(3) as u32 })
+            Op::Hello(pb::Hello { client_name: "fuzz".into(), protocol_version: rng.below(3) as u32, engine: None })
         }
         0 | 1 => Op::Register(pb::Register {
             namespace: Some(namespace(&format!("m{}", rng.below(3)), if rng.chance(50) { 4096 } else { block_bytes })),
@@ -243,7 +243,7 @@ impl Conn {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut c = Conn(s, Seen::default());
         if rng.chance(95) {
-            let hello = Op::Hello(pb::Hello { client_name: "fuzz".into(), protocol_version: 1 });
+            let hello = Op::Hello(pb::Hello { client_name: "fuzz".into(), protocol_version: 1, engine: None });
             c.call(0, hello).expect("Hello answered");
             if rng.chance(90) {
                 let register = Op::Register(pb::Register { namespace: Some(namespace("m0", 4096)) });

@@ -680,3 +680,53 @@ pub fn metric_families(text: &str) -> std::collections::BTreeMap<String, Family>
     }
     out
 }
+
+/// Runs a future to completion from synchronous code inside a multi-threaded tokio test.
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// A long-running `kvtier` subcommand (`gateway`, `picker`), killed when dropped. Its log
+/// (RUST_LOG=info) is kept in a temporary file, shown by [`KvtierProc::log`].
+pub struct KvtierProc {
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl KvtierProc {
+    /// Starts `kvtier ARGS` and waits until `addr` accepts connections.
+    pub fn start(args: &[&str], addr: &str) -> Self {
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let stderr = Stdio::from(log.reopen().expect("log file"));
+        let child = Command::new(bin("kvtier"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn kvtier");
+        let mut p = Self { child, log };
+        eventually("kvtier accepts", || {
+            assert!(p.child.try_wait().ok().flatten().is_none(), "kvtier {args:?} exited:\n{}", p.log());
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+        p
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Stops it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for KvtierProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -61,7 +61,7 @@ impl Raw {
     }
 
     fn hello(&mut self) -> (pb::HelloReply, Vec<OwnedFd>) {
-        match self.call(Op::Hello(pb::Hello { client_name: "hostile".into(), protocol_version: 1 })) {
+        match self.call(Op::Hello(pb::Hello { client_name: "hostile".into(), protocol_version: 1, engine: None })) {
             (pb::Response { result: Some(response::Result::Hello(h)), .. }, fds) => (h, fds),
             (other, _) => panic!("{other:?}"),
         }

@@ -86,12 +86,21 @@ pub struct Client {
 impl Client {
     /// Connects, says Hello and maps the pool segments the daemon passes.
     pub async fn connect(path: &Path, client_name: &str) -> Result<Self> {
+        Self::connect_as(path, client_name, None).await
+    }
+
+    /// Like [`connect`](Self::connect), announcing the inference engine this connection speaks
+    /// for (as an engine's connector does, so that gateways route to it by its node's blocks).
+    pub async fn connect_as(path: &Path, client_name: &str, engine: Option<pb::EngineInfo>) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display())))?;
         let mut decoder = FrameDecoder::new(64 << 20);
-        let hello =
-            request::Op::Hello(pb::Hello { client_name: client_name.into(), protocol_version: PROTOCOL_VERSION });
+        let hello = request::Op::Hello(pb::Hello {
+            client_name: client_name.into(),
+            protocol_version: PROTOCOL_VERSION,
+            engine,
+        });
         let mut out = Vec::new();
         encode_into(&pb::Request { id: 0, op: Some(hello) }, &mut out);
         let mut stream = stream;

@@ -1,5 +1,5 @@
 //! `kvtier`: command-line tool for kvtierd: status, top, clients, lookup, put/get, discard, log-filter, bench,
-//! sim, router.
+//! sim, router, gateway, picker.
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +37,11 @@ enum Command {
     Sim(cli::sim::SimArgs),
     /// Run the cluster router: follow daemons' router feeds, route requests to their prefix.
     Router(cli::router::RouterArgs),
+    /// Run the inference gateway: an OpenAI HTTP proxy sending each request to the engine whose
+    /// node holds its prompt's blocks.
+    Gateway(cli::gateway::GatewayArgs),
+    /// Run the endpoint picker for the Gateway API Inference Extension (Envoy ext_proc).
+    Picker(cli::gateway::PickerArgs),
 }
 
 /// Ends quietly, as Unix tools do, when the reader of our output goes away (`kvtier status |
@@ -57,17 +62,19 @@ fn quiet_on_closed_stdout() {
 fn main() -> std::process::ExitCode {
     quiet_on_closed_stdout();
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Router(_)) {
+    let serving = matches!(cli.command, Command::Router(_) | Command::Gateway(_) | Command::Picker(_));
+    if serving {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
-    // The router serves many followers and clients at once; the other commands are one client.
-    let rt = match cli.command {
-        Command::Router(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    // The router, gateway and picker serve many followers and clients at once; the other
+    // commands are one client.
+    let rt = match serving {
+        true => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        false => tokio::runtime::Builder::new_current_thread().enable_all().build(),
     }
     .expect("tokio runtime");
     let result = rt.block_on(async {
@@ -83,6 +90,8 @@ fn main() -> std::process::ExitCode {
             Command::Bench(a) => cli::bench::run(a).await,
             Command::Sim(a) => cli::sim::run(a),
             Command::Router(a) => cli::router::run(a).await,
+            Command::Gateway(a) => cli::gateway::run(a).await,
+            Command::Picker(a) => cli::gateway::run_picker(a).await,
         }
     });
     match result {

@@ -3,6 +3,7 @@
 
 use kvtier_core::block::NsIdx;
 use kvtier_core::cache::ClientId;
+use kvtier_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ pub struct Connection {
     namespaces: Mutex<Vec<NsIdx>>,
     kv_caches: AtomicU32,
     requests: AtomicU64,
+    engine: Mutex<Option<pb::NodeEngine>>,
 }
 
 /// What a connection has done so far (a consistent copy of its counters).
@@ -50,6 +52,28 @@ impl Connection {
         if !v.contains(&ns) {
             v.push(ns);
         }
+    }
+
+    /// Records the engine the connection speaks for (from Hello, validated by the caller).
+    pub fn announced(&self, engine: pb::EngineInfo) {
+        let node_engine = pb::NodeEngine { engine: Some(engine), namespaces: Vec::new() };
+        *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(node_engine);
+    }
+
+    /// Records a namespace an engine connection registered, with its salt cleared (once per
+    /// descriptor; the per-connection namespace quota bounds them).
+    pub fn registered_descriptor(&self, desc: &pb::NamespaceDescriptor) {
+        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = engine.as_mut() else { return };
+        let cleared = pb::NamespaceDescriptor { cache_salt: String::new(), ..desc.clone() };
+        if !e.namespaces.contains(&cleared) {
+            e.namespaces.push(cleared);
+        }
+    }
+
+    /// The engine it speaks for and the namespaces that engine registered, if it announced one.
+    pub fn engine(&self) -> Option<pb::NodeEngine> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Records a KV cache registered for daemon-side copies.
@@ -133,6 +157,7 @@ impl Connections {
             namespaces: Mutex::default(),
             kv_caches: AtomicU32::new(0),
             requests: AtomicU64::new(0),
+            engine: Mutex::default(),
         });
         live.insert(client.0, Arc::clone(&record));
         Ok(Registered { registry: self, record })
@@ -152,11 +177,38 @@ impl Connections {
     pub fn list(&self) -> Vec<Arc<Connection>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
+
+    /// The engines connected now, oldest connection first.
+    pub fn engines(&self) -> Vec<pb::NodeEngine> {
+        self.list().iter().filter_map(|c| c.engine()).collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engines_are_listed_with_their_namespaces_salt_cleared_while_connected() {
+        let reg = Connections::default();
+        let plain = reg.open(ClientId(1), None, 0, ConnectionLimits::NONE).unwrap();
+        let desc =
+            |salt: &str| pb::NamespaceDescriptor { model: "m".into(), cache_salt: salt.into(), ..Default::default() };
+        plain.record.registered_descriptor(&desc("a"));
+        assert!(reg.engines().is_empty(), "a connection that announced no engine is not one");
+        let engine = reg.open(ClientId(2), None, 0, ConnectionLimits::NONE).unwrap();
+        let info = pb::EngineInfo { address: "10.0.0.1:8000".into(), served_models: vec!["m".into()] };
+        engine.record.announced(info.clone());
+        for salt in ["", "tenant-a", "tenant-b"] {
+            engine.record.registered_descriptor(&desc(salt));
+        }
+        let engines = reg.engines();
+        assert_eq!(engines.len(), 1);
+        assert_eq!(engines[0].engine.as_ref(), Some(&info));
+        assert_eq!(engines[0].namespaces, vec![desc("")], "salts are the tenants' own: never reported");
+        drop(engine);
+        assert!(reg.engines().is_empty());
+    }
 
     #[test]
     fn connections_are_listed_while_open_with_their_activity() {

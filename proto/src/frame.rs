@@ -34,7 +34,7 @@ impl std::error::Error for FrameError {}
 /// use kvtier_proto::frame::{encode_into, FrameDecoder};
 /// use kvtier_proto::v1::Hello;
 /// let mut buf = Vec::new();
-/// encode_into(&Hello { client_name: "x".into(), protocol_version: 1 }, &mut buf);
+/// encode_into(&Hello { client_name: "x".into(), protocol_version: 1, engine: None }, &mut buf);
 /// let mut dec = FrameDecoder::new(1024);
 /// dec.extend(&buf);
 /// let body = dec.next_frame().unwrap().unwrap();

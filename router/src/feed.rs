@@ -1,7 +1,8 @@
 //! Following the daemons: one task per endpoint keeps its `WatchEvents` stream open, applies the
 //! snapshot and every event to the global index, resumes from its last sequence after a cut,
 //! re-snapshots when told to (or when the daemon restarted), and forgets a node that stayed away
-//! longer than the expiry. A second task per endpoint polls `Stats` for the load signal.
+//! longer than the expiry. A second task per endpoint polls `Stats` every second for the load
+//! signal and the inference engines connected to the node.
 
 use super::index::{GlobalIndex, NodeId, MAX_NODES};
 use super::score::NodeView;
@@ -55,6 +56,8 @@ pub struct NodeState {
     pub sequence: u64,
     /// Load signal from `Stats`.
     pub load: f64,
+    /// The inference engines connected to it and the namespaces they use (from `Stats`).
+    pub engines: Vec<pb::NodeEngine>,
 }
 
 /// Counters of the router.
@@ -163,6 +166,7 @@ impl Shared {
             instance: String::new(),
             sequence: 0,
             load: 0.0,
+            engines: Vec::new(),
         });
         let node = (nodes.len() - 1) as NodeId;
         drop(nodes);
@@ -293,7 +297,13 @@ impl Shared {
             }
             let Some(c) = client.as_mut() else { continue };
             match c.stats(pb::NodeStatsRequest {}).await {
-                Ok(r) => self.with_node(node, |n| n.load = r.into_inner().lookups_per_second),
+                Ok(r) => {
+                    let r = r.into_inner();
+                    self.with_node(node, |n| {
+                        n.load = r.lookups_per_second;
+                        n.engines = r.engines;
+                    })
+                }
                 Err(_) => client = None,
             }
         }

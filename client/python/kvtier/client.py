@@ -83,10 +83,12 @@ def default_socket():
 class Client:
     """One connection to kvtierd with the pool mapped. Calls are serialized by a lock."""
 
-    def __init__(self, path=None, name="kvtier-python", timeout=10.0, hello_timeout=1.0):
+    def __init__(self, path=None, name="kvtier-python", timeout=10.0, hello_timeout=1.0, engine=None):
         """Connects and says Hello within `hello_timeout` seconds (a live daemon answers in
         milliseconds; one that accepts but never answers is stuck); later calls wait at most
-        `timeout` seconds unless they say otherwise. Timeouts raise `TimeoutError`."""
+        `timeout` seconds unless they say otherwise. Timeouts raise `TimeoutError`.
+        `engine`, `(address, [served model names])`, announces the inference engine this
+        connection speaks for (gateways then route to it by the blocks of its node)."""
         self.path = path or default_socket()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(min(timeout, hello_timeout))
@@ -96,7 +98,7 @@ class Client:
         self._maps = []
         try:
             self._sock.connect(self.path)
-            self._hello(name)
+            self._hello(name, engine)
         except BaseException:
             self.close()
             raise
@@ -135,10 +137,13 @@ class Client:
                 raise KvTierError("daemon closed the connection")
             self._buf += chunk
 
-    def _hello(self, name):
+    def _hello(self, name, engine):
         hello = pb.Request(id=0)
         hello.hello.client_name = name
         hello.hello.protocol_version = PROTOCOL_VERSION
+        if engine is not None:
+            hello.hello.engine.address = engine[0]
+            hello.hello.engine.served_models.extend(engine[1])
         self._send([hello])
         fds = []
         try:

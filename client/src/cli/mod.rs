@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod clients;
 pub mod common;
 pub mod discard;
+pub mod gateway;
 pub mod log_filter;
 pub mod router;
 pub mod sim;

@@ -187,6 +187,21 @@ fn parent(raw: &Bytes) -> Result<Option<BlockHash>, Fatal> {
     }
 }
 
+/// An engine announced in Hello, within its documented limits.
+fn checked_engine(e: pb::EngineInfo) -> Result<pb::EngineInfo, Fatal> {
+    let bad = |why: String| Err(Fatal::new(ErrorCode::BadArgument, format!("Hello.engine: {why}")));
+    if e.address.is_empty() || e.address.len() > 256 {
+        return bad(format!("address has {} bytes; must be 1 to 256", e.address.len()));
+    }
+    if e.served_models.len() > 16 {
+        return bad(format!("{} served models; at most 16", e.served_models.len()));
+    }
+    if let Some(m) = e.served_models.iter().find(|m| m.is_empty() || m.len() > 256) {
+        return bad(format!("a served model name has {} bytes; must be 1 to 256", m.len()));
+    }
+    Ok(e)
+}
+
 /// Executes one request. `Ok` carries the result to send; `Err` is fatal for the connection.
 pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Result<response::Result, Fatal> {
     use request::Op as R;
@@ -201,6 +216,9 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
                     ErrorCode::UnsupportedVersion,
                     format!("client speaks up to protocol {}, daemon needs >= 1", h.protocol_version),
                 ));
+            }
+            if let Some(engine) = h.engine {
+                s.record.announced(checked_engine(engine)?);
             }
             s.greeted = true;
             s.record.named(&h.client_name);
@@ -239,6 +257,7 @@ pub async fn dispatch(node: &Arc<Node>, s: &mut Session, op: request::Op) -> Res
             let naming = Naming { model: desc.model.clone(), cache_salt: desc.cache_salt.clone() };
             let (ns, stride) = node.register(s.client, id, desc.block_bytes, naming)?;
             s.record.registered(ns);
+            s.record.registered_descriptor(&desc);
             let handle = match s.handles.iter().position(|&h| h == ns) {
                 Some(i) => i,
                 None => {

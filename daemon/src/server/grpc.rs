@@ -169,6 +169,7 @@ impl CacheService for FeedService {
             lookups_per_second: node.requests_per_second(),
             hit_blocks: st.hit_blocks,
             miss_blocks: st.miss_blocks,
+            engines: node.clients.connections.engines(),
         }))
     }
 

@@ -11,7 +11,7 @@ The connector is a facade over its two halves, as vLLM's own connectors are cut:
 what they share.
 
 Scheduler side: asks the daemon how many leading blocks of a request it holds (`Lookup` on the
-request's own `block_hashes`), plans loads into the blocks vLLM allocates, and plans a save of the
+prompt's block keys, `kvtier.keys`), plans loads into the blocks vLLM allocates, and plans a save of the
 prompt's full blocks in the step that finishes its prefill. Worker side: loads synchronously before
 the forward pass (acquire, copy from the shared pool into the KV cache, release); saves run on a
 background thread after the forward pass (reserve, copy, commit), and the request's blocks are held
@@ -35,7 +35,7 @@ import os
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
-from .common import Counters, KvTierMetadata, KvTierStats, Settings, warn_if_hashes_are_private, warn_if_no_daemon
+from .common import Counters, KvTierMetadata, KvTierStats, Settings, warn_if_no_daemon
 from .scheduler import SchedulerSide
 from .worker import WorkerSide
 
@@ -50,7 +50,6 @@ class KvTierConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         settings = Settings.of(vllm_config, role, kv_cache_config, extra)
         self._counters = Counters(extra.get("stats_file"), role.name.lower())
-        warn_if_hashes_are_private(vllm_config)
         warn_if_no_daemon(settings.socket_path, explicit="socket" in extra or "KVTIER_SOCKET" in os.environ)
         if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
             # A cache miss is never an error: blocks that fail to load are recomputed.

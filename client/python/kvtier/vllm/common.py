@@ -13,6 +13,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from ..client import Client, KvTierError, default_socket, is_socket, socket_candidates
+from ..keys import block_keys
+
+try:
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys as _extra_keys
+except ImportError:  # an older vLLM: the salt is the only extra key it had
+    _extra_keys = None
+
+# The namespace's `hash_algo`: how blocks are keyed (docs/keying.md).
+KEYING = "kvtier-block-v1"
 
 # Under vLLM's logger so its handlers and levels apply.
 logger = logging.getLogger("vllm.kvtier")
@@ -50,6 +59,10 @@ class Settings:
     device_copy: bool
     save_piece_bytes: int
     pull_piece_bytes: int
+    # Where this engine serves its OpenAI API ("host:port"), announced to the daemon so that
+    # `kvtier gateway` can route to it by its node's blocks; None: not announced.
+    engine_address: Optional[str] = None
+    served_models: list = field(default_factory=list)
 
     @classmethod
     def of(cls, vllm_config, role, kv_cache_config, extra):
@@ -65,7 +78,13 @@ class Settings:
             device_copy=extra.get("device_copy", "auto") != "off",
             save_piece_bytes=int(extra.get("save_piece_bytes", _SAVE_PIECE_BYTES)),
             pull_piece_bytes=int(extra.get("pull_piece_bytes", _PULL_PIECE_BYTES)),
+            engine_address=extra.get("engine_address") or os.environ.get("KVTIER_ENGINE_ADDRESS") or None,
+            served_models=_served_models(vllm_config.model_config),
         )
+
+    def engine(self):
+        """`(address, served models)` to announce, or None."""
+        return (self.engine_address, self.served_models) if self.engine_address else None
 
 
 # -- metadata passed from the scheduler to the workers ---------------------------------------
@@ -159,8 +178,9 @@ class Counters:
 class Daemon:
     """A lazily (re)connected client. `get()` returns None while the daemon is unavailable."""
 
-    def __init__(self, socket_path, name, descriptor, on_timeout=lambda: None):
+    def __init__(self, socket_path, name, descriptor, on_timeout=lambda: None, engine=None):
         self.socket_path = socket_path
+        self.engine = engine  # announced in Hello (the scheduler side only)
         self.on_timeout = on_timeout  # called for each call the daemon did not answer in time
         self.name = name
         self.descriptor = descriptor
@@ -179,7 +199,7 @@ class Daemon:
         if time.monotonic() < self.retry_at:
             return None
         try:
-            self.client = Client(self.socket_path, name=self.name, timeout=10.0)
+            self.client = Client(self.socket_path, name=self.name, timeout=10.0, engine=self.engine)
         except (OSError, KvTierError) as e:
             self.fail(e)
             return None
@@ -259,12 +279,6 @@ def _namespace_descriptor(vllm_config, kv_cache_config):
     head_size = getattr(spec, "head_size", None) or mc.get_head_size()
     dtype = getattr(spec, "dtype", None) or mc.dtype
     block_bytes = spec.page_size_bytes * num_layers if spec is not None else 0
-    try:
-        from vllm.v1.core.kv_cache_utils import get_none_hash_seed
-
-        seed = get_none_hash_seed()
-    except ImportError:
-        seed = ""
     desc = {
         "model": str(mc.model),
         "revision": str(mc.revision or ""),
@@ -278,11 +292,17 @@ def _namespace_descriptor(vllm_config, kv_cache_config):
         "tp_size": pc.tensor_parallel_size,
         "pp_rank": _rank(pc, "pp"),
         "pp_size": pc.pipeline_parallel_size,
-        "hash_algo": str(cc.prefix_caching_hash_algo),
-        "hash_seed": seed,
+        # Blocks are keyed by kvtier.keys, whatever vLLM's own hash algorithm and seed.
+        "hash_algo": KEYING,
+        "hash_seed": "",
         "block_bytes": block_bytes,
     }
     return desc, block_bytes
+
+
+def _served_models(mc):
+    names = getattr(mc, "served_model_name", None) or mc.model
+    return [str(n) for n in ([names] if isinstance(names, str) else names)][:16]
 
 
 def _rank(pc, kind):
@@ -295,14 +315,22 @@ def _rank(pc, kind):
         return 0
 
 
-def warn_if_hashes_are_private(vllm_config):
-    algo = str(vllm_config.cache_config.prefix_caching_hash_algo)
-    if algo.startswith("xxhash") and os.environ.get("PYTHONHASHSEED") is None:
-        logger.warning(
-            "kvtier: prefix_caching_hash_algo=%s with no PYTHONHASHSEED: block hashes are random per "
-            "process, so blocks saved by this engine cannot be shared with any other process",
-            algo,
-        )
+def prompt_keys(request, block_size):
+    """The kvtier keys (`kvtier.keys`) of the full blocks of a request's prompt, with vLLM's
+    per-block extra keys (LoRA adapter, multimodal items, cache salt, prompt embeddings) so that
+    blocks whose KV differs never share a key. Empty for a prompt given as embeddings only."""
+    tokens = request.prompt_token_ids
+    if not tokens:
+        return []
+    mm = [0]
+
+    def extras(i):
+        if _extra_keys is None:
+            return (("cache_salt", request.cache_salt),) if i == 0 and request.cache_salt else None
+        found, mm[0] = _extra_keys(request, i * block_size, (i + 1) * block_size, mm[0])
+        return found
+
+    return block_keys(tokens, block_size, extras)
 
 
 def warn_if_no_daemon(socket_path, explicit):

@@ -1,11 +1,11 @@
 """The scheduler half of the connector: asks the daemon how many leading blocks of a request it
-holds (`Lookup` on the request's own `block_hashes`, starting promotions of blocks only on disk),
+holds (`Lookup` on the prompt's block keys, `kvtier.keys`, starting promotions of blocks only on disk),
 plans loads into the blocks vLLM allocates, and plans a save of the prompt's full blocks in the
 step that finishes its prefill. P/D: the decode side plans an asynchronous load that the worker
 pulls from the prefill daemon first; the prefill side names its daemon in kv_transfer_params."""
 
 from ..client import KvTierError
-from .common import LOOKUP_TIMEOUT_S, Daemon, KvTierMetadata, Transfer
+from .common import LOOKUP_TIMEOUT_S, Daemon, KvTierMetadata, Transfer, prompt_keys
 
 
 class SchedulerSide:
@@ -15,7 +15,7 @@ class SchedulerSide:
         self.settings = settings
         self.counters = counters
         self.daemon = Daemon(settings.socket_path, settings.name, settings.descriptor,
-                             lambda: counters.count("daemon_timeouts", 1))
+                             lambda: counters.count("daemon_timeouts", 1), engine=settings.engine())
         self.requests = {}  # req_id -> Request (while scheduled)
         self.local = {}  # req_id -> tokens computed locally (engine prefix cache)
         self.block_ids = {}  # req_id -> block ids allocated so far
@@ -25,11 +25,19 @@ class SchedulerSide:
         self.pulling = {}  # req_id -> prefill daemon, for P/D loads not yet planned
         self.pulled = set()  # req ids whose P/D source was taken from kv_transfer_params
         self.loading = set()  # req ids with an asynchronous (P/D) load not yet reported done
+        self.keys = {}  # req_id -> the block keys of its prompt's full blocks
+
+    def prompt_keys(self, request):
+        """The keys of the request's prompt blocks (computed once per request)."""
+        keys = self.keys.get(request.request_id)
+        if keys is None:
+            keys = self.keys[request.request_id] = prompt_keys(request, self.settings.block_size)
+        return keys
 
     def loadable_blocks(self, request):
         # At least one prompt token must be computed by the model to produce logits.
         n_prompt = len(request.prompt_token_ids or [])
-        return min(len(request.block_hashes), max(n_prompt - 1, 0) // self.settings.block_size)
+        return min(len(self.prompt_keys(request)), max(n_prompt - 1, 0) // self.settings.block_size)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         block_size = self.settings.block_size
@@ -52,7 +60,7 @@ class SchedulerSide:
                 return 0, False
             # Blocks only on disk start moving into the pool now, while vLLM schedules; the
             # worker's load finds them there (or waits for the rest).
-            hashes = [bytes(h) for h in request.block_hashes[:n]]
+            hashes = self.prompt_keys(request)[:n]
             matched, _ = client.lookup_and_prefetch(ns, hashes, timeout=LOOKUP_TIMEOUT_S)
         except (OSError, KvTierError) as e:
             self.daemon.fail(e)
@@ -81,7 +89,7 @@ class SchedulerSide:
         block_ids = blocks.get_block_ids()[0]
         first = self.local.get(request.request_id, 0) // self.settings.block_size
         last = first + num_external_tokens // self.settings.block_size
-        hashes = [bytes(h) for h in request.block_hashes[first:last]]
+        hashes = self.prompt_keys(request)[first:last]
         source = self.pulling.pop(request.request_id, None)
         if source is not None:
             self.loading.add(request.request_id)
@@ -118,16 +126,18 @@ class SchedulerSide:
         if num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) < n_prompt:
             return
         self.prefilled.add(req_id)
-        n = min(len(request.block_hashes), n_prompt // self.settings.block_size, len(self.block_ids.get(req_id, [])))
+        keys = self.prompt_keys(request)
+        n = min(len(keys), len(self.block_ids.get(req_id, [])))
         if n == 0:
             return
-        hashes = [bytes(h) for h in request.block_hashes[:n]]
+        hashes = keys[:n]
         meta.saves.append(Transfer(req_id, request.cache_salt or "", self.block_ids[req_id][:n], hashes))
         self.saving.add(req_id)
 
     def forget(self, req_id):
         self.pulling.pop(req_id, None)
         self.requests.pop(req_id, None)
+        self.keys.pop(req_id, None)
         self.local.pop(req_id, None)
         self.block_ids.pop(req_id, None)
         self.prefilled.discard(req_id)

@@ -1,0 +1,174 @@
+//! The engines a gateway sends requests to: the configured (or discovered) addresses, the
+//! requests in flight on each, which refused connections lately, and which node each one
+//! announced itself to (from the followed daemons' `Stats`).
+
+use super::pick::Candidate;
+use kvtier_router::feed::Shared;
+use kvtier_router::index::NodeId;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long an engine that refused a connection is tried only after the others.
+pub const DOWN_FOR: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct EngineState {
+    in_flight: Arc<AtomicU32>,
+    down_until: Option<Instant>,
+}
+
+/// The engine table.
+#[derive(Default)]
+pub struct Engines {
+    table: Mutex<BTreeMap<String, EngineState>>,
+}
+
+/// One request in flight on an engine: counted until dropped (the response ended).
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Engines {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, EngineState>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds an engine ("host:port"); known ones are kept as they are.
+    pub fn add(&self, address: &str) {
+        self.lock().entry(address.to_string()).or_default();
+    }
+
+    /// Removes an engine (requests in flight on it finish).
+    pub fn remove(&self, address: &str) {
+        self.lock().remove(address);
+    }
+
+    /// The configured engines' addresses.
+    pub fn addresses(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Counts a request on `address` until the returned guard is dropped.
+    pub fn start(&self, address: &str) -> InFlight {
+        let counter = Arc::clone(&self.lock().entry(address.to_string()).or_default().in_flight);
+        counter.fetch_add(1, Relaxed);
+        InFlight(counter)
+    }
+
+    /// Records that `address` refused a connection: it is tried last for [`DOWN_FOR`].
+    pub fn refused(&self, address: &str) {
+        if let Some(e) = self.lock().get_mut(address) {
+            e.down_until = Some(Instant::now() + DOWN_FOR);
+        }
+    }
+
+    /// Records that `address` answered.
+    pub fn answered(&self, address: &str) {
+        if let Some(e) = self.lock().get_mut(address) {
+            e.down_until = None;
+        }
+    }
+
+    /// Requests in flight on `address`.
+    pub fn in_flight(&self, address: &str) -> u32 {
+        self.lock().get(address).map_or(0, |e| e.in_flight.load(Relaxed))
+    }
+
+    /// The candidates for a request for `model`: the configured engines (only those in
+    /// `subset` when given), each with the node it announced itself to and that node's
+    /// namespaces for it. Engines that announced a list of served models without `model` are
+    /// left out, unless that leaves none.
+    pub fn candidates(&self, feed: &Shared, model: &str, subset: Option<&[String]>) -> Vec<Candidate> {
+        let nodes = feed.nodes();
+        let views = feed.views();
+        let now = Instant::now();
+        let table = self.lock();
+        let mut all: Vec<(Candidate, bool)> = table
+            .iter()
+            .filter(|(address, _)| subset.is_none_or(|s| s.iter().any(|a| a == *address)))
+            .map(|(address, state)| {
+                // The first healthy node it announced itself to.
+                let announced = nodes.iter().enumerate().find_map(|(i, n)| {
+                    let healthy = views.get(i).is_some_and(|v| v.healthy);
+                    let e = n.engines.iter().find(|e| e.engine.as_ref().is_some_and(|e| &e.address == address))?;
+                    healthy.then(|| (i as NodeId, e.clone()))
+                });
+                let serves = announced.as_ref().is_none_or(|(_, e)| {
+                    let models = &e.engine.as_ref().map(|e| e.served_models.clone()).unwrap_or_default();
+                    models.is_empty() || models.iter().any(|m| m == model)
+                });
+                let candidate = Candidate {
+                    address: address.clone(),
+                    node: announced.as_ref().map(|(n, _)| *n),
+                    namespaces: announced.map(|(_, e)| e.namespaces).unwrap_or_default(),
+                    in_flight: state.in_flight.load(Relaxed),
+                    healthy: state.down_until.is_none_or(|t| t <= now),
+                };
+                (candidate, serves)
+            })
+            .collect();
+        if all.iter().any(|(_, serves)| *serves) {
+            all.retain(|(_, serves)| *serves);
+        }
+        all.into_iter().map(|(c, _)| c).collect()
+    }
+}
+
+/// Re-resolves `name` ("host:port", e.g. a headless Service over the engines' pods) every
+/// `every`, adding new addresses and removing vanished ones.
+pub async fn discover(engines: Arc<Engines>, name: String, every: Duration) {
+    let mut known: Vec<String> = Vec::new();
+    loop {
+        match tokio::net::lookup_host(&name).await {
+            Ok(addrs) => {
+                let now: Vec<String> = addrs.map(|a| a.to_string()).collect();
+                known.iter().filter(|a| !now.contains(a)).for_each(|a| engines.remove(a));
+                now.iter().filter(|a| !known.contains(a)).for_each(|a| engines.add(a));
+                known = now;
+            }
+            Err(e) => tracing::warn!("resolving engines {name}: {e}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_counts_until_the_guard_drops_and_refusals_mark_down() {
+        let e = Engines::default();
+        e.add("a:1");
+        let (g1, g2) = (e.start("a:1"), e.start("a:1"));
+        assert_eq!(e.in_flight("a:1"), 2);
+        drop(g1);
+        assert_eq!(e.in_flight("a:1"), 1);
+        drop(g2);
+        assert_eq!(e.in_flight("a:1"), 0);
+        e.refused("a:1");
+        let feed = Shared::new(10, Duration::from_secs(1));
+        assert!(!e.candidates(&feed, "m", None)[0].healthy);
+        e.answered("a:1");
+        assert!(e.candidates(&feed, "m", None)[0].healthy);
+    }
+
+    #[test]
+    fn a_subset_limits_the_candidates() {
+        let e = Engines::default();
+        e.add("a:1");
+        e.add("b:1");
+        let feed = Shared::new(10, Duration::from_secs(1));
+        assert_eq!(e.candidates(&feed, "m", None).len(), 2);
+        let only = ["b:1".to_string()];
+        let c = e.candidates(&feed, "m", Some(&only));
+        assert_eq!(c.iter().map(|c| c.address.as_str()).collect::<Vec<_>>(), vec!["b:1"]);
+        assert!(e.candidates(&feed, "m", Some(&[])).is_empty());
+    }
+}
