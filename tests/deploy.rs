@@ -605,3 +605,107 @@ fn the_image_installs_every_library_the_binaries_link_and_ships_the_binaries_the
     let copied = engine.lines().find_map(|l| l.strip_prefix("COPY ")).expect("the connector is copied");
     assert!(repo().join(copied.split_whitespace().next().unwrap()).join("pyproject.toml").exists());
 }
+
+/// The Service port named `name`'s target: a container port of `c`, by name or number.
+fn target_container_port(svc: &Yaml, name: &str, c: &Yaml) -> i64 {
+    let port = items(&svc["spec"]["ports"]).iter().find(|p| p["name"].as_str() == Some(name)).expect("port");
+    match &port["targetPort"] {
+        Yaml::String(named) => container_port(c, named),
+        Yaml::Integer(n) => *n,
+        _ => port["port"].as_i64().unwrap(),
+    }
+}
+
+#[test]
+fn the_inference_pool_example_wires_the_gateway_to_the_picker_and_the_picker_to_the_engines() {
+    let docs = manifests("examples/inference-pool.yaml");
+    let pool = docs.iter().find(|d| d["kind"].as_str() == Some("InferencePool")).expect("an InferencePool");
+    let ns = pool["metadata"]["namespace"].as_str().unwrap();
+    // The v1 API's rules (api/v1/inferencepool_types.go of the Gateway API Inference Extension).
+    assert_eq!(pool["apiVersion"].as_str(), Some("inference.networking.k8s.io/v1"));
+    let spec = pool["spec"].as_hash().unwrap();
+    for key in spec.keys() {
+        let key = key.as_str().unwrap();
+        assert!(["selector", "targetPorts", "endpointPickerRef", "appProtocol"].contains(&key), "spec.{key}");
+    }
+    let selector = pool["spec"]["selector"]["matchLabels"].as_hash().expect("selector.matchLabels only");
+    assert!((1..=64).contains(&selector.len()));
+    assert_eq!(pool["spec"]["selector"].as_hash().unwrap().len(), 1, "matchLabels is the only selector field");
+    let ports: Vec<i64> = items(&pool["spec"]["targetPorts"]).iter().map(|p| p["number"].as_i64().unwrap()).collect();
+    assert!((1..=8).contains(&ports.len()) && ports.iter().all(|p| (1..=65535).contains(p)));
+    assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), ports.len(), "targetPorts are unique");
+    let epp = &pool["spec"]["endpointPickerRef"];
+    assert!(["FailOpen", "FailClose"].contains(&epp["failureMode"].as_str().unwrap()));
+    assert!(epp["kind"].is_badvalue() || epp["kind"].as_str() == Some("Service"));
+
+    // The pool selects the engine pods of vllm.yaml on the port they serve and announce.
+    let engine = &manifests("examples/vllm.yaml")[0];
+    let labels = engine["spec"]["template"]["metadata"]["labels"].as_hash().unwrap();
+    for (k, v) in selector {
+        assert_eq!(labels.get(k), Some(v), "the pool selects {k:?} the engine pods lack");
+    }
+    let ec = container(engine);
+    let eargs = strings(&ec["args"]);
+    let http = container_port(ec, "http");
+    assert_eq!(ports, vec![http]);
+    assert_eq!(flag_value(&eargs, "--port").parse::<i64>().unwrap(), http);
+    let kv: serde_json::Value = serde_json::from_str(flag_value(&eargs, "--kv-transfer-config")).unwrap();
+    assert_eq!(kv["kv_connector_extra_config"]["engine_address"].as_str(), Some(format!("$(POD_IP):{http}").as_str()));
+
+    // The picker reference resolves to the picker's ext_proc port, in the pool's namespace.
+    let svc = object(&docs, "Service", epp["name"].as_str().unwrap());
+    assert_eq!(svc["metadata"]["namespace"].as_str(), Some(ns));
+    let picker = object(&docs, "Deployment", "kvtier-picker");
+    let pc = container(picker);
+    let pargs = strings(&pc["args"]);
+    assert_eq!(pargs[0], "picker");
+    let ref_port = items(&svc["spec"]["ports"])
+        .iter()
+        .find(|p| p["port"].as_i64() == epp["port"]["number"].as_i64())
+        .expect("the endpointPickerRef port is a port of the picker Service");
+    let ext_proc = target_container_port(svc, ref_port["name"].as_str().unwrap(), pc);
+    assert_eq!(port_of(flag_value(&pargs, "--listen")), ext_proc);
+    let health = port_of(flag_value(&pargs, "--health-listen"));
+    assert_eq!(pc["readinessProbe"]["grpc"]["port"].as_i64(), Some(health));
+    assert_eq!(pc["readinessProbe"]["grpc"]["service"].as_str(), Some("readiness"));
+    assert_eq!(pc["livenessProbe"]["grpc"]["service"].as_str(), Some("liveness"));
+    let name_label = "app.kubernetes.io/name";
+    assert_eq!(svc["spec"]["selector"][name_label], picker["spec"]["template"]["metadata"]["labels"][name_label]);
+
+    // --engine-dns names the engines' headless Service, which selects the pool's pods.
+    let engines = flag_value(&pargs, "--engine-dns");
+    let (host, port) = engines.rsplit_once(':').unwrap();
+    let name = host.split('.').next().unwrap();
+    let headless = object(&docs, "Service", name);
+    assert_eq!(host, format!("{name}.{ns}.svc.cluster.local"));
+    assert_eq!(headless["spec"]["clusterIP"].as_str(), Some("None"));
+    assert_eq!(headless["spec"]["selector"], pool["spec"]["selector"]["matchLabels"]);
+    assert_eq!(service_port(headless, "http"), port.parse::<i64>().unwrap());
+
+    // Every flag the picker is given exists.
+    let help = ok_stdout(&Command::new(bin("kvtier")).args(["picker", "--help"]).output().unwrap());
+    for flag in pargs.iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(&format!("{flag} ")), "kvtier picker has no {flag}");
+    }
+
+    // The HTTPRoute sends the Gateway's traffic to the pool.
+    let route = docs.iter().find(|d| d["kind"].as_str() == Some("HTTPRoute")).unwrap();
+    let backend = &route["spec"]["rules"][0]["backendRefs"][0];
+    assert_eq!(backend["group"].as_str(), Some("inference.networking.k8s.io"));
+    assert_eq!(backend["kind"].as_str(), Some("InferencePool"));
+    assert_eq!(backend["name"], pool["metadata"]["name"]);
+
+    // The core objects validate against the Kubernetes schemas (the two CRDs are checked above).
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("core.yaml");
+    let mut text = String::new();
+    for d in docs.iter().filter(|d| ["Service", "Deployment"].contains(&d["kind"].as_str().unwrap())) {
+        let mut out = String::new();
+        yaml_rust2::YamlEmitter::new(&mut out).dump(d).unwrap();
+        text.push_str(&out);
+        text.push('\n');
+    }
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(validator()).arg("--strict").arg("--quiet").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

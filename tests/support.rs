@@ -730,3 +730,76 @@ impl Drop for KvtierProc {
         self.kill();
     }
 }
+
+/// A vLLM OpenAI server (`python -m vllm.entrypoints.openai.api_server`, CPU build) serving
+/// `model` as "tiny" with the kvtier connector on `daemon` (announcing its address), in its own
+/// process group, killed with it when dropped.
+pub struct VllmServer {
+    child: Child,
+    /// Where it serves, `127.0.0.1:PORT`.
+    pub addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl VllmServer {
+    /// Starts it (with `extra` flags); see [`wait_ready`](Self::wait_ready).
+    pub fn start(py: &Path, model: &Path, daemon: &Daemon, extra: &[&str]) -> Self {
+        use std::os::unix::process::CommandExt;
+        let addr = free_local_addr();
+        let port = addr.rsplit(':').next().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let kv = serde_json::json!({
+            "kv_connector": "KvTierConnector",
+            "kv_connector_module_path": "kvtier.vllm",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"socket": daemon.socket, "engine_address": addr},
+        });
+        #[rustfmt::skip]
+        let child = Command::new(py)
+            .args(["-m", "vllm.entrypoints.openai.api_server", "--model", model.to_str().unwrap(),
+                   "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "2048",
+                   "--enforce-eager", "--seed", "0", "--host", "127.0.0.1", "--port", &port,
+                   "--trust-request-chat-template", "--enable-scale-out", "--enable-prompt-tokens-details",
+                   "--kv-transfer-config", &kv.to_string()])
+            .args(extra)
+            .env("PYTHONPATH", repo().join("client/python"))
+            .env("HF_HUB_OFFLINE", "1")
+            .env("VLLM_CPU_KVCACHE_SPACE", "1")
+            .env("VLLM_RPC_BASE_PATH", dir.path())
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+            .process_group(0)
+            .spawn()
+            .expect("spawn the vLLM OpenAI server");
+        Self { child, addr, dir }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits until it answers `/health` (panics with its log if it exits or takes 10 min).
+    pub fn wait_ready(&mut self) {
+        let started = Instant::now();
+        while http_get(&self.addr, "/health").is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("vLLM exited ({status}):\n{}", self.log());
+            }
+            assert!(started.elapsed() < Duration::from_secs(600), "vLLM not ready in 10 min:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Kills it and everything it started.
+    pub fn kill(&mut self) {
+        kill_group(&self.child);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for VllmServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -83,7 +83,7 @@ impl Engines {
     /// The candidates for a request for `model`: the configured engines (only those in
     /// `subset` when given), each with the node it announced itself to and that node's
     /// namespaces for it. Engines that announced a list of served models without `model` are
-    /// left out, unless that leaves none.
+    /// left out, unless that leaves none (or `model` is empty: a request for no model).
     pub fn candidates(&self, feed: &Shared, model: &str, subset: Option<&[String]>) -> Vec<Candidate> {
         let nodes = feed.nodes();
         let views = feed.views();
@@ -99,10 +99,11 @@ impl Engines {
                     let e = n.engines.iter().find(|e| e.engine.as_ref().is_some_and(|e| &e.address == address))?;
                     healthy.then(|| (i as NodeId, e.clone()))
                 });
-                let serves = announced.as_ref().is_none_or(|(_, e)| {
-                    let models = &e.engine.as_ref().map(|e| e.served_models.clone()).unwrap_or_default();
-                    models.is_empty() || models.iter().any(|m| m == model)
-                });
+                let serves = model.is_empty()
+                    || announced.as_ref().is_none_or(|(_, e)| {
+                        let models = &e.engine.as_ref().map(|e| e.served_models.clone()).unwrap_or_default();
+                        models.is_empty() || models.iter().any(|m| m == model)
+                    });
                 let candidate = Candidate {
                     address: address.clone(),
                     node: announced.as_ref().map(|(n, _)| *n),

@@ -66,6 +66,13 @@ impl ModelTokenizer {
         Ok(Self { tokenizer, template, parts, special })
     }
 
+    /// The same tokenizer with `template` as its chat template (as vLLM's `--chat-template`).
+    pub fn with_template(mut self, template: String) -> Self {
+        self.parts = iterates_content(&template);
+        self.template = Some(template);
+        self
+    }
+
     /// The token ids vLLM computes for `prompt`.
     pub fn tokens(&self, prompt: &PromptInput) -> Result<Vec<u32>, Unkeyable> {
         match prompt {
