@@ -10,11 +10,16 @@
 //!
 //! The trace is `../shared/data/traces/synthetic_trace.jsonl` (Mooncake's, 512-token blocks
 //! as hash ids): each hash id becomes TOKENS_PER_ID tokens drawn from a generator seeded by the
-//! id, so equal ids are equal prefixes; prompts are cut to MAX_IDS ids.
+//! id, so equal ids are equal prefixes; prompts are cut to MAX_IDS ids. The replay takes the
+//! trace's first CONVERSATIONS conversations of at least 3 turns (the turns of a conversation
+//! share their first block), every turn in trace order: the trace's first requests alone are
+//! mostly first turns of conversations whose later turns come much later (4 % of their blocks
+//! are reusable, against 78 % here).
 //!
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench gateway`
-//! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`; `KVTIER_BENCH_REQUESTS` (default
-//! 60) and `KVTIER_BENCH_QPS` (default 0.4) size the replay; `KVTIER_TRACE` picks another trace)
+//! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`; `KVTIER_BENCH_CONVERSATIONS`
+//! (default 10) and `KVTIER_BENCH_QPS` (default 0.4) size the replay; `KVTIER_TRACE` picks
+//! another trace)
 
 use kvtier_core::block_key::request_keys;
 use kvtier_gateway::decide::{Gateway, Tokenizers};
@@ -25,7 +30,8 @@ use kvtier_proto::v1 as pb;
 use kvtier_router::feed::Shared;
 use kvtier_router::score::Weights;
 use kvtier_tests::{
-    free_local_addr, http_get, make_model, repo, result_line, vllm_python, Daemon, KvtierProc, VllmServer,
+    free_local_addr, http_get, make_model, output_with_input, repo, result_line, vllm_python, Daemon, KvtierProc,
+    VllmServer,
 };
 use serde_json::{json, Value};
 use std::path::Path;
@@ -55,15 +61,24 @@ fn id_tokens(id: u64) -> Vec<u32> {
 }
 
 /// The replayed requests: arrival (s), prompt token ids, tokens to generate.
-fn requests(n: usize, qps: f64) -> Vec<Value> {
+fn requests(conversations: usize, qps: f64) -> Vec<Value> {
     let trace = std::env::var("KVTIER_TRACE")
         .unwrap_or_else(|_| repo().join("../shared/data/traces/synthetic_trace.jsonl").display().to_string());
     let text = std::fs::read_to_string(&trace).unwrap_or_else(|e| panic!("{trace}: {e}"));
-    text.lines()
-        .take(n)
+    let all: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let first = |r: &Value| r["hash_ids"][0].as_u64();
+    let mut turns: std::collections::HashMap<Option<u64>, usize> = std::collections::HashMap::new();
+    all.iter().for_each(|r| *turns.entry(first(r)).or_default() += 1);
+    let mut chosen: Vec<Option<u64>> = Vec::new();
+    for r in &all {
+        if chosen.len() < conversations && turns[&first(r)] >= 3 && !chosen.contains(&first(r)) {
+            chosen.push(first(r));
+        }
+    }
+    all.iter()
+        .filter(|r| chosen.contains(&first(r)))
         .enumerate()
-        .map(|(i, line)| {
-            let r: Value = serde_json::from_str(line).unwrap();
+        .map(|(i, r)| {
             let ids: Vec<u64> =
                 r["hash_ids"].as_array().unwrap().iter().take(MAX_IDS).map(|v| v.as_u64().unwrap()).collect();
             let prompt: Vec<u32> = ids.iter().flat_map(|&id| id_tokens(id)).collect();
@@ -84,18 +99,23 @@ struct Arm {
     hit: f64,
     per_engine: Vec<usize>,
     errors: usize,
+    /// The gateway's decisions by reason and the blocks it routed to (gateway arm only).
+    decisions: String,
 }
 
 /// Fresh daemons and servers; the replay sent to the gateway in front of them, or (`None`)
 /// round-robin to the servers themselves.
 fn arm(py: &Path, model: &Path, reqs: &Path, gateway: bool) -> Arm {
-    let daemons = [Daemon::start(&[]), Daemon::start(&[])];
+    // Blocks of this model are 8 MiB (8 layers, K and V, 8 heads of 128, fp32, 128 tokens): the
+    // slab must hold them.
+    let node = || Daemon::start(&["--pool-bytes", "3 GiB", "--slab-bytes", "32 MiB"]);
+    let daemons = [node(), node()];
     let mut servers: Vec<VllmServer> = daemons.iter().map(|d| VllmServer::start(py, model, d, &[])).collect();
     servers.iter_mut().for_each(VllmServer::wait_ready);
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     let gw_addr = free_local_addr();
     let model_flag = format!("tiny={}", model.display());
-    let _gw = gateway.then(|| {
+    let gw = gateway.then(|| {
         #[rustfmt::skip]
         let args = ["gateway", "--listen", &gw_addr, "--daemon", &daemons[0].grpc, "--daemon", &daemons[1].grpc,
                     "--engine", &addrs[0], "--engine", &addrs[1], "--model", &model_flag];
@@ -111,7 +131,28 @@ fn arm(py: &Path, model: &Path, reqs: &Path, gateway: bool) -> Arm {
     let (cached, prompt) = ok.iter().fold((0.0, 0.0), |(c, p), r| {
         (c + r["cached_tokens"].as_f64().unwrap_or(0.0), p + r["prompt_tokens"].as_f64().unwrap_or(0.0))
     });
+    let decisions = gw.as_ref().map_or_else(String::new, |_| {
+        let text = http_get(&gw_addr, "/metrics").unwrap_or_default();
+        let pick = |prefix: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(prefix))
+                .map(|l| l.trim_start_matches(prefix))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        format!(
+            "decisions {}; routed blocks {}",
+            pick("kvtier_gateway_decisions_total"),
+            pick("kvtier_gateway_matched_blocks_total")
+        )
+    });
+    if std::env::var_os("KVTIER_BENCH_LOG").is_some() {
+        if let Some(g) = &gw {
+            eprintln!("{}", g.log());
+        }
+    }
     Arm {
+        decisions,
         ttft: ok.iter().map(|r| r["ttft"].as_f64().unwrap()).collect(),
         hit: cached / prompt.max(1.0),
         per_engine: addrs.iter().map(|a| ok.iter().filter(|r| r["endpoint"].as_str() == Some(a)).count()).collect(),
@@ -140,8 +181,18 @@ fn hop_cost(py: &Path, model: &Path) -> ((f64, f64), (f64, f64)) {
     (time(&gw), time(&s.addr))
 }
 
+/// Microseconds per 1,000 tokens of HF's own fast tokenizer (Python `tokenizers`, what vLLM
+/// runs) encoding `text` with the same tokenizer.json: the reference for ours.
+fn hf_tokenize_us_per_1000(py: &Path, model: &Path, text: &str) -> f64 {
+    let script = "import sys, time\nfrom tokenizers import Tokenizer\nt = Tokenizer.from_file(sys.argv[1])\ntext = sys.stdin.read()\nn = len(t.encode(text, add_special_tokens=False).ids)\nstart = time.perf_counter()\nfor _ in range(200):\n    t.encode(text, add_special_tokens=False)\nprint((time.perf_counter() - start) / 200 * 1e6 * 1000 / n)\n";
+    let mut python = Command::new(py);
+    python.args(["-c", script, model.join("tokenizer.json").to_str().unwrap()]);
+    let out = output_with_input(&mut python, text.as_bytes());
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("the reference's timing")
+}
+
 /// One decision's cost with a followed daemon holding `prompts` prompts of `blocks` blocks.
-fn decision_cost(model: &Path) {
+fn decision_cost(py: &Path, model: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let d = Daemon::start(&["--pool-bytes", "1 GiB"]);
     let (prompts, blocks) = (256usize, 64usize);
@@ -212,9 +263,16 @@ fn decision_cost(model: &Path) {
         tok.tokens(&prompt).unwrap();
     }
     let per = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let plain = tok.encode(&text, false).unwrap().len();
+    let t = Instant::now();
+    for _ in 0..reps {
+        tok.encode(&text, false).unwrap();
+    }
+    let ours = t.elapsed().as_secs_f64() * 1e6 / reps as f64 * 1000.0 / plain as f64;
+    let hf = hf_tokenize_us_per_1000(py, model, &text);
     println!(
-        "tokenization (chat template + BPE, {n} tokens): {per:.0} us per request, {:.0} us per 1,000 tokens",
-        per * 1000.0 / n as f64
+        "tokenization: chat request of {n} tokens (template + BPE) {per:.0} us; BPE alone {ours:.0} us per 1,000 tokens, HF tokenizers (Python, what vLLM runs) {hf:.0} us per 1,000 tokens (reference), ratio {:.2}x",
+        hf / ours
     );
 }
 
@@ -224,15 +282,16 @@ fn main() {
     let model = work.path().join("model");
     make_model(&py, &model, &["--layers", "8", "--hidden", "1024", "--heads", "16", "--kv-heads", "8"]);
     std::fs::write(model.join("chat_template.jinja"), CHATML).unwrap();
-    decision_cost(&model);
+    decision_cost(&py, &model);
 
-    let (n, qps) = (env_or("KVTIER_BENCH_REQUESTS", 60usize), env_or("KVTIER_BENCH_QPS", 0.4f64));
-    let reqs = requests(n, qps);
+    let (conversations, qps) = (env_or("KVTIER_BENCH_CONVERSATIONS", 10usize), env_or("KVTIER_BENCH_QPS", 0.4f64));
+    let reqs = requests(conversations, qps);
+    let n = reqs.len();
     let file = work.path().join("requests.json");
     std::fs::write(&file, serde_json::to_string(&reqs).unwrap()).unwrap();
     let tokens: usize = reqs.iter().map(|r| r["prompt"].as_array().unwrap().len()).sum();
     println!(
-        "replay: {n} requests of the trace at {qps} req/s, {TOKENS_PER_ID} tokens per hash id (cut at {MAX_IDS} ids), {} prompt tokens on average; 2 vLLM CPU servers (random Llama 8x1024), one kvtierd each",
+        "replay: {n} requests ({conversations} conversations) of the trace at {qps} req/s, {TOKENS_PER_ID} tokens per hash id (cut at {MAX_IDS} ids), {} prompt tokens on average; 2 vLLM CPU servers (random Llama 8x1024), one kvtierd each",
         tokens / n
     );
     let rr = arm(&py, &model, &file, false);
@@ -246,6 +305,9 @@ fn main() {
             a.per_engine,
             a.errors
         );
+        if !a.decisions.is_empty() {
+            println!("    {}", a.decisions);
+        }
     }
     println!(
         "  p50 TTFT ratio (round-robin / gateway): {:.2}x   p95: {:.2}x",

@@ -124,6 +124,18 @@ async fn each_bad_message_closes_only_its_connection() {
     let old = request(1, Op::Hello(pb::Hello { client_name: "x".into(), protocol_version: 0, engine: None }));
     expect_error_and_close(connect(&d), &old, ErrorCode::UnsupportedVersion);
 
+    // An engine announced beyond its limits: an address too long, empty, too many model names.
+    for engine in [
+        pb::EngineInfo { address: "a".repeat(257), served_models: vec![] },
+        pb::EngineInfo { address: String::new(), served_models: vec![] },
+        pb::EngineInfo { address: "10.0.0.1:8000".into(), served_models: vec!["m".into(); 17] },
+        pb::EngineInfo { address: "10.0.0.1:8000".into(), served_models: vec![String::new()] },
+    ] {
+        let hello =
+            request(1, Op::Hello(pb::Hello { client_name: "x".into(), protocol_version: 1, engine: Some(engine) }));
+        expect_error_and_close(connect(&d), &hello, ErrorCode::BadArgument);
+    }
+
     // Bad hashes: empty and too long.
     for bad in [vec![], vec![7u8; 33]] {
         let mut s = greeted(&d);

@@ -199,6 +199,12 @@ async fn the_gateway_sends_each_turn_to_the_engine_holding_its_prefix() {
     assert_eq!(stream["text"], stream["direct_text"], "{stream}");
     assert!(stream["cached_tokens"].as_u64().unwrap() > 0, "{stream}");
     assert!(r["models"].as_array().unwrap().contains(&json!("tiny")), "{r}");
+    // A tenant's second request finds its blocks where its first left them; another tenant's
+    // same prompt finds nothing.
+    let salted = r["salted"].as_array().unwrap();
+    assert_eq!(salted[1]["endpoint"], salted[0]["endpoint"], "{salted:?}");
+    assert!(salted[1]["cached_tokens"].as_u64().unwrap() > 0, "{salted:?}");
+    assert_eq!(salted[2]["cached_tokens"].as_u64(), Some(0), "another tenant's salt shares nothing: {salted:?}");
 
     // The keys the gateway computes for the first turn are the ones the engine's daemon holds.
     let i = engines.iter().position(|e| e.addr == home).unwrap();

@@ -803,3 +803,11 @@ impl Drop for VllmServer {
         self.kill();
     }
 }
+
+/// Runs `cmd` with `input` on its stdin; its stdout and stderr captured.
+pub fn output_with_input(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+    child.wait_with_output().expect("wait")
+}

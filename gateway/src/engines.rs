@@ -121,22 +121,10 @@ impl Engines {
     }
 }
 
-/// Re-resolves `name` ("host:port", e.g. a headless Service over the engines' pods) every
-/// `every`, adding new addresses and removing vanished ones.
+/// Follows the engines `name` resolves to ("host:port", e.g. a headless Service over the engine
+/// pods), re-resolving every `every`.
 pub async fn discover(engines: Arc<Engines>, name: String, every: Duration) {
-    let mut known: Vec<String> = Vec::new();
-    loop {
-        match tokio::net::lookup_host(&name).await {
-            Ok(addrs) => {
-                let now: Vec<String> = addrs.map(|a| a.to_string()).collect();
-                known.iter().filter(|a| !now.contains(a)).for_each(|a| engines.remove(a));
-                now.iter().filter(|a| !known.contains(a)).for_each(|a| engines.add(a));
-                known = now;
-            }
-            Err(e) => tracing::warn!("resolving engines {name}: {e}"),
-        }
-        tokio::time::sleep(every).await;
-    }
+    kvtier_router::feed::follow_dns(name, every, |a| engines.add(a), |a| engines.remove(a)).await
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use tokenizers::Tokenizer;
 /// A model's tokenizer and chat template.
 pub struct ModelTokenizer {
     tokenizer: Tokenizer,
-    template: Option<String>,
+    /// The chat template, compiled once (or why it does not compile).
+    template: Option<Result<Environment<'static>, String>>,
     /// The template iterates over message content parts (vLLM's "openai" content format):
     /// content is then given as a list of parts, else as one string.
     parts: bool,
@@ -62,14 +63,22 @@ impl ModelTokenizer {
                 special.insert(key.into(), Value::String(t));
             }
         }
-        let parts = template.as_deref().is_some_and(iterates_content);
-        Ok(Self { tokenizer, template, parts, special })
+        let tokenizer = Self { tokenizer, template: None, parts: false, special };
+        Ok(match template {
+            Some(t) => tokenizer.with_template(t),
+            None => tokenizer,
+        })
     }
 
     /// The same tokenizer with `template` as its chat template (as vLLM's `--chat-template`).
+    /// A template that does not compile leaves chat requests unkeyed (logged once here).
     pub fn with_template(mut self, template: String) -> Self {
         self.parts = iterates_content(&template);
-        self.template = Some(template);
+        let env = environment(template).map_err(|e| format!("{e:#}"));
+        if let Err(e) = &env {
+            tracing::warn!("chat template does not compile ({e}): chat requests are routed by load alone");
+        }
+        self.template = Some(env);
         self
     }
 
@@ -96,7 +105,11 @@ impl ModelTokenizer {
         if chat.template.is_some() {
             return Err(Unkeyable("the request brings its own chat_template".into()));
         }
-        let template = self.template.as_deref().ok_or_else(|| Unkeyable("the model has no chat template".into()))?;
+        let template = match &self.template {
+            None => return Err(Unkeyable("the model has no chat template".into())),
+            Some(Err(e)) => return Err(Unkeyable(format!("chat template: {e}"))),
+            Some(Ok(env)) => env.get_template("chat").map_err(|e| Unkeyable(format!("chat template: {e:#}")))?,
+        };
         let messages = chat.messages.iter().map(|m| self.message(m)).collect::<Result<Vec<_>, _>>()?;
         let mut ctx = self.special.clone();
         for (k, v) in &chat.template_kwargs {
@@ -110,7 +123,9 @@ impl ModelTokenizer {
         if let Some(documents) = &chat.documents {
             ctx.insert("documents".into(), documents.clone());
         }
-        let rendered = render(template, &Value::Object(ctx)).map_err(|e| Unkeyable(format!("chat template: {e:#}")))?;
+        let rendered = template
+            .render(Jv::from(minijinja::value::Serde(Value::Object(ctx))))
+            .map_err(|e| Unkeyable(format!("chat template: {e:#}")))?;
         if !chat.continue_final_message {
             return Ok(rendered);
         }
@@ -171,6 +186,12 @@ fn iterates_content(template: &str) -> bool {
 
 /// Renders a chat template over `ctx` with the Jinja settings transformers uses.
 pub fn render(template: &str, ctx: &Value) -> Result<String, Error> {
+    environment(template.to_string())?.get_template("chat")?.render(Jv::from(minijinja::value::Serde(ctx)))
+}
+
+/// An environment holding `template` as "chat", with the Jinja settings and helpers
+/// transformers gives chat templates.
+fn environment(template: String) -> Result<Environment<'static>, Error> {
     let mut env = Environment::new();
     let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build()?;
     env.set_syntax(syntax);
@@ -180,8 +201,8 @@ pub fn render(template: &str, ctx: &Value) -> Result<String, Error> {
     });
     env.add_function("strftime_now", |format: String| strftime(&format, SystemTime::now()));
     env.add_filter("tojson", tojson);
-    env.add_template("chat", template)?;
-    env.get_template("chat")?.render(Jv::from(minijinja::value::Serde(ctx)))
+    env.add_template_owned("chat", template)?;
+    Ok(env)
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)` as transformers' `tojson`.

@@ -321,26 +321,35 @@ pub fn apply(index: &mut GlobalIndex, node: NodeId, e: &pb::BlockEvent) {
     index.set(node, &ns, hash, tier);
 }
 
-/// Re-resolves `name` (`host:port`, e.g. a headless Kubernetes Service) every `every`, following
-/// new addresses and dropping vanished ones.
-pub async fn discover(shared: Arc<Shared>, name: String, every: Duration) {
+/// Re-resolves `name` (`host:port`, e.g. a headless Kubernetes Service) every `every`, calling
+/// `added` for each new address and `removed` for each vanished one.
+pub async fn follow_dns(name: String, every: Duration, mut added: impl FnMut(&str), mut removed: impl FnMut(&str)) {
     let mut known: Vec<String> = Vec::new();
     loop {
         match tokio::net::lookup_host(&name).await {
             Ok(addrs) => {
                 let now: Vec<String> = addrs.map(|a| a.to_string()).collect();
-                for gone in known.iter().filter(|a| !now.contains(a)) {
-                    tracing::info!("{gone} left {name}");
-                    shared.remove(gone);
-                }
-                for new in now.iter().filter(|a| !known.contains(a)) {
-                    tracing::info!("{new} found in {name}");
-                    shared.add(new);
-                }
+                known.iter().filter(|a| !now.contains(a)).for_each(|a| removed(a));
+                now.iter().filter(|a| !known.contains(a)).for_each(|a| added(a));
                 known = now;
             }
             Err(e) => tracing::warn!("resolving {name}: {e}"),
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// Follows the daemons `name` resolves to (see [`follow_dns`]): new addresses are followed,
+/// vanished ones dropped.
+pub async fn discover(shared: Arc<Shared>, name: String, every: Duration) {
+    let label = name.clone();
+    let added = |a: &str| {
+        tracing::info!("{a} found in {label}");
+        shared.add(a);
+    };
+    let removed = |a: &str| {
+        tracing::info!("{a} left {label}");
+        shared.remove(a);
+    };
+    follow_dns(name, every, added, removed).await
 }

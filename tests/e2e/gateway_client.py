@@ -4,7 +4,7 @@ the way an application would, and asks each engine directly for the same turns t
 Prints one line `RESULT {...}`: for every turn the engine that served it (the gateway's
 `x-kvtier-endpoint` header), the prompt and cached token counts it reported, the text, and the
 text the same engine gave the same request sent to it directly; then a streamed turn (chunks
-received, text) and a completions turn.
+received, text), a completions turn, and one prompt sent under two tenants' cache salts.
 
 usage: python gateway_client.py GATEWAY MODEL STATE_JSON [--turns N] [--pause S]
 STATE_JSON holds the conversation: read if it exists (a later phase continues it), written back.
@@ -75,9 +75,22 @@ def main():
     # The completions API with a text prompt.
     raw = gw.completions.with_raw_response.create(model=a.model, prompt=SYSTEM + " completion", max_tokens=4, temperature=0.0)
     completion = {"endpoint": raw.headers.get("x-kvtier-endpoint"), "text": raw.parse().choices[0].text}
+    # Tenants: the same prompt under one salt again (its blocks are that tenant's, on the engine
+    # that served it), then under another salt (nothing cached for it anywhere).
+    salted = []
+    for salt in ("a", "a", "b"):
+        raw = gw.completions.with_raw_response.create(
+            model=a.model, prompt=SYSTEM + " salted", max_tokens=2, temperature=0.0,
+            extra_body={"cache_salt": f"tenant-{salt}-{len(messages)}"},
+        )
+        details = raw.parse().usage.prompt_tokens_details
+        salted.append({"endpoint": raw.headers.get("x-kvtier-endpoint"),
+                       "cached_tokens": details.cached_tokens if details else None})
+        time.sleep(a.pause)
     models = [m.id for m in gw.models.list().data]
     json.dump(messages, open(a.state, "w"))
-    print("RESULT " + json.dumps({"turns": turns, "stream": stream, "completion": completion, "models": models}), flush=True)
+    result = {"turns": turns, "stream": stream, "completion": completion, "salted": salted, "models": models}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
