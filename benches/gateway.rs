@@ -1,8 +1,8 @@
 //! The inference gateway: requests of a multi-turn trace replayed at a fixed rate through
-//! `kvtier gateway` to two real vLLM OpenAI servers (CPU build, each with the kvtier connector
-//! and its own kvtierd), against round-robin over the same servers in the same run (fresh
-//! servers and daemons for each arm): TTFT p50/p95, prompt tokens served from cache, requests per
-//! engine. Goal: p50 TTFT at least 3x lower than round-robin.
+//! `kvtier gateway` to real vLLM OpenAI servers (CPU build, each with the kvtier connector and
+//! its own kvtierd; 4 by default, `KVTIER_BENCH_ENGINES`), against round-robin over the same
+//! servers in the same run (fresh servers and daemons for each arm): TTFT p50/p95, prompt tokens
+//! served from cache, requests per engine. Goal: p50 TTFT at least 3x lower than round-robin.
 //!
 //! Then the gateway's own cost: the time one decision adds (p50/p99, index lookups and scoring,
 //! prompt given as token ids), tokenization per 1,000 tokens (chat template included), and the
@@ -19,7 +19,8 @@
 //! `cargo build --release --bins && cargo bench -p kvtier-benches --bench gateway`
 //! (vLLM venv from `scripts/vllm-venv`, or `KVTIER_VLLM_PYTHON`; `KVTIER_BENCH_CONVERSATIONS`
 //! (default 10) and `KVTIER_BENCH_QPS` (default 0.4) size the replay; `KVTIER_TRACE` picks
-//! another trace)
+//! another trace; `KVTIER_BENCH_ENGINES` (default 4) the servers; `KVTIER_BENCH_MAX_IDS` (default
+//! 96) where prompts are cut)
 
 use kvtier_core::block_key::request_keys;
 use kvtier_gateway::decide::{Gateway, Tokenizers};
@@ -40,7 +41,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TOKENS_PER_ID: usize = 32;
-const MAX_IDS: usize = 48;
+/// Hash ids a prompt is cut at by default (`KVTIER_BENCH_MAX_IDS`).
+const MAX_IDS: usize = 96;
 const VOCAB: u32 = 1024;
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
@@ -61,7 +63,7 @@ fn id_tokens(id: u64) -> Vec<u32> {
 }
 
 /// The replayed requests: arrival (s), prompt token ids, tokens to generate.
-fn requests(conversations: usize, qps: f64) -> Vec<Value> {
+fn requests(conversations: usize, qps: f64, max_ids: usize) -> Vec<Value> {
     let trace = std::env::var("KVTIER_TRACE")
         .unwrap_or_else(|_| repo().join("../shared/data/traces/synthetic_trace.jsonl").display().to_string());
     let text = std::fs::read_to_string(&trace).unwrap_or_else(|e| panic!("{trace}: {e}"));
@@ -75,15 +77,18 @@ fn requests(conversations: usize, qps: f64) -> Vec<Value> {
             chosen.push(first(r));
         }
     }
+    let mut seen = std::collections::HashSet::new();
     all.iter()
         .filter(|r| chosen.contains(&first(r)))
         .enumerate()
         .map(|(i, r)| {
+            // A later turn: its conversation has been seen, so some prefix of it can be cached.
+            let later = !seen.insert(first(r));
             let ids: Vec<u64> =
-                r["hash_ids"].as_array().unwrap().iter().take(MAX_IDS).map(|v| v.as_u64().unwrap()).collect();
+                r["hash_ids"].as_array().unwrap().iter().take(max_ids).map(|v| v.as_u64().unwrap()).collect();
             let prompt: Vec<u32> = ids.iter().flat_map(|&id| id_tokens(id)).collect();
             let out = r["output_length"].as_u64().unwrap_or(8).clamp(1, 8);
-            json!({"at": i as f64 / qps, "prompt": prompt, "max_tokens": out})
+            json!({"at": i as f64 / qps, "prompt": prompt, "max_tokens": out, "later": later})
         })
         .collect()
 }
@@ -96,6 +101,8 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 
 struct Arm {
     ttft: Vec<f64>,
+    /// TTFT of the later turns of conversations (the requests routing can help).
+    later: Vec<f64>,
     hit: f64,
     per_engine: Vec<usize>,
     errors: usize,
@@ -103,22 +110,25 @@ struct Arm {
     decisions: String,
 }
 
-/// Fresh daemons and servers; the replay sent to the gateway in front of them, or (`None`)
-/// round-robin to the servers themselves.
-fn arm(py: &Path, model: &Path, reqs: &Path, gateway: bool) -> Arm {
+/// `engines` fresh nodes (a daemon and a server each); the replay sent to the gateway in front
+/// of them, or round-robin to the servers themselves.
+fn arm(py: &Path, model: &Path, reqs: &Path, engines: usize, max_ids: usize, gateway: bool) -> Arm {
+    let sent: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(reqs).unwrap()).unwrap();
     // Blocks of this model are 8 MiB (8 layers, K and V, 8 heads of 128, fp32, 128 tokens): the
     // slab must hold them.
-    let node = || Daemon::start(&["--pool-bytes", "3 GiB", "--slab-bytes", "32 MiB"]);
-    let daemons = [node(), node()];
-    let mut servers: Vec<VllmServer> = daemons.iter().map(|d| VllmServer::start(py, model, d, &[])).collect();
+    let node = || Daemon::start(&["--pool-bytes", "1536 MiB", "--slab-bytes", "32 MiB"]);
+    let daemons: Vec<Daemon> = (0..engines).map(|_| node()).collect();
+    let len = (max_ids * TOKENS_PER_ID + 512).max(2048).to_string();
+    let mut servers: Vec<VllmServer> =
+        daemons.iter().map(|d| VllmServer::start(py, model, d, &["--max-model-len", &len])).collect();
     servers.iter_mut().for_each(VllmServer::wait_ready);
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     let gw_addr = free_local_addr();
     let model_flag = format!("tiny={}", model.display());
     let gw = gateway.then(|| {
-        #[rustfmt::skip]
-        let args = ["gateway", "--listen", &gw_addr, "--daemon", &daemons[0].grpc, "--daemon", &daemons[1].grpc,
-                    "--engine", &addrs[0], "--engine", &addrs[1], "--model", &model_flag];
+        let mut args = vec!["gateway", "--listen", &gw_addr, "--model", &model_flag];
+        daemons.iter().for_each(|d| args.extend(["--daemon", d.grpc.as_str()]));
+        addrs.iter().for_each(|a| args.extend(["--engine", a.as_str()]));
         KvtierProc::start(&args, &gw_addr)
     });
     let targets: Vec<&str> = if gateway { vec![gw_addr.as_str()] } else { addrs.iter().map(String::as_str).collect() };
@@ -151,8 +161,15 @@ fn arm(py: &Path, model: &Path, reqs: &Path, gateway: bool) -> Arm {
             eprintln!("{}", g.log());
         }
     }
+    let later = results
+        .iter()
+        .zip(&sent)
+        .filter(|(r, s)| s["later"].as_bool() == Some(true) && r["error"].is_null())
+        .filter_map(|(r, _)| r["ttft"].as_f64())
+        .collect();
     Arm {
         decisions,
+        later,
         ttft: ok.iter().map(|r| r["ttft"].as_f64().unwrap()).collect(),
         hit: cached / prompt.max(1.0),
         per_engine: addrs.iter().map(|a| ok.iter().filter(|r| r["endpoint"].as_str() == Some(a)).count()).collect(),
@@ -285,22 +302,29 @@ fn main() {
     decision_cost(&py, &model);
 
     let (conversations, qps) = (env_or("KVTIER_BENCH_CONVERSATIONS", 10usize), env_or("KVTIER_BENCH_QPS", 0.4f64));
-    let reqs = requests(conversations, qps);
+    let engines = env_or("KVTIER_BENCH_ENGINES", 4usize);
+    let max_ids = env_or("KVTIER_BENCH_MAX_IDS", MAX_IDS);
+    let reqs = requests(conversations, qps, max_ids);
     let n = reqs.len();
     let file = work.path().join("requests.json");
     std::fs::write(&file, serde_json::to_string(&reqs).unwrap()).unwrap();
     let tokens: usize = reqs.iter().map(|r| r["prompt"].as_array().unwrap().len()).sum();
     println!(
-        "replay: {n} requests ({conversations} conversations) of the trace at {qps} req/s, {TOKENS_PER_ID} tokens per hash id (cut at {MAX_IDS} ids), {} prompt tokens on average; 2 vLLM CPU servers (random Llama 8x1024), one kvtierd each",
+        "replay: {n} requests ({conversations} conversations) of the trace at {qps} req/s, {TOKENS_PER_ID} tokens per hash id (cut at {max_ids} ids), {} prompt tokens on average; {engines} vLLM CPU servers (random Llama 8x1024), one kvtierd each",
         tokens / n
     );
-    let rr = arm(&py, &model, &file, false);
-    let gw = arm(&py, &model, &file, true);
+    let rr = arm(&py, &model, &file, engines, max_ids, false);
+    let gw = arm(&py, &model, &file, engines, max_ids, true);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     for (name, a) in [("round-robin (reference)", &rr), ("kvtier gateway", &gw)] {
         println!(
-            "  {name:<26} TTFT p50 {:>7.3} s  p95 {:>7.3} s   cached {:>5.1} % of prompt tokens   requests per engine {:?}   errors {}",
+            "  {name:<26} TTFT p50 {:>7.3} s  p95 {:>7.3} s  mean {:>7.3} s   later turns ({}) p50 {:>7.3} s  mean {:>7.3} s   cached {:>5.1} % of prompt tokens   requests per engine {:?}   errors {}",
             percentile(&a.ttft, 0.5),
             percentile(&a.ttft, 0.95),
+            mean(&a.ttft),
+            a.later.len(),
+            percentile(&a.later, 0.5),
+            mean(&a.later),
             a.hit * 100.0,
             a.per_engine,
             a.errors
@@ -310,9 +334,12 @@ fn main() {
         }
     }
     println!(
-        "  p50 TTFT ratio (round-robin / gateway): {:.2}x   p95: {:.2}x",
+        "  TTFT ratio (round-robin / gateway): p50 {:.2}x  p95 {:.2}x  mean {:.2}x;  later turns p50 {:.2}x  mean {:.2}x",
         percentile(&rr.ttft, 0.5) / percentile(&gw.ttft, 0.5),
-        percentile(&rr.ttft, 0.95) / percentile(&gw.ttft, 0.95)
+        percentile(&rr.ttft, 0.95) / percentile(&gw.ttft, 0.95),
+        mean(&rr.ttft) / mean(&gw.ttft),
+        percentile(&rr.later, 0.5) / percentile(&gw.later, 0.5),
+        mean(&rr.later) / mean(&gw.later)
     );
     let ((g50, g99), (d50, d99)) = hop_cost(&py, &model);
     println!(
