@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The crates whose modules must not import each other in a cycle.
-const CRATES: &[&str] = &["proto", "core", "net", "daemon", "router", "client", "ucx"];
+const CRATES: &[&str] = &["proto", "core", "net", "daemon", "router", "gateway", "client", "ucx"];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
