@@ -11,6 +11,19 @@ use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::transfer_service_client::TransferServiceClient;
 use kvtier_router::feed::channel;
 use kvtier_tests::{eventually_within, namespace, Daemon};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// The tests that measure a daemon's CPU time run alone (write), the others together (read):
+/// the transfers of the others, on a 2-core machine, made an idle lane's naps cost it CPU.
+static QUIET: RwLock<()> = RwLock::const_new(());
+
+async fn shared() -> RwLockReadGuard<'static, ()> {
+    QUIET.read().await
+}
+
+async fn alone() -> RwLockWriteGuard<'static, ()> {
+    QUIET.write().await
+}
 
 fn daemon(pool: &str, tls: &[&str]) -> Daemon {
     let mut args = vec!["--pool-bytes", pool, "--slab-bytes", "4 MiB", "--transfer", "--ucx-transports"];
@@ -106,16 +119,19 @@ async fn ships_byte_exact_between(a: &Daemon, b: &Daemon, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_blocks_ship_byte_exact_over_tcp() {
+    let _quiet = shared().await;
     ships_byte_exact(&["tcp", "--transfer-net-devices", "lo"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_blocks_ship_byte_exact_over_shared_memory_verifying_every_byte() {
+    let _quiet = shared().await;
     ships_byte_exact(&["shm", "--transfer-verify", "full"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemons_with_different_lane_counts_ship_byte_exact_both_ways() {
+    let _quiet = shared().await;
     // A pull is striped over the puller's lanes; the source spreads them over its own.
     let one = daemon(
         "96 MiB",
@@ -141,6 +157,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_daemons_sleep_after_shipping() {
+    let _quiet = alone().await;
     // Lanes once polled for commands every 100 us when idle: a quarter of a core per daemon.
     for tls in [&["tcp", "--transfer-net-devices", "lo"][..], &["shm"]] {
         let (a, b) = (daemon("64 MiB", tls), daemon("64 MiB", tls));
@@ -158,6 +175,7 @@ async fn idle_daemons_sleep_after_shipping() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puller_waiting_on_a_stopped_source_sleeps_then_finishes_when_it_resumes() {
+    let _quiet = alone().await;
     // Receiving lanes once spun and napped for as long as nothing came: 0.4 of a core here.
     for tls in [&["tcp", "--transfer-net-devices", "lo"][..], &["shm"]] {
         let (a, b) = (daemon("768 MiB", tls), daemon("768 MiB", tls));
@@ -198,6 +216,7 @@ async fn sender_killed_mid_transfer(tls: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_killed_mid_transfer_leaves_nothing_partial() {
+    let _quiet = shared().await;
     sender_killed_mid_transfer(&["tcp", "--transfer-net-devices", "lo"]).await;
 }
 
@@ -207,6 +226,7 @@ async fn a_sender_killed_mid_transfer_leaves_nothing_partial() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puller_killed_mid_transfer_leaves_the_sender_serving() {
+    let _quiet = shared().await;
     let tls = ["tcp", "--transfer-net-devices", "lo"];
     let (a, mut b) = (daemon("768 MiB", &tls), daemon("768 MiB", &tls));
     save(&b, 2, 1, KILL_BLOCK).await;
@@ -227,6 +247,7 @@ async fn a_puller_killed_mid_transfer_leaves_the_sender_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pulls_of_many_prompts_stay_apart() {
+    let _quiet = shared().await;
     let tls = ["tcp", "--transfer-net-devices", "lo"];
     let (a, b) = (daemon("256 MiB", &tls), daemon("256 MiB", &tls));
     let block = 64 * 1024;
@@ -260,6 +281,7 @@ async fn concurrent_pulls_of_many_prompts_stay_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_shipments_are_refused_and_the_sender_carries_on() {
+    let _quiet = shared().await;
     let tls = ["tcp", "--transfer-net-devices", "lo"];
     let (mut a, b) = (daemon("64 MiB", &tls), daemon("64 MiB", &tls));
     let block = 16 * 1024;
