@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     let mut decoder = FrameDecoder::new(64 << 10);
     decoder.extend(stream);
     rt.block_on(async {
-        let hello = Op::Hello(Hello { client_name: "fuzz".into(), protocol_version: 1 });
+        let hello = Op::Hello(Hello { client_name: "fuzz".into(), protocol_version: 1, engine: None });
         if flags & 2 == 0 && dispatch(node, &mut session, hello).await.is_err() {
             return;
         }
