@@ -4,17 +4,18 @@
 //! render endpoints) for many prompts and chat templates, that the keys it computes are the ones
 //! the daemon holds after the engine served the request, that later turns of a conversation land
 //! on the engine holding their prefix (reported cached tokens), that streams stream, that outputs
-//! equal direct requests, and that with that engine killed the traffic moves on without a client
-//! error.
+//! equal direct requests, that a LoRA adapter's conversation is keyed and routed the same way
+//! (its keys carry the adapter as each engine loaded it), and that with that engine killed the
+//! traffic moves on without a client error.
 
-use kvtier_core::block_key::request_keys;
+use kvtier_core::block_key::{adapter_request_keys, Extra};
 use kvtier_core::namespace::NamespaceId;
-use kvtier_gateway::openai::{parse, Api, PromptInput};
+use kvtier_gateway::openai::{parse, Api};
 use kvtier_gateway::tokenize::ModelTokenizer;
 use kvtier_proto::v1 as pb;
 use kvtier_proto::v1::cache_service_client::CacheServiceClient;
 use kvtier_router::feed::channel;
-use kvtier_tests::{http_get, make_model, repo, result_line, vllm_python, Daemon, KvtierProc, VllmServer};
+use kvtier_tests::{eventually, http_get, make_model, repo, result_line, vllm_python, Daemon, KvtierProc, VllmServer};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -137,10 +138,11 @@ async fn engine_namespace(d: &Daemon) -> pb::NamespaceDescriptor {
     stats.engines[0].namespaces[0].clone()
 }
 
-/// Leading blocks of `tokens` daemon `d` holds under the gateway's keys.
-async fn held_by(d: &Daemon, tokens: &[u32]) -> (u32, usize) {
+/// Leading blocks of `tokens` (of adapter `lora`, if any) daemon `d` holds under the gateway's
+/// keys.
+async fn held_by(d: &Daemon, tokens: &[u32], lora: Option<&Extra>) -> (u32, usize) {
     let desc = engine_namespace(d).await;
-    let keys = request_keys(tokens, desc.tokens_per_block as usize, "");
+    let keys = adapter_request_keys(tokens, desc.tokens_per_block as usize, "", lora);
     let q = pb::PrefixQuery {
         namespace_id: NamespaceId::of(&desc).0.to_vec().into(),
         hashes: keys.iter().map(|k| bytes::Bytes::copy_from_slice(k.as_bytes())).collect(),
@@ -155,34 +157,10 @@ fn metric(gateway: &str, line: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_sends_each_turn_to_the_engine_holding_its_prefix() {
-    let py = vllm_python();
-    let tmp = tempfile::tempdir().unwrap();
-
-    let model: PathBuf = tmp.path().join("model");
-    make_model(&py, &model, &[]);
-    std::fs::write(model.join("chat_template.jinja"), CHATML).unwrap();
-    let daemons = [Daemon::start(&[]), Daemon::start(&[])];
-    let mut engines: Vec<VllmServer> = daemons.iter().map(|d| VllmServer::start(&py, &model, d, &[])).collect();
-    engines.iter_mut().for_each(VllmServer::wait_ready);
-
-    tokio::task::block_in_place(|| tokens_match_vllm(&py, &engines[0].addr, &model, tmp.path()));
-
-    let gw = kvtier_tests::free_local_addr();
-    let model_flag = format!("tiny={}", model.display());
-    #[rustfmt::skip]
-    let gateway = KvtierProc::start(&[
-        "gateway", "--listen", &gw, "--daemon", &daemons[0].grpc, "--daemon", &daemons[1].grpc,
-        "--engine", &engines[0].addr, "--engine", &engines[1].addr, "--model", &model_flag,
-    ], &gw);
-    let state = tmp.path().join("conversation.json");
-    let state = state.to_str().unwrap();
-    let client = |turns: &str| {
-        let args = [gw.as_str(), "tiny", state, "--turns", turns];
-        tokio::task::block_in_place(|| python_result(&py, "gateway_client.py", &args, &|| gateway.log()))
-    };
-    let r = client("3");
+/// Checks a conversation's run of `gateway_client.py`: outputs equal direct requests, later
+/// turns stay on the engine holding their prefix and report cached tokens, streams stream,
+/// tenants' salts separate their blocks. Returns that engine.
+fn conversation_checks(r: &Value) -> String {
     let turns = r["turns"].as_array().unwrap();
     let home = turns[0]["endpoint"].as_str().unwrap().to_string();
     for (i, t) in turns.iter().enumerate() {
@@ -205,25 +183,89 @@ async fn the_gateway_sends_each_turn_to_the_engine_holding_its_prefix() {
     assert_eq!(salted[1]["endpoint"], salted[0]["endpoint"], "{salted:?}");
     assert!(salted[1]["cached_tokens"].as_u64().unwrap() > 0, "{salted:?}");
     assert_eq!(salted[2]["cached_tokens"].as_u64(), Some(0), "another tenant's salt shares nothing: {salted:?}");
+    home
+}
 
-    // The keys the gateway computes for the first turn are the ones the engine's daemon holds.
-    let i = engines.iter().position(|e| e.addr == home).unwrap();
+/// The tokens of the first turn of the conversation `gateway_client.py` held for `model`.
+fn first_turn(model_dir: &Path, dir: &Path, model: &str) -> Vec<u32> {
+    let state = dir.join(format!("conversation-{model}.json"));
     let conversation: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
-    let first = json!({"model": "tiny", "messages": conversation[..2]});
-    let Some(PromptInput::Chat(chat)) = parse(Api::Chat, first.to_string().as_bytes()).unwrap().prompt else {
-        panic!()
+    let first = json!({"model": model, "messages": conversation[..2]});
+    let Some(prompt) = parse(Api::Chat, first.to_string().as_bytes()).unwrap().prompt else { panic!() };
+    ModelTokenizer::load(model_dir).unwrap().tokens(&prompt).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_sends_each_turn_to_the_engine_holding_its_prefix() {
+    let py = vllm_python();
+    let tmp = tempfile::tempdir().unwrap();
+
+    let model: PathBuf = tmp.path().join("model");
+    make_model(&py, &model, &[]);
+    std::fs::write(model.join("chat_template.jinja"), CHATML).unwrap();
+    let adapter = tmp.path().join("adapter");
+    let out = Command::new(&py).arg(repo().join("tests/e2e/make_lora.py")).args([&model, &adapter]).output().unwrap();
+    assert!(out.status.success(), "make_lora.py: {}", String::from_utf8_lossy(&out.stderr));
+    let lora_flag = format!("sql={}", adapter.display());
+    let lora_args = ["--enable-lora", "--max-lora-rank", "8", "--lora-modules", &lora_flag];
+    let daemons = [Daemon::start(&[]), Daemon::start(&[])];
+    let mut engines: Vec<VllmServer> = daemons.iter().map(|d| VllmServer::start(&py, &model, d, &lora_args)).collect();
+    engines.iter_mut().for_each(VllmServer::wait_ready);
+
+    tokio::task::block_in_place(|| tokens_match_vllm(&py, &engines[0].addr, &model, tmp.path()));
+
+    let gw = kvtier_tests::free_local_addr();
+    let model_flag = format!("tiny={}", model.display());
+    #[rustfmt::skip]
+    let gateway = KvtierProc::start(&[
+        "gateway", "--listen", &gw, "--daemon", &daemons[0].grpc, "--daemon", &daemons[1].grpc,
+        "--engine", &engines[0].addr, "--engine", &engines[1].addr, "--model", &model_flag,
+    ], &gw);
+    let client = |model: &str, turns: &str| {
+        let state = tmp.path().join(format!("conversation-{model}.json"));
+        let args = [gw.as_str(), model, state.to_str().unwrap(), "--turns", turns];
+        tokio::task::block_in_place(|| python_result(&py, "gateway_client.py", &args, &|| gateway.log()))
     };
-    let tokens = ModelTokenizer::load(&model).unwrap().tokens(&PromptInput::Chat(chat)).unwrap();
-    let (matched, blocks) = held_by(&daemons[i], &tokens).await;
-    assert!(blocks >= 2, "a first turn of {} tokens", tokens.len());
+    let r = client("tiny", "3");
+    let home = conversation_checks(&r);
+    let i = engines.iter().position(|e| e.addr == home).unwrap();
+    let (matched, blocks) = held_by(&daemons[i], &first_turn(&model, tmp.path(), "tiny"), None).await;
+    assert!(blocks >= 2, "a first turn of {blocks} blocks");
     assert_eq!(matched as usize, blocks, "daemon {i} holds {matched} of the first turn's {blocks} blocks");
     assert!(metric(&gw, "kvtier_gateway_decisions_total{reason=\"prefix\"}") >= 3.0);
     assert!(gateway.log().contains(&format!("route endpoint={home}")), "no decision log line");
 
+    // The same conversation for the adapter: its blocks are keyed with ("lora", name, path), so
+    // none of the base model's match, and its later turns follow the adapter's own prefix.
+    for e in &engines {
+        let listed = format!("kvtier_gateway_adapters{{endpoint=\"{}\"}}", e.addr);
+        tokio::task::block_in_place(|| eventually("the gateway lists the adapter", || metric(&gw, &listed) == 1.0));
+    }
+    let prefix_before = metric(&gw, "kvtier_gateway_decisions_total{reason=\"prefix\"}");
+    let base = r;
+    let r = client("sql", "3");
+    let home_sql = conversation_checks(&r);
+    assert_ne!(r["turns"][0]["text"], base["turns"][0]["text"], "the adapter changed nothing: {r}");
+    let j = engines.iter().position(|e| e.addr == home_sql).unwrap();
+    let lora = Extra::lora("sql", adapter.to_str().unwrap());
+    let tokens = first_turn(&model, tmp.path(), "sql");
+    let (matched, blocks) = held_by(&daemons[j], &tokens, Some(&lora)).await;
+    assert_eq!(matched as usize, blocks, "daemon {j} holds {matched} of the adapter's first turn's {blocks} blocks");
+    assert!(metric(&gw, "kvtier_gateway_decisions_total{reason=\"prefix\"}") >= prefix_before + 3.0);
+    // Its first turn has the base conversation's first tokens, but none of the base model's
+    // blocks may count for it: chosen by load; the next turns by the adapter's own prefix.
+    let log = gateway.log();
+    let reasons: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("model=sql"))
+        .filter_map(|l| l.split(" reason=").nth(1)?.split(' ').next())
+        .collect();
+    assert_eq!(reasons[..3], ["least-loaded", "prefix", "prefix"], "the adapter's turns:\n{log}");
+
     // The engine holding the conversation dies: the next turns go to the other one, and the
     // client sees no error (it does not retry: the gateway does).
     engines[i].kill();
-    let r = client("2");
+    let r = client("tiny", "2");
     let other = &engines[1 - i].addr;
     for t in r["turns"].as_array().unwrap() {
         assert_eq!(t["endpoint"].as_str().unwrap(), other, "{r}");

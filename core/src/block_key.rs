@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 const DOMAIN: &[u8] = b"kvtier.block.v1\0";
 
 /// One item of a block's extra keys, as vLLM builds them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Extra {
     /// A string (an adapter name, a salt, a multimodal identifier).
     Str(String),
@@ -38,6 +38,12 @@ impl Extra {
     /// The extra key vLLM gives the first block of a request with a `cache_salt`.
     pub fn cache_salt(salt: &str) -> Self {
         Extra::Tuple(vec![Extra::Str("cache_salt".into()), Extra::Str(salt.into())])
+    }
+
+    /// The extra key vLLM gives every block of a request for LoRA adapter `name` loaded from
+    /// `path` (both go in: re-pointing a name at another adapter changes the keys).
+    pub fn lora(name: &str, path: &str) -> Self {
+        Extra::Tuple(vec![Extra::Str("lora".into()), Extra::Str(name.into()), Extra::Str(path.into())])
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -102,12 +108,23 @@ pub fn block_keys(tokens: &[u32], block_size: usize, mut extras: impl FnMut(usiz
 /// The keys of a plain request (no adapter, no multimodal items): the salt, if any, on the
 /// first block, as vLLM adds it.
 pub fn request_keys(tokens: &[u32], block_size: usize, cache_salt: &str) -> Vec<BlockHash> {
+    adapter_request_keys(tokens, block_size, cache_salt, None)
+}
+
+/// The keys of a request for LoRA adapter `lora` (`Extra::lora`, None for the base model):
+/// the adapter on every block, then the salt, if any, on the first, in vLLM's order.
+pub fn adapter_request_keys(
+    tokens: &[u32],
+    block_size: usize,
+    cache_salt: &str,
+    lora: Option<&Extra>,
+) -> Vec<BlockHash> {
     block_keys(tokens, block_size, |i| {
+        let mut extras: Vec<Extra> = lora.into_iter().cloned().collect();
         if i == 0 && !cache_salt.is_empty() {
-            vec![Extra::cache_salt(cache_salt)]
-        } else {
-            vec![]
+            extras.push(Extra::cache_salt(cache_salt));
         }
+        extras
     })
 }
 
@@ -143,6 +160,19 @@ mod tests {
         assert_ne!(plain[0], salted[0]);
         assert_ne!(plain[1], salted[1]);
         assert_ne!(salted, request_keys(&tokens, 4, "tenant-b"));
+    }
+
+    #[test]
+    fn an_adapter_keys_every_block_before_the_salt_as_vllm_orders_them() {
+        let tokens: Vec<u32> = (0..8).collect();
+        let lora = Extra::lora("ad", "/adapters/ad");
+        let keys = adapter_request_keys(&tokens, 4, "t", Some(&lora));
+        let first = block_key(None, &tokens[..4], &[lora.clone(), Extra::cache_salt("t")]);
+        assert_eq!(keys[0].as_bytes(), &first);
+        assert_eq!(keys[1].as_bytes(), &block_key(Some(&first), &tokens[4..], &[lora]));
+        let moved = adapter_request_keys(&tokens, 4, "t", Some(&Extra::lora("ad", "/elsewhere")));
+        assert!(keys.iter().zip(&moved).all(|(a, b)| a != b), "the adapter's path is part of every key");
+        assert_eq!(adapter_request_keys(&tokens, 4, "t", None), request_keys(&tokens, 4, "t"));
     }
 
     #[test]

@@ -123,7 +123,9 @@ impl Gateway {
             self.metrics.bad_request.fetch_add(1, Relaxed);
             Refusal::BadRequest(e.0)
         })?;
-        let tokenizer = self.tokenizers.get(&request.model).or(self.fallback.as_ref());
+        // An adapter is tokenized as its base model (vLLM does the same).
+        let base = || self.engines.adapter(&request.model).and_then(|a| self.tokenizers.get(&a.base).cloned());
+        let tokenizer = self.tokenizers.get(&request.model).cloned().or_else(base).or_else(|| self.fallback.clone());
         let tokens = match (&request.prompt, tokenizer) {
             (None, _) => Err("no prompt the gateway can key".to_string()),
             (Some(PromptInput::Tokens(t)), _) => Ok(t.clone()),
@@ -254,10 +256,25 @@ impl Gateway {
             &[("", m.upstream_errors.load(Relaxed))],
         );
         let engines = self.engines.addresses();
-        let rows: Vec<(String, u64)> =
-            engines.iter().map(|a| (format!("{{endpoint=\"{a}\"}}"), self.engines.in_flight(a) as u64)).collect();
-        let rows: Vec<(&str, u64)> = rows.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        family("kvtier_gateway_in_flight", "Requests in flight per engine.", "gauge", &rows);
+        let per_engine = |value: &dyn Fn(&str) -> u64| -> Vec<(String, u64)> {
+            engines.iter().map(|a| (format!("{{endpoint=\"{a}\"}}"), value(a))).collect()
+        };
+        let gauges = [
+            (
+                "kvtier_gateway_in_flight",
+                "Requests in flight per engine.",
+                per_engine(&|a| self.engines.in_flight(a) as u64),
+            ),
+            (
+                "kvtier_gateway_adapters",
+                "LoRA adapters each engine lists in /v1/models.",
+                per_engine(&|a| self.engines.adapter_count(a) as u64),
+            ),
+        ];
+        for (name, help, rows) in &gauges {
+            let rows: Vec<(&str, u64)> = rows.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            family(name, help, "gauge", &rows);
+        }
         let _ = writeln!(
             o,
             "# HELP kvtier_gateway_seconds Time the gateway adds per request.\n# TYPE kvtier_gateway_seconds histogram"

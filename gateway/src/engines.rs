@@ -1,8 +1,11 @@
 //! The engines a gateway sends requests to: the configured (or discovered) addresses, the
 //! requests in flight on each, which refused connections lately, and which node each one
-//! announced itself to (from the followed daemons' `Stats`).
+//! announced itself to (from the followed daemons' `Stats`), and the LoRA adapters it serves
+//! (from its `/v1/models`, [`super::adapters`]).
 
+use super::adapters::Adapter;
 use super::pick::Candidate;
+use kvtier_core::block_key::Extra;
 use kvtier_router::feed::Shared;
 use kvtier_router::index::NodeId;
 use std::collections::BTreeMap;
@@ -17,6 +20,7 @@ pub const DOWN_FOR: Duration = Duration::from_secs(5);
 struct EngineState {
     in_flight: Arc<AtomicU32>,
     down_until: Option<Instant>,
+    adapters: Vec<Adapter>,
 }
 
 /// The engine table.
@@ -75,6 +79,24 @@ impl Engines {
         }
     }
 
+    /// Records the LoRA adapters `address` serves now.
+    pub fn set_adapters(&self, address: &str, adapters: Vec<Adapter>) {
+        if let Some(e) = self.lock().get_mut(address) {
+            e.adapters = adapters;
+        }
+    }
+
+    /// The adapter named `model` on the first engine that serves one by that name (its base
+    /// model names the tokenizer).
+    pub fn adapter(&self, model: &str) -> Option<Adapter> {
+        self.lock().values().find_map(|e| e.adapters.iter().find(|a| a.name == model).cloned())
+    }
+
+    /// How many adapters `address` listed last.
+    pub fn adapter_count(&self, address: &str) -> usize {
+        self.lock().get(address).map_or(0, |e| e.adapters.len())
+    }
+
     /// Requests in flight on `address`.
     pub fn in_flight(&self, address: &str) -> u32 {
         self.lock().get(address).map_or(0, |e| e.in_flight.load(Relaxed))
@@ -82,13 +104,17 @@ impl Engines {
 
     /// The candidates for a request for `model`: the configured engines (only those in
     /// `subset` when given), each with the node it announced itself to and that node's
-    /// namespaces for it. Engines that announced a list of served models without `model` are
-    /// left out, unless that leaves none (or `model` is empty: a request for no model).
+    /// namespaces for it, and the adapter `model` names on it. Engines that serve neither a
+    /// model nor an adapter named `model` (by their announced served models and listed
+    /// adapters) are left out, unless that leaves none (or `model` is empty: a request for no
+    /// model).
     pub fn candidates(&self, feed: &Shared, model: &str, subset: Option<&[String]>) -> Vec<Candidate> {
         let nodes = feed.nodes();
         let views = feed.views();
         let now = Instant::now();
         let table = self.lock();
+        // A name some engine lists as an adapter is served only by the engines listing it.
+        let an_adapter = table.values().any(|s| s.adapters.iter().any(|a| a.name == model));
         let mut all: Vec<(Candidate, bool)> = table
             .iter()
             .filter(|(address, _)| subset.is_none_or(|s| s.iter().any(|a| a == *address)))
@@ -99,12 +125,16 @@ impl Engines {
                     let e = n.engines.iter().find(|e| e.engine.as_ref().is_some_and(|e| &e.address == address))?;
                     healthy.then(|| (i as NodeId, e.clone()))
                 });
+                let adapter = state.adapters.iter().find(|a| a.name == model);
                 let serves = model.is_empty()
-                    || announced.as_ref().is_none_or(|(_, e)| {
-                        let models = &e.engine.as_ref().map(|e| e.served_models.clone()).unwrap_or_default();
-                        models.is_empty() || models.iter().any(|m| m == model)
-                    });
+                    || adapter.is_some()
+                    || !an_adapter
+                        && announced.as_ref().is_none_or(|(_, e)| {
+                            let models = &e.engine.as_ref().map(|e| e.served_models.clone()).unwrap_or_default();
+                            models.is_empty() || models.iter().any(|m| m == model)
+                        });
                 let candidate = Candidate {
+                    lora: adapter.map(|a| Extra::lora(&a.name, &a.path)),
                     address: address.clone(),
                     node: announced.as_ref().map(|(n, _)| *n),
                     namespaces: announced.map(|(_, e)| e.namespaces).unwrap_or_default(),
@@ -159,5 +189,26 @@ mod tests {
         let c = e.candidates(&feed, "m", Some(&only));
         assert_eq!(c.iter().map(|c| c.address.as_str()).collect::<Vec<_>>(), vec!["b:1"]);
         assert!(e.candidates(&feed, "m", Some(&[])).is_empty());
+    }
+
+    #[test]
+    fn an_adapter_request_goes_to_the_engines_serving_it_keyed_by_their_path() {
+        let e = Engines::default();
+        for a in ["a:1", "b:1", "c:1"] {
+            e.add(a);
+        }
+        let sql = |path: &str| Adapter { name: "sql".into(), path: path.into(), base: "m".into() };
+        e.set_adapters("a:1", vec![sql("/a/sql")]);
+        e.set_adapters("c:1", vec![sql("/c/sql")]);
+        e.set_adapters("gone:1", vec![sql("/x")]);
+        let feed = Shared::new(10, Duration::from_secs(1));
+        let c = e.candidates(&feed, "sql", None);
+        let got: Vec<_> = c.iter().map(|c| (c.address.as_str(), c.lora.clone())).collect();
+        assert_eq!(got, vec![("a:1", Some(Extra::lora("sql", "/a/sql"))), ("c:1", Some(Extra::lora("sql", "/c/sql")))]);
+        assert_eq!(e.adapter("sql").map(|a| a.base), Some("m".into()));
+        assert!(e.candidates(&feed, "m", None).iter().all(|c| c.lora.is_none()));
+        assert_eq!(e.candidates(&feed, "other", None).len(), 3, "nobody serves it: every engine may try");
+        e.set_adapters("a:1", vec![]);
+        assert_eq!(e.candidates(&feed, "sql", None).len(), 1, "unloaded adapters are forgotten");
     }
 }

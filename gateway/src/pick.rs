@@ -5,7 +5,7 @@
 
 use hashbrown::HashMap;
 use kvtier_core::block::BlockHash;
-use kvtier_core::block_key::request_keys;
+use kvtier_core::block_key::{adapter_request_keys, Extra};
 use kvtier_core::namespace::NamespaceId;
 use kvtier_proto::v1::NamespaceDescriptor;
 use kvtier_router::index::{GlobalIndex, NodeId};
@@ -21,6 +21,9 @@ pub struct Candidate {
     pub node: Option<NodeId>,
     /// The namespaces its connector registered (salt cleared).
     pub namespaces: Vec<NamespaceDescriptor>,
+    /// The LoRA adapter the request names, as this engine loaded it (`Extra::lora`): part of
+    /// every key of the request's blocks there. None for the base model.
+    pub lora: Option<Extra>,
     /// Requests this gateway has in flight on it.
     pub in_flight: u32,
     /// False while it refused connections recently: tried only after every healthy one.
@@ -63,8 +66,9 @@ pub fn rank(
     w: &Weights,
     tie_break: usize,
 ) -> Ranking {
-    let mut keys: HashMap<usize, Vec<BlockHash>> = HashMap::new();
-    let mut held: HashMap<NamespaceId, Vec<kvtier_router::index::NodePrefix>> = HashMap::new();
+    let mut keys: HashMap<(usize, Option<&Extra>), Vec<BlockHash>> = HashMap::new();
+    // What every node holds of the keys, by namespace and adapter (the keys' extras).
+    let mut held: HashMap<(NamespaceId, Option<&Extra>), Vec<kvtier_router::index::NodePrefix>> = HashMap::new();
     let mut blocks = 0u32;
     let max_load = candidates.iter().filter(|c| c.healthy).map(|c| c.in_flight).max().unwrap_or(0).max(1) as f64;
     let mut order: Vec<Ranked> = candidates
@@ -74,12 +78,14 @@ pub fn rank(
             let (mut matched, mut host, mut value) = (0, 0, 0.0);
             for desc in c.namespaces.iter().filter(|_| c.node.is_some()) {
                 let (Some(tokens), Ok(block_size)) = (tokens, usize::try_from(desc.tokens_per_block)) else { continue };
-                let keys = keys.entry(block_size).or_insert_with(|| request_keys(tokens, block_size, salt));
+                let keys = keys
+                    .entry((block_size, c.lora.as_ref()))
+                    .or_insert_with(|| adapter_request_keys(tokens, block_size, salt, c.lora.as_ref()));
                 if keys.is_empty() {
                     continue;
                 }
                 let id = NamespaceId::of(&NamespaceDescriptor { cache_salt: salt.to_string(), ..desc.clone() });
-                let prefixes = held.entry(id).or_insert_with(|| index.prefixes(&id.0, keys));
+                let prefixes = held.entry((id, c.lora.as_ref())).or_insert_with(|| index.prefixes(&id.0, keys));
                 if let Some(p) = prefixes.iter().find(|p| Some(p.node) == c.node) {
                     let v = (p.host as f64 + w.disk * (p.matched - p.host) as f64) / keys.len() as f64;
                     if v > value {
@@ -114,13 +120,26 @@ mod tests {
     }
 
     fn engine(address: &str, node: Option<NodeId>, in_flight: u32) -> Candidate {
-        Candidate { address: address.into(), node, namespaces: vec![desc(4)], in_flight, healthy: true }
+        Candidate { address: address.into(), node, namespaces: vec![desc(4)], lora: None, in_flight, healthy: true }
     }
 
     /// An index where `node` holds the first `n` blocks of `tokens` (salt `salt`) in `tier`.
     fn hold(idx: &mut GlobalIndex, node: NodeId, tokens: &[u32], salt: &str, n: usize, tier: TierKind) {
+        hold_for(idx, node, tokens, salt, None, n, tier)
+    }
+
+    /// As `hold`, for the blocks of adapter `lora`.
+    fn hold_for(
+        idx: &mut GlobalIndex,
+        node: NodeId,
+        tokens: &[u32],
+        salt: &str,
+        lora: Option<&Extra>,
+        n: usize,
+        tier: TierKind,
+    ) {
         let id = NamespaceId::of(&NamespaceDescriptor { cache_salt: salt.into(), ..desc(4) });
-        for k in request_keys(tokens, 4, salt).into_iter().take(n) {
+        for k in adapter_request_keys(tokens, 4, salt, lora).into_iter().take(n) {
             idx.set(node, &id.0, k, Some(tier));
         }
     }
@@ -150,6 +169,25 @@ mod tests {
         assert_eq!(r.reason, Reason::LeastLoaded);
         let r = rank(&idx, Some(&TOKENS), "", &c, &Weights::default(), 0);
         assert_eq!(r.reason, Reason::LeastLoaded, "unsalted requests never match salted blocks");
+    }
+
+    #[test]
+    fn an_adapter_request_matches_the_blocks_of_that_adapter_as_each_engine_loaded_it() {
+        let mut idx = GlobalIndex::new(100);
+        let sql = |path: &str| Some(Extra::lora("sql", path));
+        hold(&mut idx, 0, &TOKENS, "", 4, TierKind::Host);
+        hold_for(&mut idx, 1, &TOKENS, "", sql("/b/sql").as_ref(), 2, TierKind::Host);
+        hold_for(&mut idx, 2, &TOKENS, "", sql("/c/sql").as_ref(), 3, TierKind::Host);
+        let mut c = [engine("a:1", Some(0), 0), engine("b:1", Some(1), 0), engine("c:1", Some(2), 0)];
+        c[0].lora = sql("/a/sql");
+        c[1].lora = sql("/b/sql");
+        c[2].lora = sql("/b/sql");
+        let r = rank(&idx, Some(&TOKENS), "", &c, &Weights::default(), 0);
+        assert_eq!((r.order[0].candidate, r.order[0].matched), (1, 2), "base blocks and other paths do not count");
+        assert_eq!(r.order[1].matched + r.order[2].matched, 0);
+        c[2].lora = sql("/c/sql");
+        let r = rank(&idx, Some(&TOKENS), "", &c, &Weights::default(), 0);
+        assert_eq!((r.order[0].candidate, r.order[0].matched), (2, 3));
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct EngineArgs {
     /// Refuse requests (429) while every engine has this many in flight (0: never).
     #[arg(long, default_value_t = 0)]
     pub max_in_flight: u32,
+    /// Seconds between asking each engine for its LoRA adapters (`/v1/models`), which requests
+    /// for an adapter are keyed and routed by (0: never; adapter requests go by load).
+    #[arg(long, default_value_t = 2)]
+    pub adapter_poll_secs: u64,
 }
 
 impl EngineArgs {
@@ -57,6 +61,10 @@ impl EngineArgs {
         self.engines.iter().for_each(|e| engines.add(e));
         if let Some(name) = self.engine_dns.clone() {
             tokio::spawn(discover(Arc::clone(&engines), name, Duration::from_secs(self.feed.dns_interval_secs)));
+        }
+        if self.adapter_poll_secs > 0 {
+            let every = Duration::from_secs(self.adapter_poll_secs);
+            tokio::spawn(kvtier_gateway::adapters::follow(Arc::clone(&engines), every));
         }
         let max = (self.max_in_flight > 0).then_some(self.max_in_flight);
         Ok(Gateway::new(feed, engines, tokenizers, self.feed.weights(), max))
