@@ -3,8 +3,9 @@
 //! a run without kvtier; a killed daemon costs nothing but the cache; a restarted one is found
 //! again; the daemon copying vLLM's KV tensors itself (backend "cma") gives the same tokens; a
 //! prefix kept only on disk across a daemon restart is promoted and loaded exactly; a
-//! decode instance gets its prompt shipped from a prefill instance's daemon over UCX. The
-//! vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
+//! decode instance gets its prompt shipped from a prefill instance's daemon over UCX; in bf16,
+//! outputs and logprobs with prefixes loaded from kvtier equal vLLM's own prefix cache bit for
+//! bit. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
 
 use kvtier_tests::{kill_group, make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon, TRANSFER_OVER_TCP};
@@ -18,6 +19,9 @@ const BLOCK: usize = 128;
 /// Tokens every prompt shares: 7 full blocks plus a partial one.
 const SHARED: usize = 7 * BLOCK + 40;
 
+/// The vLLM tests of this file run one at a time (two engines on 2 cores slow both to a crawl).
+static ONE_VLLM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs vLLM over all prompts in one process; returns (outputs, cached tokens) per prompt.
 fn run_batch(py: &Path, model: &Path, prompts: &Path, socket: Option<&Path>) -> (Vec<Value>, Vec<u64>) {
     run_batch_with(py, model, prompts, socket, &[])
@@ -30,6 +34,16 @@ fn run_batch_with(
     socket: Option<&Path>,
     extra: &[&str],
 ) -> (Vec<Value>, Vec<u64>) {
+    let r = run_batch_result(py, model, prompts, socket, extra);
+    (r["outputs"].as_array().unwrap().clone(), cached_tokens(&r))
+}
+
+fn cached_tokens(r: &Value) -> Vec<u64> {
+    r["cached_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+}
+
+/// Runs vLLM over all prompts in one process; its RESULT.
+fn run_batch_result(py: &Path, model: &Path, prompts: &Path, socket: Option<&Path>, extra: &[&str]) -> Value {
     let mut args = vec![model.to_str().unwrap(), prompts.to_str().unwrap()];
     if let Some(s) = socket {
         args.extend(["--socket", s.to_str().unwrap()]);
@@ -41,10 +55,7 @@ fn run_batch_with(
         stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
     assert!(ok, "vLLM failed:\n{tail}");
     assert!(!stderr.contains("Traceback"), "vLLM printed a traceback:\n{tail}");
-    let r = result_line(&stdout).unwrap_or_else(|| panic!("no RESULT line:\n{stdout}\n{tail}"));
-    let outputs = r["outputs"].as_array().unwrap().clone();
-    let cached = r["cached_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-    (outputs, cached)
+    result_line(&stdout).unwrap_or_else(|| panic!("no RESULT line:\n{stdout}\n{tail}"))
 }
 
 /// A vLLM process that serves one prompt per request, so the test can act in between.
@@ -130,14 +141,29 @@ fn daemon_stats(d: &Daemon) -> Value {
     serde_json::from_slice(&d.kvtier(&["status", "--json"]).stdout).unwrap()
 }
 
-#[test]
-fn vllm_loads_shared_prefixes_from_kvtier() {
+/// What every test here starts from: the turn to run vLLM, the tiny model and a prompts file.
+struct Setup {
+    _one: std::sync::MutexGuard<'static, ()>,
+    py: std::path::PathBuf,
+    work: tempfile::TempDir,
+    model: std::path::PathBuf,
+    prompts_file: std::path::PathBuf,
+}
+
+fn setup(prompts: &[Vec<u32>]) -> Setup {
+    let one = ONE_VLLM.lock().unwrap_or_else(|e| e.into_inner());
     let py = vllm_python();
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model");
     make_model(&py, &model, &[]);
     let prompts_file = work.path().join("prompts.json");
-    std::fs::write(&prompts_file, serde_json::to_string(&prompts()).unwrap()).unwrap();
+    std::fs::write(&prompts_file, serde_json::to_string(prompts).unwrap()).unwrap();
+    Setup { _one: one, py, work, model, prompts_file }
+}
+
+#[test]
+fn vllm_loads_shared_prefixes_from_kvtier() {
+    let Setup { _one, py, work, model, prompts_file } = setup(&prompts());
     let held_tokens = (SHARED / BLOCK * BLOCK) as u64;
 
     // The reference: vLLM without kvtier.
@@ -320,4 +346,26 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
         serde_json::from_str(&std::fs::read_to_string(format!("{failed_arg}.worker")).unwrap()).unwrap();
     assert!(worker["pull_errors"].as_u64() >= Some(1), "{worker}");
     assert!(worker["load_errors"].as_u64() >= Some(held_tokens / BLOCK as u64), "{worker}");
+}
+
+/// bf16, block size 32, the engine core in process (every step batches exactly the requests
+/// added before it, so two runs batch alike whatever the timing; docs/vllm.md, "Exactness"):
+/// prompts whose prefix comes from kvtier give the tokens and logprobs of the same prompts
+/// whose prefix comes from vLLM's own prefix cache, bit for bit, and a prompt with nothing to
+/// load gives those of an engine without the connector.
+#[test]
+fn bf16_outputs_with_loaded_prefixes_equal_vllms_prefix_cache_bit_for_bit() {
+    let prompts: Vec<Vec<u32>> = prompts().into_iter().map(|p| p[BLOCK * 5..].to_vec()).collect();
+    let Setup { _one, py, work: _work, model, prompts_file } = setup(&prompts);
+    #[rustfmt::skip]
+    let common = ["--dtype", "bfloat16", "--block-size", "32", "--logprobs", "--in-process", "--pause", "1",
+                  "--max-tokens", "24"];
+    let own = run_batch_result(&py, &model, &prompts_file, None, &[&common[..], &["--prefix-caching"]].concat());
+    let d = Daemon::start(&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--device-backend", "host"]);
+    let ours = run_batch_result(&py, &model, &prompts_file, Some(&d.socket), &common);
+    let shared = ((prompts[0].len().min(prompts[1].len()) - 1) / 32 * 32) as u64;
+    assert_eq!(cached_tokens(&own), [0, shared, shared, shared], "vLLM's prefix cache hits: {own}");
+    assert_eq!(cached_tokens(&ours), cached_tokens(&own), "the connector loads what vLLM would hit: {ours}");
+    assert_eq!(ours["outputs"], own["outputs"], "greedy tokens");
+    assert_eq!(ours["logprobs"], own["logprobs"], "logprobs, bit for bit");
 }

@@ -4,6 +4,8 @@ Batch mode prints one line `RESULT {"outputs": [[ids]...], "cached_tokens": [...
 With --interactive it prints `READY`, then for each prompt index read from stdin one line
 `RESULT {"output": [ids], "cached_tokens": n, "ttft": s}`, so a test can act between requests.
 
+With --logprobs the batch RESULT also has "logprobs": the chosen tokens' logprobs, per prompt.
+
 usage: python run_vllm.py MODEL_DIR PROMPTS_JSON [--socket PATH] [--max-tokens N] [--interactive]
 """
 
@@ -36,8 +38,16 @@ def main():
     ap.add_argument("--pull-piece-bytes", type=int, help="the connector's pull_piece_bytes")
     ap.add_argument("--warm-up", action="store_true",
                     help="first run one short untimed prompt, so the first timed one pays no first-call costs")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--block-size", type=int, help="vLLM's block size (its default otherwise)")
+    ap.add_argument("--logprobs", action="store_true", help="report the sampled tokens' logprobs")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): each step "
+                         "then batches exactly the requests added before it, whatever the timing")
     a = ap.parse_args()
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = a.kv_cache_gib
+    if a.in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -56,19 +66,26 @@ def main():
                 **({"pull_piece_bytes": a.pull_piece_bytes} if a.pull_piece_bytes else {}),
             },
         )
-    llm = LLM(model=a.model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True,
+    if a.block_size:
+        kw["block_size"] = a.block_size
+    llm = LLM(model=a.model, dtype=a.dtype, max_model_len=a.max_model_len, enforce_eager=True,
               enable_prefix_caching=a.prefix_caching, seed=0, **kw)
     prompts = json.load(open(a.prompts))
     transfer = json.load(open(a.params)) if a.params else None
     emitted = []
+    logprobs = []
 
     def run(p, i=0):
         extra = {"kv_transfer_params": transfer[i]} if transfer and transfer[i] else None
-        params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, extra_args=extra)
+        params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, extra_args=extra,
+                                logprobs=0 if a.logprobs else None)
         t = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
         emitted.append(out.kv_transfer_params)
-        return list(out.outputs[0].token_ids), out.num_cached_tokens or 0, time.perf_counter() - t
+        chosen = out.outputs[0]
+        if a.logprobs:
+            logprobs.append([d[tok].logprob for tok, d in zip(chosen.token_ids, chosen.logprobs)])
+        return list(chosen.token_ids), out.num_cached_tokens or 0, time.perf_counter() - t
 
     if a.warm_up:
         # Shorter than a block: nothing to look up, load or save.
@@ -92,6 +109,7 @@ def main():
         "outputs": [r[0] for r in results],
         "cached_tokens": [r[1] for r in results],
         "ttft": [r[2] for r in results],
+        **({"logprobs": logprobs} if a.logprobs else {}),
     }), flush=True)
 
 
