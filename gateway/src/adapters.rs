@@ -3,14 +3,13 @@
 //! from and `parent` its base model. The path is part of the adapter's block keys (vLLM keys
 //! a block of an adapter request with `("lora", name, path)`), so a gateway can key an adapter
 //! request only once it knows where that engine loaded the adapter from. Adapters loaded or
-//! unloaded at run time (`/v1/load_lora_adapter`) are seen at the next poll.
+//! unloaded at run time (`/v1/load_lora_adapter`) are seen at the next poll
+//! (the engine table polls every engine with a [`Lister`]).
 
-use super::engines::Engines;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Most adapters kept per engine (vLLM's own limit on loaded adapters is far lower).
@@ -51,39 +50,35 @@ pub fn adapters_of(body: &[u8]) -> Result<Vec<Adapter>, String> {
         .collect())
 }
 
-/// Asks every engine for its adapters every `every`, forever; an engine that does not answer
-/// keeps what it listed last (its refusals already move requests away from it).
-pub async fn follow(engines: Arc<Engines>, every: Duration) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(POLL_TIMEOUT));
-    let client: Client<HttpConnector, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    loop {
-        let mut polls = tokio::task::JoinSet::new();
-        for address in engines.addresses() {
-            let client = client.clone();
-            polls.spawn(async move {
-                let listed = tokio::time::timeout(POLL_TIMEOUT, poll(&client, &address)).await;
-                (address, listed.unwrap_or_else(|_| Err("timed out".into())))
-            });
-        }
-        while let Some(Ok((address, listed))) = polls.join_next().await {
-            match listed {
-                Ok(adapters) => engines.set_adapters(&address, adapters),
-                Err(e) => tracing::debug!(engine = %address, "listing adapters: {e}"),
-            }
-        }
-        tokio::time::sleep(every).await;
+/// Asks engines for their adapters over HTTP.
+#[derive(Clone)]
+pub struct Lister {
+    client: Client<HttpConnector, Empty<bytes::Bytes>>,
+}
+
+impl Default for Lister {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(POLL_TIMEOUT));
+        Self { client: Client::builder(TokioExecutor::new()).build(connector) }
     }
 }
 
-async fn poll(client: &Client<HttpConnector, Empty<bytes::Bytes>>, address: &str) -> Result<Vec<Adapter>, String> {
-    let uri: hyper::Uri = format!("http://{address}/v1/models").parse().map_err(|e| format!("{e}"))?;
-    let response = client.get(uri).await.map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("/v1/models answered {}", response.status()));
+impl Lister {
+    /// The adapters the engine at `address` ("host:port") lists now.
+    pub async fn list(&self, address: &str) -> Result<Vec<Adapter>, String> {
+        tokio::time::timeout(POLL_TIMEOUT, self.get(address)).await.unwrap_or_else(|_| Err("timed out".into()))
     }
-    let body = Limited::new(response.into_body(), MAX_MODELS_BYTES).collect().await.map_err(|e| e.to_string())?;
-    adapters_of(&body.to_bytes())
+
+    async fn get(&self, address: &str) -> Result<Vec<Adapter>, String> {
+        let uri: hyper::Uri = format!("http://{address}/v1/models").parse().map_err(|e| format!("{e}"))?;
+        let response = self.client.get(uri).await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("/v1/models answered {}", response.status()));
+        }
+        let body = Limited::new(response.into_body(), MAX_MODELS_BYTES).collect().await.map_err(|e| e.to_string())?;
+        adapters_of(&body.to_bytes())
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! announced itself to (from the followed daemons' `Stats`), and the LoRA adapters it serves
 //! (from its `/v1/models`, [`super::adapters`]).
 
-use super::adapters::Adapter;
+use super::adapters::{Adapter, Lister};
 use super::pick::Candidate;
 use kvtier_core::block_key::Extra;
 use kvtier_router::feed::Shared;
@@ -155,6 +155,26 @@ impl Engines {
 /// pods), re-resolving every `every`.
 pub async fn discover(engines: Arc<Engines>, name: String, every: Duration) {
     kvtier_router::feed::follow_dns(name, every, |a| engines.add(a), |a| engines.remove(a)).await
+}
+
+/// Asks every engine for its LoRA adapters every `every`, forever; an engine that does not
+/// answer keeps what it listed last (its refusals already move requests away from it).
+pub async fn follow_adapters(engines: Arc<Engines>, every: Duration) {
+    let lister = Lister::default();
+    loop {
+        let mut polls = tokio::task::JoinSet::new();
+        for address in engines.addresses() {
+            let lister = lister.clone();
+            polls.spawn(async move { (lister.list(&address).await, address) });
+        }
+        while let Some(Ok((listed, address))) = polls.join_next().await {
+            match listed {
+                Ok(adapters) => engines.set_adapters(&address, adapters),
+                Err(e) => tracing::debug!(engine = %address, "listing adapters: {e}"),
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 #[cfg(test)]

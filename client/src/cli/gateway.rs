@@ -64,7 +64,7 @@ impl EngineArgs {
         }
         if self.adapter_poll_secs > 0 {
             let every = Duration::from_secs(self.adapter_poll_secs);
-            tokio::spawn(kvtier_gateway::adapters::follow(Arc::clone(&engines), every));
+            tokio::spawn(kvtier_gateway::engines::follow_adapters(Arc::clone(&engines), every));
         }
         let max = (self.max_in_flight > 0).then_some(self.max_in_flight);
         Ok(Gateway::new(feed, engines, tokenizers, self.feed.weights(), max))
