@@ -3,9 +3,9 @@
 //! a run without kvtier; a killed daemon costs nothing but the cache; a restarted one is found
 //! again; the daemon copying vLLM's KV tensors itself (backend "cma") gives the same tokens; a
 //! prefix kept only on disk across a daemon restart is promoted and loaded exactly; a
-//! decode instance gets its prompt shipped from a prefill instance's daemon over UCX; in bf16,
-//! outputs and logprobs with prefixes loaded from kvtier equal vLLM's own prefix cache bit for
-//! bit. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
+//! decode instance gets its prompt shipped from a prefill instance's daemon over UCX; for
+//! Llama, Gemma 3 (sliding window) and DeepSeek-V2 (MLA) layouts in bf16, outputs and
+//! logprobs with prefixes loaded from kvtier equal vLLM's own prefix cache bit for bit. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
 
 use kvtier_tests::{kill_group, make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon, TRANSFER_OVER_TCP};
@@ -150,12 +150,12 @@ struct Setup {
     prompts_file: std::path::PathBuf,
 }
 
-fn setup(prompts: &[Vec<u32>]) -> Setup {
+fn setup(prompts: &[Vec<u32>], model_args: &[&str]) -> Setup {
     let one = ONE_VLLM.lock().unwrap_or_else(|e| e.into_inner());
     let py = vllm_python();
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model");
-    make_model(&py, &model, &[]);
+    make_model(&py, &model, model_args);
     let prompts_file = work.path().join("prompts.json");
     std::fs::write(&prompts_file, serde_json::to_string(prompts).unwrap()).unwrap();
     Setup { _one: one, py, work, model, prompts_file }
@@ -163,7 +163,7 @@ fn setup(prompts: &[Vec<u32>]) -> Setup {
 
 #[test]
 fn vllm_loads_shared_prefixes_from_kvtier() {
-    let Setup { _one, py, work, model, prompts_file } = setup(&prompts());
+    let Setup { _one, py, work, model, prompts_file } = setup(&prompts(), &[]);
     let held_tokens = (SHARED / BLOCK * BLOCK) as u64;
 
     // The reference: vLLM without kvtier.
@@ -348,24 +348,48 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
     assert!(worker["load_errors"].as_u64() >= Some(held_tokens / BLOCK as u64), "{worker}");
 }
 
-/// bf16, block size 32, the engine core in process (every step batches exactly the requests
-/// added before it, so two runs batch alike whatever the timing; docs/vllm.md, "Exactness"):
-/// prompts whose prefix comes from kvtier give the tokens and logprobs of the same prompts
-/// whose prefix comes from vLLM's own prefix cache, bit for bit, and a prompt with nothing to
-/// load gives those of an engine without the connector.
+/// The engine core in process (every step batches exactly the requests added before it, so
+/// two runs batch alike whatever the timing; docs/vllm.md, "Exactness"): prompts whose prefix
+/// comes from kvtier give the tokens and logprobs of the same prompts whose prefix comes from
+/// vLLM's own prefix cache, bit for bit, and a prompt with nothing to load gives those of an
+/// engine without the connector. One model per KV layout: Llama in bf16 with blocks of 32,
+/// Gemma 3 (sliding-window and full-attention layers) and DeepSeek-V2 (MLA) in bf16 with blocks
+/// of 64; `scripts/vllm-matrix` runs every combination.
 #[test]
-fn bf16_outputs_with_loaded_prefixes_equal_vllms_prefix_cache_bit_for_bit() {
+fn loaded_prefixes_give_vllms_own_prefix_cache_outputs_bit_for_bit_per_layout() {
+    for (arch, dtype, block) in matrix() {
+        exact(&arch, &dtype, block);
+    }
+}
+
+/// The combinations to run: the three above, or what `KVTIER_VLLM_MATRIX` lists as
+/// `ARCH:DTYPE:BLOCK` separated by spaces (`scripts/vllm-matrix` sets it).
+fn matrix() -> Vec<(String, String, usize)> {
+    let listed = std::env::var("KVTIER_VLLM_MATRIX")
+        .unwrap_or_else(|_| "llama:bfloat16:32 gemma3:bfloat16:64 deepseek_v2:bfloat16:64".into());
+    listed
+        .split_whitespace()
+        .map(|c| match c.split(':').collect::<Vec<_>>()[..] {
+            [arch, dtype, block] => (arch.into(), dtype.into(), block.parse().expect("block size")),
+            _ => panic!("KVTIER_VLLM_MATRIX: {c:?} is not ARCH:DTYPE:BLOCK"),
+        })
+        .collect()
+}
+
+fn exact(arch: &str, dtype: &str, block: usize) {
     let prompts: Vec<Vec<u32>> = prompts().into_iter().map(|p| p[BLOCK * 5..].to_vec()).collect();
-    let Setup { _one, py, work: _work, model, prompts_file } = setup(&prompts);
+    let Setup { _one, py, work: _work, model, prompts_file } = setup(&prompts, &["--arch", arch]);
+    let block_flag = block.to_string();
     #[rustfmt::skip]
-    let common = ["--dtype", "bfloat16", "--block-size", "32", "--logprobs", "--in-process", "--pause", "1",
-                  "--max-tokens", "24"];
+    let common = ["--dtype", dtype, "--block-size", &block_flag, "--logprobs", "--in-process", "--pause", "1",
+                  "--max-tokens", "16"];
     let own = run_batch_result(&py, &model, &prompts_file, None, &[&common[..], &["--prefix-caching"]].concat());
     let d = Daemon::start(&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--device-backend", "host"]);
     let ours = run_batch_result(&py, &model, &prompts_file, Some(&d.socket), &common);
-    let shared = ((prompts[0].len().min(prompts[1].len()) - 1) / 32 * 32) as u64;
-    assert_eq!(cached_tokens(&own), [0, shared, shared, shared], "vLLM's prefix cache hits: {own}");
-    assert_eq!(cached_tokens(&ours), cached_tokens(&own), "the connector loads what vLLM would hit: {ours}");
-    assert_eq!(ours["outputs"], own["outputs"], "greedy tokens");
-    assert_eq!(ours["logprobs"], own["logprobs"], "logprobs, bit for bit");
+    let shared = ((prompts[0].len().min(prompts[1].len()) - 1) / block * block) as u64;
+    let case = format!("{arch} {dtype} block {block}");
+    assert_eq!(cached_tokens(&own), [0, shared, shared, shared], "{case}: vLLM's prefix cache hits: {own}");
+    assert_eq!(cached_tokens(&ours), cached_tokens(&own), "{case}: the connector loads what vLLM would hit: {ours}");
+    assert_eq!(ours["outputs"], own["outputs"], "{case}: greedy tokens");
+    assert_eq!(ours["logprobs"], own["logprobs"], "{case}: logprobs, bit for bit");
 }
