@@ -357,39 +357,59 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
 /// of 64; `scripts/vllm-matrix` runs every combination.
 #[test]
 fn loaded_prefixes_give_vllms_own_prefix_cache_outputs_bit_for_bit_per_layout() {
-    for (arch, dtype, block) in matrix() {
-        exact(&arch, &dtype, block);
+    for case in matrix() {
+        exact(&case);
     }
 }
 
+/// One model, dtype, block size and KV cache dtype to check.
+struct Case {
+    arch: String,
+    dtype: String,
+    block: usize,
+    /// vLLM's `kv_cache_dtype` (e.g. "fp8"), when not the model's dtype.
+    kv_dtype: Option<String>,
+}
+
 /// The combinations to run: the three above, or what `KVTIER_VLLM_MATRIX` lists as
-/// `ARCH:DTYPE:BLOCK` separated by spaces (`scripts/vllm-matrix` sets it).
-fn matrix() -> Vec<(String, String, usize)> {
+/// `ARCH:DTYPE:BLOCK[:KV_DTYPE]` separated by spaces (`scripts/vllm-matrix` sets it).
+fn matrix() -> Vec<Case> {
     let listed = std::env::var("KVTIER_VLLM_MATRIX")
         .unwrap_or_else(|_| "llama:bfloat16:32 gemma3:bfloat16:64 deepseek_v2:bfloat16:64".into());
     listed
         .split_whitespace()
         .map(|c| match c.split(':').collect::<Vec<_>>()[..] {
-            [arch, dtype, block] => (arch.into(), dtype.into(), block.parse().expect("block size")),
-            _ => panic!("KVTIER_VLLM_MATRIX: {c:?} is not ARCH:DTYPE:BLOCK"),
+            [arch, dtype, block, ref kv @ ..] if kv.len() <= 1 => Case {
+                arch: arch.into(),
+                dtype: dtype.into(),
+                block: block.parse().expect("block size"),
+                kv_dtype: kv.first().map(|k| k.to_string()),
+            },
+            _ => panic!("KVTIER_VLLM_MATRIX: {c:?} is not ARCH:DTYPE:BLOCK[:KV_DTYPE]"),
         })
         .collect()
 }
 
-fn exact(arch: &str, dtype: &str, block: usize) {
+fn exact(case: &Case) {
+    let Case { arch, dtype, block, kv_dtype } = case;
+    let block = *block;
     let prompts: Vec<Vec<u32>> = prompts().into_iter().map(|p| p[BLOCK * 5..].to_vec()).collect();
     let Setup { _one, py, work: _work, model, prompts_file } = setup(&prompts, &["--arch", arch]);
     let block_flag = block.to_string();
     #[rustfmt::skip]
-    let common = ["--dtype", dtype, "--block-size", &block_flag, "--logprobs", "--in-process", "--pause", "1",
-                  "--max-tokens", "16"];
+    let mut common = vec!["--dtype", dtype, "--block-size", &block_flag, "--logprobs", "--in-process", "--pause",
+                          "1", "--max-tokens", "16"];
+    if let Some(kv) = kv_dtype {
+        common.extend(["--kv-cache-dtype", kv]);
+    }
     let own = run_batch_result(&py, &model, &prompts_file, None, &[&common[..], &["--prefix-caching"]].concat());
     let d = Daemon::start(&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--device-backend", "host"]);
     let ours = run_batch_result(&py, &model, &prompts_file, Some(&d.socket), &common);
     let shared = ((prompts[0].len().min(prompts[1].len()) - 1) / block * block) as u64;
-    let case = format!("{arch} {dtype} block {block}");
+    let case = format!("{arch} {dtype} block {block} kv {}", kv_dtype.as_deref().unwrap_or("auto"));
     assert_eq!(cached_tokens(&own), [0, shared, shared, shared], "{case}: vLLM's prefix cache hits: {own}");
     assert_eq!(cached_tokens(&ours), cached_tokens(&own), "{case}: the connector loads what vLLM would hit: {ours}");
     assert_eq!(ours["outputs"], own["outputs"], "{case}: greedy tokens");
     assert_eq!(ours["logprobs"], own["logprobs"], "{case}: logprobs, bit for bit");
+    eprintln!("{case}: {shared} tokens loaded per prompt, tokens and logprobs bit-exact");
 }

@@ -65,7 +65,32 @@ def main():
         pass
     else:
         raise AssertionError("an ambiguous block dimension is refused")
+    check_hybrid_refused()
     print("LAYOUT OK")
+
+
+def check_hybrid_refused():
+    """A KV cache in several groups (vLLM's hybrid manager: sliding-window and full-attention
+    layers under separate block tables) is refused at start, naming the layout."""
+    from types import SimpleNamespace as Ns
+
+    from kvtier.vllm.common import _namespace_descriptor
+
+    class SlidingWindowSpec:
+        pass
+
+    class FullAttentionSpec:
+        pass
+
+    config = Ns(model_config=Ns(), cache_config=Ns(), parallel_config=Ns())
+    groups = [Ns(kv_cache_spec=FullAttentionSpec(), layer_names=["a"]),
+              Ns(kv_cache_spec=SlidingWindowSpec(), layer_names=["b"])]
+    try:
+        _namespace_descriptor(config, Ns(kv_cache_groups=groups))
+    except NotImplementedError as e:
+        assert "2 groups (FullAttentionSpec, SlidingWindowSpec)" in str(e), e
+    else:
+        raise AssertionError("a hybrid KV cache is refused")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def main():
                     help="first run one short untimed prompt, so the first timed one pays no first-call costs")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--block-size", type=int, help="vLLM's block size (its default otherwise)")
+    ap.add_argument("--kv-cache-dtype", help="vLLM's kv_cache_dtype (e.g. fp8; the model's dtype otherwise)")
     ap.add_argument("--logprobs", action="store_true", help="report the sampled tokens' logprobs")
     ap.add_argument("--in-process", action="store_true",
                     help="run the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): each step "
@@ -68,6 +69,8 @@ def main():
         )
     if a.block_size:
         kw["block_size"] = a.block_size
+    if a.kv_cache_dtype:
+        kw["kv_cache_dtype"] = a.kv_cache_dtype
     llm = LLM(model=a.model, dtype=a.dtype, max_model_len=a.max_model_len, enforce_eager=True,
               enable_prefix_caching=a.prefix_caching, seed=0, **kw)
     prompts = json.load(open(a.prompts))

@@ -273,7 +273,17 @@ def _namespace_descriptor(vllm_config, kv_cache_config):
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     spec, num_layers = None, 0
     if kv_cache_config is not None and kv_cache_config.kv_cache_groups:
-        group = kv_cache_config.kv_cache_groups[0]
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) > 1:
+            # vLLM turns its hybrid allocator off for connectors that do not declare support for
+            # it (every layer then gets full blocks under one block table); several groups here
+            # would mean per-group block tables this connector does not follow.
+            kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
+            raise NotImplementedError(
+                f"kvtier: a hybrid KV cache with {len(groups)} groups ({kinds}) is not supported; "
+                "run vLLM with --disable-hybrid-kv-cache-manager"
+            )
+        group = groups[0]
         spec, num_layers = group.kv_cache_spec, len(group.layer_names)
     kv_heads = getattr(spec, "num_kv_heads", None) or mc.get_num_kv_heads(pc)
     head_size = getattr(spec, "head_size", None) or mc.get_head_size()
