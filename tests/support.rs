@@ -742,30 +742,45 @@ pub struct VllmServer {
 }
 
 impl VllmServer {
-    /// Starts it (with `extra` flags); see [`wait_ready`](Self::wait_ready).
+    /// Starts it with the connector on `daemon` (with `extra` flags); see
+    /// [`wait_ready`](Self::wait_ready).
     pub fn start(py: &Path, model: &Path, daemon: &Daemon, extra: &[&str]) -> Self {
+        Self::start_with(py, model, Some(daemon), extra)
+    }
+
+    /// Starts it, with the connector on `daemon` or without a connector (None); `extra` flags
+    /// come last (a repeated flag overrides the defaults, e.g. `--dtype`).
+    pub fn start_with(py: &Path, model: &Path, daemon: Option<&Daemon>, extra: &[&str]) -> Self {
         use std::os::unix::process::CommandExt;
         let addr = free_local_addr();
         let port = addr.rsplit(':').next().unwrap().to_string();
         let dir = tempfile::tempdir().unwrap();
-        let kv = serde_json::json!({
-            "kv_connector": "KvTierConnector",
-            "kv_connector_module_path": "kvtier.vllm",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"socket": daemon.socket, "engine_address": addr},
+        let kv = daemon.map(|d| {
+            let config = serde_json::json!({
+                "kv_connector": "KvTierConnector",
+                "kv_connector_module_path": "kvtier.vllm",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"socket": d.socket, "engine_address": addr},
+            });
+            vec!["--kv-transfer-config".to_string(), config.to_string()]
         });
         #[rustfmt::skip]
         let child = Command::new(py)
             .args(["-m", "vllm.entrypoints.openai.api_server", "--model", model.to_str().unwrap(),
                    "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "2048",
                    "--enforce-eager", "--seed", "0", "--host", "127.0.0.1", "--port", &port,
-                   "--trust-request-chat-template", "--enable-scale-out", "--enable-prompt-tokens-details",
-                   "--kv-transfer-config", &kv.to_string()])
+                   "--trust-request-chat-template", "--enable-scale-out", "--enable-prompt-tokens-details"])
+            .args(kv.unwrap_or_default())
             .args(extra)
             .env("PYTHONPATH", repo().join("client/python"))
             .env("HF_HUB_OFFLINE", "1")
             .env("VLLM_CPU_KVCACHE_SPACE", "1")
             .env("VLLM_RPC_BASE_PATH", dir.path())
+            // vLLM's CPU build reserves one more core for any KV connector (meant for NIXL), which
+            // changes the worker's OpenMP threads (N-2 rather than N-1; on 2 cores, 2 rather
+            // than 1, as nothing is left to reserve) and with them bf16 sums (docs/vllm.md,
+            // "Exactness"): keep the reservation vLLM makes without a connector either way.
+            .env("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
             .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
             .process_group(0)

@@ -5,10 +5,13 @@
 //! prefix kept only on disk across a daemon restart is promoted and loaded exactly; a
 //! decode instance gets its prompt shipped from a prefill instance's daemon over UCX; for
 //! Llama, Gemma 3 (sliding window) and DeepSeek-V2 (MLA) layouts in bf16, outputs and
-//! logprobs with prefixes loaded from kvtier equal vLLM's own prefix cache bit for bit. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
+//! logprobs with prefixes loaded from kvtier equal vLLM's own prefix cache bit for bit, also
+//! through the OpenAI server. The vLLM venv comes from `scripts/vllm-venv` (cached outside the repo), or
 //! `KVTIER_VLLM_PYTHON`.
 
-use kvtier_tests::{kill_group, make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon, TRANSFER_OVER_TCP};
+use kvtier_tests::{
+    kill_group, make_model, result_line, run_to_end, run_vllm, vllm_python, Daemon, VllmServer, TRANSFER_OVER_TCP,
+};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -357,9 +360,51 @@ fn vllm_loads_shared_prefixes_from_kvtier() {
 /// of 64; `scripts/vllm-matrix` runs every combination.
 #[test]
 fn loaded_prefixes_give_vllms_own_prefix_cache_outputs_bit_for_bit_per_layout() {
-    for case in matrix() {
+    for case in matrix("KVTIER_VLLM_MATRIX", "llama:bfloat16:32 gemma3:bfloat16:64 deepseek_v2:bfloat16:64") {
         exact(&case);
     }
+}
+
+/// The same promise through vLLM's OpenAI server (its engine core in its own process): two
+/// servers, one with vLLM's prefix cache and no connector, one with the connector and a
+/// kvtierd and no prefix cache, each sent the prompts one at a time (a step then batches one
+/// request, whatever the timing). Gemma 3 in bf16 with blocks of 64 here;
+/// `scripts/vllm-matrix --server` runs the others.
+#[test]
+fn through_the_openai_server_loaded_prefixes_give_the_prefix_cache_outputs() {
+    for case in matrix("KVTIER_VLLM_SERVER_MATRIX", "gemma3:bfloat16:64") {
+        exact_served(&case);
+    }
+}
+
+fn exact_served(case: &Case) {
+    let prompts: Vec<Vec<u32>> = prompts().into_iter().map(|p| p[BLOCK * 5..].to_vec()).collect();
+    let Setup { _one, py, work: _work, model, prompts_file } = setup(&prompts, &["--arch", &case.arch]);
+    let block = case.block.to_string();
+    let mut flags = vec!["--dtype", &case.dtype, "--block-size", &block];
+    if let Some(kv) = &case.kv_dtype {
+        flags.extend(["--kv-cache-dtype", kv]);
+    }
+    let d = Daemon::start(&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--device-backend", "host"]);
+    let own_flags = [&flags[..], &["--enable-prefix-caching"]].concat();
+    let ours_flags = [&flags[..], &["--no-enable-prefix-caching"]].concat();
+    let mut servers = [
+        VllmServer::start_with(&py, &model, None, &own_flags),
+        VllmServer::start_with(&py, &model, Some(&d), &ours_flags),
+    ];
+    servers.iter_mut().for_each(VllmServer::wait_ready);
+    let ask = |s: &VllmServer| {
+        let out = std::process::Command::new(&py)
+            .arg(kvtier_tests::repo().join("tests/e2e/server_outputs.py"))
+            .args([s.addr.as_str(), prompts_file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        result_line(&stdout)
+            .unwrap_or_else(|| panic!("server_outputs.py: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let (own, ours) = (ask(&servers[0]), ask(&servers[1]));
+    same_outputs(case, &prompts, &own, &ours, "texts", "OpenAI server");
 }
 
 /// One model, dtype, block size and KV cache dtype to check.
@@ -371,11 +416,17 @@ struct Case {
     kv_dtype: Option<String>,
 }
 
-/// The combinations to run: the three above, or what `KVTIER_VLLM_MATRIX` lists as
+impl Case {
+    fn name(&self) -> String {
+        let kv = self.kv_dtype.as_deref().unwrap_or("auto");
+        format!("{} {} block {} kv {kv}", self.arch, self.dtype, self.block)
+    }
+}
+
+/// The combinations to run: `default`, or what the environment variable `var` lists as
 /// `ARCH:DTYPE:BLOCK[:KV_DTYPE]` separated by spaces (`scripts/vllm-matrix` sets it).
-fn matrix() -> Vec<Case> {
-    let listed = std::env::var("KVTIER_VLLM_MATRIX")
-        .unwrap_or_else(|_| "llama:bfloat16:32 gemma3:bfloat16:64 deepseek_v2:bfloat16:64".into());
+fn matrix(var: &str, default: &str) -> Vec<Case> {
+    let listed = std::env::var(var).unwrap_or_else(|_| default.into());
     listed
         .split_whitespace()
         .map(|c| match c.split(':').collect::<Vec<_>>()[..] {
@@ -405,11 +456,18 @@ fn exact(case: &Case) {
     let own = run_batch_result(&py, &model, &prompts_file, None, &[&common[..], &["--prefix-caching"]].concat());
     let d = Daemon::start(&["--pool-bytes", "256 MiB", "--slab-bytes", "4 MiB", "--device-backend", "host"]);
     let ours = run_batch_result(&py, &model, &prompts_file, Some(&d.socket), &common);
-    let shared = ((prompts[0].len().min(prompts[1].len()) - 1) / block * block) as u64;
-    let case = format!("{arch} {dtype} block {block} kv {}", kv_dtype.as_deref().unwrap_or("auto"));
-    assert_eq!(cached_tokens(&own), [0, shared, shared, shared], "{case}: vLLM's prefix cache hits: {own}");
-    assert_eq!(cached_tokens(&ours), cached_tokens(&own), "{case}: the connector loads what vLLM would hit: {ours}");
-    assert_eq!(ours["outputs"], own["outputs"], "{case}: greedy tokens");
-    assert_eq!(ours["logprobs"], own["logprobs"], "{case}: logprobs, bit for bit");
-    eprintln!("{case}: {shared} tokens loaded per prompt, tokens and logprobs bit-exact");
+    same_outputs(case, &prompts, &own, &ours, "outputs", "offline");
+}
+
+/// Checks that the run with kvtier (`ours`) loaded what vLLM's prefix cache hit in `own`
+/// (every prompt after the first: their shared full blocks) and gave the same `outputs` and
+/// logprobs, bit for bit.
+fn same_outputs(case: &Case, prompts: &[Vec<u32>], own: &Value, ours: &Value, outputs: &str, how: &str) {
+    let shared = ((prompts[0].len().min(prompts[1].len()) - 1) / case.block * case.block) as u64;
+    let name = format!("{} ({how})", case.name());
+    assert_eq!(cached_tokens(own), [0, shared, shared, shared], "{name}: vLLM's prefix cache hits: {own}");
+    assert_eq!(cached_tokens(ours), cached_tokens(own), "{name}: the connector loads what vLLM would hit: {ours}");
+    assert_eq!(ours[outputs], own[outputs], "{name}: outputs");
+    assert_eq!(ours["logprobs"], own["logprobs"], "{name}: logprobs, bit for bit");
+    eprintln!("{name}: {shared} tokens loaded per prompt, outputs and logprobs bit-exact");
 }
