@@ -35,7 +35,7 @@ import os
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
-from .common import Counters, KvTierMetadata, KvTierStats, Settings, warn_if_no_daemon
+from .common import Counters, KvTierMetadata, KvTierStats, Settings, warn_if_cpu_threads_shift, warn_if_no_daemon
 from .scheduler import SchedulerSide
 from .worker import WorkerSide
 
@@ -51,6 +51,7 @@ class KvTierConnector(KVConnectorBase_V1):
         settings = Settings.of(vllm_config, role, kv_cache_config, extra)
         self._counters = Counters(extra.get("stats_file"), role.name.lower())
         warn_if_no_daemon(settings.socket_path, explicit="socket" in extra or "KVTIER_SOCKET" in os.environ)
+        warn_if_cpu_threads_shift(role.name, getattr(vllm_config.device_config, "device_type", ""))
         if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
             # A cache miss is never an error: blocks that fail to load are recomputed.
             self._kv_transfer_config.kv_load_failure_policy = "recompute"

@@ -343,6 +343,22 @@ def prompt_keys(request, block_size):
     return block_keys(tokens, block_size, extras)
 
 
+def warn_if_cpu_threads_shift(role, device_type):
+    """Says once, from the scheduler, that vLLM's CPU build gives an engine with a KV connector
+    one OpenMP thread fewer than the same engine without one (it reserves a core for NIXL), so
+    bf16 outputs differ slightly from an engine without the connector unless the reservation is
+    pinned (docs/vllm.md, "Exactness")."""
+    if role != "SCHEDULER" or device_type != "cpu" or "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
+        return
+    logger.warning(
+        "kvtier: vLLM's CPU build reserves one more core for any KV connector, so this engine's "
+        "worker runs one OpenMP thread fewer than without the connector and its bf16 outputs can "
+        "differ slightly from such an engine's. The connector needs no core of its own: to compare "
+        "with an engine without it, set VLLM_CPU_NUM_OF_RESERVED_CPU to the same value for both "
+        "(vLLM reserves one core per local worker without a connector)."
+    )
+
+
 def warn_if_no_daemon(socket_path, explicit):
     """Says loudly, once at start, that no daemon listens where the connector will connect: the
     engine then serves uncached (and keeps retrying), which is easy to miss otherwise."""
